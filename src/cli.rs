@@ -1,0 +1,127 @@
+//! The command line, spelled as msModelSlim spells it (`--model_path`), with kebab-case aliases.
+
+use crate::pipeline::{self, memory::human, QuantArgs};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "lamina",
+    version,
+    about = "Quantize huge language and vision-language models one layer at a time, in bounded memory, resumably.",
+    long_about = "Quantize huge language and vision-language models one layer at a time, in bounded memory, resumably.\n\n\
+        lamina reads a Hugging Face checkpoint folder through memory maps, streams it one decoder layer or vision \
+        block at a time, and writes the msModelSlim / Ascend format (quant_model_weights*.safetensors and \
+        quant_model_description.json). A run that is interrupted resumes from the last finished unit when the same \
+        command is run again.\n\n\
+        Examples:\n  lamina quant --model_path ./Qwen3-VL-30B-A3B --save_path ./out --quant_type w8a8_dynamic\n  \
+        lamina plan --model_path ./configs/qwen3-vl-235b-a22b/config.json --quant_type w8a8_dynamic --memory_budget 64"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a checkpoint and write the Ascend format.
+    Quant(QuantCli),
+    /// Print what `quant` would do (units, bytes, predicted peak memory, whether it fits) without
+    /// writing anything. Works from a config.json alone. Exits non-zero when the run would not fit.
+    Plan(QuantCli),
+}
+
+#[derive(Args)]
+struct QuantCli {
+    /// The checkpoint folder (config.json and *.safetensors); for `plan`, a config.json alone also works.
+    #[arg(long = "model_path", alias = "model-path")]
+    model_path: PathBuf,
+    /// The output folder. It is created if missing; rerunning the same command there resumes.
+    #[arg(long = "save_path", alias = "save-path")]
+    save_path: Option<PathBuf>,
+    /// The scheme: w8a16, w8a8_dynamic, w4a8_dynamic (alias w4a8), w4a16. Picks the bundled recipe
+    /// for the model type.
+    #[arg(long = "quant_type", alias = "quant-type")]
+    quant_type: Option<String>,
+    /// The model family (llama, qwen2, qwen3, qwen3_moe, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe,
+    /// llava). Default: config.json's model_type.
+    #[arg(long = "model_type", alias = "model-type")]
+    model_type: Option<String>,
+    /// The compute device. Only cpu exists in this build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Largest weights file in GiB (fractions allowed); 0 writes one file. Default: the recipe's, else 4.
+    #[arg(long = "part_file_size", alias = "part-file-size")]
+    part_file_size: Option<f64>,
+    /// Memory the run may use, in GiB. Default: what the machine has available now.
+    #[arg(long = "memory_budget", alias = "memory-budget")]
+    memory_budget: Option<f64>,
+    /// A recipe YAML (msModelSlim v1 shape) instead of the bundled one.
+    #[arg(long = "config_path", alias = "config-path")]
+    config_path: Option<PathBuf>,
+    /// Accepted for msModelSlim compatibility; lamina never runs code from the model folder.
+    #[arg(long = "trust_remote_code", alias = "trust-remote-code")]
+    trust_remote_code: Option<bool>,
+    /// Discard an earlier run's output in the save folder and start over.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl QuantCli {
+    fn args(&self) -> QuantArgs {
+        QuantArgs {
+            model_path: self.model_path.clone(),
+            save_path: self.save_path.clone(),
+            quant_type: self.quant_type.clone(),
+            model_type: self.model_type.clone(),
+            device: self.device.clone(),
+            part_file_size: self.part_file_size,
+            memory_budget: self.memory_budget,
+            config_path: self.config_path.clone(),
+            overwrite: self.overwrite,
+        }
+    }
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Quant(q) => quant(&q),
+        Command::Plan(q) => plan(&q),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn quant(q: &QuantCli) -> anyhow::Result<i32> {
+    let _ = q.trust_remote_code;
+    let s = pipeline::quantize(&q.args())?;
+    let save = q.save_path.as_ref().unwrap().display();
+    if s.already_done {
+        eprintln!("{save} already holds the finished output of this exact run; nothing to do.");
+        return Ok(0);
+    }
+    eprintln!(
+        "done in {:.1} s: read {}, wrote {} in {} file(s) to {save}; peak RSS {}{}",
+        s.seconds,
+        human(s.bytes_in),
+        human(s.bytes_out),
+        s.shards,
+        human(s.peak_rss),
+        if s.resumed_from > 0 { format!(" (resumed at unit {})", s.resumed_from) } else { String::new() }
+    );
+    Ok(0)
+}
+
+fn plan(q: &QuantCli) -> anyhow::Result<i32> {
+    let mut args = q.args();
+    args.save_path = None;
+    let p = pipeline::prepare(&args)?;
+    Ok(if pipeline::print_plan(&p) { 0 } else { 2 })
+}

@@ -1,0 +1,252 @@
+//! `config.json`, read in both spellings that real checkpoints use: the public releases'
+//! (`num_experts`, `rope_scaling`, `rope_theta`, flat Qwen2-VL configs) and transformers 5's
+//! (`num_local_experts`, `rope_parameters`, nested `text_config`).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// A view of a JSON config that looks keys up in a list of objects, first match wins: for the
+/// text model that is `text_config`, then the top level.
+#[derive(Debug, Clone)]
+pub struct ConfigView {
+    layers: Vec<Value>,
+    what: String,
+}
+
+impl ConfigView {
+    pub fn new(what: &str, layers: Vec<Value>) -> ConfigView {
+        ConfigView { layers, what: what.to_string() }
+    }
+
+    /// The first of `keys` found (non-null) in any layer.
+    pub fn get(&self, keys: &[&str]) -> Option<&Value> {
+        for layer in &self.layers {
+            for k in keys {
+                if let Some(v) = layer.get(*k).filter(|v| !v.is_null()) {
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
+    pub fn usize(&self, keys: &[&str]) -> Result<usize> {
+        self.opt_usize(keys)?.with_context(|| format!("{}: missing {}", self.what, keys.join(" or ")))
+    }
+
+    pub fn opt_usize(&self, keys: &[&str]) -> Result<Option<usize>> {
+        match self.get(keys) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .with_context(|| format!("{}: {} is {v}, not a non-negative integer", self.what, keys[0])),
+        }
+    }
+
+    pub fn f64(&self, keys: &[&str]) -> Result<Option<f64>> {
+        match self.get(keys) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).with_context(|| format!("{}: {} is {v}, not a number", self.what, keys[0])),
+        }
+    }
+
+    pub fn bool(&self, keys: &[&str]) -> Option<bool> {
+        self.get(keys).and_then(|v| v.as_bool())
+    }
+
+    pub fn str(&self, keys: &[&str]) -> Option<&str> {
+        self.get(keys).and_then(|v| v.as_str())
+    }
+
+    pub fn usize_list(&self, keys: &[&str]) -> Result<Option<Vec<usize>>> {
+        match self.get(keys) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64().map(|u| u as usize).with_context(|| format!("{}: {} holds {x}", self.what, keys[0]))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => bail!("{}: {} is {v}, not a list", self.what, keys[0]),
+        }
+    }
+
+    /// A sub-object (for example `rope_scaling`) as a view of its own.
+    pub fn sub(&self, keys: &[&str]) -> Option<ConfigView> {
+        self.get(keys)
+            .filter(|v| v.is_object())
+            .map(|v| ConfigView::new(&format!("{}.{}", self.what, keys[0]), vec![v.clone()]))
+    }
+}
+
+/// Rotary embedding settings of a text decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// `default` or `mrope`; other kinds (llama3, yarn) are read but only a forward refuses them.
+    pub kind: String,
+    /// M-RoPE sections (temporal, height, width) in frequency pairs, for Qwen VL models.
+    pub mrope_section: Option<Vec<usize>>,
+    /// Qwen3-VL interleaves the three sections instead of concatenating them.
+    pub mrope_interleaved: bool,
+    /// Fraction of head_dim that is rotated (1.0 for every supported family).
+    pub partial_rotary_factor: f64,
+}
+
+/// Mixture-of-experts settings of a text decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    /// Every `decoder_sparse_step`-th layer is MoE, unless listed in `mlp_only_layers`.
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+    pub shared_expert_intermediate_size: Option<usize>,
+}
+
+impl MoeConfig {
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer)
+            && self.decoder_sparse_step > 0
+            && (layer + 1) % self.decoder_sparse_step == 0
+    }
+}
+
+/// The text decoder's dimensions, normalized across spellings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub hidden_act: String,
+    pub rope: RopeConfig,
+    pub moe: Option<MoeConfig>,
+    pub attention_bias: Option<bool>,
+}
+
+impl TextConfig {
+    /// Reads the text decoder's config: `text_config` where present, else the top level.
+    pub fn from_json(config: &Value) -> Result<TextConfig> {
+        let mut layers = Vec::new();
+        if let Some(t) = config.get("text_config").filter(|t| t.is_object()) {
+            layers.push(t.clone());
+        }
+        layers.push(config.clone());
+        let c = ConfigView::new("config.json", layers);
+
+        let hidden_size = c.usize(&["hidden_size", "n_embd", "d_model"])?;
+        let num_heads = c.usize(&["num_attention_heads", "n_head"])?;
+        let num_kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads);
+        let head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(hidden_size / num_heads.max(1));
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("config.json: {num_heads} attention heads cannot be shared by {num_kv_heads} key/value heads");
+        }
+        let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
+        let moe = if num_experts > 0 {
+            Some(MoeConfig {
+                num_experts,
+                top_k: c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?,
+                moe_intermediate_size: c.usize(&["moe_intermediate_size", "intermediate_size"])?,
+                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false),
+                decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
+                mlp_only_layers: c.usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
+                shared_expert_intermediate_size: c.opt_usize(&["shared_expert_intermediate_size"])?,
+            })
+        } else {
+            None
+        };
+        Ok(TextConfig {
+            hidden_size,
+            num_layers: c.usize(&["num_hidden_layers", "n_layer", "num_layers"])?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size: c.opt_usize(&["intermediate_size"])?.unwrap_or(4 * hidden_size),
+            vocab_size: c.usize(&["vocab_size"])?,
+            rms_norm_eps: c.f64(&["rms_norm_eps", "layer_norm_eps"])?.unwrap_or(1e-6),
+            tie_word_embeddings: c.bool(&["tie_word_embeddings"]).unwrap_or(false),
+            hidden_act: c.str(&["hidden_act"]).unwrap_or("silu").to_string(),
+            rope: rope_config(&c)?,
+            moe,
+            attention_bias: c.bool(&["attention_bias"]),
+        })
+    }
+}
+
+/// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases).
+fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
+    let params = c.sub(&["rope_parameters", "rope_scaling"]);
+    let theta = params
+        .as_ref()
+        .map(|p| p.f64(&["rope_theta"]))
+        .transpose()?
+        .flatten()
+        .or(c.f64(&["rope_theta"])?)
+        .unwrap_or(10000.0);
+    let (mrope_section, mrope_interleaved) = match &params {
+        Some(p) => (p.usize_list(&["mrope_section"])?, p.bool(&["mrope_interleaved"]).unwrap_or(false)),
+        None => (None, false),
+    };
+    let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
+    let partial_rotary_factor = c.f64(&["partial_rotary_factor"])?.unwrap_or(1.0);
+    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor })
+}
+
+/// The `vision_config` object, if the model has one.
+pub fn vision_view(config: &Value) -> Option<ConfigView> {
+    config
+        .get("vision_config")
+        .filter(|v| v.is_object())
+        .map(|v| ConfigView::new("config.json vision_config", vec![v.clone()]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_spellings_of_moe_and_rope() {
+        let t5 = json!({"text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": true,
+            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [2,3,3], "rope_theta": 5e6, "rope_type": "default"}}});
+        let rel = json!({"text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "num_experts": 4,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": true, "rope_theta": 5e6,
+            "rope_scaling": {"mrope_interleaved": true, "mrope_section": [2,3,3], "rope_type": "default"}}});
+        let a = TextConfig::from_json(&t5).unwrap();
+        let b = TextConfig::from_json(&rel).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.moe.as_ref().unwrap().num_experts, 4);
+        assert_eq!(a.rope.theta, 5e6);
+        assert_eq!(a.rope.mrope_section, Some(vec![2, 3, 3]));
+        assert!(a.rope.mrope_interleaved);
+    }
+
+    #[test]
+    fn flat_qwen2_vl_release_config() {
+        let c = json!({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10,
+            "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 0]}});
+        let t = TextConfig::from_json(&c).unwrap();
+        assert_eq!(t.head_dim, 4);
+        assert_eq!(t.num_kv_heads, 2);
+        assert_eq!(t.rope.mrope_section, Some(vec![1, 1, 0]));
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let err = TextConfig::from_json(&json!({"hidden_size": 8})).unwrap_err().to_string();
+        assert!(err.contains("num_attention_heads"), "{err}");
+    }
+}

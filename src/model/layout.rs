@@ -1,0 +1,539 @@
+//! The naming rules of every supported family, in one place: where the text decoder layers,
+//! vision blocks, embeddings, norms and heads live in a checkpoint, in the release layout and in
+//! the layout transformers 5 writes. Everything else in lamina asks this module, never a string
+//! of its own.
+
+use super::config::TextConfig;
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Qwen3Moe,
+    Qwen2Vl,
+    Qwen25Vl,
+    Qwen3Vl,
+    Qwen3VlMoe,
+    Llava,
+    /// Any other decoder-only model whose layers are named `*.layers.N.*`.
+    Generic,
+}
+
+impl Family {
+    pub const ALL: [Family; 9] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Qwen3Moe,
+        Family::Qwen2Vl,
+        Family::Qwen25Vl,
+        Family::Qwen3Vl,
+        Family::Qwen3VlMoe,
+        Family::Llava,
+    ];
+
+    /// The `model_type` of config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Qwen2Vl => "qwen2_vl",
+            Family::Qwen25Vl => "qwen2_5_vl",
+            Family::Qwen3Vl => "qwen3_vl",
+            Family::Qwen3VlMoe => "qwen3_vl_moe",
+            Family::Llava => "llava",
+            Family::Generic => "generic",
+        }
+    }
+
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.model_type() == t)
+    }
+
+    pub fn is_vision_language(self) -> bool {
+        matches!(self, Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Llava)
+    }
+
+    /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
+    /// [`Family::Generic`] when the caller allows it (tensor names decide later).
+    pub fn detect(config: &Value) -> Option<Family> {
+        if let Some(f) = config.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type) {
+            return Some(f);
+        }
+        let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+        let by_arch = [
+            ("LlamaForCausalLM", Family::Llama),
+            ("Qwen2ForCausalLM", Family::Qwen2),
+            ("Qwen3ForCausalLM", Family::Qwen3),
+            ("Qwen3MoeForCausalLM", Family::Qwen3Moe),
+            ("Qwen2VLForConditionalGeneration", Family::Qwen2Vl),
+            ("Qwen2_5_VLForConditionalGeneration", Family::Qwen25Vl),
+            ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
+            ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
+            ("LlavaForConditionalGeneration", Family::Llava),
+        ];
+        by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
+    }
+}
+
+/// Which vision tower a family carries; the vision forward dispatches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionKind {
+    Qwen2Vl,
+    Qwen25Vl,
+    Qwen3Vl,
+    Clip,
+}
+
+/// Candidate prefixes of one family: the first is the release layout, later ones are the
+/// layouts other savers (transformers 5) use. The checkpoint's tensor names pick one.
+struct Rules {
+    text: &'static [&'static str],
+    vision: &'static [&'static str],
+    /// Relative to the vision root: the blocks, the modules before them, the modules after them.
+    vision_blocks: &'static str,
+    vision_pre: &'static [&'static str],
+    vision_post: &'static [&'static str],
+    /// Modules outside the vision root that belong to the vision side (LLaVA's projector).
+    projector: &'static [&'static str],
+    lm_head: &'static [&'static str],
+}
+
+const DECODER: Rules = Rules {
+    text: &["model"],
+    vision: &[],
+    vision_blocks: "",
+    vision_pre: &[],
+    vision_post: &[],
+    projector: &[],
+    lm_head: &["lm_head"],
+};
+
+fn rules(family: Family) -> Rules {
+    match family {
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Generic => DECODER,
+        Family::Qwen2Vl | Family::Qwen25Vl => Rules {
+            text: &["model", "model.language_model"],
+            vision: &["visual", "model.visual"],
+            vision_blocks: "blocks",
+            vision_pre: &["patch_embed"],
+            vision_post: &["merger"],
+            projector: &[],
+            lm_head: &["lm_head"],
+        },
+        Family::Qwen3Vl | Family::Qwen3VlMoe => Rules {
+            text: &["model.language_model", "model"],
+            vision: &["model.visual", "visual"],
+            vision_blocks: "blocks",
+            vision_pre: &["patch_embed", "pos_embed"],
+            vision_post: &["merger", "deepstack_merger_list"],
+            projector: &[],
+            lm_head: &["lm_head"],
+        },
+        Family::Llava => Rules {
+            text: &["language_model.model", "model.language_model"],
+            vision: &["vision_tower.vision_model", "model.vision_tower.vision_model"],
+            vision_blocks: "encoder.layers",
+            vision_pre: &["embeddings", "pre_layrnorm"],
+            vision_post: &["post_layernorm"],
+            projector: &["multi_modal_projector", "model.multi_modal_projector"],
+            lm_head: &["language_model.lm_head", "lm_head"],
+        },
+    }
+}
+
+/// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
+const EMBEDDING_MODULES: [&str; 7] =
+    ["embed_tokens", "pos_embed", "position_embedding", "wte", "wpe", "word_embeddings", "class_embedding"];
+
+/// Where the parts of one checkpoint live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub family: Family,
+    /// The text model's root: `{text}.layers.N`, `{text}.embed_tokens`, `{text}.norm`.
+    pub text: String,
+    pub lm_head: String,
+    pub vision: Option<String>,
+    pub vision_kind: Option<VisionKind>,
+    vision_blocks: String,
+    vision_pre: Vec<String>,
+    vision_post: Vec<String>,
+    pub projector: Option<String>,
+}
+
+impl Layout {
+    /// Picks the layout variant whose names the checkpoint holds; with no names (a config alone)
+    /// the release layout is used.
+    pub fn resolve(family: Family, names: &[&str]) -> Result<Layout> {
+        let r = rules(family);
+        let has_prefix = |p: &str| names.iter().any(|n| n.starts_with(p));
+        let pick = |cands: &[&str], probe: &dyn Fn(&str) -> String| -> Option<String> {
+            if cands.is_empty() {
+                return None;
+            }
+            Some(cands.iter().find(|c| has_prefix(&probe(c))).unwrap_or(&cands[0]).to_string())
+        };
+        let text = if family == Family::Generic {
+            generic_text_root(names)?
+        } else {
+            pick(r.text, &|c| format!("{c}.layers.")).unwrap()
+        };
+        let vision = pick(r.vision, &|c| format!("{c}.{}.", r.vision_blocks));
+        let projector = pick(r.projector, &|c| format!("{c}."));
+        let lm_head = pick(r.lm_head, &|c| format!("{c}.")).unwrap();
+        let vision_kind = match family {
+            Family::Qwen2Vl => Some(VisionKind::Qwen2Vl),
+            Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
+            Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
+            Family::Llava => Some(VisionKind::Clip),
+            _ => None,
+        };
+        Ok(Layout {
+            family,
+            text,
+            lm_head,
+            vision,
+            vision_kind,
+            vision_blocks: r.vision_blocks.to_string(),
+            vision_pre: r.vision_pre.iter().map(|s| s.to_string()).collect(),
+            vision_post: r.vision_post.iter().map(|s| s.to_string()).collect(),
+            projector,
+        })
+    }
+
+    pub fn text_layer(&self, i: usize) -> String {
+        format!("{}.layers.{i}", self.text)
+    }
+    pub fn embed_tokens(&self) -> String {
+        format!("{}.embed_tokens.weight", self.text)
+    }
+    pub fn final_norm(&self) -> String {
+        format!("{}.norm.weight", self.text)
+    }
+    pub fn lm_head_weight(&self) -> String {
+        format!("{}.weight", self.lm_head)
+    }
+    pub fn vision_block(&self, i: usize) -> Option<String> {
+        self.vision.as_ref().map(|v| format!("{v}.{}.{i}", self.vision_blocks))
+    }
+    /// A module of the vision tower by its name relative to the vision root.
+    pub fn vision_module(&self, rel: &str) -> Option<String> {
+        self.vision.as_ref().map(|v| format!("{v}.{rel}"))
+    }
+
+    /// Which unit a tensor belongs to.
+    pub fn classify(&self, name: &str) -> UnitKind {
+        if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
+            return UnitKind::TextLayer(i);
+        }
+        if name == self.embed_tokens() {
+            return UnitKind::Embed;
+        }
+        if name.starts_with(&format!("{}.norm.", self.text)) || name.starts_with(&format!("{}.", self.lm_head)) {
+            return UnitKind::Head;
+        }
+        if let Some(v) = &self.vision {
+            if let Some(i) = layer_index(name, &format!("{v}.{}.", self.vision_blocks)) {
+                return UnitKind::VisionBlock(i);
+            }
+            if let Some(rel) = name.strip_prefix(&format!("{v}.")) {
+                if self.vision_pre.iter().any(|p| rel.starts_with(&format!("{p}."))) {
+                    return UnitKind::VisionPre;
+                }
+                return UnitKind::VisionPost;
+            }
+        }
+        if let Some(p) = &self.projector {
+            if name.starts_with(&format!("{p}.")) {
+                return UnitKind::VisionPost;
+            }
+        }
+        UnitKind::Other
+    }
+
+    /// The unit's name as it appears in the progress bar, the journal and `plan`.
+    pub fn unit_name(&self, kind: UnitKind) -> String {
+        let vision = self.vision.clone().unwrap_or_else(|| "vision".into());
+        match kind {
+            UnitKind::VisionPre => format!("{vision} (embeddings)"),
+            UnitKind::VisionBlock(i) => self.vision_block(i).unwrap_or_default(),
+            UnitKind::VisionPost => format!("{vision} (mergers, projector)"),
+            UnitKind::Embed => format!("{}.embed_tokens", self.text),
+            UnitKind::TextLayer(i) => self.text_layer(i),
+            UnitKind::Head => format!("{}.norm, {}", self.text, self.lm_head),
+            UnitKind::Other => "other tensors".into(),
+        }
+    }
+}
+
+/// A checkpoint is processed in units, in this order: the vision tower's embeddings, its blocks,
+/// its mergers and projector, the token embeddings, the text layers, the final norm and head,
+/// then anything unclaimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UnitKind {
+    VisionPre,
+    VisionBlock(usize),
+    VisionPost,
+    Embed,
+    TextLayer(usize),
+    Head,
+    Other,
+}
+
+/// `N` if `name` is `{prefix}N.…`.
+pub fn layer_index(name: &str, prefix: &str) -> Option<usize> {
+    let rest = name.strip_prefix(prefix)?;
+    let (num, _) = rest.split_once('.')?;
+    num.parse().ok()
+}
+
+/// The text root of an unknown decoder-only model: the most common `X` in `X.layers.N.…`.
+fn generic_text_root(names: &[&str]) -> Result<String> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in names {
+        let mut search = 0;
+        while let Some(pos) = n[search..].find(".layers.") {
+            let at = search + pos;
+            if layer_index(&n[at + 1..], "layers.").is_some() {
+                *counts.entry(&n[..at]).or_default() += 1;
+                break;
+            }
+            search = at + 1;
+        }
+        if let Some(rest) = n.strip_prefix("layers.") {
+            if layer_index(rest, "").is_some() || rest.split('.').next().is_some_and(|x| x.parse::<usize>().is_ok()) {
+                *counts.entry("").or_default() += 1;
+            }
+        }
+    }
+    match counts.into_iter().max_by_key(|&(_, c)| c) {
+        Some((root, _)) => Ok(root.to_string()),
+        None => bail!("no tensor is named like `*.layers.N.*`, so lamina cannot find the decoder layers"),
+    }
+}
+
+/// Whether a tensor is the weight of a linear layer: a 2D `.weight` that is not an embedding table.
+pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    let Some(module) = name.strip_suffix(".weight") else {
+        return false;
+    };
+    let last = module.rsplit('.').next().unwrap_or(module);
+    shape.len() == 2 && !EMBEDDING_MODULES.contains(&last)
+}
+
+/// The tensor names and shapes a checkpoint of this family and config holds, in the release
+/// layout (bf16). Used to plan on paper from a config alone and to build synthetic checkpoints
+/// of real shapes for benchmarks.
+pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(String, Vec<usize>)>> {
+    let t = TextConfig::from_json(config)?;
+    let layout = Layout::resolve(family, &[])?;
+    let (h, hd) = (t.hidden_size, t.head_dim);
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
+    let qk_norm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
+    let fused_experts = family == Family::Qwen3VlMoe;
+
+    push(layout.embed_tokens(), &[t.vocab_size, h]);
+    for i in 0..t.num_layers {
+        let l = layout.text_layer(i);
+        push(format!("{l}.input_layernorm.weight"), &[h]);
+        push(format!("{l}.post_attention_layernorm.weight"), &[h]);
+        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
+            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+            if bias {
+                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+            }
+        }
+        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
+        if qk_norm {
+            push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
+            push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
+        }
+        match &t.moe {
+            Some(m) if m.is_moe_layer(i) => {
+                let inter = m.moe_intermediate_size;
+                push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
+                if fused_experts {
+                    push(format!("{l}.mlp.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
+                    push(format!("{l}.mlp.experts.down_proj"), &[m.num_experts, inter, h]);
+                } else {
+                    for j in 0..m.num_experts {
+                        push(format!("{l}.mlp.experts.{j}.gate_proj.weight"), &[inter, h]);
+                        push(format!("{l}.mlp.experts.{j}.up_proj.weight"), &[inter, h]);
+                        push(format!("{l}.mlp.experts.{j}.down_proj.weight"), &[h, inter]);
+                    }
+                }
+            }
+            _ => {
+                let inter = t.intermediate_size;
+                push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
+                push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
+                push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
+            }
+        }
+    }
+    push(layout.final_norm(), &[h]);
+    if !t.tie_word_embeddings {
+        push(layout.lm_head_weight(), &[t.vocab_size, h]);
+    }
+    if let Some(v) = super::config::vision_view(config) {
+        synthesize_vision(family, &layout, &v, h, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn synthesize_vision(
+    family: Family,
+    layout: &Layout,
+    v: &super::config::ConfigView,
+    text_hidden: usize,
+    out: &mut Vec<(String, Vec<usize>)>,
+) -> Result<()> {
+    let m = |rel: &str| layout.vision_module(rel).unwrap();
+    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let linear = |push: &mut dyn FnMut(String, &[usize]), name: String, o: usize, i: usize| {
+        push(format!("{name}.weight"), &[o, i]);
+        push(format!("{name}.bias"), &[o]);
+    };
+    let depth = v.usize(&["depth", "num_hidden_layers"])?;
+    match family {
+        Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe => {
+            let dim = v.usize(&["embed_dim", "hidden_size"])?;
+            let (dim, inter) = if family == Family::Qwen2Vl {
+                let d = v.usize(&["embed_dim"])?;
+                (d, d * v.usize(&["mlp_ratio"]).unwrap_or(4))
+            } else {
+                (dim, v.usize(&["intermediate_size"])?)
+            };
+            let patch = v.usize(&["patch_size"])?;
+            let tps = v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2);
+            let cin = v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3);
+            let merge = v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2);
+            let out_h = v.opt_usize(&["out_hidden_size", "hidden_size"])?.unwrap_or(text_hidden);
+            let out_h = if family == Family::Qwen2Vl { text_hidden.max(out_h) } else { out_h };
+            let qwen3 = matches!(family, Family::Qwen3Vl | Family::Qwen3VlMoe);
+            push(m("patch_embed.proj.weight"), &[dim, cin, tps, patch, patch]);
+            if qwen3 {
+                push(m("patch_embed.proj.bias"), &[dim]);
+                push(m("pos_embed.weight"), &[v.usize(&["num_position_embeddings"])?, dim]);
+            }
+            for b in 0..depth {
+                let blk = layout.vision_block(b).unwrap();
+                let norm_bias = family != Family::Qwen25Vl;
+                for n in ["norm1", "norm2"] {
+                    push(format!("{blk}.{n}.weight"), &[dim]);
+                    if norm_bias {
+                        push(format!("{blk}.{n}.bias"), &[dim]);
+                    }
+                }
+                linear(&mut push, format!("{blk}.attn.qkv"), 3 * dim, dim);
+                linear(&mut push, format!("{blk}.attn.proj"), dim, dim);
+                match family {
+                    Family::Qwen2Vl => {
+                        linear(&mut push, format!("{blk}.mlp.fc1"), inter, dim);
+                        linear(&mut push, format!("{blk}.mlp.fc2"), dim, inter);
+                    }
+                    Family::Qwen25Vl => {
+                        linear(&mut push, format!("{blk}.mlp.gate_proj"), inter, dim);
+                        linear(&mut push, format!("{blk}.mlp.up_proj"), inter, dim);
+                        linear(&mut push, format!("{blk}.mlp.down_proj"), dim, inter);
+                    }
+                    _ => {
+                        linear(&mut push, format!("{blk}.mlp.linear_fc1"), inter, dim);
+                        linear(&mut push, format!("{blk}.mlp.linear_fc2"), dim, inter);
+                    }
+                }
+            }
+            let merged = dim * merge * merge;
+            if qwen3 {
+                push(m("merger.norm.weight"), &[dim]);
+                push(m("merger.norm.bias"), &[dim]);
+                linear(&mut push, m("merger.linear_fc1"), merged, merged);
+                linear(&mut push, m("merger.linear_fc2"), out_h, merged);
+                let deepstack = v.usize_list(&["deepstack_visual_indexes"])?.unwrap_or_default();
+                for k in 0..deepstack.len() {
+                    push(m(&format!("deepstack_merger_list.{k}.norm.weight")), &[merged]);
+                    push(m(&format!("deepstack_merger_list.{k}.norm.bias")), &[merged]);
+                    linear(&mut push, m(&format!("deepstack_merger_list.{k}.linear_fc1")), merged, merged);
+                    linear(&mut push, m(&format!("deepstack_merger_list.{k}.linear_fc2")), out_h, merged);
+                }
+            } else {
+                push(m("merger.ln_q.weight"), &[dim]);
+                if family == Family::Qwen2Vl {
+                    push(m("merger.ln_q.bias"), &[dim]);
+                }
+                linear(&mut push, m("merger.mlp.0"), merged, merged);
+                linear(&mut push, m("merger.mlp.2"), out_h, merged);
+            }
+        }
+        Family::Llava => {
+            bail!("planning LLaVA from a config alone is not supported; point --model_path at the checkpoint")
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_and_transformers5_layouts_resolve() {
+        let old = ["model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"];
+        let l = Layout::resolve(Family::Qwen2Vl, &old).unwrap();
+        assert_eq!(l.text, "model");
+        assert_eq!(l.vision.as_deref(), Some("visual"));
+        let new = ["model.language_model.layers.0.mlp.up_proj.weight", "model.visual.blocks.0.attn.qkv.weight"];
+        let l = Layout::resolve(Family::Qwen2Vl, &new).unwrap();
+        assert_eq!(l.text, "model.language_model");
+        assert_eq!(l.vision.as_deref(), Some("model.visual"));
+        assert_eq!(l.classify("model.visual.blocks.3.norm1.weight"), UnitKind::VisionBlock(3));
+        assert_eq!(l.classify("model.visual.patch_embed.proj.weight"), UnitKind::VisionPre);
+        assert_eq!(l.classify("model.visual.merger.mlp.0.weight"), UnitKind::VisionPost);
+        assert_eq!(l.classify("model.language_model.embed_tokens.weight"), UnitKind::Embed);
+        assert_eq!(l.classify("model.language_model.norm.weight"), UnitKind::Head);
+        assert_eq!(l.classify("lm_head.weight"), UnitKind::Head);
+    }
+
+    #[test]
+    fn llava_names() {
+        let names = ["language_model.model.layers.0.mlp.up_proj.weight", "language_model.lm_head.weight"];
+        let l = Layout::resolve(Family::Llava, &names).unwrap();
+        assert_eq!(l.classify("language_model.model.layers.1.self_attn.q_proj.weight"), UnitKind::TextLayer(1));
+        assert_eq!(l.classify("language_model.lm_head.weight"), UnitKind::Head);
+        assert_eq!(l.classify("vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), UnitKind::VisionBlock(2));
+        assert_eq!(l.classify("vision_tower.vision_model.embeddings.class_embedding"), UnitKind::VisionPre);
+        assert_eq!(l.classify("multi_modal_projector.linear_1.weight"), UnitKind::VisionPost);
+    }
+
+    #[test]
+    fn generic_finds_its_layers() {
+        let names = [
+            "transformer.h.0.x",
+            "backbone.layers.0.mixer.weight",
+            "backbone.layers.1.mixer.weight",
+            "backbone.embed.weight",
+        ];
+        let l = Layout::resolve(Family::Generic, &names).unwrap();
+        assert_eq!(l.text, "backbone");
+        assert_eq!(l.classify("backbone.layers.1.mixer.weight"), UnitKind::TextLayer(1));
+        assert!(Layout::resolve(Family::Generic, &["a.b.weight"]).is_err());
+    }
+
+    #[test]
+    fn linears_are_2d_non_embeddings() {
+        assert!(is_linear_weight("model.layers.0.mlp.gate.weight", &[4, 64]));
+        assert!(!is_linear_weight("model.embed_tokens.weight", &[10, 4]));
+        assert!(!is_linear_weight("model.layers.0.input_layernorm.weight", &[64]));
+        assert!(!is_linear_weight("model.visual.patch_embed.proj.weight", &[4, 3, 2, 16, 16]));
+        assert!(!is_linear_weight("x.mlp.experts.gate_up_proj", &[4, 64, 96]));
+    }
+}

@@ -1,0 +1,461 @@
+//! A quantization run from start to end: open the checkpoint, plan, check the budget and the
+//! save folder, stream the units, then write the metadata files.
+
+pub mod data_free;
+pub mod load;
+pub mod memory;
+pub mod plan;
+pub mod progress;
+pub mod stages;
+
+use crate::export::ascend::AscendExporter;
+use crate::export::{write_atomically, Exporter};
+use crate::io::checkpoint::{self, Checkpoint};
+use crate::io::journal::{fingerprint_diff, Event, History, Journal, JOURNAL};
+use crate::io::shards::{file_crc32, partial_path, ShardLayout, ShardWriter};
+use crate::model::{build_units, paper_inventory, Model};
+use crate::quant::Recipe;
+use crate::tensor::{DType, TensorMeta};
+use anyhow::{bail, Context, Result};
+use memory::{gib, human};
+use plan::{plan_memory, plan_unit, Plan};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The options of `lamina quant` and `lamina plan`, independent of how they were spelled.
+#[derive(Debug, Clone)]
+pub struct QuantArgs {
+    pub model_path: PathBuf,
+    pub save_path: Option<PathBuf>,
+    pub quant_type: Option<String>,
+    pub model_type: Option<String>,
+    pub device: String,
+    /// GiB; 0 writes one file.
+    pub part_file_size: Option<f64>,
+    /// GiB; `None` is what the machine has available.
+    pub memory_budget: Option<f64>,
+    pub config_path: Option<PathBuf>,
+    pub overwrite: bool,
+}
+
+/// Everything a run needs once planned.
+pub struct Prepared {
+    pub plan: Plan,
+    pub ckpt: Option<Checkpoint>,
+    pub exporter: AscendExporter,
+}
+
+/// Opens the model (or its config alone), picks the recipe and plans the run.
+pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
+    crate::device::open(&args.device)?;
+    // A config.json alone (or a folder without weights, for `plan`) is planned on paper.
+    let on_paper = args.model_path.is_file()
+        || (args.save_path.is_none() && args.model_path.is_dir() && !has_weights(&args.model_path));
+    let (config, ckpt) = if on_paper {
+        (checkpoint::read_config(&args.model_path)?, None)
+    } else {
+        let c = Checkpoint::open(&args.model_path)?;
+        (c.config.clone(), Some(c))
+    };
+    let names: Vec<&str> = ckpt.as_ref().map(|c| c.names().collect()).unwrap_or_default();
+    let model = Model::new(&config, args.model_type.as_deref(), &names)?;
+    let inventory: Vec<TensorMeta> = match &ckpt {
+        Some(c) => c.names().map(|n| c.entry(n).unwrap().1.meta()).collect(),
+        None => paper_inventory(&model)?,
+    };
+    let recipe = match &args.config_path {
+        Some(p) => Recipe::from_file(p)?,
+        None => {
+            let qt = args
+                .quant_type
+                .as_deref()
+                .context("give --quant_type (w8a16, w8a8_dynamic, w4a8_dynamic, w4a16) or --config_path")?;
+            Recipe::bundled(model.family.model_type(), &normalize_quant_type(qt))?
+        }
+    };
+    let model_is_bf16 = match &ckpt {
+        Some(c) => c.main_float_dtype() == DType::BF16,
+        None => config_dtype(&config) == Some(DType::BF16),
+    };
+    let exporter = AscendExporter { model_is_bf16 };
+    let units = build_units(&model, &inventory)?;
+    let units = units.into_iter().map(|u| plan_unit(u, &recipe, &exporter)).collect::<Result<Vec<_>>>()?;
+    let part = args.part_file_size.or(recipe.part_file_size).unwrap_or(4.0);
+    if !(part >= 0.0 && part.is_finite()) {
+        bail!("--part_file_size must be a non-negative number of GiB, not {part}");
+    }
+    let limit = (part > 0.0).then(|| gib(part).max(1));
+    let outputs: Vec<TensorMeta> = units.iter().flat_map(|u| u.outputs.iter().map(|o| o.meta.clone())).collect();
+    let shards = ShardLayout::plan(&outputs, limit, &|k, n| exporter.weights_file(k, n))?;
+    let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
+    let memory = plan_memory(&units, budget);
+    Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter })
+}
+
+/// msModelSlim spells `w4a8` for what lamina calls `w4a8_dynamic`.
+fn normalize_quant_type(q: &str) -> String {
+    let q = q.to_ascii_lowercase().replace('-', "_");
+    match q.as_str() {
+        "w4a8" => "w4a8_dynamic".into(),
+        _ => q,
+    }
+}
+
+fn has_weights(dir: &Path) -> bool {
+    dir.join(checkpoint::SINGLE).exists() || dir.join(checkpoint::INDEX).exists()
+}
+
+fn config_dtype(config: &serde_json::Value) -> Option<DType> {
+    let d = config.get("torch_dtype").or_else(|| config.get("dtype"))?.as_str()?;
+    match d {
+        "bfloat16" => Some(DType::BF16),
+        "float16" => Some(DType::F16),
+        "float32" => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// `lamina plan`: what would happen, without writing anything. Returns whether it fits.
+pub fn print_plan(p: &Prepared) -> bool {
+    let plan = &p.plan;
+    let m = &plan.memory;
+    let t = &plan.model.text;
+    println!(
+        "architecture : {} ({})",
+        plan.model.family.model_type(),
+        if p.ckpt.is_some() { "checkpoint" } else { "config.json only, on paper" }
+    );
+    print!(
+        "text         : {} layers, hidden {}, {} heads / {} KV heads",
+        t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads
+    );
+    if let Some(moe) = &t.moe {
+        print!(", {} experts top-{} (moe_intermediate {})", moe.num_experts, moe.top_k, moe.moe_intermediate_size);
+    }
+    println!();
+    println!("recipe       : {}", plan.recipe.name);
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for o in plan.outputs() {
+        if o.meta.name.ends_with(".weight") {
+            *kinds.entry(o.kind).or_default() += 1;
+        }
+    }
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    println!("weights      : {}", kinds.join(", "));
+    println!("units        : {}", plan.units.len());
+    for (i, u) in plan.units.iter().enumerate() {
+        if plan.units.len() <= 12 || i < 4 || i + 3 >= plan.units.len() || i == m.largest_unit {
+            println!(
+                "  {:>4}  {:<48} in {:>10}  out {:>10}  peak {:>10}{}",
+                i,
+                u.unit.name,
+                human(u.unit.stored_bytes),
+                human(u.out_bytes),
+                human(u.peak_job),
+                if i == m.largest_unit { "  <- largest" } else { "" }
+            );
+        } else if i == 4 {
+            println!("  ...");
+        }
+    }
+    println!("bytes in     : {}", human(plan.bytes_in()));
+    println!("bytes out    : {} in {} file(s)", human(plan.bytes_out()), plan.shards.files.len());
+    println!(
+        "memory       : predicted peak {} (largest unit {} + {} base + {} unit(s) read ahead); budget {}",
+        human(m.peak),
+        human(m.unit_peak),
+        human(m.base),
+        m.prefetch,
+        human(m.budget)
+    );
+    if m.fits {
+        println!("fits         : yes");
+    } else {
+        println!("fits         : NO, {}", shortfall(plan));
+    }
+    m.fits
+}
+
+fn shortfall(plan: &Plan) -> String {
+    let m = &plan.memory;
+    format!(
+        "unit {} needs {} at its peak, {} with the process itself, but the budget is {} (short by {})",
+        plan.units[m.largest_unit].unit.name,
+        human(m.unit_peak),
+        human(m.peak),
+        human(m.budget),
+        human(m.peak.saturating_sub(m.budget))
+    )
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct Summary {
+    pub seconds: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub peak_rss: u64,
+    pub shards: usize,
+    pub already_done: bool,
+    pub resumed_from: usize,
+}
+
+/// `lamina quant`.
+pub fn quantize(args: &QuantArgs) -> Result<Summary> {
+    let started = Instant::now();
+    let save = args.save_path.clone().context("--save_path is required")?;
+    let p = prepare(args)?;
+    let ckpt =
+        p.ckpt.as_ref().with_context(|| format!("{} holds no weights to quantize", args.model_path.display()))?;
+    let plan = &p.plan;
+    if !plan.memory.fits {
+        bail!("the run does not fit the memory budget: {}", shortfall(plan));
+    }
+    for u in &plan.units {
+        load::check_inputs(ckpt, &u.unit)?;
+    }
+    let fingerprint = fingerprint(args, ckpt, plan)?;
+    let history = open_save_dir(&save, &fingerprint, args.overwrite, &p.exporter, plan)?;
+    if history.as_ref().is_some_and(|h| h.complete) {
+        return Ok(Summary {
+            seconds: started.elapsed().as_secs_f64(),
+            bytes_in: 0,
+            bytes_out: 0,
+            peak_rss: memory::peak_rss(),
+            shards: plan.shards.files.len(),
+            already_done: true,
+            resumed_from: plan.units.len(),
+        });
+    }
+    let history = history.unwrap_or_default();
+    let start = history.next_unit().min(plan.units.len());
+    check_disk_space(&save, &plan.shards, &history)?;
+
+    let mut journal = Journal::append(&save)?;
+    if history.fingerprint.is_none() {
+        journal.record(&Event::Start { fingerprint })?;
+    }
+    let mut state = stages::WriteState {
+        layout: &plan.shards,
+        writer: ShardWriter::new(&save),
+        journal,
+        crcs: stages::crcs_from_history(plan, &history),
+    };
+    verify_finished_shards(&save, plan, &history, &mut state, start)?;
+    if start > 0 {
+        eprintln!(
+            "resuming {} from unit {}/{} ({})",
+            save.display(),
+            start,
+            plan.units.len(),
+            plan.units.get(start).map_or("end", |u| u.unit.name.as_str())
+        );
+    }
+    let mut progress = progress::Progress::new(plan.units.len() as u64, start as u64, "units");
+    let mut processor = data_free::DataFree { ckpt, exporter: &p.exporter };
+    stages::run(plan, ckpt, &mut processor, &mut state, start, &mut progress)?;
+    progress.finish();
+    write_metadata(&save, ckpt, plan, &p.exporter)?;
+    state.journal.record(&Event::Complete)?;
+    Ok(Summary {
+        seconds: started.elapsed().as_secs_f64(),
+        bytes_in: plan.units[start..].iter().map(|u| u.unit.stored_bytes).sum(),
+        bytes_out: plan.units[start..].iter().map(|u| u.out_bytes).sum(),
+        peak_rss: memory::peak_rss(),
+        shards: plan.shards.files.len(),
+        already_done: false,
+        resumed_from: start,
+    })
+}
+
+/// What decides the output bytes: a rerun must match it to resume.
+fn fingerprint(args: &QuantArgs, ckpt: &Checkpoint, plan: &Plan) -> Result<serde_json::Value> {
+    let mut inputs = serde_json::Map::new();
+    for f in &ckpt.files {
+        let md = std::fs::metadata(&f.path)?;
+        let mtime =
+            md.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        inputs.insert(f.path.file_name().unwrap().to_string_lossy().into(), serde_json::json!([md.len(), mtime]));
+    }
+    Ok(serde_json::json!({
+        "lamina": env!("CARGO_PKG_VERSION"),
+        "model_path": std::fs::canonicalize(&args.model_path)?.display().to_string(),
+        "model_files": inputs,
+        "family": plan.model.family.model_type(),
+        "recipe": plan.recipe.text,
+        "shards": plan.shards.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        "format": "ascend_v1",
+    }))
+}
+
+/// The files lamina writes into a save folder (besides the model's companion files).
+fn is_lamina_output(name: &str, exporter: &dyn Exporter) -> bool {
+    name == JOURNAL
+        || name == crate::export::ascend::DESCRIPTION
+        || name == exporter.index_file()
+        || name.starts_with(crate::export::ascend::WEIGHTS)
+        || (name.starts_with('.') && name.ends_with(".partial"))
+}
+
+/// Checks the save folder and reads what an earlier run left there.
+fn open_save_dir(
+    save: &Path,
+    fingerprint: &serde_json::Value,
+    overwrite: bool,
+    exporter: &dyn Exporter,
+    plan: &Plan,
+) -> Result<Option<History>> {
+    if save.exists() && !save.is_dir() {
+        bail!("save path {} exists and is not a folder", save.display());
+    }
+    std::fs::create_dir_all(save).with_context(|| format!("cannot create the save folder {}", save.display()))?;
+    let probe = save.join(".lamina-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("the save folder {} is not writable", save.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let _ = plan;
+
+    if overwrite {
+        for e in std::fs::read_dir(save)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if is_lamina_output(&name, exporter) {
+                std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            }
+        }
+        return Ok(None);
+    }
+    match Journal::read(save)? {
+        Some(h) => {
+            if let Some(old) = &h.fingerprint {
+                if old != fingerprint {
+                    let keys = fingerprint_diff(old, fingerprint);
+                    bail!(
+                        "{} holds a run with different inputs or arguments (differs in: {}); pass --overwrite to start over",
+                        save.display(),
+                        keys.join(", ")
+                    );
+                }
+            }
+            Ok(Some(h))
+        }
+        None => {
+            let leftovers: Vec<String> = std::fs::read_dir(save)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| is_lamina_output(n, exporter))
+                .collect();
+            if !leftovers.is_empty() {
+                bail!(
+                    "{} already holds quantized output ({}) that no lamina journal describes; pass --overwrite to replace it",
+                    save.display(),
+                    leftovers.join(", ")
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Refuses to start when the disk cannot hold what is left to write.
+fn check_disk_space(save: &Path, shards: &ShardLayout, h: &History) -> Result<()> {
+    let mut need = 0u64;
+    for (k, f) in shards.files.iter().enumerate() {
+        if h.shards.contains_key(&k) {
+            continue;
+        }
+        let allocated = std::fs::metadata(partial_path(save, &f.name))
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        need += f.total_len.saturating_sub(allocated);
+    }
+    let free = free_space(save)?;
+    if need > free {
+        bail!(
+            "not enough disk space in {}: the output needs {} more, {} is free; free some space and run the same command again",
+            save.display(),
+            human(need),
+            human(free)
+        );
+    }
+    Ok(())
+}
+
+fn free_space(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` is a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot read free space of {}", dir.display()));
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// On resume: every shard an earlier run finished must still be there with its checksum, and a
+/// shard whose units all finished but that was not yet renamed is finished now.
+fn verify_finished_shards(
+    save: &Path,
+    plan: &Plan,
+    h: &History,
+    st: &mut stages::WriteState,
+    start: usize,
+) -> Result<()> {
+    for (k, f) in plan.shards.files.iter().enumerate() {
+        let path = save.join(&f.name);
+        if let Some((_, crc)) = h.shards.get(&k) {
+            let actual = if path.exists() { Some(file_crc32(&path)?) } else { None };
+            if actual != Some(*crc) {
+                bail!(
+                    "{} was finished by an earlier run but is now {}; pass --overwrite to start over",
+                    path.display(),
+                    if actual.is_none() { "missing" } else { "changed" }
+                );
+            }
+            continue;
+        }
+        let units_done = plan.units[..start]
+            .iter()
+            .any(|u| u.outputs.iter().any(|o| st.layout.location(&o.meta.name).unwrap().shard == k));
+        let all_done = plan.units[start..]
+            .iter()
+            .all(|u| u.outputs.iter().all(|o| st.layout.location(&o.meta.name).unwrap().shard != k));
+        if all_done && units_done {
+            if path.exists() && !partial_path(save, &f.name).exists() {
+                let want = stages::shard_crc(st.layout, k, &st.crcs)?;
+                if file_crc32(&path)? != want {
+                    bail!("{} does not match the journal; pass --overwrite to start over", path.display());
+                }
+                st.journal.record(&Event::Shard { index: k, file: f.name.clone(), crc32: want })?;
+            } else {
+                stages::finish_shard(st, k)?;
+            }
+        } else if units_done && !partial_path(save, &f.name).exists() {
+            bail!(
+                "{} is missing though the journal says part of it was written; pass --overwrite to start over",
+                partial_path(save, &f.name).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The shard index, config.json, companion files and, last, the description that marks the
+/// output complete.
+fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Exporter) -> Result<()> {
+    if plan.shards.files.len() > 1 {
+        write_atomically(&save.join(exporter.index_file()), &plan.shards.index_json()?)?;
+    }
+    let mut config = serde_json::to_vec_pretty(&exporter.output_config(&ckpt.config))?;
+    config.push(b'\n');
+    write_atomically(&save.join(checkpoint::CONFIG), &config)?;
+    for f in ckpt.companion_files()? {
+        let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        write_atomically(&save.join(f.file_name().unwrap()), &bytes)?;
+    }
+    let outputs: Vec<_> = plan.outputs().cloned().collect();
+    for (name, bytes) in exporter.metadata_files(&outputs)? {
+        write_atomically(&save.join(name), &bytes)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The stream: reader → transform → writer on three threads joined by bounded channels, so
+//! unit i+1 is read ahead while unit i is quantized and unit i-1 is written.
+
+use super::plan::{Plan, UnitPlan};
+use super::progress::Progress;
+use crate::export::{OutMeta, OutTensor};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::journal::{Event, History, Journal};
+use crate::io::shards::{ShardLayout, ShardWriter};
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{bounded, Receiver};
+use std::collections::{BTreeMap, HashMap};
+
+/// Turns one unit into output tensors. The data-free quantizer is one; calibration is another.
+pub trait UnitProcessor: Send {
+    /// Processes unit `index`, handing outputs to `emit` as soon as each job has them.
+    fn process(
+        &mut self,
+        index: usize,
+        unit: &UnitPlan,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()>;
+}
+
+enum Msg {
+    Tensors(Vec<OutTensor>),
+    UnitDone(usize),
+}
+
+/// What the writer needs to finish shards and record progress.
+pub struct WriteState<'a> {
+    pub layout: &'a ShardLayout,
+    pub writer: ShardWriter,
+    pub journal: Journal,
+    /// CRC-32 and length of every tensor written so far (this run and earlier ones).
+    pub crcs: HashMap<String, (u32, u64)>,
+}
+
+/// Runs units `start..` through the stream.
+pub fn run(
+    plan: &Plan,
+    ckpt: &Checkpoint,
+    processor: &mut dyn UnitProcessor,
+    state: &mut WriteState,
+    start: usize,
+    progress: &mut Progress,
+) -> Result<()> {
+    let n = plan.units.len();
+    let depth = plan.memory.prefetch;
+    let (unit_tx, unit_rx) = bounded::<usize>(depth);
+    let (out_tx, out_rx) = bounded::<Msg>(2);
+    let planned: HashMap<&str, &OutMeta> = plan.outputs().map(|o| (o.meta.name.as_str(), o)).collect();
+    // The last unit that writes into each shard: the shard is complete once that unit is.
+    let mut last_unit_of_shard = vec![0usize; state.layout.files.len()];
+    for (i, u) in plan.units.iter().enumerate() {
+        for o in &u.outputs {
+            let s = state.layout.location(&o.meta.name).unwrap().shard;
+            last_unit_of_shard[s] = last_unit_of_shard[s].max(i);
+        }
+    }
+
+    std::thread::scope(|s| -> Result<()> {
+        let reader = s.spawn(move || {
+            for i in start..n {
+                super::load::prefetch(ckpt, &plan.units[i].unit);
+                if unit_tx.send(i).is_err() {
+                    break;
+                }
+            }
+        });
+        let transform = s.spawn(move || -> Result<()> {
+            for i in unit_rx {
+                let unit = &plan.units[i];
+                processor
+                    .process(i, unit, &mut |ts| out_tx.send(Msg::Tensors(ts)).context("the writer stopped"))
+                    .with_context(|| format!("while processing {}", unit.unit.name))?;
+                out_tx.send(Msg::UnitDone(i)).context("the writer stopped")?;
+            }
+            Ok(())
+        });
+        let written = write_loop(plan, out_rx, &planned, &last_unit_of_shard, state, progress);
+        // If the writer failed, dropping its receiver stops the transform at its next send.
+        let transformed = transform.join().map_err(|_| anyhow::anyhow!("the transform stage panicked"))?;
+        let _ = reader.join();
+        written?;
+        transformed
+    })
+}
+
+fn write_loop(
+    plan: &Plan,
+    rx: Receiver<Msg>,
+    planned: &HashMap<&str, &OutMeta>,
+    last_unit_of_shard: &[usize],
+    st: &mut WriteState,
+    progress: &mut Progress,
+) -> Result<()> {
+    let mut unit_crcs: BTreeMap<String, u32> = BTreeMap::new();
+    let mut touched: std::collections::BTreeSet<usize> = Default::default();
+    for msg in rx {
+        match msg {
+            Msg::Tensors(ts) => {
+                for t in ts {
+                    let want = planned
+                        .get(t.name.as_str())
+                        .with_context(|| format!("output tensor {} is not in the plan", t.name))?;
+                    if **want != t.out_meta() {
+                        bail!("output tensor {} came out as {:?}, the plan said {:?}", t.name, t.out_meta(), want);
+                    }
+                    st.writer.write(st.layout, &t.name, &t.tensor.bytes)?;
+                    let crc = crc32fast::hash(&t.tensor.bytes);
+                    st.crcs.insert(t.name.clone(), (crc, t.tensor.bytes.len() as u64));
+                    unit_crcs.insert(t.name, crc);
+                    touched.insert(st.layout.location(want.meta.name.as_str()).unwrap().shard);
+                }
+            }
+            Msg::UnitDone(i) => {
+                let unit = &plan.units[i];
+                if unit_crcs.len() != unit.outputs.len() {
+                    let missing: Vec<_> = unit
+                        .outputs
+                        .iter()
+                        .filter(|o| !unit_crcs.contains_key(&o.meta.name))
+                        .map(|o| &o.meta.name)
+                        .collect();
+                    bail!("{} finished without writing {:?}", unit.unit.name, missing);
+                }
+                for &s in &touched {
+                    st.writer.sync(st.layout, s)?;
+                }
+                st.journal.record(&Event::Unit {
+                    index: i,
+                    name: unit.unit.name.clone(),
+                    tensors: std::mem::take(&mut unit_crcs),
+                })?;
+                touched.clear();
+                for (k, &last) in last_unit_of_shard.iter().enumerate() {
+                    if last == i {
+                        finish_shard(st, k)?;
+                    }
+                }
+                progress.step(i as u64 + 1, unit.unit.stored_bytes, &unit.unit.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Renames a complete shard and records its checksum, combined from its tensors' CRCs.
+pub fn finish_shard(st: &mut WriteState, k: usize) -> Result<()> {
+    let crc = shard_crc(st.layout, k, &st.crcs)?;
+    st.writer.finish(st.layout, k)?;
+    st.journal.record(&Event::Shard { index: k, file: st.layout.files[k].name.clone(), crc32: crc })
+}
+
+/// The CRC-32 of shard `k`'s file: its header followed by its tensors in file order.
+pub fn shard_crc(layout: &ShardLayout, k: usize, crcs: &HashMap<String, (u32, u64)>) -> Result<u32> {
+    let f = &layout.files[k];
+    let mut h = crc32fast::Hasher::new();
+    h.update(&f.header);
+    for t in &f.tensors {
+        let &(crc, len) = crcs.get(&t.name).with_context(|| format!("no checksum recorded for {}", t.name))?;
+        h.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+    }
+    Ok(h.finalize())
+}
+
+/// Rebuilds the tensor checksums of finished units from the journal.
+pub fn crcs_from_history(plan: &Plan, h: &History) -> HashMap<String, (u32, u64)> {
+    let mut out = HashMap::new();
+    for (i, u) in plan.units.iter().enumerate() {
+        if let Some(rec) = h.units.get(&i) {
+            for o in &u.outputs {
+                if let Some(&crc) = rec.get(&o.meta.name) {
+                    out.insert(o.meta.name.clone(), (crc, o.meta.nbytes()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn combined_crc_equals_crc_of_concatenation() {
+        let (a, b) = (b"header bytes".to_vec(), vec![7u8; 1000]);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&a);
+        h.combine(&crc32fast::Hasher::new_with_initial_len(crc32fast::hash(&b), b.len() as u64));
+        let whole: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        assert_eq!(h.finalize(), crc32fast::hash(&whole));
+    }
+}
