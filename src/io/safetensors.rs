@@ -4,7 +4,7 @@
 //! a truncated file, a header whose length or offsets point outside the file, overlapping
 //! tensors, a byte count that does not match dtype × shape, or a dtype lamina does not read.
 
-use crate::tensor::{DType, TensorMeta};
+use crate::tensor::{DType, Tensor, TensorMeta};
 use anyhow::{bail, Context, Result};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::collections::HashMap;
@@ -95,6 +95,27 @@ impl SafetensorsFile {
             let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         }
     }
+}
+
+/// Reads every tensor of a (small) safetensors file into memory: references, inputs files.
+pub fn load_all(path: &Path) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let f = SafetensorsFile::open(path)?;
+    Ok(f.tensors.iter().map(|e| (e.name.clone(), Tensor::from_bytes(e.dtype, &e.shape, f.bytes(e).to_vec()))).collect())
+}
+
+/// Writes tensors to one safetensors file (through a temporary name), wider dtypes first so
+/// every tensor is aligned.
+pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let metas: Vec<TensorMeta> = tensors.iter().map(|(n, t)| t.meta(n)).collect();
+    let layout = crate::io::shards::ShardLayout::plan(&metas, None, &|_, _| String::new())?;
+    let file = &layout.files[0];
+    let mut bytes = file.header.clone();
+    bytes.resize(file.total_len as usize, 0);
+    for (n, t) in tensors {
+        let loc = layout.location(n).unwrap();
+        bytes[loc.offset as usize..(loc.offset + loc.len) as usize].copy_from_slice(&t.bytes);
+    }
+    crate::export::write_atomically(path, &bytes)
 }
 
 fn parse_header(buf: &[u8]) -> Result<Vec<TensorEntry>> {
@@ -229,6 +250,17 @@ pub(crate) mod tests {
         write_file(&p, &[("w", "BF16", vec![3], vec![0; 8])]);
         let err = format!("{:#}", SafetensorsFile::open(&p).unwrap_err());
         assert!(err.contains("tensor w") && err.contains("need"), "{err}");
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let p = tmp("save");
+        let a = Tensor::from_f32(&[2], &[1.5, -2.0]);
+        let b = Tensor::from_i64(&[3], &[1, 2, 3]);
+        let c = Tensor::from_i8(&[1], &[-4]);
+        save(&p, &[("a".into(), a.clone()), ("c".into(), c.clone()), ("b".into(), b.clone())]).unwrap();
+        let m = load_all(&p).unwrap();
+        assert_eq!((m["a"].clone(), m["b"].clone(), m["c"].clone()), (a, b, c));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 pub mod config;
 pub mod layout;
 pub mod moe;
+pub mod nn;
+pub mod weights;
 
 use crate::tensor::{DType, TensorMeta};
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,62 @@
+//! The building blocks every forward shares: a linear layer, and the hook through which each
+//! linear is computed. Calibration implements [`LinearHook`] to see every linear's input (and to
+//! substitute quantized weights); a plain forward uses [`Plain`].
+
+use crate::device::Device;
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+
+/// A linear layer's float weights: `y = x · weightᵀ + bias`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Array2<f32>,
+    /// `[out]`.
+    pub bias: Option<Array1<f32>>,
+}
+
+impl Linear {
+    pub fn out_features(&self) -> usize {
+        self.weight.nrows()
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.ncols()
+    }
+    /// The float product, on `device`.
+    pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>) -> Array2<f32> {
+        let mut y = device.linear(x, self.weight.view());
+        if let Some(b) = &self.bias {
+            y += &b.view().insert_axis(Axis(0));
+        }
+        y
+    }
+}
+
+/// How a forward computes each linear layer.
+pub trait LinearHook {
+    /// `name` is the module's name relative to its unit (`self_attn.q_proj`,
+    /// `mlp.experts.3.up_proj`, `attn.qkv`); `x` is `[tokens, in]`.
+    fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32>;
+}
+
+/// The float forward.
+pub struct Plain;
+
+impl LinearHook for Plain {
+    fn linear(&mut self, device: &dyn Device, _name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        layer.forward(device, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+    use ndarray::array;
+
+    #[test]
+    fn linear_adds_bias() {
+        let l = Linear { weight: array![[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]], bias: Some(array![0.5, 0.0, -1.0]) };
+        let y = Plain.linear(&Cpu, "x", &l, array![[1.0f32, 1.0]].view());
+        assert_eq!(y, array![[3.5, -1.0, 2.5]]);
+    }
+}
