@@ -215,4 +215,10 @@ mod tests {
     fn parity_with_transformers() {
         super::super::parity::check_tower("llava");
     }
+
+    #[test]
+    fn images_are_independent() {
+        // CLIP images all have the tower's size: the grids only count them.
+        super::super::parity::check_images_are_independent("llava", &[[0; 3]; 2]);
+    }
 }

@@ -8,14 +8,15 @@ use super::mrope::RopeIndex;
 use super::splice::{add_deepstack, image_token_id, splice_image_embeds};
 use super::{load_unit, VisionInput, VisionTower};
 use crate::device::Cpu;
+use crate::device::Device;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::load_all;
 use crate::model::layout::UnitKind;
-use crate::model::nn::Plain;
+use crate::model::nn::{Linear, LinearHook, Plain};
 use crate::model::{build_units, Model, Unit};
 use crate::tensor::{Tensor, TensorMeta};
 use ndarray::{Array2, ArrayView2, Axis};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 const TOLERANCE: f32 = 1e-4;
@@ -71,10 +72,32 @@ impl Fixture {
         VisionInput::from_tensors(&self.reference["pixel_values"], self.reference.get("image_grid_thw")).unwrap()
     }
 
+    /// The linear modules of a unit, by the names the hook should see.
+    fn linears(&self, kind: UnitKind) -> BTreeSet<String> {
+        let prefix = self.model.layout.unit_prefix(kind);
+        let unit = self.units.iter().find(|u| u.kind == kind);
+        unit.into_iter()
+            .flat_map(|u| u.tensors.iter())
+            .filter_map(|t| t.linear_module())
+            .map(|m| m.strip_prefix(prefix.as_str()).unwrap_or(m).to_string())
+            .collect()
+    }
+
     fn check(&self, what: &str, ours: ArrayView2<f32>, reference: ArrayView2<f32>) {
         let e = relative_error(ours, reference);
         println!("{:>20}  {what:<48} {e:.2e}", self.name);
         assert!(e <= TOLERANCE, "{}: {what}: relative error {e:.3e} > {TOLERANCE:e}", self.name);
+    }
+}
+
+/// A float forward that notes the name of every linear it computes.
+#[derive(Default)]
+struct Recorder(BTreeSet<String>);
+
+impl LinearHook for Recorder {
+    fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        self.0.insert(name.to_string());
+        layer.forward(device, x)
     }
 }
 
@@ -94,7 +117,13 @@ pub(crate) fn check_tower(name: &str) {
     // Each block alone, from the reference's input.
     for i in 0..tower.depth() {
         state.hidden = f.matrix(&format!("{}.in", block_key(i)));
-        tower.block(dev, i, &f.weights(UnitKind::VisionBlock(i)), &mut state, &mut Plain).unwrap();
+        let mut seen = Recorder::default();
+        tower.block(dev, i, &f.weights(UnitKind::VisionBlock(i)), &mut state, &mut seen).unwrap();
+        assert_eq!(
+            seen.0,
+            f.linears(UnitKind::VisionBlock(i)),
+            "{name}: block {i} computes each linear through the hook"
+        );
         let reference = f.matrix(&format!("{}.out", block_key(i)));
         f.check(&format!("block {i} .in -> .out"), state.hidden.view(), reference.view());
     }
@@ -109,7 +138,9 @@ pub(crate) fn check_tower(name: &str) {
         };
     }
     let post = f.weights(UnitKind::VisionPost);
-    let out = tower.finish(dev, &post, state, &mut Plain).unwrap();
+    let mut seen = Recorder::default();
+    let out = tower.finish(dev, &post, state, &mut seen).unwrap();
+    assert_eq!(seen.0, f.linears(UnitKind::VisionPost), "{name}: the post unit computes each linear through the hook");
     if f.has("visual.out") {
         f.check("last block .out -> visual.out", out.embeds.view(), f.matrix("visual.out").view());
     }
@@ -163,5 +194,48 @@ pub(crate) fn check_tower(name: &str) {
                 f.matrix(&next).view(),
             );
         }
+    }
+}
+
+/// Images do not see each other: a batch of two images of different shapes gives what each gives
+/// alone (per-image attention spans, windows, position embeddings and rotary tables).
+pub(crate) fn check_images_are_independent(name: &str, sizes: &[[usize; 3]]) {
+    let f = Fixture::open(name);
+    let tower = VisionTower::from_model(&f.model).unwrap();
+    let reference = f.input();
+    let pseudo_random = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0).collect()
+    };
+    let single = |size: [usize; 3], seed: usize| -> VisionInput {
+        if reference.image_grid_thw.is_empty() {
+            // CLIP: [1, C, H, W] of the size the tower was built for.
+            let shape = reference.pixel_values.shape().to_vec();
+            let data = pseudo_random(shape.iter().product(), seed);
+            VisionInput { pixel_values: ndarray::ArrayD::from_shape_vec(shape, data).unwrap(), image_grid_thw: vec![] }
+        } else {
+            let cols = reference.pixel_values.shape()[1];
+            let rows = size.iter().product::<usize>();
+            let pv = ndarray::ArrayD::from_shape_vec(vec![rows, cols], pseudo_random(rows * cols, seed)).unwrap();
+            VisionInput { pixel_values: pv, image_grid_thw: vec![size] }
+        }
+    };
+    let run = |input: &VisionInput| tower.forward(&Cpu, &f.ckpt, &f.model.layout, &f.units, input, &mut Plain).unwrap();
+    let inputs: Vec<VisionInput> = sizes.iter().enumerate().map(|(i, &s)| single(s, i + 1)).collect();
+    let views: Vec<_> = inputs.iter().map(|i| i.pixel_values.view()).collect();
+    let batch = VisionInput {
+        pixel_values: ndarray::concatenate(Axis(0), &views).unwrap(),
+        image_grid_thw: inputs.iter().flat_map(|i| i.image_grid_thw.clone()).collect(),
+    };
+    let together = run(&batch);
+    let alone: Vec<_> = inputs.iter().map(run).collect();
+    let cat = |parts: Vec<&Array2<f32>>| {
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(0), &views).unwrap()
+    };
+    let expected = cat(alone.iter().map(|o| &o.embeds).collect());
+    f.check(&format!("images {sizes:?} together vs alone"), together.embeds.view(), expected.view());
+    for k in 0..together.deepstack.len() {
+        let expected = cat(alone.iter().map(|o| &o.deepstack[k]).collect());
+        f.check(&format!("deepstack.{k} together vs alone"), together.deepstack[k].view(), expected.view());
     }
 }

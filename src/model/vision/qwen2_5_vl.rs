@@ -217,4 +217,9 @@ mod tests {
     fn parity_with_transformers() {
         super::super::parity::check_tower("qwen2_5_vl");
     }
+
+    #[test]
+    fn images_are_independent() {
+        super::super::parity::check_images_are_independent("qwen2_5_vl", &[[1, 6, 10], [1, 4, 4], [2, 10, 6]]);
+    }
 }

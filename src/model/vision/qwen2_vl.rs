@@ -103,4 +103,9 @@ mod tests {
     fn parity_with_transformers() {
         super::super::parity::check_tower("qwen2_vl");
     }
+
+    #[test]
+    fn images_are_independent() {
+        super::super::parity::check_images_are_independent("qwen2_vl", &[[1, 4, 6], [2, 6, 4]]);
+    }
 }

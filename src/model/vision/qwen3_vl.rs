@@ -219,6 +219,11 @@ mod tests {
     }
 
     #[test]
+    fn images_are_independent() {
+        super::super::parity::check_images_are_independent("qwen3_vl", &[[1, 10, 6], [1, 4, 4]]);
+    }
+
+    #[test]
     fn parity_with_transformers_moe() {
         super::super::parity::check_tower("qwen3_vl_moe");
     }
