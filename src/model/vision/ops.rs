@@ -61,53 +61,34 @@ impl Activation {
     }
 
     pub fn apply(self, x: f32) -> f32 {
-        let v = x as f64;
-        let y = match self {
-            Activation::QuickGelu => v * sigmoid(1.702 * v),
-            Activation::Gelu => 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2)),
+        match self {
+            Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Activation::Gelu => (0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
             Activation::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+                const C: f32 = 0.797_884_6; // √(2/π)
+                0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
             }
-            Activation::Silu => v * sigmoid(v),
-        };
-        y as f32
+            Activation::Silu => x / (1.0 + (-x).exp()),
+        }
     }
 
     pub fn apply_all(self, x: &mut Array2<f32>) {
         match x.as_slice_memory_order_mut() {
-            Some(values) => values.par_iter_mut().for_each(|v| *v = self.apply(*v)),
+            Some(values) => values.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = self.apply(*v))),
             None => x.mapv_inplace(|v| self.apply(v)),
         }
     }
 }
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// The error function to double precision: its Taylor series near zero, a continued fraction
-/// for `erfc` further out (std has no `erf`).
+/// The error function, by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, about an f32
+/// rounding; std has no `erf`).
 pub fn erf(x: f64) -> f64 {
+    const P: f64 = 0.327_591_1;
+    const A: [f64; 5] = [0.254_829_592, -0.284_496_736, 1.421_413_741, -1.453_152_027, 1.061_405_429];
     let z = x.abs();
-    let r = if z < 2.5 {
-        // erf z = 2/√π Σ (-1)ⁿ z^(2n+1) / (n! (2n+1))
-        let (mut term, mut sum, mut n) = (z, z, 0.0);
-        while term.abs() > 1e-17 * sum.abs() {
-            n += 1.0;
-            term *= -z * z / n;
-            sum += term / (2.0 * n + 1.0);
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    } else {
-        // erfc z = e^(-z²)/√π · 1/(z + (1/2)/(z + 1/(z + (3/2)/(z + 2/(z + …))))), evaluated from the tail.
-        let mut f = z;
-        for k in (1..60).rev() {
-            f = z + (k as f64 / 2.0) / f;
-        }
-        1.0 - (-z * z).exp() / (std::f64::consts::PI.sqrt() * f)
-    };
-    r.copysign(x)
+    let t = 1.0 / (1.0 + P * z);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    (1.0 - poly * (-z * z).exp()).copysign(x)
 }
 
 /// Per-token rotary cosines and sines, `[tokens, head_dim]`, the same for every head.
@@ -266,8 +247,8 @@ mod tests {
             (3.0, 0.999_977_909_503_001_4),
             (5.0, 0.999_999_999_998_462_5),
         ] {
-            assert!((erf(x) - want).abs() < 1e-14, "erf({x}) = {} not {want}", erf(x));
-            assert!((erf(-x) + want).abs() < 1e-14);
+            assert!((erf(x) - want).abs() < 1.5e-7, "erf({x}) = {} not {want}", erf(x));
+            assert!((erf(-x) + want).abs() < 1.5e-7);
         }
     }
 
