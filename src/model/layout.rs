@@ -227,6 +227,21 @@ impl Layout {
         self.vision.as_ref().map(|v| format!("{v}.{rel}"))
     }
 
+    /// The prefix a unit's tensor names lose when its weights are loaded, so forwards use names
+    /// relative to the unit (`attn.qkv` in `visual.blocks.3`, `merger.mlp.0` in the vision
+    /// root). Units whose tensors have no common root keep whole names (empty prefix): LLaVA's
+    /// projector lives outside the vision root, so its post unit does.
+    pub fn unit_prefix(&self, kind: UnitKind) -> String {
+        let vision_root = || self.vision.as_ref().map(|v| format!("{v}.")).unwrap_or_default();
+        match kind {
+            UnitKind::TextLayer(i) => format!("{}.", self.text_layer(i)),
+            UnitKind::VisionBlock(i) => self.vision_block(i).map(|b| format!("{b}.")).unwrap_or_default(),
+            UnitKind::VisionPre => vision_root(),
+            UnitKind::VisionPost if self.projector.is_none() => vision_root(),
+            UnitKind::VisionPost | UnitKind::Embed | UnitKind::Head | UnitKind::Other => String::new(),
+        }
+    }
+
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
         if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
@@ -512,6 +527,19 @@ mod tests {
         assert_eq!(l.classify("vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), UnitKind::VisionBlock(2));
         assert_eq!(l.classify("vision_tower.vision_model.embeddings.class_embedding"), UnitKind::VisionPre);
         assert_eq!(l.classify("multi_modal_projector.linear_1.weight"), UnitKind::VisionPost);
+    }
+
+    #[test]
+    fn unit_prefixes_make_names_relative() {
+        let q = Layout::resolve(Family::Qwen3Vl, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        assert_eq!(q.unit_prefix(UnitKind::VisionBlock(2)), "model.visual.blocks.2.");
+        assert_eq!(q.unit_prefix(UnitKind::VisionPre), "model.visual.");
+        assert_eq!(q.unit_prefix(UnitKind::VisionPost), "model.visual.");
+        assert_eq!(q.unit_prefix(UnitKind::TextLayer(1)), "model.language_model.layers.1.");
+        // LLaVA's projector lives outside the vision root: its post unit keeps whole names.
+        let l = Layout::resolve(Family::Llava, &[]).unwrap();
+        assert_eq!(l.unit_prefix(UnitKind::VisionBlock(0)), "vision_tower.vision_model.encoder.layers.0.");
+        assert_eq!(l.unit_prefix(UnitKind::VisionPost), "");
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod config;
 pub mod layout;
 pub mod moe;
 pub mod nn;
+pub mod vision;
 pub mod weights;
 
 use crate::tensor::{DType, TensorMeta};

@@ -1,0 +1,111 @@
+//! Qwen2-VL's vision tower: a 3D-convolution patch embedding, blocks with LayerNorm, fused-qkv
+//! attention under a 2D rotary embedding (each frame attends to itself) and a quick-GELU MLP,
+//! then a merger that concatenates each 2×2 group of patches into one token for the language
+//! model.
+
+use super::ops::{Activation, Rotary};
+use super::{VisionInput, VisionOutput, VisionState};
+use crate::device::Device;
+use crate::model::config::vision_view;
+use crate::model::nn::LinearHook;
+use crate::model::weights::Weights;
+use anyhow::Result;
+use serde_json::Value;
+
+const NORM_EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub depth: usize,
+    /// The blocks' width (`embed_dim`).
+    pub dim: usize,
+    pub num_heads: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub in_channels: usize,
+    pub spatial_merge_size: usize,
+    pub hidden_act: Activation,
+    pub rope_theta: f64,
+}
+
+impl Config {
+    pub fn from_json(config: &Value) -> Result<Config> {
+        let v = vision_view(config).ok_or_else(|| anyhow::anyhow!("config.json has no vision_config"))?;
+        Ok(Config {
+            depth: v.usize(&["depth", "num_hidden_layers"])?,
+            dim: v.usize(&["embed_dim"])?,
+            num_heads: v.usize(&["num_heads"])?,
+            patch_size: v.usize(&["patch_size", "spatial_patch_size"])?,
+            temporal_patch_size: v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2),
+            in_channels: v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3),
+            spatial_merge_size: v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
+            hidden_act: Activation::from_name(v.str(&["hidden_act"]).unwrap_or("quick_gelu"))?,
+            rope_theta: super::vision_rope_theta(&v)?,
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.dim / self.num_heads
+    }
+
+    pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
+        let features = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size;
+        let patches = super::qwen_patches(input, features)?;
+        super::check_grids(&input.image_grid_thw, self.spatial_merge_size)?;
+        let hidden = super::conv_as_linear(w, "patch_embed.proj")?.forward(device, patches.view());
+        let grids = input.image_grid_thw.clone();
+        let mut state = VisionState::new(hidden, super::frame_spans(&grids), grids);
+        state.rotary =
+            Some(Rotary::vision_2d(&state.image_grid_thw, self.spatial_merge_size, self.head_dim(), self.rope_theta));
+        Ok(state)
+    }
+
+    pub fn block(
+        &self,
+        device: &dyn Device,
+        w: &Weights,
+        state: &mut VisionState,
+        hook: &mut dyn LinearHook,
+    ) -> Result<()> {
+        let h = super::layer_norm(w, "norm1", &state.hidden, NORM_EPS)?;
+        let attn =
+            super::fused_qkv_attention(device, w, &h, self.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
+        super::residual(&mut state.hidden, attn);
+
+        let h = super::layer_norm(w, "norm2", &state.hidden, NORM_EPS)?;
+        let mut m = super::linear(device, w, "mlp.fc1", &h, hook)?;
+        self.hidden_act.apply_all(&mut m);
+        let m = super::linear(device, w, "mlp.fc2", &m, hook)?;
+        super::residual(&mut state.hidden, m);
+        Ok(())
+    }
+
+    /// `merger`: LayerNorm per patch, concatenate each merge group, `mlp.0`, GELU, `mlp.2`.
+    pub fn finish(
+        &self,
+        device: &dyn Device,
+        w: &Weights,
+        state: VisionState,
+        hook: &mut dyn LinearHook,
+    ) -> Result<VisionOutput> {
+        let x = super::layer_norm(w, "merger.ln_q", &state.hidden, NORM_EPS)?;
+        let x = super::ops::group_rows(x, self.spatial_merge_size * self.spatial_merge_size)?;
+        let mut x = super::linear(device, w, "merger.mlp.0", &x, hook)?;
+        Activation::Gelu.apply_all(&mut x);
+        let embeds = super::linear(device, w, "merger.mlp.2", &x, hook)?;
+        Ok(VisionOutput { embeds, deepstack: Vec::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parity_with_transformers() {
+        super::super::parity::check_tower("qwen2_vl");
+    }
+
+    #[test]
+    fn images_are_independent() {
+        super::super::parity::check_images_are_independent("qwen2_vl", &[[1, 4, 6], [2, 6, 4]]);
+    }
+}
