@@ -1,6 +1,7 @@
 //! A quantization run from start to end: open the checkpoint, plan, check the budget and the
 //! save folder, stream the units, then write the metadata files.
 
+pub mod activations;
 pub mod data_free;
 pub mod load;
 pub mod memory;
