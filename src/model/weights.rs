@@ -22,7 +22,11 @@ impl Weights {
         Weights::load_tensors(ckpt, unit.tensors.iter(), prefix)
     }
 
-    pub fn load_tensors<'a>(ckpt: &Checkpoint, tensors: impl Iterator<Item = &'a LogicalTensor>, prefix: &str) -> Result<Weights> {
+    pub fn load_tensors<'a>(
+        ckpt: &Checkpoint,
+        tensors: impl Iterator<Item = &'a LogicalTensor>,
+        prefix: &str,
+    ) -> Result<Weights> {
         let mut map = BTreeMap::new();
         for t in tensors.filter(|t| t.meta.dtype.is_float()) {
             let data = load::f32s(ckpt, t)?;
@@ -42,12 +46,16 @@ impl Weights {
 
     pub fn vector(&self, rel: &str) -> Result<Array1<f32>> {
         let t = self.get(rel)?;
-        t.clone().into_dimensionality().with_context(|| format!("tensor {}{rel} has shape {:?}, expected 1D", self.prefix, t.shape()))
+        t.clone()
+            .into_dimensionality()
+            .with_context(|| format!("tensor {}{rel} has shape {:?}, expected 1D", self.prefix, t.shape()))
     }
 
     pub fn matrix(&self, rel: &str) -> Result<Array2<f32>> {
         let t = self.get(rel)?;
-        t.clone().into_dimensionality().with_context(|| format!("tensor {}{rel} has shape {:?}, expected 2D", self.prefix, t.shape()))
+        t.clone()
+            .into_dimensionality()
+            .with_context(|| format!("tensor {}{rel} has shape {:?}, expected 2D", self.prefix, t.shape()))
     }
 
     /// The linear `module` (`self_attn.q_proj`): its `.weight` and, if present, `.bias`.

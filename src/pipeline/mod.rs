@@ -2,6 +2,7 @@
 //! save folder, stream the units, then write the metadata files.
 
 pub mod data_free;
+pub mod forward;
 pub mod load;
 pub mod memory;
 pub mod plan;
