@@ -29,6 +29,29 @@ enum Command {
     /// Print what `quant` would do (units, bytes, predicted peak memory, whether it fits) without
     /// writing anything. Works from a config.json alone. Exits non-zero when the run would not fit.
     Plan(QuantCli),
+    /// Run the float model layer by layer on the input_ids of a safetensors file and write every
+    /// text layer's input and output, the final norm's output and the logits, named as in
+    /// transformers reference files (`model.layers.0.in`, `final_norm.out`, `logits`).
+    Forward(ForwardCli),
+}
+
+#[derive(Args)]
+struct ForwardCli {
+    /// The checkpoint folder (config.json and *.safetensors).
+    #[arg(long = "model_path", alias = "model-path")]
+    model_path: PathBuf,
+    /// A safetensors file holding `input_ids` ([batch, seq] or [seq], integer).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model family; default: config.json's model_type.
+    #[arg(long = "model_type", alias = "model-type")]
+    model_type: Option<String>,
+    /// The compute device. Only cpu exists in this build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -89,6 +112,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Quant(q) => quant(&q),
         Command::Plan(q) => plan(&q),
+        Command::Forward(f) => forward(&f),
     };
     match result {
         Ok(code) => code,
@@ -124,4 +148,23 @@ fn plan(q: &QuantCli) -> anyhow::Result<i32> {
     args.save_path = None;
     let p = pipeline::prepare(&args)?;
     Ok(if pipeline::print_plan(&p) { 0 } else { 2 })
+}
+
+fn forward(f: &ForwardCli) -> anyhow::Result<i32> {
+    let s = pipeline::forward::run(&pipeline::forward::ForwardArgs {
+        model_path: f.model_path.clone(),
+        inputs: f.inputs.clone(),
+        out: f.out.clone(),
+        device: f.device.clone(),
+        model_type: f.model_type.clone(),
+    })?;
+    eprintln!(
+        "wrote {} tensors to {} ({} sequence(s), {} tokens) in {:.2} s",
+        s.tensors,
+        f.out.display(),
+        s.sequences,
+        s.tokens,
+        s.seconds
+    );
+    Ok(0)
 }

@@ -157,7 +157,10 @@ impl TextConfig {
                 num_experts,
                 top_k: c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?,
                 moe_intermediate_size: c.usize(&["moe_intermediate_size", "intermediate_size"])?,
-                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false),
+                // Qwen3-VL-MoE's router always renormalises its top-k (transformers'
+                // Qwen3VLMoeTextTopKRouter), whatever the config says.
+                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false)
+                    || c.str(&["model_type"]).is_some_and(|t| t.starts_with("qwen3_vl_moe")),
                 decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
                 mlp_only_layers: c.usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
                 shared_expert_intermediate_size: c.opt_usize(&["shared_expert_intermediate_size"])?,

@@ -4,6 +4,8 @@ pub mod config;
 pub mod layout;
 pub mod moe;
 pub mod nn;
+pub mod rope;
+pub mod text;
 pub mod vision;
 pub mod weights;
 

@@ -3,6 +3,7 @@
 
 pub mod activations;
 pub mod data_free;
+pub mod forward;
 pub mod load;
 pub mod memory;
 pub mod plan;

@@ -1,0 +1,300 @@
+//! Rotary position embeddings of the text decoders, as transformers computes them:
+//!
+//! - default RoPE (`rope_theta`, `head_dim`, `partial_rotary_factor`), with `rotate_half` (the
+//!   first and second halves of the rotated dims form the pairs);
+//! - Qwen2-VL / Qwen2.5-VL M-RoPE: each frequency takes its angle from the temporal, height or
+//!   width position id, the frequencies split into consecutive `mrope_section` blocks (t, h, w);
+//! - Qwen3-VL interleaved M-RoPE (`mrope_interleaved`): frequencies cycle t, h, w, t, h, w, ...
+//!   while each axis has sections left, the rest use t.
+//!
+//! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
+//! cos/sin tables every layer of that sequence shares.
+
+use super::config::RopeConfig;
+use anyhow::{bail, ensure, Result};
+use ndarray::Array2;
+
+/// Position ids of one sequence: one row (text) or three rows (M-RoPE temporal, height, width).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Positions {
+    /// `[1, seq]` or `[3, seq]`.
+    ids: Array2<i64>,
+}
+
+impl Positions {
+    /// `0, 1, …, seq-1`: text-only input. For an M-RoPE model all three axes use these ids.
+    pub fn sequential(seq: usize) -> Positions {
+        Positions { ids: Array2::from_shape_fn((1, seq), |(_, t)| t as i64) }
+    }
+
+    /// Explicit ids, `[1, seq]` or `[3, seq]` (Qwen VL `get_rope_index`, the fixtures' `lm.position_ids`).
+    pub fn from_ids(ids: Array2<i64>) -> Result<Positions> {
+        ensure!(
+            ids.nrows() == 1 || ids.nrows() == 3,
+            "position ids have {} rows; expected 1 or 3 (M-RoPE)",
+            ids.nrows()
+        );
+        Ok(Positions { ids })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.ncols()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ids(&self) -> &Array2<i64> {
+        &self.ids
+    }
+
+    /// The id of token `t` on `axis`; a single row serves every axis.
+    fn id(&self, axis: usize, t: usize) -> i64 {
+        self.ids[[if self.ids.nrows() == 1 { 0 } else { axis }, t]]
+    }
+}
+
+/// The rotary frequencies of a model and which position axis drives each of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    head_dim: usize,
+    /// `rotary_dim / 2` inverse frequencies (`theta^(-2i/rotary_dim)`), rounded to f32 as transformers stores them.
+    inv_freq: Vec<f32>,
+    /// For each frequency: 0 (temporal / text), 1 (height) or 2 (width).
+    axis: Vec<usize>,
+    /// Whether the model reads three position axes.
+    multimodal: bool,
+}
+
+impl Rope {
+    /// Refuses the rope types lamina does not implement (llama3, yarn, linear, dynamic, ...).
+    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
+        if !matches!(cfg.kind.as_str(), "default" | "mrope") {
+            bail!(
+                "config.json asks for rope type {:?}, which lamina's forward does not implement \
+                 (supported: default RoPE and the Qwen VL M-RoPE); data-free quantization does not need it",
+                cfg.kind
+            );
+        }
+        let rotary_dim = (head_dim as f64 * cfg.partial_rotary_factor) as usize;
+        ensure!(
+            rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+            "partial_rotary_factor {} of head_dim {head_dim} gives {rotary_dim} rotated dims; expected an even number in 2..={head_dim}",
+            cfg.partial_rotary_factor
+        );
+        ensure!(cfg.theta > 0.0 && cfg.theta.is_finite(), "rope_theta is {}, expected a positive number", cfg.theta);
+        let half = rotary_dim / 2;
+        let inv_freq = (0..half).map(|i| (1.0 / cfg.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+        let (axis, multimodal) = match &cfg.mrope_section {
+            None => (vec![0; half], false),
+            Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
+            Some(sections) => (sectioned_axes(sections, half)?, true),
+        };
+        Ok(Rope { head_dim, inv_freq, axis, multimodal })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn is_multimodal(&self) -> bool {
+        self.multimodal
+    }
+
+    /// The cos/sin tables of one sequence.
+    pub fn angles(&self, pos: &Positions) -> Result<RopeAngles> {
+        if pos.ids.nrows() == 3 && !self.multimodal {
+            bail!("three rows of position ids (M-RoPE) were given to a model without mrope_section in its config");
+        }
+        let (seq, half) = (pos.len(), self.inv_freq.len());
+        let mut cos = Array2::zeros((seq, half));
+        let mut sin = Array2::zeros((seq, half));
+        for t in 0..seq {
+            for j in 0..half {
+                // transformers multiplies in f32 (`inv_freq @ position_ids`), then takes cos and sin.
+                let angle = pos.id(self.axis[j], t) as f32 * self.inv_freq[j];
+                cos[[t, j]] = (angle as f64).cos() as f32;
+                sin[[t, j]] = (angle as f64).sin() as f32;
+            }
+        }
+        Ok(RopeAngles { cos, sin, head_dim: self.head_dim })
+    }
+}
+
+/// Qwen2-VL: `freq.split(mrope_section)`, block `i` takes axis `i % 3`.
+fn sectioned_axes(sections: &[usize], half: usize) -> Result<Vec<usize>> {
+    ensure!(
+        sections.iter().sum::<usize>() == half,
+        "mrope_section {sections:?} sums to {}, but the head has {half} rotary frequencies",
+        sections.iter().sum::<usize>()
+    );
+    Ok(sections.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat_n(i % 3, n)).collect())
+}
+
+/// Qwen3-VL: frequency `j` takes height if `j % 3 == 1` and `j < 3·sections[1]`, width if
+/// `j % 3 == 2` and `j < 3·sections[2]`, and the temporal axis otherwise.
+fn interleaved_axes(sections: &[usize], half: usize) -> Result<Vec<usize>> {
+    ensure!(sections.len() == 3, "interleaved mrope_section {sections:?} must have three entries (t, h, w)");
+    ensure!(
+        sections.iter().sum::<usize>() == half,
+        "mrope_section {sections:?} sums to {}, but the head has {half} rotary frequencies",
+        sections.iter().sum::<usize>()
+    );
+    Ok((0..half)
+        .map(|j| match j % 3 {
+            1 if j < 3 * sections[1] => 1,
+            2 if j < 3 * sections[2] => 2,
+            _ => 0,
+        })
+        .collect())
+}
+
+/// cos and sin of every token's angles: `[seq, rotary_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct RopeAngles {
+    cos: Array2<f32>,
+    sin: Array2<f32>,
+    head_dim: usize,
+}
+
+impl RopeAngles {
+    pub fn len(&self) -> usize {
+        self.cos.nrows()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Rotates one head's vector of token `t` in place: `x·cos + rotate_half(x)·sin` on the
+    /// rotated dims; dims past them (partial rotary) pass through.
+    pub fn rotate(&self, t: usize, x: &mut [f32]) {
+        let half = self.cos.ncols();
+        let (cos, sin) = (self.cos.row(t), self.sin.row(t));
+        for j in 0..half {
+            let (a, b) = (x[j], x[j + half]);
+            x[j] = a * cos[j] - b * sin[j];
+            x[j + half] = b * cos[j] + a * sin[j];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn cfg(theta: f64, kind: &str, section: Option<Vec<usize>>, interleaved: bool) -> RopeConfig {
+        RopeConfig {
+            theta,
+            kind: kind.into(),
+            mrope_section: section,
+            mrope_interleaved: interleaved,
+            partial_rotary_factor: 1.0,
+        }
+    }
+
+    fn close(a: f32, b: f64) -> bool {
+        (a as f64 - b).abs() <= 1e-6
+    }
+
+    #[test]
+    fn default_rope_rotates_halves_by_hand_computed_angles() {
+        // head_dim 4, theta 10000: inverse frequencies 1 and 10000^(-1/2) = 0.01.
+        let rope = Rope::new(&cfg(10000.0, "default", None, false), 4).unwrap();
+        let angles = rope.angles(&Positions::sequential(3)).unwrap();
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        angles.rotate(2, &mut x);
+        // Position 2: angles 2 and 0.02. cos 2 = -0.4161468365, sin 2 = 0.9092974268,
+        // cos 0.02 = 0.9998000067, sin 0.02 = 0.0199986667.
+        let (c0, s0, c1, s1) = (-0.4161468365, 0.9092974268, 0.9998000067, 0.0199986667);
+        let want = [1.0 * c0 - 3.0 * s0, 2.0 * c1 - 4.0 * s1, 3.0 * c0 + 1.0 * s0, 4.0 * c1 + 2.0 * s1];
+        for (a, b) in x.iter().zip(want) {
+            assert!(close(*a, b), "{x:?} vs {want:?}");
+        }
+        // Position 0 is the identity.
+        let mut y = [1.0f32, 2.0, 3.0, 4.0];
+        angles.rotate(0, &mut y);
+        assert_eq!(y, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn partial_rotary_leaves_the_tail_alone() {
+        let mut c = cfg(100.0, "default", None, false);
+        c.partial_rotary_factor = 0.5;
+        // head_dim 8, rotary_dim 4: inverse frequencies 1 and 100^(-1/2) = 0.1.
+        let rope = Rope::new(&c, 8).unwrap();
+        let angles = rope.angles(&Positions::sequential(2)).unwrap();
+        let mut x = [1.0f32, 0.0, 0.0, 1.0, 5.0, 6.0, 7.0, 8.0];
+        angles.rotate(1, &mut x);
+        // angle 1 for pair (0, 2), angle 0.1 for pair (1, 3).
+        let want = [0.5403023059, -0.0998334166, 0.8414709848, 0.9950041653, 5.0, 6.0, 7.0, 8.0];
+        for (a, b) in x.iter().zip(want) {
+            assert!(close(*a, b), "{x:?}");
+        }
+    }
+
+    #[test]
+    fn qwen2_vl_sections_are_consecutive_blocks() {
+        assert_eq!(sectioned_axes(&[2, 3, 3], 8).unwrap(), [0, 0, 1, 1, 1, 2, 2, 2]);
+        let real = sectioned_axes(&[16, 24, 24], 64).unwrap();
+        assert_eq!(real.iter().filter(|&&a| a == 0).count(), 16);
+        assert_eq!(real[15..17], [0, 1]);
+        assert_eq!(real[39..41], [1, 2]);
+        assert!(sectioned_axes(&[2, 3, 2], 8).is_err());
+    }
+
+    #[test]
+    fn qwen3_vl_sections_interleave() {
+        // transformers: H at slice(1, 9, 3) = 1, 4, 7; W at slice(2, 9, 3) = 2, 5 (8 is past the end).
+        assert_eq!(interleaved_axes(&[2, 3, 3], 8).unwrap(), [0, 1, 2, 0, 1, 2, 0, 1]);
+        // The released Qwen3-VL: [24, 20, 20] over 64 frequencies.
+        let real = interleaved_axes(&[24, 20, 20], 64).unwrap();
+        let count = |a| real.iter().filter(|&&x| x == a).count();
+        assert_eq!((count(0), count(1), count(2)), (24, 20, 20));
+        assert_eq!(real[57..64], [0, 1, 2, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn mrope_angles_follow_their_axis() {
+        // head_dim 6: three frequencies 1, 10^(-1/3), 10^(-2/3); sections [1, 1, 1] put t, h, w on them.
+        let rope = Rope::new(&cfg(10.0, "mrope", Some(vec![1, 1, 1]), false), 6).unwrap();
+        let pos = Positions::from_ids(array![[5], [7], [9]]).unwrap();
+        let a = rope.angles(&pos).unwrap();
+        let want = [5.0, 7.0 * 10f64.powf(-1.0 / 3.0), 9.0 * 10f64.powf(-2.0 / 3.0)];
+        for (j, angle) in want.iter().enumerate() {
+            assert!((a.cos[[0, j]] as f64 - angle.cos()).abs() < 1e-6);
+            assert!((a.sin[[0, j]] as f64 - angle.sin()).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn text_only_mrope_equals_default_rope() {
+        let plain = Rope::new(&cfg(5e6, "default", None, false), 16).unwrap();
+        for interleaved in [false, true] {
+            let m = Rope::new(&cfg(5e6, "default", Some(vec![2, 3, 3]), interleaved), 16).unwrap();
+            let seq = Positions::sequential(7);
+            let three = Positions::from_ids(Array2::from_shape_fn((3, 7), |(_, t)| t as i64)).unwrap();
+            let (a, b, c) = (plain.angles(&seq).unwrap(), m.angles(&seq).unwrap(), m.angles(&three).unwrap());
+            assert_eq!(a.cos, b.cos);
+            assert_eq!(a.sin, c.sin);
+        }
+    }
+
+    #[test]
+    fn unsupported_rope_types_are_refused() {
+        for kind in ["llama3", "yarn", "linear", "dynamic"] {
+            let e = Rope::new(&cfg(1e4, kind, None, false), 16).unwrap_err().to_string();
+            assert!(e.contains(kind), "{e}");
+        }
+        let plain = Rope::new(&cfg(1e4, "default", None, false), 16).unwrap();
+        let three = Positions::from_ids(Array2::zeros((3, 2))).unwrap();
+        assert!(plain.angles(&three).is_err());
+        assert!(Positions::from_ids(Array2::zeros((2, 2))).is_err());
+    }
+}
