@@ -9,6 +9,7 @@ pub mod observer;
 pub mod recipe;
 pub mod rtn;
 pub mod smooth;
+pub mod smooth_search;
 pub mod spec;
 #[cfg(test)]
 mod testutil;

@@ -7,6 +7,8 @@
 //!   per-tensor range follow from them. Feeds smoothing and min-max activation ranges.
 //! - [`Histogram`]: 2048 bins of every value, for the L2-optimal activation clip.
 //! - [`Hessian`]: `Σ xᵀx` over tokens, for GPTQ (`H = 2/n Σ xᵀx`).
+//! - [`TokenSample`]: a uniform random sample of rows, for searches that score candidates on real
+//!   activations (`smooth_search`).
 //!
 //! Histogram ranges, the two-pass scheme: a histogram should be created with the exact range of
 //! the values it will see, [`Histogram::with_range`], taken from a [`ChannelStats`] of the same
@@ -344,6 +346,63 @@ impl Hessian {
     }
 }
 
+/// A uniform sample of at most `capacity` rows of a linear's input over all batches (reservoir
+/// sampling with a fixed seed, so runs are reproducible). Not mergeable: keep one per input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSample {
+    channels: usize,
+    capacity: usize,
+    rows: Vec<f32>,
+    seen: u64,
+    state: u64,
+}
+
+impl TokenSample {
+    pub fn new(channels: usize, capacity: usize) -> TokenSample {
+        TokenSample { channels, capacity, rows: Vec::new(), seen: 0, state: 0x853C_49E6_748F_EA9B }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // SplitMix64.
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn update(&mut self, x: ArrayView2<f32>) {
+        assert_eq!(x.ncols(), self.channels, "TokenSample::update: channel count differs");
+        for row in x.rows() {
+            self.seen += 1;
+            let slot = if self.rows.len() < self.capacity * self.channels {
+                self.rows.len() / self.channels
+            } else {
+                // Algorithm R: keep the new row with probability capacity / seen.
+                let k = (self.next_random() % self.seen) as usize;
+                if k >= self.capacity {
+                    continue;
+                }
+                k
+            };
+            let at = slot * self.channels;
+            if at == self.rows.len() {
+                self.rows.extend(row.iter());
+            } else {
+                for (d, &v) in self.rows[at..at + self.channels].iter_mut().zip(row.iter()) {
+                    *d = v;
+                }
+            }
+        }
+    }
+
+    /// The sampled rows, `[min(capacity, seen), channels]`.
+    pub fn rows(&self) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape((self.rows.len() / self.channels.max(1), self.channels), &self.rows)
+            .expect("rows are whole")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,6 +557,26 @@ mod tests {
         for (p, q) in m.iter().zip(h.iter()) {
             assert!((p - q).abs() <= 1e-5 * q.abs().max(1.0));
         }
+    }
+
+    #[test]
+    fn token_sample_keeps_real_rows_spread_over_all_batches() {
+        // Row t holds the value t in every channel, so each kept row says where it came from.
+        let mut s = TokenSample::new(3, 50);
+        for b in 0..20 {
+            let x = Array2::from_shape_fn((100, 3), |(t, _)| (b * 100 + t) as f32);
+            s.update(x.view());
+        }
+        let rows = s.rows();
+        assert_eq!(rows.dim(), (50, 3));
+        for r in rows.rows() {
+            assert!(r.iter().all(|&v| v == r[0]), "a sampled row is a whole input row");
+        }
+        let late = rows.column(0).iter().filter(|&&v| v >= 1000.0).count();
+        assert!((15..=35).contains(&late), "{late} of 50 from the second half");
+        let mut small = TokenSample::new(2, 10);
+        small.update(Array2::<f32>::ones((4, 2)).view());
+        assert_eq!(small.rows().dim(), (4, 2));
     }
 
     #[test]

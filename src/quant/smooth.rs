@@ -91,7 +91,6 @@ pub fn smooth_norm_linears(
     cfg: &SmoothConfig,
 ) -> Result<SmoothReport> {
     let n = norm_weight.len();
-    check_stats(stats, n, "the norm's output")?;
     ensure!(!linears.is_empty(), "smoothing a norm needs at least one linear reading it");
     if let Some(b) = norm_bias {
         ensure!(b.len() == n, "norm bias has {} entries, its weight {n}", b.len());
@@ -99,13 +98,8 @@ pub fn smooth_norm_linears(
     for (i, l) in linears.iter().enumerate() {
         ensure!(l.in_features() == n, "linear {i} reads {} channels, the norm has {n}", l.in_features());
     }
-    let shift = cfg.shift.then(|| stats.shift());
-    let act = if cfg.shift { stats.half_range() } else { stats.absmax() };
-    let mut wmax = vec![0f32; n];
-    for l in linears.iter() {
-        column_absmax_into(l, &mut wmax);
-    }
-    let scales = smooth_scales(&act, &wmax, cfg)?;
+    let consumers: Vec<&Linear> = linears.iter().map(|l| &**l).collect();
+    let ConsumerMap { shift, scales } = consumer_map(Subgraph::NormLinear, &consumers, stats, cfg)?;
 
     let mut biases_added = Vec::new();
     let mut norm_bias_added = false;
@@ -153,10 +147,7 @@ pub fn smooth_linear_linear(
 ) -> Result<SmoothReport> {
     let n = next.in_features();
     ensure!(prev.out_features() == n, "the first linear writes {} channels, the second reads {n}", prev.out_features());
-    check_stats(stats, n, "the second linear's input")?;
-    let mut wmax = vec![0f32; n];
-    column_absmax_into(next, &mut wmax);
-    let scales = smooth_scales(&stats.absmax(), &wmax, cfg)?;
+    let ConsumerMap { scales, .. } = consumer_map(Subgraph::LinearLinear, &[next], stats, cfg)?;
     divide_rows(prev, &scales);
     scale_columns(next, &scales);
     Ok(report(stats, scales, None, false, Vec::new()))
@@ -185,35 +176,75 @@ pub fn smooth_ov(
     heads: Heads,
     cfg: &SmoothConfig,
 ) -> Result<SmoothReport> {
-    let Heads { num_heads, num_kv_heads } = heads;
-    ensure!(num_heads > 0 && num_kv_heads > 0, "head counts must be positive");
-    if num_heads % num_kv_heads != 0 {
-        bail!("{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads");
-    }
-    let width = o.in_features();
-    ensure!(width % num_heads == 0, "o_proj reads {width} channels, not a multiple of {num_heads} heads");
-    let head_dim = width / num_heads;
+    let ConsumerMap { scales, .. } = consumer_map(Subgraph::Ov(heads), &[o], stats, cfg)?;
+    let (head_dim, ratio) = (o.in_features() / heads.num_heads, heads.num_heads / heads.num_kv_heads);
     ensure!(
-        v.out_features() == num_kv_heads * head_dim,
-        "v_proj writes {} channels, expected {num_kv_heads} kv heads × head_dim {head_dim}",
-        v.out_features()
+        v.out_features() == heads.num_kv_heads * head_dim,
+        "v_proj writes {} channels, expected {} kv heads × head_dim {head_dim}",
+        v.out_features(),
+        heads.num_kv_heads
     );
-    check_stats(stats, width, "o_proj's input")?;
-    let ratio = num_heads / num_kv_heads;
-    let mut wmax = vec![0f32; width];
-    column_absmax_into(o, &mut wmax);
-    let per_q = smooth_scales(&stats.absmax(), &wmax, cfg)?;
-
-    let mut kv_scales = vec![0f32; num_kv_heads * head_dim];
-    for h in 0..num_heads {
-        for i in 0..head_dim {
-            kv_scales[(h / ratio) * head_dim + i] += per_q[h * head_dim + i] / ratio as f32;
-        }
-    }
-    let o_scales: Vec<f32> = (0..width).map(|c| kv_scales[(c / head_dim / ratio) * head_dim + c % head_dim]).collect();
+    // v's channel g·d + i is o's channel h·d + i for the group's first query head h = g·ratio.
+    let kv_scales: Vec<f32> =
+        (0..v.out_features()).map(|c| scales[(c / head_dim) * ratio * head_dim + c % head_dim]).collect();
     divide_rows(v, &kv_scales);
-    scale_columns(o, &o_scales);
-    Ok(report(stats, o_scales, None, false, Vec::new()))
+    scale_columns(o, &scales);
+    Ok(report(stats, scales, None, false, Vec::new()))
+}
+
+/// Which kind of subgraph a smoothing folds into: decides whether a shift applies and how the
+/// scales are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subgraph {
+    NormLinear,
+    LinearLinear,
+    Ov(Heads),
+}
+
+/// The consumer-side input map `x'_j = (x_j - shift_j) / scales_j` of a smoothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerMap {
+    pub shift: Option<Vec<f32>>,
+    pub scales: Vec<f32>,
+}
+
+/// The map a smoothing of `kind` with `cfg` applies to the input of `consumers` (the linears
+/// reading the smoothed activations: q/k/v, gate/up, down, or o), from their weights and their
+/// input statistics. A shift applies to norm-linear subgraphs only.
+pub fn consumer_map(
+    kind: Subgraph,
+    consumers: &[&Linear],
+    stats: &ChannelStats,
+    cfg: &SmoothConfig,
+) -> Result<ConsumerMap> {
+    ensure!(!consumers.is_empty(), "a smoothing needs at least one linear reading the smoothed activations");
+    let n = consumers[0].in_features();
+    for (i, l) in consumers.iter().enumerate() {
+        ensure!(l.in_features() == n, "linear {i} reads {} channels, linear 0 reads {n}", l.in_features());
+    }
+    check_stats(stats, n, "the smoothed activations")?;
+    let shift = (cfg.shift && kind == Subgraph::NormLinear).then(|| stats.shift());
+    let act = if shift.is_some() { stats.half_range() } else { stats.absmax() };
+    let mut wmax = vec![0f32; n];
+    for l in consumers {
+        column_absmax_into(l, &mut wmax);
+    }
+    let mut scales = smooth_scales(&act, &wmax, cfg)?;
+    if let Subgraph::Ov(Heads { num_heads, num_kv_heads }) = kind {
+        ensure!(num_heads > 0 && num_kv_heads > 0, "head counts must be positive");
+        if num_heads % num_kv_heads != 0 {
+            bail!("{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads");
+        }
+        ensure!(n % num_heads == 0, "o_proj reads {n} channels, not a multiple of {num_heads} heads");
+        let (head_dim, ratio) = (n / num_heads, num_heads / num_kv_heads);
+        // Average over the query heads sharing a kv head, then give every query head its group's scale.
+        let mut kv = vec![0f32; num_kv_heads * head_dim];
+        for (c, &s) in scales.iter().enumerate() {
+            kv[(c / head_dim / ratio) * head_dim + c % head_dim] += s / ratio as f32;
+        }
+        scales = (0..n).map(|c| kv[(c / head_dim / ratio) * head_dim + c % head_dim]).collect();
+    }
+    Ok(ConsumerMap { shift, scales })
 }
 
 /// `s_j = max(a_j^α / max(w_j, 1e-5)^(1-α), scale_min)`, 1 where `a_j = 0`.
