@@ -13,6 +13,12 @@ pub trait Device: Send + Sync {
     fn linear(&self, x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
         self.matmul(x, w.t())
     }
+    /// Adds `xᵀ·x` for `x [tokens, n]` into the row-major `acc [n, n]` (GPTQ's Hessian). Only the
+    /// lower triangle (row ≥ column) is guaranteed: the product is symmetric, so a backend may
+    /// compute half of it.
+    fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
+        *acc += &self.matmul(x.t(), x);
+    }
 }
 
 /// The CPU, with faer's multithreaded GEMM (measured here at about twice ndarray's own).
@@ -45,6 +51,32 @@ impl Device for Cpu {
         }
         c
     }
+
+    fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
+        let (t, n) = x.dim();
+        assert_eq!(acc.dim(), (n, n), "add_gram_lower: accumulator is not {n}x{n}");
+        assert!(acc.is_standard_layout(), "add_gram_lower: accumulator must be row-major");
+        if t == 0 || n == 0 {
+            return;
+        }
+        let sx = x.strides();
+        // SAFETY: as in `matmul`; `acc` is uniquely borrowed, row-major and n × n.
+        unsafe {
+            let fx = faer::MatRef::from_raw_parts(x.as_ptr(), t, n, sx[0], sx[1]);
+            let fc = faer::MatMut::from_raw_parts_mut(acc.as_mut_ptr(), n, n, n as isize, 1isize);
+            faer::linalg::matmul::triangular::matmul(
+                fc,
+                faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+                faer::Accum::Add,
+                fx.transpose(),
+                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+                fx,
+                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+                1.0f32,
+                faer::Par::rayon(0),
+            );
+        }
+    }
 }
 
 /// The device named by `--device`.
@@ -72,6 +104,19 @@ mod tests {
         assert_eq!(y, naive);
         let y2 = Cpu.matmul(a.t(), a.view());
         assert_eq!(y2, a.t().dot(&a));
+    }
+
+    #[test]
+    fn gram_lower_triangle_accumulates() {
+        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
+        let mut acc = Array2::<f32>::ones((3, 3));
+        Cpu.add_gram_lower(&mut acc, x.view());
+        let want = x.t().dot(&x) + 1.0;
+        for i in 0..3 {
+            for j in 0..=i {
+                assert_eq!(acc[(i, j)], want[(i, j)]);
+            }
+        }
     }
 
     #[test]

@@ -1,10 +1,18 @@
-//! Quantization: what a linear becomes (`spec`), the recipes that decide it (`recipe`), and the
-//! rounding algorithms (`rtn`).
+//! Quantization: what a linear becomes (`spec`), the recipes that decide it (`recipe`), the
+//! rounding algorithms (`rtn`, `gptq`), and calibration: statistics at each linear's input
+//! (`observer`), activation ranges (`act_range`) and outlier suppression (`smooth`).
 
+pub mod act_range;
 pub mod glob;
+pub mod gptq;
+pub mod observer;
 pub mod recipe;
 pub mod rtn;
+pub mod smooth;
+pub mod smooth_search;
 pub mod spec;
+#[cfg(test)]
+mod testutil;
 
 pub use recipe::Recipe;
 pub use rtn::QuantizedWeight;
