@@ -38,13 +38,16 @@ fn ids_file(dir: &Path, shape: &[usize], ids: &[i64]) -> PathBuf {
 /// max |ours - ref| / max |ref|.
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.shape, reference.shape);
+    if !reference.dtype.is_float() {
+        return if ours.to_i64().unwrap() == reference.to_i64().unwrap() { 0.0 } else { f32::INFINITY };
+    }
     let (a, b) = (ours.to_f32().unwrap(), reference.to_f32().unwrap());
     let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / b.iter().fold(0f32, |m, y| m.max(y.abs()))
 }
 
-/// Runs the binary on a text fixture's own reference file (which holds its input_ids) and checks
-/// every activation the reference holds.
+/// Runs the binary on a fixture's own reference file (which holds its input_ids, and for VL
+/// fixtures pixel_values and image_grid_thw) and checks every activation the reference holds.
 fn matches_reference(name: &str) {
     let dir = scratch(name);
     let reference_path = fixture(name).join("reference.safetensors");
@@ -55,7 +58,7 @@ fn matches_reference(name: &str) {
     let reference = load_all(&reference_path).unwrap();
     let mut checked = 0;
     for (key, want) in &reference {
-        if key == "input_ids" {
+        if ["input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"].contains(&key.as_str()) {
             continue;
         }
         let got = ours.get(key).unwrap_or_else(|| panic!("{name}: the output lacks {key}"));
@@ -64,8 +67,8 @@ fn matches_reference(name: &str) {
         eprintln!("{name} {key}: {e:.2e}");
         checked += 1;
     }
-    // Two layers × in/out, final norm, logits.
-    assert_eq!(checked, 6, "{name}");
+    // At least the text layers' in/out, final norm and logits.
+    assert!(checked >= 4, "{name}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -87,6 +90,13 @@ fn qwen3_matches_transformers() {
 #[test]
 fn qwen3_moe_matches_transformers() {
     matches_reference("qwen3_moe");
+}
+
+#[test]
+fn vision_language_models_match_transformers_from_pixels() {
+    for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "qwen3_vl_realvocab"] {
+        matches_reference(name);
+    }
 }
 
 #[test]

@@ -121,7 +121,10 @@ impl Snapshot {
         for (name, e) in &index {
             let end = e.offset + (e.shape.iter().product::<usize>() * e.dtype.size()) as u64;
             if end > map.len() as u64 {
-                bail!("{}: {name} lies past the end of the file; remove the save folder or pass --overwrite", path.display());
+                bail!(
+                    "{}: {name} lies past the end of the file; remove the save folder or pass --overwrite",
+                    path.display()
+                );
             }
         }
         Ok(Snapshot { inner: Inner::Mapped { map, index, path: path.to_path_buf() } })
@@ -144,7 +147,8 @@ impl Snapshot {
         match &self.inner {
             Inner::Memory(m) => m.get(name).cloned().with_context(|| format!("activation {name} is missing")),
             Inner::Mapped { map, index, path } => {
-                let e = index.get(name).with_context(|| format!("activation {name} is missing from {}", path.display()))?;
+                let e =
+                    index.get(name).with_context(|| format!("activation {name} is missing from {}", path.display()))?;
                 let len = e.shape.iter().product::<usize>() * e.dtype.size();
                 let (s, end) = (e.offset as usize, e.offset as usize + len);
                 let t = Tensor::from_bytes(e.dtype, &e.shape, map[s..end].to_vec());

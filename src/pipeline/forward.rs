@@ -15,11 +15,14 @@ use crate::model::layout::UnitKind;
 use crate::model::nn::Plain;
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::text::{embed, DecoderLayer, ForwardOptions, Head};
+use crate::model::vision::mrope::RopeIndex;
+use crate::model::vision::splice::{image_positions, image_token_id, splice_image_embeds};
+use crate::model::vision::{self, VisionInput, VisionOutput, VisionTower};
 use crate::model::weights::Weights;
 use crate::model::{build_units, Model, Unit};
 use crate::tensor::{Tensor, TensorMeta};
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::Array2;
+use ndarray::{s, Array2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -140,8 +143,9 @@ pub fn run(args: &ForwardArgs) -> Result<ForwardSummary> {
     let inputs =
         load_all(&args.inputs).with_context(|| format!("reading the inputs file {}", args.inputs.display()))?;
     let batch = input_ids(&inputs, &args.inputs)?;
-    let seqs = decoder_inputs(&fm, &inputs, &args.inputs, &batch)?;
-    let outputs = forward(&fm, device.as_ref(), seqs)?;
+    let mut outputs = Vec::new();
+    let seqs = decoder_inputs(&fm, device.as_ref(), &inputs, &args.inputs, &batch, &mut outputs)?;
+    outputs.extend(forward(&fm, device.as_ref(), seqs)?);
     let tensors = outputs.len();
     save(&args.out, &outputs).with_context(|| format!("writing {}", args.out.display()))?;
     Ok(ForwardSummary {
@@ -173,43 +177,152 @@ fn input_ids(inputs: &BTreeMap<String, Tensor>, file: &Path) -> Result<Vec<Vec<i
     Ok(ids.chunks(s).map(|c| c.to_vec()).collect())
 }
 
-/// Embeds each sequence and gives it its positions. The vision tower plugs in here: it turns
-/// `pixel_values` (and `image_grid_thw`) into image features spliced at the image tokens, M-RoPE
-/// ids from `get_rope_index`, and deepstack injections.
+/// Embeds each sequence and gives it its positions. With `pixel_values` the vision tower runs
+/// first, block by block: its features are spliced at the image tokens, M-RoPE ids come from
+/// `get_rope_index`, and Qwen3-VL's deepstack features become injections after early layers.
+/// The tower's activations are added to `outputs` under the reference names.
 fn decoder_inputs(
     fm: &FloatModel,
+    device: &dyn Device,
     inputs: &BTreeMap<String, Tensor>,
     file: &Path,
     batch: &[Vec<i64>],
+    outputs: &mut Vec<(String, Tensor)>,
 ) -> Result<Vec<DecoderInput>> {
-    if inputs.contains_key("pixel_values") {
-        bail!(
-            "{} holds pixel_values, but this build of lamina has no vision forward yet; \
-             give input_ids of a text-only prompt",
-            file.display()
-        );
-    }
+    let vision = match inputs.get("pixel_values") {
+        None => None,
+        Some(pv) => {
+            ensure!(
+                fm.model.family.is_vision_language(),
+                "{} holds pixel_values but the model has no vision tower",
+                file.display()
+            );
+            let input = VisionInput::from_tensors(pv, inputs.get("image_grid_thw"))
+                .with_context(|| format!("reading the images of {}", file.display()))?;
+            Some((vision_forward(fm, device, &input, outputs)?, input.image_grid_thw))
+        }
+    };
     let config = &fm.ckpt.config;
     let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "video_token_id"]
         .iter()
         .filter_map(|k| config.get(*k).and_then(|v| v.as_i64()))
         .collect();
     let table = fm.embedding_table()?;
+    let rope_index = match (&vision, fm.model.layout.vision_kind) {
+        (Some(_), Some(kind)) if kind != crate::model::layout::VisionKind::Clip => {
+            Some(RopeIndex::from_model(&fm.model)?)
+        }
+        _ => None,
+    };
+    let (mut feature_row, mut grid) = (0usize, 0usize);
     let mut seqs = Vec::with_capacity(batch.len());
     for (b, ids) in batch.iter().enumerate() {
-        if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
-            bail!(
-                "input_ids of sequence {b} in {} holds the image token {} at position {t} but the file has no pixel_values",
-                file.display(),
-                ids[t]
-            );
-        }
-        let embeds = embed(table.view(), ids)
+        let mut embeds = embed(table.view(), ids)
             .with_context(|| format!("tensor input_ids of sequence {b} in {}", file.display()))?;
-        seqs.push(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] });
+        let Some((features, grids)) = &vision else {
+            if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
+                bail!(
+                    "input_ids of sequence {b} in {} holds the image token {} at position {t} but the file has no pixel_values",
+                    file.display(),
+                    ids[t]
+                );
+            }
+            seqs.push(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] });
+            continue;
+        };
+        // This sequence's share of the image features, in order.
+        let token = image_token_id(config)?;
+        let n = image_positions(ids, token).len();
+        ensure!(
+            feature_row + n <= features.embeds.nrows(),
+            "input_ids in {} hold more image tokens than the images give features",
+            file.display()
+        );
+        let rows = feature_row..feature_row + n;
+        let positions_of_images =
+            splice_image_embeds(&mut embeds, ids, token, features.embeds.slice(s![rows.clone(), ..]))
+                .with_context(|| format!("sequence {b} in {}", file.display()))?;
+        let positions = match &rope_index {
+            Some(ri) => {
+                let merge = ri.spatial_merge_size * ri.spatial_merge_size;
+                let mut take = 0;
+                let first = grid;
+                while take < n && grid < grids.len() {
+                    take += grids[grid].iter().product::<usize>() / merge;
+                    grid += 1;
+                }
+                let (ids3, _) = ri.get_rope_index(ids, &grids[first..grid], &[], &[])?;
+                Positions::from_ids(ids3)?
+            }
+            None => Positions::sequential(ids.len()),
+        };
+        let injections = features
+            .deepstack
+            .iter()
+            .enumerate()
+            .map(|(k, d)| Injection {
+                after_layer: k,
+                rows: positions_of_images.clone(),
+                values: d.slice(s![rows.clone(), ..]).to_owned(),
+            })
+            .collect();
+        feature_row += n;
+        seqs.push(DecoderInput { embeds, positions, injections });
+    }
+    if let Some((features, _)) = &vision {
+        ensure!(
+            feature_row == features.embeds.nrows(),
+            "the images of {} give {} features but input_ids hold {feature_row} image tokens",
+            file.display(),
+            features.embeds.nrows()
+        );
     }
     fm.release(UnitKind::Embed);
     Ok(seqs)
+}
+
+/// The vision tower, one unit at a time, recording every block's input and output.
+fn vision_forward(
+    fm: &FloatModel,
+    device: &dyn Device,
+    input: &VisionInput,
+    outputs: &mut Vec<(String, Tensor)>,
+) -> Result<VisionOutput> {
+    let layout = &fm.model.layout;
+    let tower = VisionTower::from_model(&fm.model)?;
+    let load = |kind: UnitKind| -> Result<Weights> {
+        let w = match fm.units.iter().find(|u| u.kind == kind) {
+            Some(u) => vision::load_unit(&fm.ckpt, layout, u)?,
+            None => Weights { prefix: layout.unit_prefix(kind), ..Weights::default() },
+        };
+        fm.release(kind);
+        Ok(w)
+    };
+    // CLIP states are `[images · tokens, dim]`; the reference keeps the image axis.
+    let images = if matches!(tower, VisionTower::Clip(_)) { input.pixel_values.shape()[0] } else { 1 };
+    let as_tensor = |h: &Array2<f32>| {
+        let (rows, dim) = h.dim();
+        let shape: Vec<usize> = if images > 1 || matches!(tower, VisionTower::Clip(_)) {
+            vec![images, rows / images, dim]
+        } else {
+            vec![rows, dim]
+        };
+        Tensor::from_f32(&shape, h.as_slice().expect("hidden states are contiguous"))
+    };
+    let mut state = tower.embed(device, &load(UnitKind::VisionPre)?, input)?;
+    for i in 0..tower.depth() {
+        let name = layout.vision_block(i).unwrap_or_default();
+        outputs.push((format!("{name}.in"), as_tensor(&state.hidden)));
+        tower.block(device, i, &load(UnitKind::VisionBlock(i))?, &mut state, &mut Plain)?;
+        outputs.push((format!("{name}.out"), as_tensor(&state.hidden)));
+    }
+    let out = tower.finish(device, &load(UnitKind::VisionPost)?, state, &mut Plain)?;
+    let flat = |a: &Array2<f32>| Tensor::from_f32(&[a.nrows(), a.ncols()], &a.iter().copied().collect::<Vec<_>>());
+    outputs.push(("visual.out".to_string(), flat(&out.embeds)));
+    for (k, d) in out.deepstack.iter().enumerate() {
+        outputs.push((format!("visual.deepstack.{k}"), flat(d)));
+    }
+    Ok(out)
 }
 
 /// Runs the text decoder layer by layer over every sequence; returns the named outputs.
