@@ -33,11 +33,28 @@ pub struct ForwardOptions {
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub index: usize,
-    input_layernorm: Array1<f32>,
-    post_attention_layernorm: Array1<f32>,
+    input_layernorm: Norm,
+    post_attention_layernorm: Norm,
     attn: Attention,
     mlp: Mlp,
     eps: f32,
+}
+
+/// An RMSNorm, with the bias that outlier suppression (m2) may fold into it.
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Array1<f32>,
+    bias: Option<Array1<f32>>,
+}
+
+impl Norm {
+    fn forward(&self, x: ArrayView2<f32>, eps: f32) -> Array2<f32> {
+        let mut y = rms_norm(x, self.weight.view(), eps);
+        if let Some(b) = &self.bias {
+            y += &b.view().insert_axis(Axis(0));
+        }
+        y
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -130,8 +147,8 @@ impl DecoderLayer {
         };
         let layer = DecoderLayer {
             index,
-            input_layernorm: w.vector("input_layernorm.weight", hidden)?,
-            post_attention_layernorm: w.vector("post_attention_layernorm.weight", hidden)?,
+            input_layernorm: w.norm("input_layernorm", hidden)?,
+            post_attention_layernorm: w.norm("post_attention_layernorm", hidden)?,
             attn,
             mlp,
             eps: cfg.rms_norm_eps as f32,
@@ -149,7 +166,7 @@ impl DecoderLayer {
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
+        let hidden = self.input_layernorm.weight.len();
         ensure!(
             x.ncols() == hidden,
             "layer {} got hidden states of width {}, expected {hidden}",
@@ -165,11 +182,11 @@ impl DecoderLayer {
             x.nrows(),
             self.attn.head_dim
         );
-        let h = rms_norm(x, self.input_layernorm.view(), self.eps);
+        let h = self.input_layernorm.forward(x, self.eps);
         let mut out = self.attn.forward(device, h.view(), rope, hook)?;
         ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
         out += &x;
-        let h = rms_norm(out.view(), self.post_attention_layernorm.view(), self.eps);
+        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
         let m = match &self.mlp {
             Mlp::Dense(mlp) => mlp.forward(device, h.view(), hook)?,
             Mlp::Moe(moe) => moe.forward(device, h.view(), hook, opts)?,
@@ -447,6 +464,10 @@ impl Take {
         let v = self.tensor(name)?;
         ensure!(v.shape() == [len], "tensor {}{name} has shape {:?}, expected [{len}]", self.weights.prefix, v.shape());
         Ok(v.into_dimensionality()?)
+    }
+
+    fn norm(&mut self, module: &str, len: usize) -> Result<Norm> {
+        Ok(Norm { weight: self.vector(&format!("{module}.weight"), len)?, bias: self.optional_vector(&format!("{module}.bias"), len)? })
     }
 
     fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Array1<f32>>> {

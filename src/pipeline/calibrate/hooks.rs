@@ -1,0 +1,151 @@
+//! The two ways calibration computes a layer's linears: observing their inputs on the float
+//! weights ([`Observe`]), and running them as the quantized model will ([`Simulate`]).
+
+use super::smoothing::input_group;
+use crate::device::Device;
+use crate::model::nn::{Linear, LinearHook};
+use crate::quant::observer::{ChannelStats, Hessian, Histogram};
+use crate::quant::{act_range, ActRange};
+use ndarray::{Array2, ArrayView2, Zip};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Collects statistics of every linear's input, once per distinct input (q/k/v share one).
+#[derive(Default)]
+pub struct Observe {
+    pub stats: BTreeMap<String, ChannelStats>,
+    /// Inputs whose Hessian GPTQ needs.
+    pub hessian_groups: BTreeSet<String>,
+    pub hessians: BTreeMap<String, Hessian>,
+    /// When set, only these histograms are filled (the second pass, on the smoothed layer).
+    pub histograms: Option<BTreeMap<String, Histogram>>,
+    seen: BTreeSet<String>,
+}
+
+impl Observe {
+    /// Call between sequences: each input is observed once per sequence.
+    pub fn next_sequence(&mut self) {
+        self.seen.clear();
+    }
+}
+
+impl LinearHook for Observe {
+    fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        let group = input_group(name);
+        if self.seen.insert(group.clone()) {
+            match &mut self.histograms {
+                Some(hs) => {
+                    if let Some(h) = hs.get_mut(&group) {
+                        h.update(x);
+                    }
+                }
+                None => {
+                    self.stats.entry(group.clone()).or_insert_with(|| ChannelStats::new(x.ncols())).update(x);
+                    if self.hessian_groups.contains(&group) {
+                        self.hessians.entry(group).or_insert_with(|| Hessian::new(x.ncols())).update(device, x);
+                    }
+                }
+            }
+        }
+        layer.forward(device, x)
+    }
+}
+
+/// How a quantized linear's input is quantized at inference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActSim {
+    /// Weight-only schemes.
+    None,
+    /// int8 per token, symmetric, scale `max|x_t| / 127`.
+    PerToken,
+    /// int8 per tensor with a calibrated scale and offset.
+    Static(ActRange),
+}
+
+impl ActSim {
+    /// The activations as the quantized kernel sees them.
+    pub fn apply(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        match *self {
+            ActSim::None => x.to_owned(),
+            ActSim::Static(r) => x.mapv(|v| act_range::dequantize(act_range::quantize(v, r), r)),
+            ActSim::PerToken => {
+                let mut out = x.to_owned();
+                for mut row in out.rows_mut() {
+                    let absmax = row.fold(0f32, |m, v| m.max(v.abs()));
+                    if absmax > 0.0 {
+                        let s = absmax / 127.0;
+                        row.mapv_inplace(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) * s);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// A linear as the quantized model computes it: dequantized weights and simulated activations.
+#[derive(Debug, Clone)]
+pub struct SimLinear {
+    pub linear: Linear,
+    pub act: ActSim,
+}
+
+/// Runs the named linears as quantized, the others in float.
+#[derive(Default)]
+pub struct Simulate {
+    pub linears: BTreeMap<String, SimLinear>,
+}
+
+impl LinearHook for Simulate {
+    fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        match self.linears.get(name) {
+            Some(s) => {
+                let xq = s.act.apply(x);
+                s.linear.forward(device, xq.view())
+            }
+            None => layer.forward(device, x),
+        }
+    }
+}
+
+/// `q · scale` per row and group, as a float matrix.
+pub fn dequantize_weight(w: &crate::quant::QuantizedWeight) -> Array2<f32> {
+    let g = w.groups();
+    let mut out = Array2::<f32>::zeros((w.rows, w.cols));
+    Zip::indexed(&mut out).for_each(|(r, c), v| *v = w.q[r * w.cols + c] as f32 * w.scale[r * g + c / w.group]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+    use ndarray::array;
+
+    #[test]
+    fn shared_inputs_are_observed_once_per_sequence() {
+        let l = Linear { weight: array![[1.0f32, 0.0], [0.0, 1.0]], bias: None };
+        let x = array![[1.0f32, -2.0], [3.0, 0.5]];
+        let mut o = Observe::default();
+        o.hessian_groups.insert("self_attn.q_proj".into());
+        for name in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+            o.linear(&Cpu, name, &l, x.view());
+        }
+        o.next_sequence();
+        o.linear(&Cpu, "self_attn.k_proj", &l, x.view());
+        let s = &o.stats["self_attn.q_proj"];
+        assert_eq!(s.tensor_range(), Some((-2.0, 3.0)));
+        assert_eq!(o.hessians["self_attn.q_proj"].tokens(), 4);
+        assert_eq!(o.stats.len(), 1);
+    }
+
+    #[test]
+    fn per_token_simulation_rounds_each_row_to_its_own_grid() {
+        let x = array![[127.0f32, 1.4, -0.6], [0.0, 0.0, 0.0]];
+        let y = ActSim::PerToken.apply(x.view());
+        assert_eq!(y, array![[127.0, 1.0, -1.0], [0.0, 0.0, 0.0]]);
+        let r = act_range::minmax_range(-1.0, 1.0, false);
+        let y = ActSim::Static(r).apply(array![[0.5f32, 7.0]].view());
+        assert!((y[[0, 0]] - 0.5).abs() <= r.scale / 2.0 + 1e-6);
+        assert!(y[[0, 1]] <= 1.0 + r.scale);
+    }
+}
