@@ -175,3 +175,48 @@ fn files_without_hidden(
 ) -> std::collections::BTreeMap<String, Vec<u8>> {
     s.iter().filter(|(k, _)| !k.starts_with('.')).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
+
+/// Drops the journal's last line if it is the completion record.
+fn forget_completion(save: &Path) {
+    let path = save.join(".lamina-journal.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.contains("\"event\":\"complete\"")).collect();
+    std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn stopped_while_publishing_resumes_and_a_changed_shard_is_caught() {
+    let tmp = TempDir::new("publish");
+    let model = fixture("qwen3_vl_moe");
+    let save = tmp.join("out");
+    quant(&model, &save, "w8a16", &["--part_file_size", PART], &[]).assert_ok();
+    let want = snapshot(&save, false);
+    let shards: Vec<String> = want.keys().filter(|k| k.starts_with("quant_model_weights-")).cloned().collect();
+    assert!(shards.len() > 2);
+
+    // As if stopped in the middle of publishing: one shard renamed back to its hidden name, the
+    // description and index not yet written, no completion recorded.
+    forget_completion(&save);
+    let hidden = save.join(format!(".{}.partial", shards[1]));
+    std::fs::rename(save.join(&shards[1]), &hidden).unwrap();
+    std::fs::remove_file(save.join("quant_model_description.json")).unwrap();
+    std::fs::remove_file(save.join("quant_model_weights.safetensors.index.json")).unwrap();
+    let r = quant(&model, &save, "w8a16", &["--part_file_size", PART], &[]);
+    r.assert_ok();
+    assert!(!r.stderr.contains("nothing to do"), "{}", r.stderr);
+    assert_eq!(differing(&want, &snapshot(&save, false)), Vec::<String>::new());
+    assert!(!hidden.exists());
+
+    // A finished shard that changed on disk is not trusted.
+    forget_completion(&save);
+    let victim = save.join(&shards[0]);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+    quant(&model, &save, "w8a16", &["--part_file_size", PART], &[]).assert_fails_with(&[
+        &victim.display().to_string(),
+        "changed",
+        "--overwrite",
+    ]);
+}
