@@ -2,9 +2,10 @@
 //!
 //! Every output tensor's name, dtype and shape is known from the plan, so each shard's header
 //! and each tensor's offset are fixed up front. Tensors are then written with positional writes
-//! into a hidden `.partial` file as units finish, in any order, and the file is renamed to its
-//! final name when its last tensor is in. A resumed run rewrites only unfinished units into the
-//! same places, so the result is byte-identical to an uninterrupted run.
+//! into a hidden `.partial` file as units finish, in any order. A shard whose last tensor is in is
+//! synced and closed; once every shard is complete they are all renamed to their final names, so
+//! a stopped run never leaves a file that looks finished. A resumed run rewrites only unfinished
+//! units into the same places, so the result is byte-identical to an uninterrupted run.
 
 use crate::tensor::TensorMeta;
 use anyhow::{bail, Context, Result};
@@ -186,15 +187,29 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Renames a complete shard to its final name.
-    pub fn finish(&mut self, layout: &ShardLayout, shard: usize) -> Result<()> {
+    /// Flushes a complete shard and closes it; it keeps its hidden name until [`Self::publish`].
+    pub fn close(&mut self, layout: &ShardLayout, shard: usize) -> Result<()> {
         self.sync(layout, shard)?;
         self.open.remove(&shard);
+        Ok(())
+    }
+
+    /// Gives a closed shard its final name. Shards are published only once every shard of the run
+    /// is complete, so a stopped run never leaves files that look like finished output. A shard
+    /// already published (by a run stopped while publishing) is left as it is.
+    pub fn publish(&mut self, layout: &ShardLayout, shard: usize) -> Result<()> {
         let name = &layout.files[shard].name;
         let (from, to) = (partial_path(&self.dir, name), self.dir.join(name));
+        if !from.exists() && to.exists() {
+            return Ok(());
+        }
         std::fs::rename(&from, &to).with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
-        sync_dir(&self.dir);
         Ok(())
+    }
+
+    /// Makes the renames of [`Self::publish`] durable.
+    pub fn sync_dir(&self) {
+        sync_dir(&self.dir);
     }
 }
 
@@ -297,7 +312,12 @@ mod tests {
             w.write(&l, &t.name, &bytes).unwrap();
         }
         for k in 0..l.files.len() {
-            w.finish(&l, k).unwrap();
+            w.close(&l, k).unwrap();
+            assert!(partial_path(&dir, &l.files[k].name).exists() && !dir.join(&l.files[k].name).exists());
+        }
+        for k in 0..l.files.len() {
+            w.publish(&l, k).unwrap();
+            w.publish(&l, k).unwrap();
         }
         let buf = std::fs::read(dir.join("w0-2.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&buf).unwrap();

@@ -154,7 +154,7 @@ fn split_experts(
     }
     let (hidden, inter) = (model.text.hidden_size, moe.moe_intermediate_size);
     let layout = moe::decide_layout(&gate_up.shape, &down.shape, moe.num_experts, hidden, inter)
-        .with_context(|| format!("splitting the experts of {prefix}"))?;
+        .with_context(|| format!("cannot split the fused experts {} and {}", gate_up.name, down.name))?;
     let mut out = Vec::with_capacity(3 * moe.num_experts);
     for j in 0..moe.num_experts {
         for part in [ExpertPart::Gate, ExpertPart::Up, ExpertPart::Down] {

@@ -60,7 +60,10 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         (c.config.clone(), Some(c))
     };
     let names: Vec<&str> = ckpt.as_ref().map(|c| c.names().collect()).unwrap_or_default();
-    let model = Model::new(&config, args.model_type.as_deref(), &names)?;
+    let config_file =
+        if args.model_path.is_file() { args.model_path.clone() } else { args.model_path.join(checkpoint::CONFIG) };
+    let model = Model::new(&config, args.model_type.as_deref(), &names)
+        .with_context(|| format!("cannot tell the architecture of {}", config_file.display()))?;
     let inventory: Vec<TensorMeta> = match &ckpt {
         Some(c) => c.names().map(|n| c.entry(n).unwrap().1.meta()).collect(),
         None => paper_inventory(&model)?,
@@ -80,9 +83,10 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         None => config_dtype(&config) == Some(DType::BF16),
     };
     let exporter = AscendExporter { model_is_bf16 };
-    let units = build_units(&model, &inventory)?;
+    let units = build_units(&model, &inventory)
+        .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
     let units = units.into_iter().map(|u| plan_unit(u, &recipe, &exporter)).collect::<Result<Vec<_>>>()?;
-    let part = args.part_file_size.or(recipe.part_file_size).unwrap_or(4.0);
+    let part = part_file_size(args, &recipe);
     if !(part >= 0.0 && part.is_finite()) {
         bail!("--part_file_size must be a non-negative number of GiB, not {part}");
     }
@@ -92,6 +96,11 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
     let memory = plan_memory(&units, budget);
     Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter })
+}
+
+/// The shard size limit in GiB: the command line's, else the recipe's, else 4.
+fn part_file_size(args: &QuantArgs, recipe: &Recipe) -> f64 {
+    args.part_file_size.or(recipe.part_file_size).unwrap_or(4.0)
 }
 
 /// msModelSlim spells `w4a8` for what lamina calls `w4a8_dynamic`.
@@ -217,7 +226,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         load::check_inputs(ckpt, &u.unit)?;
     }
     let fingerprint = fingerprint(args, ckpt, plan)?;
-    let history = open_save_dir(&save, &fingerprint, args.overwrite, &p.exporter, plan)?;
+    let history = open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, &p.exporter, plan)?;
     if history.as_ref().is_some_and(|h| h.complete) {
         return Ok(Summary {
             seconds: started.elapsed().as_secs_f64(),
@@ -231,7 +240,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     }
     let history = history.unwrap_or_default();
     let start = history.next_unit().min(plan.units.len());
-    check_disk_space(&save, &plan.shards, &history)?;
+    check_disk_space(&save, ckpt, plan, &history)?;
 
     let mut journal = Journal::append(&save)?;
     if history.fingerprint.is_none() {
@@ -257,6 +266,10 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     let mut processor = data_free::DataFree { ckpt, exporter: &p.exporter };
     stages::run(plan, ckpt, &mut processor, &mut state, start, &mut progress)?;
     progress.finish();
+    for k in 0..plan.shards.files.len() {
+        state.writer.publish(&plan.shards, k)?;
+    }
+    state.writer.sync_dir();
     write_metadata(&save, ckpt, plan, &p.exporter)?;
     state.journal.record(&Event::Complete)?;
     Ok(Summary {
@@ -283,9 +296,16 @@ fn fingerprint(args: &QuantArgs, ckpt: &Checkpoint, plan: &Plan) -> Result<serde
         "lamina": env!("CARGO_PKG_VERSION"),
         "model_path": std::fs::canonicalize(&args.model_path)?.display().to_string(),
         "model_files": inputs,
-        "family": plan.model.family.model_type(),
+        "model_type": plan.model.family.model_type(),
+        "quant_type": plan.recipe.quant_type,
         "recipe": plan.recipe.text,
+        "part_file_size": part_file_size(args, &plan.recipe),
         "shards": plan.shards.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        // The headers fix every tensor's name, type, shape and place in its file.
+        "shard_headers_crc32": plan.shards.files.iter().fold(crc32fast::Hasher::new(), |mut h, f| {
+            h.update(&f.header);
+            h
+        }).finalize(),
         "format": "ascend_v1",
     }))
 }
@@ -302,6 +322,7 @@ fn is_lamina_output(name: &str, exporter: &dyn Exporter) -> bool {
 /// Checks the save folder and reads what an earlier run left there.
 fn open_save_dir(
     save: &Path,
+    model_dir: &Path,
     fingerprint: &serde_json::Value,
     overwrite: bool,
     exporter: &dyn Exporter,
@@ -309,6 +330,9 @@ fn open_save_dir(
 ) -> Result<Option<History>> {
     if save.exists() && !save.is_dir() {
         bail!("save path {} exists and is not a folder", save.display());
+    }
+    if model_dir.canonicalize().ok().is_some_and(|m| save.canonicalize().is_ok_and(|s| s == m)) {
+        bail!("save path {} is the model folder itself; give another folder", save.display());
     }
     std::fs::create_dir_all(save).with_context(|| format!("cannot create the save folder {}", save.display()))?;
     let probe = save.join(".lamina-write-test");
@@ -331,10 +355,13 @@ fn open_save_dir(
             if let Some(old) = &h.fingerprint {
                 if old != fingerprint {
                     let keys = fingerprint_diff(old, fingerprint);
+                    let shown: Vec<String> =
+                        keys.iter().map(|k| describe_change(k, &old[k], &fingerprint[k])).collect();
                     bail!(
-                        "{} holds a run with different inputs or arguments (differs in: {}); pass --overwrite to start over",
+                        "{} holds {} run with different inputs or arguments (differs in: {}); pass --overwrite to start over",
                         save.display(),
-                        keys.join(", ")
+                        if h.complete { "the finished output of a" } else { "an unfinished" },
+                        shown.join("; ")
                     );
                 }
             }
@@ -358,8 +385,20 @@ fn open_save_dir(
     }
 }
 
-/// Refuses to start when the disk cannot hold what is left to write.
-fn check_disk_space(save: &Path, shards: &ShardLayout, h: &History) -> Result<()> {
+/// `key` alone, or `key: old -> new` when both values are short.
+fn describe_change(key: &str, old: &serde_json::Value, new: &serde_json::Value) -> String {
+    let short = |v: &serde_json::Value| !v.is_object() && !v.is_array() && v.to_string().len() <= 40;
+    if short(old) && short(new) {
+        format!("{key}: {old} -> {new}")
+    } else {
+        key.to_string()
+    }
+}
+
+/// Refuses to start when the disk cannot hold what is left to write: the shards not yet written
+/// and the metadata files (config, companions, description, index, journal).
+fn check_disk_space(save: &Path, ckpt: &Checkpoint, plan: &Plan, h: &History) -> Result<()> {
+    let shards = &plan.shards;
     let mut need = 0u64;
     for (k, f) in shards.files.iter().enumerate() {
         if h.shards.contains_key(&k) {
@@ -370,16 +409,29 @@ fn check_disk_space(save: &Path, shards: &ShardLayout, h: &History) -> Result<()
             .unwrap_or(0);
         need += f.total_len.saturating_sub(allocated);
     }
+    need += metadata_bytes(ckpt, plan)?;
     let free = free_space(save)?;
     if need > free {
         bail!(
-            "not enough disk space in {}: the output needs {} more, {} is free; free some space and run the same command again",
+            "not enough disk space in {}: the output needs {} more but only {} is free (short by {}); free some space and run the same command again",
             save.display(),
             human(need),
-            human(free)
+            human(free),
+            human(need - free)
         );
     }
     Ok(())
+}
+
+/// A generous estimate of the bytes of everything but the shards.
+fn metadata_bytes(ckpt: &Checkpoint, plan: &Plan) -> Result<u64> {
+    let mut n = std::fs::metadata(ckpt.dir.join(checkpoint::CONFIG)).map_or(0, |m| m.len());
+    for f in ckpt.companion_files()? {
+        n += std::fs::metadata(&f).map_or(0, |m| m.len());
+    }
+    // Each tensor appears in the description, the index and the journal: a name and a little more.
+    let per_tensor: u64 = plan.outputs().map(|o| 3 * (o.meta.name.len() as u64 + 48)).sum();
+    Ok(n + per_tensor + 64 * 1024)
 }
 
 fn free_space(dir: &Path) -> Result<u64> {
@@ -394,8 +446,9 @@ fn free_space(dir: &Path) -> Result<u64> {
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
-/// On resume: every shard an earlier run finished must still be there with its checksum, and a
-/// shard whose units all finished but that was not yet renamed is finished now.
+/// On resume: every shard an earlier run finished must still be there with its checksum (under
+/// its hidden name, or its final one if that run stopped while publishing), and a shard whose
+/// units all finished but whose completion was not yet recorded is finished now.
 fn verify_finished_shards(
     save: &Path,
     plan: &Plan,
@@ -404,39 +457,30 @@ fn verify_finished_shards(
     start: usize,
 ) -> Result<()> {
     for (k, f) in plan.shards.files.iter().enumerate() {
-        let path = save.join(&f.name);
+        let (partial, published) = (partial_path(save, &f.name), save.join(&f.name));
         if let Some((_, crc)) = h.shards.get(&k) {
-            let actual = if path.exists() { Some(file_crc32(&path)?) } else { None };
+            let path = [&partial, &published].into_iter().find(|p| p.exists());
+            let actual = path.map(|p| file_crc32(p)).transpose()?;
             if actual != Some(*crc) {
                 bail!(
                     "{} was finished by an earlier run but is now {}; pass --overwrite to start over",
-                    path.display(),
+                    path.unwrap_or(&partial).display(),
                     if actual.is_none() { "missing" } else { "changed" }
                 );
             }
             continue;
         }
-        let units_done = plan.units[..start]
-            .iter()
-            .any(|u| u.outputs.iter().any(|o| st.layout.location(&o.meta.name).unwrap().shard == k));
-        let all_done = plan.units[start..]
-            .iter()
-            .all(|u| u.outputs.iter().all(|o| st.layout.location(&o.meta.name).unwrap().shard != k));
-        if all_done && units_done {
-            if path.exists() && !partial_path(save, &f.name).exists() {
-                let want = stages::shard_crc(st.layout, k, &st.crcs)?;
-                if file_crc32(&path)? != want {
-                    bail!("{} does not match the journal; pass --overwrite to start over", path.display());
-                }
-                st.journal.record(&Event::Shard { index: k, file: f.name.clone(), crc32: want })?;
-            } else {
-                stages::finish_shard(st, k)?;
-            }
-        } else if units_done && !partial_path(save, &f.name).exists() {
+        let shard_of = |o: &crate::export::OutMeta| st.layout.location(&o.meta.name).unwrap().shard;
+        let units_done = plan.units[..start].iter().any(|u| u.outputs.iter().any(|o| shard_of(o) == k));
+        let all_done = plan.units[start..].iter().all(|u| u.outputs.iter().all(|o| shard_of(o) != k));
+        if units_done && !partial.exists() {
             bail!(
                 "{} is missing though the journal says part of it was written; pass --overwrite to start over",
-                partial_path(save, &f.name).display()
+                partial.display()
             );
+        }
+        if units_done && all_done {
+            stages::finish_shard(st, k)?;
         }
     }
     Ok(())

@@ -97,6 +97,7 @@ fn write_loop(
 ) -> Result<()> {
     let mut unit_crcs: BTreeMap<String, u32> = BTreeMap::new();
     let mut touched: std::collections::BTreeSet<usize> = Default::default();
+    let (abort_after, mut written) = (abort_after_tensors(), 0u64);
     for msg in rx {
         match msg {
             Msg::Tensors(ts) => {
@@ -112,6 +113,11 @@ fn write_loop(
                     st.crcs.insert(t.name.clone(), (crc, t.tensor.bytes.len() as u64));
                     unit_crcs.insert(t.name, crc);
                     touched.insert(st.layout.location(want.meta.name.as_str()).unwrap().shard);
+                    written += 1;
+                    if abort_after == Some(written) {
+                        eprintln!("LAMINA_FAULT_ABORT_AFTER_TENSORS: aborting after {written} tensors");
+                        std::process::abort();
+                    }
                 }
             }
             Msg::UnitDone(i) => {
@@ -146,11 +152,18 @@ fn write_loop(
     Ok(())
 }
 
-/// Renames a complete shard and records its checksum, combined from its tensors' CRCs.
+/// Syncs and closes a complete shard and records its checksum, combined from its tensors' CRCs.
+/// It keeps its hidden name until the whole run is complete.
 pub fn finish_shard(st: &mut WriteState, k: usize) -> Result<()> {
     let crc = shard_crc(st.layout, k, &st.crcs)?;
-    st.writer.finish(st.layout, k)?;
+    st.writer.close(st.layout, k)?;
     st.journal.record(&Event::Shard { index: k, file: st.layout.files[k].name.clone(), crc32: crc })
+}
+
+/// A testing aid for crash recovery: `LAMINA_FAULT_ABORT_AFTER_TENSORS=N` aborts the process right
+/// after the N-th tensor this process writes, in the middle of a unit and of a shard.
+fn abort_after_tensors() -> Option<u64> {
+    std::env::var("LAMINA_FAULT_ABORT_AFTER_TENSORS").ok().and_then(|v| v.parse().ok())
 }
 
 /// The CRC-32 of shard `k`'s file: its header followed by its tensors in file order.

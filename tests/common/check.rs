@@ -1,0 +1,465 @@
+//! An independent check of a quantized output folder against the checkpoint it came from:
+//! every linear's dequantized weight within half a quantization step of the original, experts
+//! cut out of fused tensors correctly, float tensors bit-identical, the description and the
+//! index complete and consistent, config.json and companion files in place.
+//!
+//! Nothing here calls lamina's code: the expected values come from the input file read with the
+//! `safetensors` crate and the textbook symmetric min-max formula.
+
+use super::{read_json, read_st, St};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    W8A16,
+    W8A8Dynamic,
+    W4A8Dynamic,
+    W4A16,
+}
+
+impl Scheme {
+    pub const ALL: [Scheme; 4] = [Scheme::W8A16, Scheme::W8A8Dynamic, Scheme::W4A8Dynamic, Scheme::W4A16];
+
+    pub fn cli(self) -> &'static str {
+        match self {
+            Scheme::W8A16 => "w8a16",
+            Scheme::W8A8Dynamic => "w8a8_dynamic",
+            Scheme::W4A8Dynamic => "w4a8_dynamic",
+            Scheme::W4A16 => "w4a16",
+        }
+    }
+    /// The type string quant_model_description.json gives the linear's tensors.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Scheme::W8A16 => "W8A16",
+            Scheme::W8A8Dynamic => "W8A8_DYNAMIC",
+            Scheme::W4A8Dynamic => "W4A8_DYNAMIC",
+            Scheme::W4A16 => "W4A16",
+        }
+    }
+    fn qmax(self) -> i32 {
+        match self {
+            Scheme::W8A16 | Scheme::W8A8Dynamic => 127,
+            _ => 7,
+        }
+    }
+    fn per_group(self) -> bool {
+        self == Scheme::W4A16
+    }
+    /// `model_quant_type` when every quantized linear has this scheme. msModelSlim's v1 saver
+    /// leaves W4A8_DYNAMIC out of its priority list ("hidden"), so a pure W4A8 model reads FLOAT.
+    fn model_quant_type(self) -> &'static str {
+        match self {
+            Scheme::W4A8Dynamic => "FLOAT",
+            s => s.kind(),
+        }
+    }
+}
+
+/// A tensor the pipeline sees in the input: stored as is, or one expert cut out of a fused tensor.
+#[derive(Debug, Clone)]
+pub struct Logical {
+    pub st: St,
+    pub from_fused: bool,
+}
+
+/// Reads a checkpoint folder (single file or index + shards) with the `safetensors` crate.
+pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, St> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return read_st(&dir.join("model.safetensors"));
+    }
+    let map = read_json(&index)["weight_map"].as_object().unwrap().clone();
+    let files: BTreeSet<String> = map.values().map(|v| v.as_str().unwrap().to_string()).collect();
+    let mut all = BTreeMap::new();
+    for f in files {
+        all.extend(read_st(&dir.join(f)));
+    }
+    all
+}
+
+/// The input's tensors as linears and float tensors, fused experts split in the test's own code.
+pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
+    let config = read_json(&dir.join("config.json"));
+    let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
+    let hidden = text["hidden_size"].as_u64().unwrap() as usize;
+    let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
+    let stored = read_checkpoint(dir);
+    let mut out = BTreeMap::new();
+    for (name, t) in &stored {
+        if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
+            let down = &stored[&format!("{prefix}mlp.experts.down_proj")];
+            let inter = inter.expect("fused experts need moe_intermediate_size");
+            for (j, [gate, up, d]) in split_fused(t, down, hidden, inter).into_iter().enumerate() {
+                for (part, st) in [("gate_proj", gate), ("up_proj", up), ("down_proj", d)] {
+                    out.insert(format!("{prefix}mlp.experts.{j}.{part}.weight"), Logical { st, from_fused: true });
+                }
+            }
+        } else if !name.ends_with("mlp.experts.down_proj") {
+            out.insert(name.clone(), Logical { st: t.clone(), from_fused: false });
+        }
+    }
+    out
+}
+
+/// Per expert `[gate, up, down]` as `[out, in]` bf16 matrices, from the release layout
+/// (`gate_up [E, hidden, 2*inter]`, `down [E, inter, hidden]`: gate = fused[j, :, :inter]ᵀ,
+/// up = fused[j, :, inter:]ᵀ, down = down[j]ᵀ) or the transformers-5 one (`[E, 2*inter, hidden]`,
+/// `[E, hidden, inter]`: plain row slices).
+pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<[St; 3]> {
+    let e = gate_up.shape[0];
+    let elem = 2;
+    assert_eq!(gate_up.dtype, "BF16");
+    let release = gate_up.shape == [e, hidden, 2 * inter] && down.shape == [e, inter, hidden];
+    let t5 = gate_up.shape == [e, 2 * inter, hidden] && down.shape == [e, hidden, inter];
+    assert!(release ^ t5, "test fixture: fused shapes {:?} {:?}", gate_up.shape, down.shape);
+    let at = |t: &St, idx: usize| [t.data[idx * elem], t.data[idx * elem + 1]];
+    let matrix = |rows: usize, cols: usize, f: &dyn Fn(usize, usize) -> [u8; 2]| St {
+        dtype: "BF16".into(),
+        shape: vec![rows, cols],
+        data: (0..rows * cols).flat_map(|k| f(k / cols, k % cols)).collect(),
+    };
+    (0..e)
+        .map(|j| {
+            let gu = j * hidden * 2 * inter;
+            let dn = j * hidden * inter;
+            if release {
+                [
+                    matrix(inter, hidden, &|o, i| at(gate_up, gu + i * 2 * inter + o)),
+                    matrix(inter, hidden, &|o, i| at(gate_up, gu + i * 2 * inter + inter + o)),
+                    matrix(hidden, inter, &|o, i| at(down, dn + i * hidden + o)),
+                ]
+            } else {
+                [
+                    matrix(inter, hidden, &|o, i| at(gate_up, gu + o * hidden + i)),
+                    matrix(inter, hidden, &|o, i| at(gate_up, gu + (inter + o) * hidden + i)),
+                    matrix(hidden, inter, &|o, i| at(down, dn + o * inter + i)),
+                ]
+            }
+        })
+        .collect()
+}
+
+/// Which linears the bundled data-free recipes quantize: every 2D `.weight` that is not an
+/// embedding table, except lm_head, MoE routers (`mlp.gate`) and, as msModelSlim keeps them,
+/// the vision `linear_fc2`, mergers and deepstack mergers.
+pub fn should_quantize(name: &str, shape: &[usize]) -> bool {
+    let Some(module) = name.strip_suffix(".weight") else {
+        return false;
+    };
+    let last = module.rsplit('.').next().unwrap();
+    shape.len() == 2
+        && !["embed_tokens", "pos_embed", "position_embedding", "lm_head"].contains(&last)
+        && !module.ends_with("mlp.gate")
+        && !module.contains("linear_fc2")
+        && !module.contains("merger")
+}
+
+/// The output's tensors by name, with the file each came from; checks the index (when sharded)
+/// and the shard size limit.
+pub fn read_output(out: &Path, limit: Option<u64>) -> (BTreeMap<String, St>, BTreeMap<String, String>) {
+    let index = out.join("quant_model_weights.safetensors.index.json");
+    let shard_files: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("quant_model_weights") && n.ends_with(".safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    let leftovers: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left in a finished output: {leftovers:?}");
+    let mut tensors = BTreeMap::new();
+    let mut file_of = BTreeMap::new();
+    for f in &shard_files {
+        let ts = read_st(&out.join(f));
+        let data: u64 = ts.values().map(|t| t.data.len() as u64).sum();
+        if let Some(limit) = limit {
+            assert!(data <= limit || ts.len() == 1, "{f} holds {data} bytes in {} tensors, over {limit}", ts.len());
+        }
+        for (n, t) in ts {
+            assert!(tensors.insert(n.clone(), t).is_none(), "tensor {n} is in two shards");
+            file_of.insert(n, f.clone());
+        }
+    }
+    if shard_files.len() == 1 {
+        assert_eq!(shard_files[0], "quant_model_weights.safetensors");
+        assert!(!index.exists(), "a single-file output has no index");
+    } else {
+        let n = shard_files.len();
+        for (k, f) in shard_files.iter().enumerate() {
+            assert_eq!(*f, format!("quant_model_weights-{:05}-of-{:05}.safetensors", k + 1, n));
+        }
+        let idx = read_json(&index);
+        let map = idx["weight_map"].as_object().expect("the index has a weight_map");
+        let listed: BTreeMap<String, String> =
+            map.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+        assert_eq!(listed, file_of, "the index must map every tensor to the file that holds it");
+        let total: u64 = tensors.values().map(|t| t.data.len() as u64).sum();
+        assert_eq!(idx["metadata"]["total_size"].as_u64(), Some(total));
+    }
+    (tensors, file_of)
+}
+
+/// The description's entries in file order, duplicates kept (a JSON object parsed into a map
+/// would hide them).
+fn description_entries(path: &Path) -> Vec<(String, serde_json::Value)> {
+    struct Entries(Vec<(String, serde_json::Value)>);
+    impl<'de> serde::Deserialize<'de> for Entries {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Entries;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Entries, A::Error> {
+                    let mut v = Vec::new();
+                    while let Some(e) = m.next_entry::<String, serde_json::Value>()? {
+                        v.push(e);
+                    }
+                    Ok(Entries(v))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_slice::<Entries>(&bytes).unwrap().0
+}
+
+/// What a check saw, for tests that want to assert on counts.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub quantized: BTreeSet<String>,
+    pub float: BTreeSet<String>,
+    pub shards: usize,
+}
+
+/// Checks an output folder against its input; `limit` is the shard size in bytes when one was given.
+pub fn check_output(input: &Path, out: &Path, scheme: Scheme, limit: Option<u64>) -> Seen {
+    let inputs = logical_inputs(input);
+    let (outputs, file_of) = read_output(out, limit);
+    let mut seen = Seen { shards: file_of.values().collect::<BTreeSet<_>>().len(), ..Default::default() };
+    let mut accounted: BTreeSet<String> = BTreeSet::new();
+    let modules: BTreeSet<String> = inputs
+        .iter()
+        .filter(|(n, l)| should_quantize(n, &l.st.shape))
+        .map(|(n, _)| n.strip_suffix(".weight").unwrap().to_string())
+        .collect();
+
+    for (name, l) in &inputs {
+        if should_quantize(name, &l.st.shape) {
+            let module = name.strip_suffix(".weight").unwrap();
+            check_linear(module, &l.st, &outputs, scheme);
+            seen.quantized.insert(module.to_string());
+            accounted.extend(outputs.keys().filter(|k| k.starts_with(&format!("{module}."))).cloned());
+        } else if let Some(module) = name.strip_suffix(".bias").filter(|m| modules.contains(*m)) {
+            let b = outputs.get(name).unwrap_or_else(|| panic!("bias {name} is missing from the output"));
+            assert_eq!((b.dtype.as_str(), &b.shape), ("F32", &l.st.shape), "{name}");
+            assert_eq!(b.f32s(), l.st.f32s(), "bias {name} of {module} must be the input's values");
+        } else {
+            let o = outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
+            assert!(o == &l.st, "float tensor {name} is not bit-identical to the input");
+            assert!(!l.from_fused, "{name} is an expert linear and should be quantized");
+            seen.float.insert(name.clone());
+            accounted.insert(name.clone());
+        }
+    }
+    accounted.extend(inputs.keys().cloned());
+    let extra: Vec<&String> = outputs.keys().filter(|k| !accounted.contains(*k)).collect();
+    assert!(extra.is_empty(), "the output holds tensors no input accounts for: {extra:?}");
+    let fused: Vec<&String> =
+        outputs.keys().filter(|k| k.ends_with("gate_up_proj") || k.ends_with("experts.down_proj")).collect();
+    assert!(fused.is_empty(), "fused expert tensors remain: {fused:?}");
+
+    check_description(out, &outputs, &inputs, &modules, scheme);
+    check_config_and_companions(input, out);
+    seen
+}
+
+/// Decodes a quantized linear's integers and checks them against the original weight.
+fn check_linear(module: &str, w: &St, outputs: &BTreeMap<String, St>, scheme: Scheme) {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let get = |s: &str| outputs.get(&format!("{module}.{s}"));
+    let known = ["weight", "weight_packed", "weight_scale", "weight_offset", "scale_bias", "weight_shape", "bias"];
+    for k in outputs.keys().filter_map(|k| k.strip_prefix(&format!("{module}."))) {
+        assert!(known.contains(&k), "{module}.{k} is not a tensor of a quantized linear");
+    }
+    let q = decode_ints(module, outputs, scheme, rows, cols);
+    let scale_t = get("weight_scale").unwrap_or_else(|| panic!("{module}.weight_scale is missing"));
+    assert_eq!(scale_t.dtype, "F32", "{module}.weight_scale");
+    let groups = scale_t.shape[1];
+    assert_eq!(scale_t.shape, vec![rows, groups], "{module}.weight_scale shape");
+    let group = if scheme.per_group() {
+        assert!(groups >= 1);
+        cols.div_ceil(groups)
+    } else {
+        assert_eq!(groups, 1, "{module}: {} is per output channel", scheme.kind());
+        cols
+    };
+    if scheme.per_group() {
+        assert_eq!(groups, cols.div_ceil(128), "{module}: the bundled W4A16 recipe uses groups of 128");
+    }
+    if let Some(off) = get("weight_offset") {
+        assert_eq!(off.shape, scale_t.shape, "{module}.weight_offset shape");
+        assert!(off.f32s().iter().all(|&x| x == 0.0), "{module}: symmetric weights have zero offsets");
+    }
+    if let Some(s) = get("weight_shape") {
+        assert_eq!(s.i32s(), vec![rows as i32, cols as i32], "{module}.weight_shape");
+    }
+    let scale = scale_t.f32s();
+    let wv = w.f32s();
+    let qmax = scheme.qmax();
+    for r in 0..rows {
+        for g in 0..groups {
+            let s = scale[r * groups + g];
+            let range = g * group..((g + 1) * group).min(cols);
+            let absmax = range.clone().map(|c| wv[r * cols + c].abs()).fold(0f32, f32::max);
+            assert!(s.is_finite() && s > 0.0, "{module}: scale[{r}, {g}] = {s}");
+            if absmax > 0.0 {
+                // Min-max: the scale maps the group's largest magnitude to qmax, no coarser.
+                assert!(
+                    s <= absmax / qmax as f32 * (1.0 + 1e-5),
+                    "{module}: scale[{r}, {g}] = {s} is coarser than min-max"
+                );
+            }
+            for c in range {
+                let qi = q[r * cols + c] as i32;
+                assert!(qi.abs() <= qmax, "{module}[{r}, {c}] = {qi} is outside ±{qmax}");
+                let err = (wv[r * cols + c] - qi as f32 * s).abs();
+                assert!(
+                    err <= s * (0.5 + 1e-5),
+                    "{module}[{r}, {c}]: |w - q·s| = |{} - {qi}·{s}| = {err} > scale/2",
+                    wv[r * cols + c]
+                );
+            }
+        }
+    }
+}
+
+/// The integer weights of a quantized linear, unpacked in the test's own code.
+fn decode_ints(module: &str, outputs: &BTreeMap<String, St>, scheme: Scheme, rows: usize, cols: usize) -> Vec<i8> {
+    let get = |s: &str| outputs.get(&format!("{module}.{s}"));
+    let sext = |nibble: u8| ((nibble << 4) as i8) >> 4;
+    match scheme {
+        Scheme::W8A16 | Scheme::W8A8Dynamic => {
+            let w = get("weight").unwrap_or_else(|| panic!("{module}.weight is missing"));
+            assert_eq!((w.dtype.as_str(), w.shape.clone()), ("I8", vec![rows, cols]), "{module}.weight");
+            w.i8s()
+        }
+        Scheme::W4A8Dynamic => {
+            // msModelSlim: two int4 of adjacent output rows per byte, the even row in the low nibble.
+            let w = get("weight").unwrap_or_else(|| panic!("{module}.weight is missing"));
+            assert_eq!((w.dtype.as_str(), w.shape.clone()), ("I8", vec![rows / 2, cols]), "{module}.weight");
+            let mut q = vec![0i8; rows * cols];
+            for r in 0..rows / 2 {
+                for c in 0..cols {
+                    let b = w.data[r * cols + c];
+                    q[2 * r * cols + c] = sext(b & 0x0F);
+                    q[(2 * r + 1) * cols + c] = sext(b >> 4);
+                }
+            }
+            q
+        }
+        Scheme::W4A16 => {
+            if let Some(p) = get("weight_packed") {
+                // Eight int4 per int32 along the input, lowest bits first, offset by 8 (what
+                // vLLM-Ascend's unpack_from_int32 reads).
+                assert_eq!(
+                    (p.dtype.as_str(), p.shape.clone()),
+                    ("I32", vec![rows, cols / 8]),
+                    "{module}.weight_packed"
+                );
+                let words = p.i32s();
+                (0..rows * cols)
+                    .map(|k| {
+                        let (r, c) = (k / cols, k % cols);
+                        (((words[r * (cols / 8) + c / 8] >> (4 * (c % 8))) & 0xF) - 8) as i8
+                    })
+                    .collect()
+            } else {
+                let w = get("weight").unwrap_or_else(|| panic!("{module}.weight is missing"));
+                assert_eq!((w.dtype.as_str(), w.shape.clone()), ("I8", vec![rows, cols]), "{module}.weight");
+                w.i8s()
+            }
+        }
+    }
+}
+
+fn check_description(
+    out: &Path,
+    outputs: &BTreeMap<String, St>,
+    inputs: &BTreeMap<String, super::check::Logical>,
+    modules: &BTreeSet<String>,
+    scheme: Scheme,
+) {
+    let entries = description_entries(&out.join("quant_model_description.json"));
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (k, _) in &entries {
+        *counts.entry(k.as_str()).or_default() += 1;
+    }
+    let dup: Vec<_> = counts.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(dup.is_empty(), "the description lists these more than once: {dup:?}");
+    let desc: BTreeMap<String, serde_json::Value> = entries.into_iter().collect();
+    let globals = ["model_quant_type", "version", "group_size", "metadata", "optional"];
+    for g in globals {
+        assert!(desc.contains_key(g), "the description lacks the global key {g}");
+    }
+    let described: BTreeSet<&String> = desc.keys().filter(|k| !globals.contains(&k.as_str())).collect();
+    let written: BTreeSet<&String> = outputs.keys().collect();
+    assert_eq!(described, written, "the description must cover every tensor of every shard");
+    for (name, kind) in &desc {
+        if globals.contains(&name.as_str()) {
+            continue;
+        }
+        let module = modules.iter().find(|m| name.starts_with(&format!("{m}.")));
+        let want = match module {
+            Some(_) if name.ends_with(".bias") => "FLOAT",
+            Some(_) => scheme.kind(),
+            None => {
+                assert!(inputs.contains_key(name));
+                "FLOAT"
+            }
+        };
+        assert_eq!(kind.as_str(), Some(want), "description type of {name}");
+    }
+    assert_eq!(desc["version"], "1.0.0");
+    assert_eq!(desc["model_quant_type"].as_str(), Some(scheme.model_quant_type()), "model_quant_type");
+    let group_size = desc["group_size"].as_u64().expect("group_size is an integer") as usize;
+    if scheme.per_group() {
+        assert!(group_size > 0, "W4A16 names its group size");
+        for m in modules {
+            let w = &inputs[&format!("{m}.weight")].st;
+            let scales = &outputs[&format!("{m}.weight_scale")];
+            assert_eq!(scales.shape[1], w.shape[1].div_ceil(group_size), "{m}: scale columns vs group_size");
+        }
+    } else {
+        assert_eq!(group_size, 0, "per-channel schemes have group_size 0");
+    }
+}
+
+/// config.json without any quantization_config, and every other non-weight file copied.
+fn check_config_and_companions(input: &Path, out: &Path) {
+    let mut want = read_json(&input.join("config.json"));
+    want.as_object_mut().unwrap().remove("quantization_config");
+    if let Some(t) = want.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+        t.remove("quantization_config");
+    }
+    let got = read_json(&out.join("config.json"));
+    assert_eq!(got, want, "config.json must be the input's without quantization_config");
+    for e in std::fs::read_dir(input).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        if name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".index.json") {
+            continue;
+        }
+        let (a, b) = (std::fs::read(input.join(&name)).unwrap(), std::fs::read(out.join(&name)));
+        assert!(b.is_ok_and(|b| b == a), "{name} was not copied to the output unchanged");
+    }
+}

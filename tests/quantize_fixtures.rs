@@ -1,0 +1,243 @@
+//! Every fixture quantizes with every data-free scheme, and the output is checked against the
+//! input by the test's own decoding (see common/check.rs). Also: both fused-expert layouts of
+//! Qwen3-VL-MoE give the same bytes, shapes that fit neither are refused, and a sharded input
+//! gives the same output as a single-file one.
+
+mod common;
+
+use common::check::{check_output, logical_inputs, Scheme};
+use common::*;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Runs every scheme on one fixture; two of them write many small shards to exercise the index.
+fn quantize_every_scheme(name: &str) {
+    let model = fixture(name);
+    for scheme in Scheme::ALL {
+        let tmp = TempDir::new(&format!("{name}-{}", scheme.cli()));
+        let save = tmp.join("out");
+        let part = match scheme {
+            Scheme::W8A8Dynamic => Some(0.0001),
+            Scheme::W4A8Dynamic => Some(0.00005),
+            _ => None,
+        };
+        let part_arg = part.map(|p| p.to_string());
+        let extra: Vec<&str> = match &part_arg {
+            Some(p) => vec!["--part_file_size", p],
+            None => vec![],
+        };
+        quant(&model, &save, scheme.cli(), &extra, &[]).assert_ok();
+        let seen = check_output(&model, &save, scheme, part.map(|p| (p * GIB) as u64));
+        assert!(!seen.quantized.is_empty() && !seen.float.is_empty(), "{name} {}: {seen:?}", scheme.cli());
+        if part.is_some() {
+            assert!(seen.shards > 1, "{name} {}: expected several shards, got {}", scheme.cli(), seen.shards);
+        }
+        expect_experts(name, &seen.quantized);
+    }
+}
+
+/// The MoE fixtures' experts are all there as quantized linears, and the routers stay float.
+fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
+    let (root, experts) = match name {
+        "qwen3_moe" => ("model.layers", 4),
+        "qwen3_vl_moe" => ("model.language_model.layers", 4),
+        _ => return,
+    };
+    for layer in 0..2 {
+        for j in 0..experts {
+            for part in ["gate_proj", "up_proj", "down_proj"] {
+                let m = format!("{root}.{layer}.mlp.experts.{j}.{part}");
+                assert!(quantized.contains(&m), "{name}: expert linear {m} was not quantized");
+            }
+        }
+        assert!(!quantized.contains(&format!("{root}.{layer}.mlp.gate")), "{name}: the router must stay float");
+    }
+}
+
+#[test]
+fn llama() {
+    quantize_every_scheme("llama");
+}
+#[test]
+fn qwen2() {
+    quantize_every_scheme("qwen2");
+}
+#[test]
+fn qwen3() {
+    quantize_every_scheme("qwen3");
+}
+#[test]
+fn qwen3_moe() {
+    quantize_every_scheme("qwen3_moe");
+}
+#[test]
+fn qwen2_vl() {
+    quantize_every_scheme("qwen2_vl");
+}
+#[test]
+fn qwen2_5_vl() {
+    quantize_every_scheme("qwen2_5_vl");
+}
+#[test]
+fn qwen3_vl() {
+    quantize_every_scheme("qwen3_vl");
+}
+#[test]
+fn qwen3_vl_moe() {
+    quantize_every_scheme("qwen3_vl_moe");
+}
+#[test]
+fn llava() {
+    quantize_every_scheme("llava");
+}
+#[test]
+fn qwen3_vl_realvocab() {
+    quantize_every_scheme("qwen3_vl_realvocab");
+}
+
+/// Rewrites a Qwen3-VL-MoE copy's fused experts in the transformers-5 layout
+/// (`gate_up [E, 2*inter, hidden]`, `down [E, hidden, inter]`).
+fn to_transformers5(dir: &std::path::Path) {
+    let path = dir.join("model.safetensors");
+    let mut all = read_st(&path);
+    let names: Vec<String> = all.keys().filter(|n| n.ends_with("mlp.experts.gate_up_proj")).cloned().collect();
+    for gu_name in names {
+        let prefix = gu_name.strip_suffix("gate_up_proj").unwrap().to_string();
+        let (gu, down) = (all[&gu_name].clone(), all[&format!("{prefix}down_proj")].clone());
+        let (e, hidden, two_inter) = (gu.shape[0], gu.shape[1], gu.shape[2]);
+        let inter = two_inter / 2;
+        let transpose = |t: &St, a: usize, b: usize| -> St {
+            let mut data = vec![0u8; t.data.len()];
+            for j in 0..e {
+                for x in 0..a {
+                    for y in 0..b {
+                        let src = (j * a * b + x * b + y) * 2;
+                        let dst = (j * a * b + y * a + x) * 2;
+                        data[dst..dst + 2].copy_from_slice(&t.data[src..src + 2]);
+                    }
+                }
+            }
+            St { dtype: t.dtype.clone(), shape: vec![e, b, a], data }
+        };
+        all.insert(gu_name.clone(), transpose(&gu, hidden, two_inter));
+        all.insert(format!("{prefix}down_proj"), transpose(&down, inter, hidden));
+    }
+    write_st(&path, &all);
+}
+
+#[test]
+fn both_fused_expert_layouts_give_the_same_bytes() {
+    let tmp = TempDir::new("t5-layout");
+    let t5 = copy_fixture("qwen3_vl_moe", &tmp.join("t5"));
+    to_transformers5(&t5);
+    let gu = &read_st(&t5.join("model.safetensors"))["model.language_model.layers.0.mlp.experts.gate_up_proj"];
+    assert_eq!(gu.shape, vec![4, 96, 64], "the copy really is in the transformers-5 layout");
+    // The test's own split of both layouts agrees before lamina is involved.
+    let (a, b) = (logical_inputs(&fixture("qwen3_vl_moe")), logical_inputs(&t5));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        assert_eq!(v.st, b[k].st, "{k}");
+    }
+    for scheme in [Scheme::W8A8Dynamic, Scheme::W4A8Dynamic] {
+        let (r, t) = (tmp.join(&format!("release-{}", scheme.cli())), tmp.join(&format!("t5-{}", scheme.cli())));
+        quant(&fixture("qwen3_vl_moe"), &r, scheme.cli(), &[], &[]).assert_ok();
+        quant(&t5, &t, scheme.cli(), &[], &[]).assert_ok();
+        check_output(&t5, &t, scheme, None);
+        let (ro, to) =
+            (read_st(&r.join("quant_model_weights.safetensors")), read_st(&t.join("quant_model_weights.safetensors")));
+        let experts: Vec<&String> = ro.keys().filter(|k| k.contains(".mlp.experts.")).collect();
+        assert!(experts.len() >= 2 * 4 * 3 * 3, "2 layers × 4 experts × 3 linears × (weight, scale, offset, …)");
+        for k in experts {
+            assert_eq!(ro[k], to[k], "{k} differs between the release and transformers-5 layouts");
+        }
+        assert_eq!(
+            std::fs::read(r.join("quant_model_weights.safetensors")).unwrap(),
+            std::fs::read(t.join("quant_model_weights.safetensors")).unwrap()
+        );
+    }
+}
+
+#[test]
+fn fused_shapes_that_fit_no_layout_are_refused() {
+    let tmp = TempDir::new("bad-fused");
+    // A config whose expert size contradicts the tensors.
+    let m = copy_fixture("qwen3_vl_moe", &tmp.join("m1"));
+    let mut c = read_json(&m.join("config.json"));
+    c["text_config"]["moe_intermediate_size"] = serde_json::json!(32);
+    write_json(&m.join("config.json"), &c);
+    let save = tmp.join("o1");
+    quant(&m, &save, "w8a8_dynamic", &[], &[]).assert_fails_with(&[
+        "model.language_model.layers.0.mlp.experts.gate_up_proj",
+        "[4, 64, 96]",
+        "moe_intermediate_size 32",
+        &m.display().to_string(),
+    ]);
+    assert_no_complete_output(&save);
+
+    // One layer mixing the two layouts: gate_up in the release layout, down_proj transposed.
+    let m = copy_fixture("qwen3_vl_moe", &tmp.join("m2"));
+    let path = m.join("model.safetensors");
+    let mut all = read_st(&path);
+    let d = all.get_mut("model.language_model.layers.1.mlp.experts.down_proj").unwrap();
+    d.shape = vec![4, 64, 48];
+    write_st(&path, &all);
+    let save = tmp.join("o2");
+    quant(&m, &save, "w8a8_dynamic", &[], &[]).assert_fails_with(&[
+        "model.language_model.layers.1.mlp.experts.down_proj",
+        "[4, 64, 48]",
+        "neither",
+        &m.display().to_string(),
+    ]);
+    assert_no_complete_output(&save);
+}
+
+#[test]
+fn a_sharded_input_gives_the_same_output() {
+    let tmp = TempDir::new("sharded-input");
+    let m = copy_fixture("qwen3_vl_moe", &tmp.join("m"));
+    let map = shard_checkpoint(&m, 3);
+    assert_eq!(map.values().collect::<std::collections::BTreeSet<_>>().len(), 3);
+    // A quantization_config in the input is dropped from the output's config.json.
+    let mut c = read_json(&m.join("config.json"));
+    c["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+    c["text_config"]["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+    write_json(&m.join("config.json"), &c);
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    quant(&m, &a, "w8a16", &["--part_file_size", "0.0002"], &[]).assert_ok();
+    quant(&fixture("qwen3_vl_moe"), &b, "w8a16", &["--part_file_size", "0.0002"], &[]).assert_ok();
+    check_output(&m, &a, Scheme::W8A16, Some((0.0002 * GIB) as u64));
+    let out = read_json(&a.join("config.json"));
+    assert!(out.get("quantization_config").is_none() && out["text_config"].get("quantization_config").is_none());
+    let (sa, sb) = (snapshot(&a, false), snapshot(&b, false));
+    let weights = |s: &std::collections::BTreeMap<String, Vec<u8>>| {
+        s.iter().filter(|(k, _)| k.starts_with("quant_model")).map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(weights(&sa), weights(&sb), "shards, index and description depend only on the tensors");
+}
+
+#[test]
+fn fp16_and_fp32_checkpoints() {
+    for dtype in ["F16", "F32"] {
+        let tmp = TempDir::new(&format!("dtype-{dtype}"));
+        let m = copy_fixture("qwen2", &tmp.join("m"));
+        let path = m.join("model.safetensors");
+        let converted = read_st(&path)
+            .into_iter()
+            .map(|(n, t)| {
+                let v = t.f32s();
+                let data: Vec<u8> = match dtype {
+                    "F16" => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                    _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+                };
+                (n, St { dtype: dtype.into(), shape: t.shape, data })
+            })
+            .collect();
+        write_st(&path, &converted);
+        for scheme in [Scheme::W8A8Dynamic, Scheme::W4A8Dynamic] {
+            let save = tmp.join(scheme.cli());
+            quant(&m, &save, scheme.cli(), &[], &[]).assert_ok();
+            let seen = check_output(&m, &save, scheme, None);
+            assert_eq!(seen.quantized.len(), 14, "{dtype}: 2 layers × 7 linears");
+        }
+    }
+}
