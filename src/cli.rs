@@ -88,6 +88,17 @@ struct QuantCli {
     /// Discard an earlier run's output in the save folder and start over.
     #[arg(long)]
     overwrite: bool,
+    /// Calibration data for recipes that calibrate (static W8A8, smoothing, GPTQ): a text file, a
+    /// JSONL of {"text": ...} or {"input_ids": [...]}, or for vision-language models a folder of
+    /// images (or a .json/.jsonl / index.json of {"image", "text"}). Default: the bundled set.
+    #[arg(long = "calib_data", alias = "calib-data", alias = "calib_images", alias = "calib-images")]
+    calib_data: Option<PathBuf>,
+    /// Number of calibration sequences (text models).
+    #[arg(long = "calib_samples", alias = "calib-samples", default_value_t = 32)]
+    calib_samples: usize,
+    /// Tokens per calibration sequence (text models).
+    #[arg(long = "calib_seq_len", alias = "calib-seq-len", default_value_t = 512)]
+    calib_seq_len: usize,
 }
 
 impl QuantCli {
@@ -102,6 +113,9 @@ impl QuantCli {
             memory_budget: self.memory_budget,
             config_path: self.config_path.clone(),
             overwrite: self.overwrite,
+            calib_data: self.calib_data.clone(),
+            calib_samples: self.calib_samples,
+            calib_seq_len: self.calib_seq_len,
         }
     }
 }

@@ -108,7 +108,7 @@ impl Exporter for AscendExporter {
                 out.push(t("weight_offset", Tensor::from_f32(&[rows, groups], &vec![0.0; rows * groups]), kind));
             }
         }
-        if let Some(b) = &ql.bias {
+        if let (Some(b), true) = (&ql.bias, ql.write_bias) {
             out.push(t("bias", Tensor::from_f32(&[rows], b), FLOAT));
         }
         out
@@ -195,6 +195,7 @@ mod tests {
             spec,
             weight: rtn::quantize(&w, rows, cols, &spec),
             bias: bias.then(|| (0..rows).map(|r| r as f32 * 0.1).collect()),
+            write_bias: bias,
             input: Some(crate::quant::ActRange { scale: 0.05, offset: -3.0 }),
         }
     }

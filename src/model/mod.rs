@@ -60,6 +60,9 @@ impl Model {
 pub enum Source {
     /// A tensor stored under this name.
     Stored(String),
+    /// A tensor calibration creates (a norm's bias from outlier suppression's shift); it has no
+    /// bytes in the checkpoint.
+    Computed(String),
     /// One expert's linear cut out of a fused 3D tensor.
     Expert { fused: String, fused_shape: Vec<usize>, layout: FusedLayout, part: ExpertPart, expert: usize },
 }
@@ -67,7 +70,7 @@ pub enum Source {
 impl Source {
     pub fn stored_name(&self) -> &str {
         match self {
-            Source::Stored(n) => n,
+            Source::Stored(n) | Source::Computed(n) => n,
             Source::Expert { fused, .. } => fused,
         }
     }

@@ -28,7 +28,7 @@ impl Weights {
         prefix: &str,
     ) -> Result<Weights> {
         let mut map = BTreeMap::new();
-        for t in tensors.filter(|t| t.meta.dtype.is_float()) {
+        for t in tensors.filter(|t| t.meta.dtype.is_float() && !matches!(t.source, super::Source::Computed(_))) {
             let data = load::f32s(ckpt, t)?;
             let rel = t.name().strip_prefix(prefix).unwrap_or(t.name()).to_string();
             map.insert(rel, ArrayD::from_shape_vec(IxDyn(&t.meta.shape), data)?);

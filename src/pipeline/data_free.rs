@@ -53,6 +53,7 @@ pub fn run_job(ckpt: &Checkpoint, exporter: &dyn Exporter, job: &Job) -> Result<
                 spec: *spec,
                 weight: rtn::quantize(&w, rows, cols, spec),
                 bias: bias.as_ref().map(|b| load::f32s(ckpt, b)).transpose()?,
+                write_bias: bias.is_some(),
                 input: None,
             };
             drop(w);

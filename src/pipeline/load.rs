@@ -10,6 +10,7 @@ use rayon::prelude::*;
 pub fn bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
     match &t.source {
         Source::Stored(name) => Ok(ckpt.bytes(name)?.to_vec()),
+        Source::Computed(name) => bail!("tensor {name} is made by calibration and has no stored bytes"),
         Source::Expert { fused, fused_shape, layout, part, expert } => {
             let (f, e) = ckpt.require(fused)?;
             if e.shape != *fused_shape {
@@ -30,7 +31,7 @@ pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
     let raw;
     let src: &[u8] = match &t.source {
         Source::Stored(name) => ckpt.bytes(name)?,
-        Source::Expert { .. } => {
+        Source::Computed(_) | Source::Expert { .. } => {
             raw = bytes(ckpt, t)?;
             &raw
         }
@@ -65,7 +66,7 @@ pub fn file_of(ckpt: &Checkpoint, t: &LogicalTensor) -> String {
 fn range(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(usize, usize)> {
     let (_, e) = ckpt.entry(t.source.stored_name())?;
     match &t.source {
-        Source::Stored(_) => Some((e.start, e.end)),
+        Source::Stored(_) | Source::Computed(_) => Some((e.start, e.end)),
         Source::Expert { fused_shape, expert, .. } => {
             let per = fused_shape[1] * fused_shape[2] * e.dtype.size();
             Some((e.start + expert * per, e.start + (expert + 1) * per))
@@ -91,7 +92,7 @@ pub fn prefetch(ckpt: &Checkpoint, unit: &Unit) {
 
 /// Checks, before the run, that every tensor the plan reads is present with the planned shape.
 pub fn check_inputs(ckpt: &Checkpoint, unit: &Unit) -> Result<()> {
-    for t in &unit.tensors {
+    for t in unit.tensors.iter().filter(|t| !matches!(t.source, Source::Computed(_))) {
         let name = t.source.stored_name();
         let (f, e) = ckpt.require(name)?;
         if let Source::Stored(_) = t.source {

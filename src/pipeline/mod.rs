@@ -2,6 +2,7 @@
 //! save folder, stream the units, then write the metadata files.
 
 pub mod activations;
+pub mod calibrate;
 pub mod data_free;
 pub mod forward;
 pub mod load;
@@ -38,6 +39,10 @@ pub struct QuantArgs {
     pub memory_budget: Option<f64>,
     pub config_path: Option<PathBuf>,
     pub overwrite: bool,
+    /// Calibration data (text, JSONL, or a folder of images); `None` is the bundled default.
+    pub calib_data: Option<PathBuf>,
+    pub calib_samples: usize,
+    pub calib_seq_len: usize,
 }
 
 /// Everything a run needs once planned.
@@ -45,6 +50,10 @@ pub struct Prepared {
     pub plan: Plan,
     pub ckpt: Option<Checkpoint>,
     pub exporter: AscendExporter,
+    /// The recipe calibrates: calibration data flows through the model layer by layer.
+    pub calibrated: bool,
+    /// Bytes of one activation snapshot that may stay in memory.
+    pub activation_budget: u64,
 }
 
 /// Opens the model (or its config alone), picks the recipe and plans the run.
@@ -83,9 +92,18 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         None => config_dtype(&config) == Some(DType::BF16),
     };
     let exporter = AscendExporter { model_is_bf16 };
-    let units = build_units(&model, &inventory)
+    let mut units = build_units(&model, &inventory)
         .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
-    let units = units.into_iter().map(|u| plan_unit(u, &recipe, &exporter)).collect::<Result<Vec<_>>>()?;
+    let calibrated = needs_calibration(&recipe, &units)?;
+    if calibrated {
+        for u in &mut units {
+            u.tensors.extend(calibrate::planned_additions(&model, &recipe, u)?);
+            u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
+        }
+    }
+    let mut units = units.into_iter().map(|u| plan_unit(u, &recipe, &exporter)).collect::<Result<Vec<_>>>()?;
+    let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
+    let activation_budget = if calibrated { calibration_memory(&model, &mut units, args, budget) } else { 0 };
     let part = part_file_size(args, &recipe);
     if !(part >= 0.0 && part.is_finite()) {
         bail!("--part_file_size must be a non-negative number of GiB, not {part}");
@@ -93,9 +111,63 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let limit = (part > 0.0).then(|| gib(part).max(1));
     let outputs: Vec<TensorMeta> = units.iter().flat_map(|u| u.outputs.iter().map(|o| o.meta.clone())).collect();
     let shards = ShardLayout::plan(&outputs, limit, &|k, n| exporter.weights_file(k, n))?;
-    let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
     let memory = plan_memory(&units, budget);
-    Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter })
+    Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter, calibrated, activation_budget })
+}
+
+/// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a
+/// static activation range or GPTQ weights.
+fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bool> {
+    if calibrate::smoothing::Smoothing::from_recipe(recipe)?.is_some() {
+        return Ok(true);
+    }
+    Ok(units
+        .iter()
+        .flat_map(|u| u.tensors.iter())
+        .filter_map(|t| t.linear_module())
+        .any(|m| recipe.linear_spec(m).is_some_and(|s| s.needs_calibration())))
+}
+
+/// Raises each calibrated unit's predicted need to what layer-wise calibration holds at once,
+/// and returns how many bytes of activations may stay in memory (the rest spills to disk).
+///
+/// A decoder layer under calibration holds its weights widened to f32 about four times over
+/// (the loaded weights, a layer built from them, the dequantized weights the quantized forward
+/// runs, and the smoothed copy), the Hessians of GPTQ inputs with their factors, and one
+/// sequence's working activations.
+fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantArgs, budget: u64) -> u64 {
+    let t = &model.text;
+    let seq = args.calib_seq_len as u64;
+    let widest = t.intermediate_size.max(t.hidden_size).max(t.num_heads * t.head_dim) as u64;
+    let working = seq * (seq * 2 + widest * 8) * 4;
+    let per_sample_state = seq * t.hidden_size as u64 * 4 + seq * 3 * 8;
+    let activations = per_sample_state * args.calib_samples as u64;
+    let mut peak = 0;
+    for u in units.iter_mut() {
+        if matches!(u.unit.kind, crate::model::layout::UnitKind::TextLayer(_) | crate::model::layout::UnitKind::Embed) {
+            let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
+            let hessians: u64 = u
+                .jobs
+                .iter()
+                .filter_map(|j| match j {
+                    plan::Job::Quantize { weight, spec, .. } if spec.weight_method == crate::quant::spec::WeightMethod::Gptq => {
+                        Some(weight.meta.shape[1] as u64)
+                    }
+                    _ => None,
+                })
+                .map(|c| c * c * 4 * 2)
+                .sum();
+            u.peak_job = u.peak_job.max(4 * widened + hessians + working);
+            peak = peak.max(u.peak_job);
+        }
+    }
+    // Inputs and outputs of a unit: two snapshots.
+    let room = budget.saturating_sub(plan::BASE_BYTES + peak);
+    let cache = (2 * activations).min(room / 2);
+    for u in units.iter_mut() {
+        u.peak_job += cache;
+    }
+    cache / 2
 }
 
 /// The shard size limit in GiB: the command line's, else the recipe's, else 4.

@@ -99,13 +99,6 @@ pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter) -> Result
         let Some(spec) = recipe.linear_spec(module) else {
             continue;
         };
-        if spec.needs_calibration() {
-            bail!(
-                "{module} is to be quantized with a scheme that needs calibration data ({}{}); this run is data-free",
-                spec.ascend_type(),
-                if spec.weight_method == crate::quant::spec::WeightMethod::Gptq { ", GPTQ" } else { "" }
-            );
-        }
         let (rows, cols) = (t.meta.shape[0], t.meta.shape[1]);
         if spec.weight_bits == 4 && spec.act == crate::quant::ActQuant::PerToken && rows % 2 != 0 {
             bail!("{module}: W4A8 packs pairs of output rows, but the weight has {rows} rows");

@@ -30,7 +30,11 @@ pub struct ActRange {
 pub struct QuantizedLinear {
     pub spec: QuantSpec,
     pub weight: QuantizedWeight,
+    /// The full bias the linear computes with (static schemes fold it into `quant_bias`).
     pub bias: Option<Vec<f32>>,
+    /// Whether `bias` is written as a tensor: true when the checkpoint's linear had one. A bias
+    /// that only smoothing created lives in `quant_bias` alone.
+    pub write_bias: bool,
     /// Present for static activation schemes.
     pub input: Option<ActRange>,
 }
