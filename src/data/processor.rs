@@ -8,7 +8,12 @@
 //!   ordered by merge window, plus `image_grid_thw`.
 //! - LLaVA (CLIP): resize the shortest edge, center crop, rescale, normalize: `[1, 3, H, W]`.
 //!
-//! Arithmetic follows numpy's: rescale in f64 then cast to f32, normalize in f32.
+//! transformers has two implementations of each processor, and which one runs matters at the
+//! level of single pixel values: the PIL/numpy one ("slow": Pillow's fixed-point resize, rescale
+//! in f64 then normalize in f32) and the torchvision one ("fast": PyTorch's f32 antialiased
+//! resize rounded back to u8, rescale folded into mean and std). transformers 4.x runs the fast
+//! one when `image_processor_type` names it (`...Fast`, as the Qwen3-VL releases do) and the
+//! slow one otherwise (Qwen2-VL, Qwen2.5-VL, LLaVA 1.5 releases); [`Backend`] follows that rule.
 
 use super::resample::{self, Filter, Image8};
 use anyhow::{bail, Context, Result};
@@ -18,6 +23,32 @@ use std::path::Path;
 /// `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`: the defaults of both processors.
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Which of transformers' implementations a processor reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The PIL/numpy processors (`Qwen2VLImageProcessor` in transformers 4.x).
+    Pillow,
+    /// The torchvision processors (`Qwen2VLImageProcessorFast`).
+    Torchvision,
+}
+
+impl Backend {
+    /// The backend a `preprocessor_config.json` asks for through its `image_processor_type`.
+    pub fn from_json(json: &Value) -> Backend {
+        match json.get("image_processor_type").and_then(Value::as_str) {
+            Some(t) if t.ends_with("Fast") => Backend::Torchvision,
+            _ => Backend::Pillow,
+        }
+    }
+
+    fn resize(self, img: &Image8, width: usize, height: usize, filter: Filter) -> Result<Image8> {
+        match self {
+            Backend::Pillow => resample::resize(img, width, height, filter),
+            Backend::Torchvision => resample::resize_torchvision(img, width, height, filter),
+        }
+    }
+}
 
 /// Rescale and normalize settings shared by the processors.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,18 +62,30 @@ pub struct Normalize {
 
 impl Normalize {
     /// Channel-first f32 planes `[3, H, W]` of an RGB image, rescaled and normalized.
-    fn planes(&self, img: &Image8) -> Vec<f32> {
+    fn planes(&self, img: &Image8, backend: Backend) -> Vec<f32> {
         let (w, h) = (img.width, img.height);
         let mut out = vec![0f32; 3 * w * h];
         for c in 0..3 {
             let (mean, std) = (self.mean[c] as f32, self.std[c] as f32);
+            // torchvision folds the rescale into mean and std: (v - mean/r) / (std/r), in f32.
+            let inv = (1.0 / self.rescale_factor) as f32;
+            let (fused_mean, fused_std) = (mean * inv, std * inv);
             for i in 0..w * h {
                 let v = img.data[i * 3 + c];
-                let mut x = if self.do_rescale { (v as f64 * self.rescale_factor) as f32 } else { v as f32 };
-                if self.do_normalize {
-                    x = (x - mean) / std;
-                }
-                out[c * w * h + i] = x;
+                out[c * w * h + i] = match (backend, self.do_rescale, self.do_normalize) {
+                    (Backend::Pillow, true, norm) => {
+                        let x = (v as f64 * self.rescale_factor) as f32;
+                        if norm {
+                            (x - mean) / std
+                        } else {
+                            x
+                        }
+                    }
+                    (Backend::Torchvision, true, true) => (v as f32 - fused_mean) / fused_std,
+                    (Backend::Torchvision, true, false) => v as f32 * self.rescale_factor as f32,
+                    (_, false, true) => (v as f32 - mean) / std,
+                    (_, false, false) => v as f32,
+                };
             }
         }
         out
@@ -52,6 +95,7 @@ impl Normalize {
 /// `Qwen2VLImageProcessor` settings (also used by Qwen2.5-VL and Qwen3-VL).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QwenVlProcessor {
+    pub backend: Backend,
     pub do_resize: bool,
     pub filter: Filter,
     pub min_pixels: usize,
@@ -65,6 +109,7 @@ pub struct QwenVlProcessor {
 /// `CLIPImageProcessor` settings (LLaVA).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipProcessor {
+    pub backend: Backend,
     pub do_resize: bool,
     pub filter: Filter,
     pub size: ClipSize,
@@ -243,6 +288,7 @@ impl QwenVlProcessor {
             None => from_size(&["longest_edge", "max_pixels"])?.unwrap_or(28 * 28 * 1280),
         };
         let p = QwenVlProcessor {
+            backend: Backend::from_json(json),
             do_resize: flag(json, "do_resize", true)?,
             filter: filter_from_json(json)?,
             min_pixels,
@@ -282,12 +328,12 @@ impl QwenVlProcessor {
         }
         let resized;
         let img = if (h, w) != (img.height, img.width) {
-            resized = resample::resize(img, w, h, self.filter)?;
+            resized = self.backend.resize(img, w, h, self.filter)?;
             &resized
         } else {
             img
         };
-        let planes = self.normalize.planes(img);
+        let planes = self.normalize.planes(img, self.backend);
         let (p, m, t) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         let (gh, gw) = (h / p, w / p);
         let row_len = 3 * t * p * p;
@@ -385,6 +431,7 @@ impl ClipProcessor {
             None
         };
         Ok(ClipProcessor {
+            backend: Backend::from_json(json),
             do_resize: flag(json, "do_resize", true)?,
             filter: filter_from_json(json)?,
             size,
@@ -425,29 +472,31 @@ impl ClipProcessor {
         }
         let resized;
         let mut img = if (h, w) != (img.height, img.width) {
-            resized = resample::resize(img, w, h, self.filter)?;
+            resized = self.backend.resize(img, w, h, self.filter)?;
             &resized
         } else {
             img
         };
         let cropped;
         if let Some((ch, cw)) = self.crop {
-            cropped = center_crop(img, ch, cw);
+            cropped = center_crop(img, ch, cw, self.backend);
             img = &cropped;
         }
-        let planes = self.normalize.planes(img);
+        let planes = self.normalize.planes(img, self.backend);
         Ok(ProcessedImage { shape: vec![1, 3, img.height, img.width], pixel_values: planes, grid_thw: None })
     }
 }
 
 /// transformers' `center_crop`: offsets `(size - crop) // 2`; an image smaller than the crop is
-/// first padded with zeros, centered (`ceil` of half the padding before).
-fn center_crop(img: &Image8, crop_h: usize, crop_w: usize) -> Image8 {
+/// first padded with zeros, centered (the odd pixel of padding goes before with numpy, after
+/// with torchvision).
+fn center_crop(img: &Image8, crop_h: usize, crop_w: usize, backend: Backend) -> Image8 {
     let (h, w, ch) = (img.height, img.width, img.channels);
     let (new_h, new_w) = (crop_h.max(h), crop_w.max(w));
-    let (pad_top, pad_left) = ((new_h - h).div_ceil(2), (new_w - w).div_ceil(2));
-    let top = (h as i64 - crop_h as i64).div_euclid(2) + pad_top as i64;
-    let left = (w as i64 - crop_w as i64).div_euclid(2) + pad_left as i64;
+    let half = |pad: usize| if backend == Backend::Pillow { pad.div_ceil(2) } else { pad / 2 };
+    let (pad_top, pad_left) = (half(new_h - h), half(new_w - w));
+    // Where the crop starts in the padded canvas (0 along a padded axis, which fits exactly).
+    let (top, left) = (((new_h - crop_h) / 2) as i64, ((new_w - crop_w) / 2) as i64);
     let mut out = vec![0u8; crop_h * crop_w * ch];
     for y in 0..crop_h {
         for x in 0..crop_w {
@@ -513,6 +562,7 @@ mod tests {
         // A 4x4-patch image (patch 1, merge 2) whose pixel value encodes its position: row r of
         // pixel_values must be the pixel at the r-th position in merge-window order.
         let p = QwenVlProcessor {
+            backend: Backend::Pillow,
             do_resize: false,
             filter: Filter::Bicubic,
             min_pixels: 1,
@@ -548,10 +598,13 @@ mod tests {
         // Crop larger than the image: zero padding, centered with the odd pixel of padding
         // before (numpy's ceil of half the padding): the lone pixel lands at row 1, column 1.
         let img = Image8::new(1, 1, 3, vec![9, 9, 9]);
-        let c = center_crop(&img, 2, 3);
+        let c = center_crop(&img, 2, 3, Backend::Pillow);
         assert_eq!((c.width, c.height), (3, 2));
         let lit: Vec<usize> = (0..6).filter(|&i| c.data[i * 3] == 9).collect();
         assert_eq!(lit, vec![4]);
+        let c = center_crop(&img, 2, 3, Backend::Torchvision);
+        let lit: Vec<usize> = (0..6).filter(|&i| c.data[i * 3] == 9).collect();
+        assert_eq!(lit, vec![1]);
     }
 
     // ---- Parity with transformers (references made by Hugging Face's own processors) ----
@@ -611,6 +664,9 @@ mod tests {
         let mut checked = 0;
         for (name, cfg) in cases.as_object().unwrap() {
             let Some(kind) = cfg.get("processor").and_then(Value::as_str) else { continue };
+            if name.starts_with("torchvision.") {
+                continue;
+            }
             let mut img = crate::data::image::load_rgb(&photos.join(cfg["photo"].as_str().unwrap())).unwrap();
             if let Some(c) = cfg["crop"].as_array() {
                 let c: Vec<usize> = c.iter().map(|v| v.as_u64().unwrap() as usize).collect();
@@ -647,5 +703,62 @@ mod tests {
                 assert_eq!(got, (r[2] as usize, r[3] as usize), "{name}: {}x{}", r[0], r[1]);
             }
         }
+    }
+
+    /// The torchvision backend (what "fast" processors such as the Qwen3-VL releases'
+    /// Qwen2VLImageProcessorFast run) against transformers with torch, on real photographs
+    /// downscaled hard and on an upscaled crop.
+    #[test]
+    fn real_photographs_match_transformers_torchvision() {
+        let dir = fixture("real_photos");
+        let reference = load_all(&dir.join("torchvision.safetensors")).unwrap();
+        let cases = read_json(&dir.join("cases.json")).unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        let mut checked = 0;
+        for (key, cfg) in cases.as_object().unwrap() {
+            let Some(name) = key.strip_prefix("torchvision.") else { continue };
+            let img = match reference.get(&format!("{name}.image")) {
+                Some(t) => Image8::new(t.shape[1], t.shape[0], 3, t.bytes.clone()),
+                None => {
+                    let img = crate::data::image::load_rgb(&photos.join(cfg["photo"].as_str().unwrap())).unwrap();
+                    match cfg["crop"].as_array() {
+                        Some(c) => {
+                            let c: Vec<usize> = c.iter().map(|v| v.as_u64().unwrap() as usize).collect();
+                            let data = (c[1]..c[3])
+                                .flat_map(|y| img.data[(y * img.width + c[0]) * 3..(y * img.width + c[2]) * 3].to_vec())
+                                .collect();
+                            Image8::new(c[2] - c[0], c[3] - c[1], 3, data)
+                        }
+                        None => img,
+                    }
+                }
+            };
+            let mut p = QwenVlProcessor::from_json(cfg).unwrap();
+            p.backend = Backend::Torchvision;
+            assert_ne!(p.target_size(img.height, img.width).unwrap(), (img.height, img.width), "{name}");
+            let got = p.process(&img).unwrap();
+            let want = reference[&format!("{name}.pixel_values")].to_f32().unwrap();
+            let diffs: Vec<f32> = got.pixel_values.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+            let err = diffs.iter().fold(0f32, |a, &b| a.max(b));
+            let off = diffs.iter().filter(|&&d| d > 1e-5).count();
+            println!("torchvision {name}: {:?} max abs error {err:e}, {off} of {} values off", got.shape, want.len());
+            assert!(err <= 1e-5, "{name}: max abs error {err}");
+            assert_eq!(
+                got.grid_thw.map(|g| g.map(|x| x as i64).to_vec()),
+                Some(i64s(&reference[&format!("{name}.image_grid_thw")]))
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 3);
+    }
+
+    #[test]
+    fn fast_processors_select_torchvision() {
+        assert_eq!(
+            Backend::from_json(&json!({"image_processor_type": "Qwen2VLImageProcessorFast"})),
+            Backend::Torchvision
+        );
+        assert_eq!(Backend::from_json(&json!({"image_processor_type": "Qwen2VLImageProcessor"})), Backend::Pillow);
+        assert_eq!(Backend::from_json(&json!({})), Backend::Pillow);
     }
 }

@@ -228,6 +228,135 @@ pub fn resize(img: &Image8, width: usize, height: usize, filter: Filter) -> Resu
     }
 }
 
+/// Antialiased resize as torchvision does it for transformers' "fast" image processors
+/// (`torchvision.transforms.v2.functional.resize(..., antialias=True)` on a uint8 tensor, which on
+/// x86 CPUs runs PyTorch's native uint8 kernel, `upsample_avx_bilinear_bicubic_uint8`). It is
+/// Pillow's algorithm with other fixed-point weights: computed in f64 with PyTorch's formulas,
+/// then quantized to i16 with as many fraction bits as the largest weight allows (at most 22);
+/// horizontal pass then vertical, each rounded and clipped to u8. Reference: PyTorch's
+/// `aten/src/ATen/native/cpu/UpSampleKernel.cpp` (`_compute_index_ranges_int16_weights`) and
+/// `UpSampleKernelAVXAntialias.h`. Only bilinear and bicubic have antialiased kernels there.
+pub fn resize_torchvision(img: &Image8, width: usize, height: usize, filter: Filter) -> Result<Image8> {
+    if width == 0 || height == 0 || img.width == 0 || img.height == 0 {
+        bail!("cannot resize a {}x{} image to {width}x{height}", img.width, img.height);
+    }
+    if !matches!(filter, Filter::Bicubic | Filter::Bilinear) {
+        bail!("torchvision's antialiased resize supports bilinear and bicubic, not {filter:?}");
+    }
+    let mut out = img.clone();
+    if width != out.width {
+        let co = torch_coefficients(out.width, width, filter);
+        out = convolve_horizontal(&out, &co);
+    }
+    if height != out.height {
+        let co = torch_coefficients(out.height, height, filter);
+        out = convolve_vertical(&out, &co);
+    }
+    Ok(out)
+}
+
+/// Fixed-point weights with `bits` fraction bits, per output pixel along one axis.
+struct FixedCoefficients {
+    first: Vec<usize>,
+    weights: Vec<Vec<i32>>,
+    bits: u32,
+}
+
+fn convolve_horizontal(img: &Image8, co: &FixedCoefficients) -> Image8 {
+    let (ch, out_width) = (img.channels, co.first.len());
+    let mut out = vec![0u8; out_width * img.height * ch];
+    for y in 0..img.height {
+        let row = &img.data[y * img.width * ch..(y + 1) * img.width * ch];
+        for xx in 0..out_width {
+            let (x0, k) = (co.first[xx], &co.weights[xx]);
+            for c in 0..ch {
+                let acc = k
+                    .iter()
+                    .enumerate()
+                    .fold(1i32 << (co.bits - 1), |a, (i, &w)| a + row[(x0 + i) * ch + c] as i32 * w);
+                out[(y * out_width + xx) * ch + c] = (acc >> co.bits).clamp(0, 255) as u8;
+            }
+        }
+    }
+    Image8::new(out_width, img.height, ch, out)
+}
+
+fn convolve_vertical(img: &Image8, co: &FixedCoefficients) -> Image8 {
+    let (stride, out_height) = (img.width * img.channels, co.first.len());
+    let mut out = vec![0u8; stride * out_height];
+    for yy in 0..out_height {
+        let (y0, k) = (co.first[yy], &co.weights[yy]);
+        for i in 0..stride {
+            let acc = k
+                .iter()
+                .enumerate()
+                .fold(1i32 << (co.bits - 1), |a, (j, &w)| a + img.data[(y0 + j) * stride + i] as i32 * w);
+            out[yy * stride + i] = (acc >> co.bits).clamp(0, 255) as u8;
+        }
+    }
+    Image8::new(img.width, out_height, img.channels, out)
+}
+
+/// PyTorch's antialiased weights in f64 (`_compute_weights_aa`), quantized to i16.
+fn torch_coefficients(in_size: usize, out_size: usize, filter: Filter) -> FixedCoefficients {
+    let scale = in_size as f64 / out_size as f64;
+    let half_width = if filter == Filter::Bicubic { 2.0 } else { 1.0 };
+    let support = if scale >= 1.0 { half_width * scale } else { half_width };
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    let kernel = |x: f64| -> f64 {
+        let x = x.abs();
+        match filter {
+            Filter::Bicubic => {
+                // PyTorch's spelling of Keys' kernel (a = -0.5); it rounds a little differently
+                // from Pillow's.
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+                } else {
+                    0.0
+                }
+            }
+            _ => (1.0 - x).max(0.0),
+        }
+    };
+    let mut first = Vec::with_capacity(out_size);
+    let mut real = Vec::with_capacity(out_size);
+    let mut largest = 0f64;
+    for i in 0..out_size {
+        let center = scale * (i as f64 + 0.5);
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xsize = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+        let mut k: Vec<f64> =
+            (0..xsize.max(0)).map(|j| kernel(((j + xmin) as f64 - center + 0.5) * invscale)).collect();
+        let total: f64 = k.iter().sum();
+        if total != 0.0 {
+            k.iter_mut().for_each(|w| *w /= total);
+            largest = k.iter().fold(largest, |m, &w| m.max(w));
+        }
+        first.push(xmin as usize);
+        real.push(k);
+    }
+    // As many fraction bits as keep the largest weight within an i16.
+    let mut bits = 0u32;
+    while bits < 22 && ((0.5 + largest * (1u64 << (bits + 1)) as f64) as i64) < (1 << 15) {
+        bits += 1;
+    }
+    let weights = real
+        .iter()
+        .map(|k| {
+            k.iter()
+                .map(|&w| {
+                    let v = w * (1u64 << bits) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+                })
+                .collect()
+        })
+        .collect();
+    FixedCoefficients { first, weights, bits }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
