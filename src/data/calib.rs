@@ -145,6 +145,9 @@ pub fn load_text(
     if samples == 0 || seq_len == 0 {
         bail!("--calib_samples and --calib_seq_len must be positive (got {samples} and {seq_len})");
     }
+    if path.is_dir() {
+        bail!("{}: is a folder; text models calibrate on a .txt or .jsonl file", path.display());
+    }
     if !path.is_file() {
         bail!("{}: no such calibration file (text models take a .txt or .jsonl file)", path.display());
     }
@@ -781,7 +784,10 @@ mod tests {
         std::fs::write(dir.join("bad.jsonl"), "{\"text\": 3}").unwrap();
         let e = format!("{:#}", load_text(&qwen3, &dir.join("bad.jsonl"), 1, 8, 1000).unwrap_err());
         assert!(e.contains("bad.jsonl:1") && e.contains("not a string"), "{e}");
-        assert!(load_text(&qwen3, &dir.join("missing.txt"), 1, 8, 1000).is_err());
+        let e = format!("{:#}", load_text(&qwen3, &dir.join("missing.txt"), 1, 8, 1000).unwrap_err());
+        assert!(e.contains("missing.txt") && e.contains("no such calibration file"), "{e}");
+        let e = format!("{:#}", load_text(&qwen3, &dir, 1, 8, 1000).unwrap_err());
+        assert!(e.contains("is a folder"), "{e}");
         assert!(load_text(&qwen3, &dir.join("words.txt"), 0, 8, 1000).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -808,8 +814,10 @@ mod tests {
         }
         let tok = TextTokenizer::load(&dir).unwrap();
         let corpus = root.join("text/corpus.txt");
-        let windows = load_text(&dir, &corpus, 8, 256, 151936).unwrap();
+        // The README promises 32 sequences of 512 tokens.
+        let windows = load_text(&dir, &corpus, 32, 512, 151936).unwrap();
+        assert!(windows.iter().all(|w| w.len() == 512));
         let all = tok.encode(&std::fs::read_to_string(&corpus).unwrap(), false).unwrap();
-        assert_eq!(windows.concat(), all[..8 * 256]);
+        assert_eq!(windows.concat(), all[..32 * 512]);
     }
 }
