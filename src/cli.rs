@@ -33,6 +33,35 @@ enum Command {
     /// text layer's input and output, the final norm's output and the logits, named as in
     /// transformers reference files (`model.layers.0.in`, `final_norm.out`, `logits`).
     Forward(ForwardCli),
+    /// Perplexity of the float model, and of a quantized output computed as the NPU computes it
+    /// (dequantized weights, per-token or static activation quantization). The text is tokenized
+    /// once without special tokens and cut into windows of --seq_len tokens; the last line is
+    /// `perplexity: X` (the quantized model's when --quantized is given).
+    Eval(EvalCli),
+}
+
+#[derive(Args)]
+struct EvalCli {
+    /// The float checkpoint folder (its tokenizer.json tokenizes the text).
+    #[arg(long = "model_path", alias = "model-path")]
+    model_path: PathBuf,
+    /// A lamina output folder of the same model to evaluate too.
+    #[arg(long)]
+    quantized: Option<PathBuf>,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per window.
+    #[arg(long = "seq_len", alias = "seq-len", default_value_t = 512)]
+    seq_len: usize,
+    /// Evaluate at most this many windows.
+    #[arg(long = "max_windows", alias = "max-windows")]
+    max_windows: Option<usize>,
+    #[arg(long = "model_type", alias = "model-type")]
+    model_type: Option<String>,
+    /// The compute device. Only cpu exists in this build.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -127,6 +156,7 @@ pub fn main() -> i32 {
         Command::Quant(q) => quant(&q),
         Command::Plan(q) => plan(&q),
         Command::Forward(f) => forward(&f),
+        Command::Eval(e) => eval(&e),
     };
     match result {
         Ok(code) => code,
@@ -180,5 +210,31 @@ fn forward(f: &ForwardCli) -> anyhow::Result<i32> {
         s.tokens,
         s.seconds
     );
+    Ok(0)
+}
+
+fn eval(e: &EvalCli) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
+    let r = pipeline::eval::run(&pipeline::eval::EvalArgs {
+        model_path: e.model_path.clone(),
+        quantized: e.quantized.clone(),
+        text: e.text.clone(),
+        seq_len: e.seq_len,
+        max_windows: e.max_windows,
+        device: e.device.clone(),
+        model_type: e.model_type.clone(),
+    })?;
+    println!("windows: {} x {} tokens ({:.1} s)", r.windows, e.seq_len, started.elapsed().as_secs_f64());
+    println!("float perplexity: {:.4}", r.float_perplexity);
+    match r.quantized_perplexity {
+        Some(q) => {
+            println!(
+                "quantized perplexity: {q:.4} ({:+.2}% vs float)",
+                100.0 * (q / r.float_perplexity - 1.0)
+            );
+            println!("perplexity: {q:.4}");
+        }
+        None => println!("perplexity: {:.4}", r.float_perplexity),
+    }
     Ok(0)
 }

@@ -3,6 +3,7 @@
 //! time and for tensor data at run time, and the two must agree (the writer checks).
 
 pub mod ascend;
+pub mod ascend_read;
 
 use crate::quant::{QuantSpec, QuantizedLinear};
 use crate::tensor::{Tensor, TensorMeta};

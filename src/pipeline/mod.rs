@@ -4,6 +4,7 @@
 pub mod activations;
 pub mod calibrate;
 pub mod data_free;
+pub mod eval;
 pub mod forward;
 pub mod load;
 pub mod memory;
@@ -297,7 +298,16 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     for u in &plan.units {
         load::check_inputs(ckpt, &u.unit)?;
     }
-    let fingerprint = fingerprint(args, ckpt, plan)?;
+    let calibration = if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };
+    let mut fingerprint = fingerprint(args, ckpt, plan)?;
+    if let Some(samples) = &calibration {
+        let mut h = crc32fast::Hasher::new();
+        for s in samples {
+            h.update(&(s.ids.len() as u64).to_le_bytes());
+            s.ids.iter().for_each(|id| h.update(&id.to_le_bytes()));
+        }
+        fingerprint["calibration"] = serde_json::json!({"samples": samples.len(), "tokens_crc32": h.finalize()});
+    }
     let history = open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, &p.exporter, plan)?;
     if history.as_ref().is_some_and(|h| h.complete) {
         return Ok(Summary {
@@ -323,6 +333,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         writer: ShardWriter::new(&save),
         journal,
         crcs: stages::crcs_from_history(plan, &history),
+        committed: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(start)),
     };
     verify_finished_shards(&save, plan, &history, &mut state, start)?;
     if start > 0 {
@@ -335,8 +346,28 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         );
     }
     let mut progress = progress::Progress::new(plan.units.len() as u64, start as u64, "units");
-    let mut processor = data_free::DataFree { ckpt, exporter: &p.exporter };
-    stages::run(plan, ckpt, &mut processor, &mut state, start, &mut progress)?;
+    let device = crate::device::open(&args.device)?;
+    let mut data_free = data_free::DataFree { ckpt, exporter: &p.exporter };
+    let mut calibrator;
+    let processor: &mut dyn stages::UnitProcessor = match calibration {
+        None => &mut data_free,
+        Some(samples) => {
+            calibrator = calibrate::Calibrator::new(
+                ckpt,
+                &plan.model,
+                &plan.recipe,
+                &p.exporter,
+                device.as_ref(),
+                samples,
+                save.clone(),
+                p.activation_budget,
+                state.committed.clone(),
+            )?;
+            calibrator.resume(start)?;
+            &mut calibrator
+        }
+    };
+    stages::run(plan, ckpt, processor, &mut state, start, &mut progress)?;
     progress.finish();
     for k in 0..plan.shards.files.len() {
         state.writer.publish(&plan.shards, k)?;
@@ -344,6 +375,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     state.writer.sync_dir();
     write_metadata(&save, ckpt, plan, &p.exporter)?;
     state.journal.record(&Event::Complete)?;
+    let _ = std::fs::remove_dir_all(save.join(activations::DIR));
     Ok(Summary {
         seconds: started.elapsed().as_secs_f64(),
         bytes_in: plan.units[start..].iter().map(|u| u.unit.stored_bytes).sum(),
@@ -353,6 +385,38 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         already_done: false,
         resumed_from: start,
     })
+}
+
+/// Where the bundled calibration set lives: `LAMINA_CALIB_DIR`, a `calib/` folder beside the
+/// executable's folder, or the source checkout's.
+pub fn default_calib_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LAMINA_CALIB_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::current_exe().ok().and_then(|e| e.parent()?.parent().map(|p| p.join("calib"))) {
+        if d.is_dir() {
+            return d;
+        }
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/calib"))
+}
+
+/// The calibration sequences: `--calib_data`, else the bundled text corpus.
+fn calibration_samples(args: &QuantArgs, ckpt: &Checkpoint, model: &Model, recipe: &Recipe) -> Result<Vec<calibrate::CalibSample>> {
+    let _ = recipe;
+    let path = match &args.calib_data {
+        Some(p) => p.clone(),
+        None => {
+            let p = default_calib_dir().join("text/corpus.txt");
+            if !p.is_file() {
+                bail!("the bundled calibration text {} is missing; pass --calib_data", p.display());
+            }
+            p
+        }
+    };
+    let ids = crate::data::calib::load_text(&ckpt.dir, &path, args.calib_samples, args.calib_seq_len, model.text.vocab_size)
+        .with_context(|| format!("reading the calibration data {}", path.display()))?;
+    Ok(ids.into_iter().map(|ids| calibrate::CalibSample { ids }).collect())
 }
 
 /// What decides the output bytes: a rerun must match it to resume.

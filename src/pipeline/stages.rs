@@ -34,6 +34,9 @@ pub struct WriteState<'a> {
     pub journal: Journal,
     /// CRC-32 and length of every tensor written so far (this run and earlier ones).
     pub crcs: HashMap<String, (u32, u64)>,
+    /// How many units the journal records as finished (the transform reads it to know which
+    /// activation snapshots a resume could still need).
+    pub committed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Runs units `start..` through the stream.
@@ -139,6 +142,7 @@ fn write_loop(
                     name: unit.unit.name.clone(),
                     tensors: std::mem::take(&mut unit_crcs),
                 })?;
+                st.committed.store(i + 1, std::sync::atomic::Ordering::SeqCst);
                 touched.clear();
                 for (k, &last) in last_unit_of_shard.iter().enumerate() {
                     if last == i {

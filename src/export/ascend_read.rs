@@ -1,0 +1,155 @@
+//! Reading an Ascend-format output back as the NPU will compute it: every quantized linear
+//! becomes its dequantized weight, the bias the kernel effectively adds, and the activation
+//! quantizer it applies. `lamina eval` runs the model this way.
+
+use super::ascend::DESCRIPTION;
+use crate::io::safetensors::SafetensorsFile;
+use crate::model::nn::Linear;
+use crate::model::weights::Weights;
+use crate::pipeline::calibrate::hooks::ActSim;
+use crate::quant::ActRange;
+use crate::tensor::{decode_f32, DType};
+use anyhow::{bail, Context, Result};
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct AscendModel {
+    pub dir: PathBuf,
+    /// Tensor name → quantization type.
+    pub description: BTreeMap<String, String>,
+    files: Vec<SafetensorsFile>,
+    where_: BTreeMap<String, usize>,
+}
+
+/// A quantized linear as the kernel computes it.
+#[derive(Debug, Clone)]
+pub struct DequantizedLinear {
+    pub linear: Linear,
+    pub act: ActSim,
+}
+
+impl AscendModel {
+    pub fn open(dir: &Path) -> Result<AscendModel> {
+        let desc_path = dir.join(DESCRIPTION);
+        let desc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(
+            &std::fs::read(&desc_path).with_context(|| format!("cannot read {} (is this a lamina output?)", desc_path.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", desc_path.display()))?;
+        let description = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy();
+                n.starts_with(super::ascend::WEIGHTS) && n.ends_with(".safetensors")
+            })
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            bail!("{} holds no quant_model_weights*.safetensors", dir.display());
+        }
+        let files: Vec<SafetensorsFile> = names.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
+        let mut where_ = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for t in &f.tensors {
+                where_.insert(t.name.clone(), i);
+            }
+        }
+        Ok(AscendModel { dir: dir.to_path_buf(), description, files, where_ })
+    }
+
+    fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
+        let &i = self.where_.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
+        let e = self.files[i].get(name).unwrap();
+        Ok((e.dtype, e.shape.clone(), self.files[i].bytes(e)))
+    }
+
+    fn f32s(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dtype, shape, bytes) = self.raw(name)?;
+        Ok((shape, decode_f32(dtype, bytes)?))
+    }
+
+    fn ints(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let (dtype, shape, bytes) = self.raw(name)?;
+        Ok((shape, crate::tensor::decode_i64(dtype, bytes)?))
+    }
+
+    /// The tensors under `prefix` as a float forward reads them, names relative to `prefix`,
+    /// plus the activation quantizers of the quantized linears.
+    pub fn weights(&self, prefix: &str) -> Result<(Weights, BTreeMap<String, ActSim>)> {
+        let mut w = Weights { prefix: prefix.to_string(), map: BTreeMap::new() };
+        let mut acts = BTreeMap::new();
+        for (name, kind) in self.description.range(prefix.to_string()..) {
+            let Some(rel) = name.strip_prefix(prefix) else { break };
+            if kind == "FLOAT" {
+                let (shape, v) = self.f32s(name)?;
+                // A W8A8 linear's float bias is inside its quant_bias; its weight decides.
+                let module = rel.strip_suffix(".bias");
+                if module.is_some_and(|m| self.description.get(&format!("{prefix}{m}.weight")).is_some_and(|k| k == "W8A8")) {
+                    continue;
+                }
+                w.map.insert(rel.to_string(), ArrayD::from_shape_vec(IxDyn(&shape), v)?);
+            } else if let Some(module) = rel.strip_suffix(".weight") {
+                let d = self.linear(&format!("{prefix}{module}"), kind)?;
+                w.map.insert(format!("{module}.weight"), d.linear.weight.into_dyn());
+                if let Some(b) = d.linear.bias {
+                    w.map.insert(format!("{module}.bias"), b.into_dyn());
+                }
+                acts.insert(module.to_string(), d.act);
+            }
+        }
+        Ok((w, acts))
+    }
+
+    /// Dequantizes the linear `module` of type `kind`.
+    pub fn linear(&self, module: &str, kind: &str) -> Result<DequantizedLinear> {
+        let t = |s: &str| format!("{module}.{s}");
+        let bias = || -> Result<Option<Array1<f32>>> {
+            if self.where_.contains_key(&t("bias")) {
+                Ok(Some(Array1::from_vec(self.f32s(&t("bias"))?.1)))
+            } else {
+                Ok(None)
+            }
+        };
+        match kind {
+            "W8A8" => {
+                let (shape, q) = self.ints(&t("weight"))?;
+                let (rows, cols) = (shape[0], shape[1]);
+                let input = ActRange { scale: self.f32s(&t("input_scale"))?.1[0], offset: self.f32s(&t("input_offset"))?.1[0] };
+                let (dtype, _, bytes) = self.raw(&t("deq_scale"))?;
+                let deq: Vec<f32> = match dtype {
+                    DType::I64 => crate::tensor::decode_i64(dtype, bytes)?.iter().map(|&b| f32::from_bits(b as u32)).collect(),
+                    _ => decode_f32(dtype, bytes)?,
+                };
+                let quant_bias = self.ints(&t("quant_bias"))?.1;
+                let mut weight = Array2::<f32>::zeros((rows, cols));
+                let mut effective = Array1::<f32>::zeros(rows);
+                for r in 0..rows {
+                    let ws = deq[r] / input.scale;
+                    let row = &q[r * cols..(r + 1) * cols];
+                    let qsum: f64 = row.iter().map(|&x| x as f64).sum();
+                    for c in 0..cols {
+                        weight[[r, c]] = row[c] as f32 * ws;
+                    }
+                    // out = deq · (Σ q_x q_w + quant_bias), with q_x = x̂/s + offset.
+                    effective[r] = (deq[r] as f64 * (quant_bias[r] as f64 + input.offset as f64 * qsum)) as f32;
+                }
+                Ok(DequantizedLinear { linear: Linear { weight, bias: Some(effective) }, act: ActSim::Static(input) })
+            }
+            "W8A8_DYNAMIC" | "W8A16" => {
+                let (shape, q) = self.ints(&t("weight"))?;
+                let (rows, cols) = (shape[0], shape[1]);
+                let (sshape, scale) = self.f32s(&t("weight_scale"))?;
+                let offset = self.f32s(&t("weight_offset"))?.1;
+                let groups = sshape[1];
+                let g = cols.div_ceil(groups);
+                let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    (q[r * cols + c] as f32 - offset[r * groups + c / g]) * scale[r * groups + c / g]
+                });
+                let act = if kind == "W8A16" { ActSim::None } else { ActSim::PerToken };
+                Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act })
+            }
+            other => bail!("{module}: reading {other} weights back is not supported yet"),
+        }
+    }
+}
