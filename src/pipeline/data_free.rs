@@ -37,12 +37,14 @@ impl UnitProcessor for DataFree<'_> {
             }
         }
         for (k, job) in jobs.iter().enumerate() {
-            emit(run_job(ckpt, self.exporter, job)?)?;
+            let out = run_job(ckpt, self.exporter, job)?;
+            // The outputs own their bytes, so the input pages can go before the writer has them.
             for t in inputs(job) {
                 if last_use.get(&load::span(ckpt, t)) == Some(&k) {
                     load::release(ckpt, t);
                 }
             }
+            emit(out)?;
         }
         Ok(())
     }
@@ -61,7 +63,7 @@ pub fn run_job(ckpt: &Checkpoint, exporter: &dyn Exporter, job: &Job) -> Result<
     match job {
         Job::Keep(t) => Ok(vec![OutTensor {
             name: t.meta.name.clone(),
-            tensor: Tensor::from_bytes(t.meta.dtype, &t.meta.shape, load::bytes(ckpt, t)?),
+            tensor: Tensor::from_bytes(t.meta.dtype, &t.meta.shape, load::take_bytes(ckpt, t)?),
             kind: FLOAT,
         }]),
         Job::Quantize { module, weight, bias, spec } => {

@@ -26,6 +26,23 @@ pub fn bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
     }
 }
 
+/// Like [`bytes`], giving a stored tensor's mapped pages back piece by piece as they are copied, so that
+/// copying a large kept tensor (an embedding table) never holds it twice.
+pub fn take_bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
+    let Source::Stored(name) = &t.source else {
+        return bytes(ckpt, t);
+    };
+    let (f, e) = ckpt.require(name)?;
+    const PIECE: usize = 32 << 20;
+    let mut out = Vec::with_capacity(e.nbytes());
+    for (k, piece) in f.bytes(e).chunks(PIECE).enumerate() {
+        out.extend_from_slice(piece);
+        let start = e.start + k * PIECE;
+        f.release(start, start + piece.len());
+    }
+    Ok(out)
+}
+
 /// The tensor widened to f32, refusing NaN and infinities (which would poison every scale).
 pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
     let raw;

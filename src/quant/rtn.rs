@@ -7,7 +7,8 @@
 //! The data-free path quantizes straight from the checkpoint's mapped bytes ([`MatrixView`]): each
 //! block of rows is widened to f32 in a small per-thread buffer, its absmax found and its values
 //! rounded while the buffer is hot in cache, blocks in parallel. No f32 copy of the whole matrix is
-//! made, and a fused expert stored transposed is read tile by tile in place.
+//! made. A fused expert stored transposed (its rows are stored columns) is read in stored order, column
+//! by column, and only its integers are transposed.
 
 use super::spec::QuantSpec;
 use crate::tensor::{decode_f32_into, DType};
@@ -120,7 +121,7 @@ fn quantize_row(row: &[f32], q: &mut [i8], scale: &mut [f32], group: usize, qmax
     bad
 }
 
-/// Quantizes a row-major `[rows, cols]` f32 matrix. Rows are processed in parallel.
+/// Quantizes a row-major `[rows, cols]` f32 matrix of finite values. Rows are processed in parallel.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> QuantizedWeight {
     let group = spec.group_len(cols);
     let groups = cols.div_ceil(group);
