@@ -1,5 +1,20 @@
 //! msModelSlim's "AscendV1" format, read by vLLM-Ascend and MindIE: `quant_model_weights*.safetensors`,
 //! their index, and `quant_model_description.json` giving every tensor a quantization type.
+//!
+//! Per linear `X` (`out × in`), by scheme:
+//! - `W8A16`, `W8A8_DYNAMIC`: `X.weight` int8 `[out, in]`, `X.weight_scale` and `X.weight_offset` (zeros) f32
+//!   `[out, 1]`, or `[out, in/g]` per group (msModelSlim's `on_w8a16_*` / `on_w8a8_dynamic_*`; vLLM-Ascend's
+//!   `w8a16.py` / `w8a8_dynamic.py` read the per-channel form).
+//! - `W8A8` (static): `X.weight`, `X.quant_bias` int32, `X.input_scale`, `X.input_offset` f32 `[1]`,
+//!   `X.deq_scale` (f32 for bf16 models, else the f32 bits in int64) (`on_w8a8_static`).
+//! - `W4A8_DYNAMIC`: see [`w4a8`]. `W4A16`: see [`w4a16`].
+//! - A bias is written as `X.bias` f32, type `FLOAT`.
+//!
+//! Global keys: `model_quant_type` (see [`PRIORITY`]), `version` "1.0.0", `group_size` (the group length of
+//! per-group linears, 0 when every linear is per channel, as msModelSlim sets it), `metadata`, `optional`.
+
+pub mod w4a16;
+pub mod w4a8;
 
 use super::{Exporter, OutMeta, OutTensor, FLOAT};
 use crate::quant::{ActQuant, QuantSpec, QuantizedLinear};
@@ -10,13 +25,38 @@ use serde_json::{json, Map, Value};
 pub const DESCRIPTION: &str = "quant_model_description.json";
 pub const WEIGHTS: &str = "quant_model_weights";
 
-/// From weakest to strongest: `model_quant_type` is the strongest type present. W4A8_DYNAMIC is
-/// left out, as msModelSlim leaves it out.
-const PRIORITY: [&str; 6] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W4A16", "W4A4_DYNAMIC"];
+/// From weakest to strongest: `model_quant_type` is the strongest type present, as msModelSlim's
+/// `QUANT_TYPE_PRIORITY` orders them (fewer bits rank higher; within 8 bits, W8A8 above W8A8_DYNAMIC).
+/// `W4A8_DYNAMIC` is left out as msModelSlim leaves it out ("hidden": a W4A8 MoE model is described by the
+/// type of its other linears, which MindIE requires). `W4A16`, which the v1 saver never writes, ranks where
+/// the older saver put it: above the 8-bit types. A model with no quantized linear is `FLOAT`.
+pub const PRIORITY: [&str; 6] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W4A16", "W4A4_DYNAMIC"];
 
 pub struct AscendExporter {
     /// `deq_scale` is stored as f32 for bf16 models and as the f32 bit pattern in int64 otherwise.
     pub model_is_bf16: bool,
+}
+
+/// How a scheme's tensors are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    /// W8A8 with a calibrated per-tensor activation range.
+    Static,
+    /// W8A16 and W8A8_DYNAMIC: int8 weights and scales, nothing else.
+    Int8,
+    W4A8,
+    W4A16,
+}
+
+impl Scheme {
+    fn of(spec: &QuantSpec) -> Scheme {
+        match (spec.weight_bits, spec.act) {
+            (_, ActQuant::PerTensorStatic { .. }) => Scheme::Static,
+            (4, ActQuant::PerToken) => Scheme::W4A8,
+            (4, _) => Scheme::W4A16,
+            _ => Scheme::Int8,
+        }
+    }
 }
 
 impl AscendExporter {
@@ -30,6 +70,14 @@ impl AscendExporter {
 }
 
 impl Exporter for AscendExporter {
+    fn check_linear(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize) -> Result<()> {
+        match Scheme::of(spec) {
+            Scheme::W4A8 => w4a8::check(module, spec.group_size, rows, cols),
+            Scheme::W4A16 => w4a16::check(module, cols),
+            Scheme::Static | Scheme::Int8 => Ok(()),
+        }
+    }
+
     fn linear_layout(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize, has_bias: bool) -> Vec<OutMeta> {
         let kind = spec.ascend_type();
         let groups = cols.div_ceil(spec.group_len(cols));
@@ -37,25 +85,21 @@ impl Exporter for AscendExporter {
             meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
             kind,
         };
-        let mut out = match spec.act {
-            ActQuant::PerTensorStatic { .. } => vec![
+        let mut out = match Scheme::of(spec) {
+            Scheme::Static => vec![
                 m("weight", DType::I8, &[rows, cols], kind),
                 m("quant_bias", DType::I32, &[rows], kind),
                 m("input_scale", DType::F32, &[1], kind),
                 m("input_offset", DType::F32, &[1], kind),
                 m("deq_scale", self.deq_scale_dtype(), &[rows], kind),
             ],
-            _ if spec.weight_bits == 4 && spec.act == ActQuant::PerToken => vec![
-                m("weight", DType::I8, &[rows / 2, cols], kind),
-                m("weight_scale", DType::F32, &[rows, 1], kind),
-                m("weight_offset", DType::F32, &[rows, 1], kind),
-                m("scale_bias", DType::F32, &[rows, 1], kind),
-            ],
-            _ => vec![
+            Scheme::Int8 => vec![
                 m("weight", DType::I8, &[rows, cols], kind),
                 m("weight_scale", DType::F32, &[rows, groups], kind),
                 m("weight_offset", DType::F32, &[rows, groups], kind),
             ],
+            Scheme::W4A8 => w4a8::layout(module, rows, cols),
+            Scheme::W4A16 => w4a16::layout(module, rows, cols, groups),
         };
         if has_bias {
             out.push(m("bias", DType::F32, &[rows], FLOAT));
@@ -69,9 +113,8 @@ impl Exporter for AscendExporter {
         let w = &ql.weight;
         let (rows, cols, groups) = (w.rows, w.cols, w.groups());
         let t = |suffix: &str, tensor: Tensor, kind| OutTensor { name: format!("{module}.{suffix}"), tensor, kind };
-        let mut out = Vec::new();
-        match spec.act {
-            ActQuant::PerTensorStatic { .. } => {
+        let mut out = match Scheme::of(spec) {
+            Scheme::Static => {
                 let input = ql.input.expect("a static scheme carries its activation range");
                 let deq: Vec<f32> = w.scale.iter().map(|s| input.scale * s).collect();
                 let bias = ql.bias.clone().unwrap_or_else(|| vec![0.0; rows]);
@@ -81,33 +124,28 @@ impl Exporter for AscendExporter {
                         (bias[r] / deq[r] - qsum * input.offset).round_ties_even() as i32
                     })
                     .collect();
+                // msModelSlim's deqscale2int64: the f32 bits read as int32, widened to int64.
                 let deq_t = if self.model_is_bf16 {
                     Tensor::from_f32(&[rows], &deq)
                 } else {
-                    Tensor::from_i64(&[rows], &deq.iter().map(|d| d.to_bits() as i64).collect::<Vec<_>>())
+                    Tensor::from_i64(&[rows], &deq.iter().map(|d| d.to_bits() as i32 as i64).collect::<Vec<_>>())
                 };
-                out.push(t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind));
-                out.push(t("quant_bias", Tensor::from_i32(&[rows], &quant_bias), kind));
-                out.push(t("input_scale", Tensor::from_f32(&[1], &[input.scale]), kind));
-                out.push(t("input_offset", Tensor::from_f32(&[1], &[input.offset]), kind));
-                out.push(t("deq_scale", deq_t, kind));
+                vec![
+                    t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind),
+                    t("quant_bias", Tensor::from_i32(&[rows], &quant_bias), kind),
+                    t("input_scale", Tensor::from_f32(&[1], &[input.scale]), kind),
+                    t("input_offset", Tensor::from_f32(&[1], &[input.offset]), kind),
+                    t("deq_scale", deq_t, kind),
+                ]
             }
-            _ if spec.weight_bits == 4 && spec.act == ActQuant::PerToken => {
-                out.push(t("weight", pack_int4_row_pairs(&w.q, rows, cols), kind));
-                out.push(t("weight_scale", Tensor::from_f32(&[rows, 1], &w.scale), kind));
-                out.push(t("weight_offset", Tensor::from_f32(&[rows, 1], &vec![0.0; rows]), kind));
-                // 8 × the row sum of the dequantized weight, which the NPU kernel needs for its unsigned int4 trick.
-                let scale_bias: Vec<f32> = (0..rows)
-                    .map(|r| 8.0 * w.q[r * cols..(r + 1) * cols].iter().map(|&x| x as f32 * w.scale[r]).sum::<f32>())
-                    .collect();
-                out.push(t("scale_bias", Tensor::from_f32(&[rows, 1], &scale_bias), kind));
-            }
-            _ => {
-                out.push(t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind));
-                out.push(t("weight_scale", Tensor::from_f32(&[rows, groups], &w.scale), kind));
-                out.push(t("weight_offset", Tensor::from_f32(&[rows, groups], &vec![0.0; rows * groups]), kind));
-            }
-        }
+            Scheme::Int8 => vec![
+                t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind),
+                t("weight_scale", Tensor::from_f32(&[rows, groups], &w.scale), kind),
+                t("weight_offset", Tensor::from_f32(&[rows, groups], &vec![0.0; rows * groups]), kind),
+            ],
+            Scheme::W4A8 => w4a8::tensors(module, w),
+            Scheme::W4A16 => w4a16::tensors(module, w),
+        };
         if let (Some(b), true) = (&ql.bias, ql.write_bias) {
             out.push(t("bias", Tensor::from_f32(&[rows], b), FLOAT));
         }
@@ -126,7 +164,7 @@ impl Exporter for AscendExporter {
         "quant_model_weights.safetensors.index.json"
     }
 
-    fn metadata_files(&self, outputs: &[OutMeta]) -> Result<Vec<(String, Vec<u8>)>> {
+    fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>> {
         let mut desc = Map::new();
         let mut strongest = 0;
         for o in outputs {
@@ -135,10 +173,9 @@ impl Exporter for AscendExporter {
                 strongest = strongest.max(p);
             }
         }
-        let group_size = w4a16_group_size(outputs);
         desc.insert("model_quant_type".into(), json!(PRIORITY[strongest]));
         desc.insert("version".into(), json!("1.0.0"));
-        desc.insert("group_size".into(), json!(group_size));
+        desc.insert("group_size".into(), json!(group_size(specs)));
         desc.insert("metadata".into(), json!({}));
         desc.insert("optional".into(), json!({}));
         let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
@@ -158,29 +195,11 @@ impl Exporter for AscendExporter {
     }
 }
 
-/// The group length of W4A16 weights: input columns over scale columns.
-fn w4a16_group_size(outputs: &[OutMeta]) -> usize {
-    for o in outputs.iter().filter(|o| o.kind == "W4A16" && o.meta.name.ends_with(".weight")) {
-        let scale_name = o.meta.name.replace(".weight", ".weight_scale");
-        if let Some(s) = outputs.iter().find(|x| x.meta.name == scale_name) {
-            return o.meta.shape[1] / s.meta.shape[1].max(1);
-        }
-    }
-    0
-}
-
-/// msModelSlim's W4A8 packing: two int4 values of adjacent output rows share a byte, the even
-/// row in the low nibble: `packed[r, c] = q[2r, c] & 0xF | q[2r+1, c] << 4`, shape `[rows/2, cols]`.
-pub fn pack_int4_row_pairs(q: &[i8], rows: usize, cols: usize) -> Tensor {
-    let mut out = vec![0i8; rows / 2 * cols];
-    for r in 0..rows / 2 {
-        for c in 0..cols {
-            let lo = q[2 * r * cols + c] as u8 & 0x0F;
-            let hi = (q[(2 * r + 1) * cols + c] as u8) << 4;
-            out[r * cols + c] = (lo | hi) as i8;
-        }
-    }
-    Tensor::from_i8(&[rows / 2, cols], &out)
+/// The description's global `group_size`: msModelSlim sets it from each per-group linear it saves (the
+/// last one wins) and leaves 0 when all are per channel. The key holds one value, so a recipe mixing group
+/// sizes cannot be described exactly; the last per-group linear in plan order decides, as in msModelSlim.
+pub fn group_size(specs: &[QuantSpec]) -> usize {
+    specs.iter().rev().find_map(|s| s.group_size).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -205,11 +224,12 @@ mod tests {
         for bf16 in [true, false] {
             let ex = AscendExporter { model_is_bf16: bf16 };
             for scheme in ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"] {
-                for bias in [false, true] {
+                for (bias, module) in [(false, "l.q_proj"), (true, "l.q_proj"), (false, "l.down_proj")] {
                     let ql = linear(scheme, 8, 256, bias);
-                    let planned = ex.linear_layout("m", &ql.spec, 8, 256, bias);
-                    let made: Vec<_> = ex.linear_tensors("m", &ql).iter().map(|t| t.out_meta()).collect();
-                    assert_eq!(planned, made, "{scheme} bias={bias} bf16={bf16}");
+                    ex.check_linear(module, &ql.spec, 8, 256).unwrap();
+                    let planned = ex.linear_layout(module, &ql.spec, 8, 256, bias);
+                    let made: Vec<_> = ex.linear_tensors(module, &ql).iter().map(|t| t.out_meta()).collect();
+                    assert_eq!(planned, made, "{scheme} {module} bias={bias} bf16={bf16}");
                 }
             }
         }
@@ -233,16 +253,27 @@ mod tests {
     }
 
     #[test]
-    fn int4_packing_round_trips() {
-        let q: Vec<i8> = vec![-8, 7, 3, -1, 0, 5, -2, 1];
-        let p = pack_int4_row_pairs(&q, 4, 2);
-        let b: Vec<i8> = p.bytes.iter().map(|&x| x as i8).collect();
-        for r in 0..2 {
-            for c in 0..2 {
-                let lo = ((b[r * 2 + c] << 4) >> 4) as i8;
-                let hi = b[r * 2 + c] >> 4;
-                assert_eq!((lo, hi), (q[2 * r * 2 + c], q[(2 * r + 1) * 2 + c]));
+    fn description_global_keys_follow_msmodelslim() {
+        let ex = AscendExporter { model_is_bf16: true };
+        let describe = |schemes: &[&str]| -> Value {
+            let mut outputs = vec![OutMeta { meta: TensorMeta::new("norm.weight", DType::BF16, &[8]), kind: FLOAT }];
+            let mut specs = Vec::new();
+            for (i, s) in schemes.iter().enumerate() {
+                let spec = QuantSpec::preset(s).unwrap();
+                outputs.extend(ex.linear_layout(&format!("l{i}.down_proj"), &spec, 8, 256, false));
+                specs.push(spec);
             }
-        }
+            serde_json::from_slice(&ex.metadata_files(&outputs, &specs).unwrap()[0].1).unwrap()
+        };
+        let d = describe(&["w4a8_dynamic", "w8a8_dynamic"]);
+        assert_eq!((d["model_quant_type"].as_str(), d["group_size"].as_u64()), (Some("W8A8_DYNAMIC"), Some(0)));
+        assert_eq!(d["l0.down_proj.scale_bias"], "W4A8_DYNAMIC");
+        // W4A8 alone is hidden: the model reads as FLOAT, as msModelSlim writes it.
+        assert_eq!(describe(&["w4a8_dynamic"])["model_quant_type"], "FLOAT");
+        let d = describe(&["w8a16", "w4a16"]);
+        assert_eq!((d["model_quant_type"].as_str(), d["group_size"].as_u64()), (Some("W4A16"), Some(128)));
+        assert_eq!(d["l1.down_proj.weight_packed"], "W4A16");
+        assert_eq!(describe(&["w8a8", "w8a8_dynamic", "w8a16"])["model_quant_type"], "W8A8");
+        assert_eq!(d["version"], "1.0.0");
     }
 }

@@ -35,6 +35,12 @@ impl OutTensor {
 pub const FLOAT: &str = "FLOAT";
 
 pub trait Exporter: Send + Sync {
+    /// Refuses, at plan time, a linear the format cannot hold with this scheme (odd shapes, settings its
+    /// readers refuse).
+    fn check_linear(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize) -> Result<()> {
+        let _ = (module, spec, rows, cols);
+        Ok(())
+    }
     /// The tensors a quantized linear `module` (`rows × cols`, with or without bias) becomes.
     fn linear_layout(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize, has_bias: bool) -> Vec<OutMeta>;
     /// The same tensors, with data.
@@ -43,8 +49,9 @@ pub trait Exporter: Send + Sync {
     fn weights_file(&self, k: usize, n: usize) -> String;
     /// Name of the shard index.
     fn index_file(&self) -> &'static str;
-    /// Metadata files written once every shard is complete: (file name, bytes).
-    fn metadata_files(&self, outputs: &[OutMeta]) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Metadata files written once every shard is complete: (file name, bytes). `specs` are the schemes of
+    /// the quantized linears, in plan order.
+    fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>>;
     /// Rewrites the model's config.json for the output folder.
     fn output_config(&self, config: &serde_json::Value) -> serde_json::Value;
 }

@@ -174,7 +174,10 @@ impl ShardWriter {
         }
         self.ensure_open(layout, loc.shard)?;
         let path = partial_path(&self.dir, &layout.files[loc.shard].name);
-        write_at(&mut self.fault_after, &self.open[&loc.shard], &path, bytes, loc.offset)
+        let file = &self.open[&loc.shard];
+        write_at(&mut self.fault_after, file, &path, bytes, loc.offset)?;
+        start_writeback(file, loc.offset, bytes.len());
+        Ok(())
     }
 
     /// Flushes a shard's written bytes to disk and drops them from the page cache.
@@ -221,6 +224,16 @@ fn write_at(fault_after: &mut Option<u64>, file: &File, path: &Path, bytes: &[u8
         *left -= bytes.len() as u64;
     }
     file.write_all_at(bytes, offset).map_err(|e| disk_error(e, path))
+}
+
+/// Starts writing a range to disk now, without waiting: the disk stays busy while the next tensors are
+/// computed, and the sync at the end of a unit only waits for the last ones.
+fn start_writeback(file: &File, offset: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain advisory syscall on an open descriptor; errors surface at the unit's sync.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 /// Asks the kernel to drop a file's clean pages: written output is not read again.

@@ -73,8 +73,38 @@ pub fn expert_shape(part: ExpertPart, hidden: usize, inter: usize) -> [usize; 2]
     }
 }
 
-/// Copies expert `j`'s `[out, in]` linear out of a fused tensor's bytes (`elem` bytes an element).
-/// `fused_shape` is the shape of the fused tensor this part comes from.
+/// Where one expert's `[out, in]` linear lies inside a fused tensor, in elements: element `(o, i)` of the
+/// linear is element `offset + o * row_stride + i * col_stride` of the fused tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// Places expert `j`'s part in a fused tensor of `fused_shape` `[E, a, b]`. No bytes move: the quantizer
+/// reads the linear in place, transposed or not.
+pub fn place(fused_shape: &[usize], layout: FusedLayout, part: ExpertPart, j: usize) -> Placement {
+    let (a, b) = (fused_shape[1], fused_shape[2]);
+    let base = j * a * b;
+    match (layout, part) {
+        // Rows of the stored matrix are already the linear's rows.
+        (FusedLayout::Transformers5, ExpertPart::Gate | ExpertPart::Down) => {
+            Placement { offset: base, row_stride: b, col_stride: 1 }
+        }
+        (FusedLayout::Transformers5, ExpertPart::Up) => {
+            Placement { offset: base + a / 2 * b, row_stride: b, col_stride: 1 }
+        }
+        // Columns of the stored matrix are the linear's rows.
+        (FusedLayout::Release, ExpertPart::Gate | ExpertPart::Down) => {
+            Placement { offset: base, row_stride: 1, col_stride: b }
+        }
+        (FusedLayout::Release, ExpertPart::Up) => Placement { offset: base + b / 2, row_stride: 1, col_stride: b },
+    }
+}
+
+/// Copies expert `j`'s `[out, in]` linear out of a fused tensor's bytes (`elem` bytes an element), for
+/// writing it unquantized. `fused_shape` is the shape of the fused tensor this part comes from.
 pub fn extract(
     bytes: &[u8],
     elem: usize,
@@ -84,31 +114,26 @@ pub fn extract(
     j: usize,
 ) -> Vec<u8> {
     let (a, b) = (fused_shape[1], fused_shape[2]);
-    let expert = &bytes[j * a * b * elem..(j + 1) * a * b * elem];
-    match (layout, part) {
-        // Rows of the stored matrix are already the linear's rows.
-        (FusedLayout::Transformers5, ExpertPart::Gate) => expert[..a / 2 * b * elem].to_vec(),
-        (FusedLayout::Transformers5, ExpertPart::Up) => expert[a / 2 * b * elem..].to_vec(),
-        (FusedLayout::Transformers5, ExpertPart::Down) => expert.to_vec(),
-        // Columns of the stored matrix are the linear's rows: a transposed copy.
-        (FusedLayout::Release, ExpertPart::Gate) => transpose_cols(expert, elem, a, b, 0, b / 2),
-        (FusedLayout::Release, ExpertPart::Up) => transpose_cols(expert, elem, a, b, b / 2, b),
-        (FusedLayout::Release, ExpertPart::Down) => transpose_cols(expert, elem, a, b, 0, b),
+    let p = place(fused_shape, layout, part, j);
+    let (rows, cols) = match (layout, part) {
+        (FusedLayout::Transformers5, ExpertPart::Down) => (a, b),
+        (FusedLayout::Transformers5, _) => (a / 2, b),
+        (FusedLayout::Release, ExpertPart::Down) => (b, a),
+        (FusedLayout::Release, _) => (b / 2, a),
+    };
+    if p.col_stride == 1 {
+        return bytes[p.offset * elem..(p.offset + rows * cols) * elem].to_vec();
     }
-}
-
-/// `out[o][i] = m[i][c0 + o]` for a row-major `rows × cols` matrix of `elem`-byte elements.
-fn transpose_cols(m: &[u8], elem: usize, rows: usize, cols: usize, c0: usize, c1: usize) -> Vec<u8> {
-    let n_out = c1 - c0;
-    let mut out = vec![0u8; n_out * rows * elem];
+    // out[o][i] = stored[i][o], tile by tile so both sides stay in cache.
+    let mut out = vec![0u8; rows * cols * elem];
     const TILE: usize = 32;
-    for ib in (0..rows).step_by(TILE) {
-        for ob in (0..n_out).step_by(TILE) {
-            for i in ib..(ib + TILE).min(rows) {
-                let src_row = &m[(i * cols + c0) * elem..];
-                for o in ob..(ob + TILE).min(n_out) {
-                    let d = (o * rows + i) * elem;
-                    out[d..d + elem].copy_from_slice(&src_row[o * elem..(o + 1) * elem]);
+    for ib in (0..cols).step_by(TILE) {
+        for ob in (0..rows).step_by(TILE) {
+            for i in ib..(ib + TILE).min(cols) {
+                for o in ob..(ob + TILE).min(rows) {
+                    let s = (p.offset + o + i * p.col_stride) * elem;
+                    let d = (o * cols + i) * elem;
+                    out[d..d + elem].copy_from_slice(&bytes[s..s + elem]);
                 }
             }
         }
@@ -144,6 +169,30 @@ mod tests {
         let down = fused([e, i, h]);
         let d = extract(&down, 2, &[e, i, h], FusedLayout::Release, ExpertPart::Down, 2);
         assert_eq!(at(&d, 3 * i + 1), ((2 * i + 1) * h + 3) as u16);
+    }
+
+    #[test]
+    fn placements_address_the_same_elements_as_the_copies() {
+        let (e, h, i) = (3, 5, 4);
+        for (layout, gu_shape, d_shape) in
+            [(FusedLayout::Release, [e, h, 2 * i], [e, i, h]), (FusedLayout::Transformers5, [e, 2 * i, h], [e, h, i])]
+        {
+            for part in [ExpertPart::Gate, ExpertPart::Up, ExpertPart::Down] {
+                let shape = if part == ExpertPart::Down { d_shape } else { gu_shape };
+                let [rows, cols] = expert_shape(part, h, i);
+                let bytes = fused(shape);
+                for j in 0..e {
+                    let copy = extract(&bytes, 2, &shape, layout, part, j);
+                    let p = place(&shape, layout, part, j);
+                    for o in 0..rows {
+                        for k in 0..cols {
+                            let placed = at(&bytes, p.offset + o * p.row_stride + k * p.col_stride);
+                            assert_eq!(placed, at(&copy, o * cols + k), "{layout:?} {part:?} {j} ({o},{k})");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! The data-free transform: each job of a unit is copied or quantized on its own, and its
-//! input pages are given back as soon as it is done.
+//! The data-free transform: each job of a unit is copied or quantized on its own, straight from the
+//! mapped checkpoint, and its input pages are given back as soon as no later job needs them.
 
 use super::load;
 use super::plan::{Job, UnitPlan};
 use super::stages::UnitProcessor;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
+use crate::model::LogicalTensor;
 use crate::quant::{rtn, QuantizedLinear};
 use crate::tensor::Tensor;
 use anyhow::Result;
+use std::collections::HashMap;
 
 pub struct DataFree<'a> {
     pub ckpt: &'a Checkpoint,
@@ -22,19 +24,37 @@ impl UnitProcessor for DataFree<'_> {
         unit: &UnitPlan,
         emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
     ) -> Result<()> {
-        for job in &unit.jobs {
-            emit(run_job(self.ckpt, self.exporter, job)?)?;
-            match job {
-                Job::Keep(t) => load::release(self.ckpt, t),
-                Job::Quantize { weight, bias, .. } => {
-                    load::release(self.ckpt, weight);
-                    if let Some(b) = bias {
-                        load::release(self.ckpt, b);
-                    }
-                }
+        let ckpt = self.ckpt;
+        // Jobs run in file order (the writer places each output wherever the plan put it), so a cold read
+        // streams through the file instead of jumping from expert 1 to expert 10 to expert 100.
+        let mut jobs: Vec<&Job> = unit.jobs.iter().collect();
+        jobs.sort_by_cached_key(|j| load::span(ckpt, inputs(j)[0]).map(|(f, s, _)| (f, s)));
+        // Pages are released after the last job that reads them: gate and up of an expert share theirs.
+        let mut last_use = HashMap::new();
+        for (k, j) in jobs.iter().enumerate() {
+            for t in inputs(j) {
+                last_use.insert(load::span(ckpt, t), k);
             }
         }
+        for (k, job) in jobs.iter().enumerate() {
+            let out = run_job(ckpt, self.exporter, job)?;
+            // The outputs own their bytes, so the input pages can go before the writer has them.
+            for t in inputs(job) {
+                if last_use.get(&load::span(ckpt, t)) == Some(&k) {
+                    load::release(ckpt, t);
+                }
+            }
+            emit(out)?;
+        }
         Ok(())
+    }
+}
+
+/// The tensors a job reads, the main one first.
+fn inputs(job: &Job) -> Vec<&LogicalTensor> {
+    match job {
+        Job::Keep(t) => vec![t],
+        Job::Quantize { weight, bias, .. } => std::iter::once(weight).chain(bias.as_ref()).collect(),
     }
 }
 
@@ -43,20 +63,18 @@ pub fn run_job(ckpt: &Checkpoint, exporter: &dyn Exporter, job: &Job) -> Result<
     match job {
         Job::Keep(t) => Ok(vec![OutTensor {
             name: t.meta.name.clone(),
-            tensor: Tensor::from_bytes(t.meta.dtype, &t.meta.shape, load::bytes(ckpt, t)?),
+            tensor: Tensor::from_bytes(t.meta.dtype, &t.meta.shape, load::take_bytes(ckpt, t)?),
             kind: FLOAT,
         }]),
         Job::Quantize { module, weight, bias, spec } => {
-            let w = load::f32s(ckpt, weight)?;
-            let (rows, cols) = (weight.meta.shape[0], weight.meta.shape[1]);
+            let view = load::matrix_view(ckpt, weight)?;
             let q = QuantizedLinear {
                 spec: *spec,
-                weight: rtn::quantize(&w, rows, cols, spec),
+                weight: rtn::quantize_view(&view, spec).map_err(|e| load::non_finite(ckpt, weight, e))?,
                 bias: bias.as_ref().map(|b| load::f32s(ckpt, b)).transpose()?,
                 write_bias: bias.is_some(),
                 input: None,
             };
-            drop(w);
             Ok(exporter.linear_tensors(module, &q))
         }
     }

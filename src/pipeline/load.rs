@@ -2,6 +2,7 @@
 
 use crate::io::checkpoint::Checkpoint;
 use crate::model::{moe, LogicalTensor, Source, Unit};
+use crate::quant::rtn::{MatrixView, NonFinite};
 use crate::tensor::decode_f32_into;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -24,6 +25,23 @@ pub fn bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
             Ok(moe::extract(f.bytes(e), e.dtype.size(), fused_shape, *layout, *part, *expert))
         }
     }
+}
+
+/// Like [`bytes`], giving a stored tensor's mapped pages back piece by piece as they are copied, so that
+/// copying a large kept tensor (an embedding table) never holds it twice.
+pub fn take_bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
+    let Source::Stored(name) = &t.source else {
+        return bytes(ckpt, t);
+    };
+    let (f, e) = ckpt.require(name)?;
+    const PIECE: usize = 32 << 20;
+    let mut out = Vec::with_capacity(e.nbytes());
+    for (k, piece) in f.bytes(e).chunks(PIECE).enumerate() {
+        out.extend_from_slice(piece);
+        let start = e.start + k * PIECE;
+        f.release(start, start + piece.len());
+    }
+    Ok(out)
 }
 
 /// The tensor widened to f32, refusing NaN and infinities (which would poison every scale).
@@ -58,34 +76,95 @@ pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-pub fn file_of(ckpt: &Checkpoint, t: &LogicalTensor) -> String {
-    ckpt.entry(t.source.stored_name()).map(|(f, _)| f.path.display().to_string()).unwrap_or_else(|| "(missing)".into())
-}
-
-/// The byte range a logical tensor reads in its file.
-fn range(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(usize, usize)> {
-    let (_, e) = ckpt.entry(t.source.stored_name())?;
+/// A 2D float tensor as a matrix read in place from the map: a stored tensor row-major, an expert's linear
+/// at its place in the fused tensor (transposed in the release layout). Nothing is copied.
+pub fn matrix_view<'a>(ckpt: &'a Checkpoint, t: &LogicalTensor) -> Result<MatrixView<'a>> {
+    let dtype = t.meta.dtype;
+    if !dtype.is_float() || t.meta.shape.len() != 2 {
+        bail!(
+            "tensor {} in {} has dtype {} and shape {:?}, not a 2D float matrix",
+            t.name(),
+            file_of(ckpt, t),
+            dtype.name(),
+            t.meta.shape
+        );
+    }
+    let (rows, cols) = (t.meta.shape[0], t.meta.shape[1]);
+    let (f, e) = ckpt.require(t.source.stored_name())?;
+    let bytes = f.bytes(e);
     match &t.source {
-        Source::Stored(_) | Source::Computed(_) => Some((e.start, e.end)),
-        Source::Expert { fused_shape, expert, .. } => {
-            let per = fused_shape[1] * fused_shape[2] * e.dtype.size();
-            Some((e.start + expert * per, e.start + (expert + 1) * per))
+        Source::Stored(_) | Source::Computed(_) => Ok(MatrixView::row_major(dtype, bytes, rows, cols)),
+        Source::Expert { fused, fused_shape, layout, part, expert } => {
+            if e.shape != *fused_shape || e.dtype != dtype {
+                bail!(
+                    "tensor {fused} in {} has shape {:?}, the plan expected {:?}",
+                    f.path.display(),
+                    e.shape,
+                    fused_shape
+                );
+            }
+            let p = moe::place(fused_shape, *layout, *part, *expert);
+            Ok(MatrixView {
+                dtype,
+                bytes,
+                rows,
+                cols,
+                offset: p.offset,
+                row_stride: p.row_stride,
+                col_stride: p.col_stride,
+            })
         }
     }
 }
 
+/// The error for a weight holding NaN or Inf.
+pub fn non_finite(ckpt: &Checkpoint, t: &LogicalTensor, e: NonFinite) -> anyhow::Error {
+    anyhow::anyhow!(
+        "tensor {} in {} holds {} at [{}, {}]; lamina will not quantize a weight with NaN or Inf values",
+        t.name(),
+        file_of(ckpt, t),
+        e.value,
+        e.row,
+        e.col
+    )
+}
+
+pub fn file_of(ckpt: &Checkpoint, t: &LogicalTensor) -> String {
+    ckpt.entry(t.source.stored_name()).map(|(f, _)| f.path.display().to_string()).unwrap_or_else(|| "(missing)".into())
+}
+
+/// Where a logical tensor's bytes lie: its stored tensor's file, and the byte range it reads there (for an
+/// expert, its expert's whole slice of the fused tensor, which gate and up share in the release layout).
+pub fn span(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(std::path::PathBuf, usize, usize)> {
+    let (f, e) = ckpt.entry(t.source.stored_name())?;
+    let (s, end) = match &t.source {
+        Source::Stored(_) | Source::Computed(_) => (e.start, e.end),
+        Source::Expert { fused_shape, expert, .. } => {
+            let per = fused_shape[1] * fused_shape[2] * e.dtype.size();
+            (e.start + expert * per, e.start + (expert + 1) * per)
+        }
+    };
+    Some((f.path.clone(), s, end))
+}
+
 /// Gives a tensor's mapped pages back once it is processed.
 pub fn release(ckpt: &Checkpoint, t: &LogicalTensor) {
-    if let (Some((f, _)), Some((s, e))) = (ckpt.entry(t.source.stored_name()), range(ckpt, t)) {
+    if let (Some((f, _)), Some((_, s, e))) = (ckpt.entry(t.source.stored_name()), span(ckpt, t)) {
         f.release(s, e);
     }
 }
 
-/// Asks the kernel to read a unit's bytes ahead of use.
+/// Asks the kernel to read a unit's bytes ahead of use. One `WILLNEED` reads at most the device's
+/// read-ahead window (`read_ahead_kb`, often 128 KiB to 8 MiB) and ignores the rest of its range, so the
+/// range is advised piece by piece: each call queues its piece and returns, and the disk streams the
+/// whole unit while earlier units are computed.
 pub fn prefetch(ckpt: &Checkpoint, unit: &Unit) {
+    const PIECE: usize = 2 << 20;
     for name in &unit.stored {
         if let Some((f, e)) = ckpt.entry(name) {
-            f.prefetch(e.start, e.end);
+            for s in (e.start..e.end).step_by(PIECE) {
+                f.prefetch(s, (s + PIECE).min(e.end));
+            }
         }
     }
 }

@@ -636,7 +636,7 @@ fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Ex
         write_atomically(&save.join(f.file_name().unwrap()), &bytes)?;
     }
     let outputs: Vec<_> = plan.outputs().cloned().collect();
-    for (name, bytes) in exporter.metadata_files(&outputs)? {
+    for (name, bytes) in exporter.metadata_files(&outputs, &plan.specs())? {
         write_atomically(&save.join(name), &bytes)?;
     }
     Ok(())

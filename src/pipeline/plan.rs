@@ -5,7 +5,7 @@ use crate::export::{Exporter, OutMeta, FLOAT};
 use crate::io::shards::ShardLayout;
 use crate::model::{LogicalTensor, Model, Source, Unit};
 use crate::quant::{QuantSpec, Recipe};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// One piece of work inside a unit.
 #[derive(Debug, Clone)]
@@ -86,6 +86,11 @@ impl Plan {
     pub fn outputs(&self) -> impl Iterator<Item = &OutMeta> {
         self.units.iter().flat_map(|u| u.outputs.iter())
     }
+    /// The scheme of every quantized linear, in plan order.
+    pub fn specs(&self) -> Vec<QuantSpec> {
+        let jobs = self.units.iter().flat_map(|u| u.jobs.iter());
+        jobs.filter_map(|j| if let Job::Quantize { spec, .. } = j { Some(*spec) } else { None }).collect()
+    }
 }
 
 /// Decides each unit's jobs from the recipe.
@@ -99,11 +104,7 @@ pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter) -> Result
         let Some(spec) = recipe.linear_spec(module) else {
             continue;
         };
-        let (rows, cols) = (t.meta.shape[0], t.meta.shape[1]);
-        if spec.weight_bits == 4 && spec.act == crate::quant::ActQuant::PerToken && rows % 2 != 0 {
-            bail!("{module}: W4A8 packs pairs of output rows, but the weight has {rows} rows");
-        }
-        let _ = cols;
+        exporter.check_linear(module, &spec, t.meta.shape[0], t.meta.shape[1])?;
         let bias_name = format!("{module}.bias");
         let bias = unit.tensors.iter().find(|b| b.name() == bias_name).cloned();
         if let Some(b) = &bias {

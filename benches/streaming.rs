@@ -1,0 +1,293 @@
+//! The streaming benchmark: how close `lamina quant` comes to a plain copy of the same bytes, and how much
+//! memory it holds, on a synthetic checkpoint with the real tensor shapes of a model.
+//!
+//! ```text
+//! cargo bench --bench streaming -- [--config PATH] [--layers N] [--runs R] [--quant_type T]
+//!                                  [--shard_gib G] [--dir DIR] [--keep]
+//! ```
+//!
+//! 1. Builds a checkpoint from `config.json` (default: Qwen3-VL-30B-A3B) with `--layers` text layers (default
+//!    4), every tensor of the release layout (`model::layout::synthesize_inventory`: fused experts, vision
+//!    tower) filled with random bf16, written as `model-0000k-of-0000N.safetensors` shards of `--shard_gib`
+//!    (default 2) with `model.safetensors.index.json`.
+//! 2. `--runs` times (default 3), alternating: a plain copy (read every input byte, write as many bytes to
+//!    the same disk, fsync, as `cp` would), then `lamina quant --quant_type T` (default w8a8_dynamic) as a
+//!    child process, its peak RSS from `wait4`. Before each, the input files' pages are dropped from the page
+//!    cache (`posix_fadvise(DONTNEED)`), so both read from disk.
+//! 3. Prints medians: wall time, throughput in input bytes per second and its ratio to the copy's, and peak
+//!    RSS against the largest unit's input size (from lamina's own plan), with the targets
+//!    (≥ 0.7× copy throughput; peak RSS ≤ 2× the largest unit + 300 MB).
+//! 4. Deletes everything it wrote unless `--keep`.
+
+use lamina::io::shards::{drop_cache, ShardLayout};
+use lamina::model::{layout, Model};
+use lamina::pipeline::{prepare, QuantArgs};
+use lamina::tensor::{DType, TensorMeta};
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const MB: f64 = 1e6;
+const GIB: f64 = (1u64 << 30) as f64;
+
+struct Args {
+    config: PathBuf,
+    layers: usize,
+    runs: usize,
+    quant_type: String,
+    shard_gib: f64,
+    dir: PathBuf,
+    keep: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs/qwen3-vl-30b-a3b/config.json"),
+        layers: 4,
+        runs: 3,
+        quant_type: "w8a8_dynamic".into(),
+        shard_gib: 2.0,
+        dir: std::env::temp_dir().join(format!("lamina-bench-{}", std::process::id())),
+        keep: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = value().into(),
+            "--layers" => a.layers = value().parse().expect("--layers N"),
+            "--runs" => a.runs = value().parse().expect("--runs R"),
+            "--quant_type" => a.quant_type = value(),
+            "--shard_gib" => a.shard_gib = value().parse().expect("--shard_gib G"),
+            "--dir" => a.dir = value().into(),
+            "--keep" => a.keep = true,
+            "--bench" => {} // cargo bench passes it
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(a.runs >= 1 && a.layers >= 1);
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    let model_dir = args.dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+
+    let t = Instant::now();
+    let files = write_checkpoint(&args.config, args.layers, args.shard_gib, &model_dir);
+    let bytes_in: u64 = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    println!(
+        "checkpoint   : {} ({} text layers), {:.2} GiB in {} shard(s), written in {:.1} s",
+        model_dir.display(),
+        args.layers,
+        bytes_in as f64 / GIB,
+        files.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let (largest_name, largest_input) = largest_unit(&model_dir, &args.quant_type);
+    println!("largest unit : {largest_name}, {:.1} MB of input", largest_input as f64 / MB);
+
+    let lamina = PathBuf::from(env!("CARGO_BIN_EXE_lamina"));
+    let (mut copies, mut quants, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        let copy_dir = args.dir.join("copy");
+        drop_input_cache(&files);
+        let c = plain_copy(&files, &copy_dir);
+        std::fs::remove_dir_all(&copy_dir).unwrap();
+
+        let save = args.dir.join("quant");
+        let _ = std::fs::remove_dir_all(&save);
+        drop_input_cache(&files);
+        let (q, peak) = run_quant(&lamina, &model_dir, &save, &args.quant_type, &args.dir.join("quant.log"));
+        std::fs::remove_dir_all(&save).unwrap();
+        println!(
+            "run {run}        : copy {c:.2} s ({:.0} MB/s), quant {q:.2} s ({:.0} MB/s), peak RSS {:.0} MB",
+            bytes_in as f64 / MB / c,
+            bytes_in as f64 / MB / q,
+            peak as f64 / MB
+        );
+        copies.push(c);
+        quants.push(q);
+        rss.push(peak as f64);
+    }
+
+    let (c, q, peak) = (median(&mut copies), median(&mut quants), median(&mut rss));
+    let (copy_tp, quant_tp) = (bytes_in as f64 / c, bytes_in as f64 / q);
+    let bound = 2.0 * largest_input as f64 + 300.0 * MB;
+    println!("--- medians of {} run(s), {} ---", args.runs, args.quant_type);
+    println!("copy         : {c:.2} s, {:.0} MB/s", copy_tp / MB);
+    println!(
+        "lamina quant : {q:.2} s, {:.0} MB/s = {:.2}x copy throughput (target >= 0.70x: {})",
+        quant_tp / MB,
+        quant_tp / copy_tp,
+        verdict(quant_tp / copy_tp >= 0.7)
+    );
+    println!(
+        "peak RSS     : {:.0} MB = {:.2}x the largest unit ({:.0} MB); bound 2x + 300 MB = {:.0} MB: {}",
+        peak / MB,
+        peak / largest_input as f64,
+        largest_input as f64 / MB,
+        bound / MB,
+        verdict(peak <= bound)
+    );
+
+    if args.keep {
+        println!("kept {}", args.dir.display());
+    } else {
+        std::fs::remove_dir_all(&args.dir).unwrap();
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Writes the synthetic checkpoint; returns its shard files.
+fn write_checkpoint(config_path: &Path, layers: usize, shard_gib: f64, dir: &Path) -> Vec<PathBuf> {
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
+    let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
+    text["num_hidden_layers"] = layers.into();
+    let model = Model::new(&config, None, &[]).unwrap();
+    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
+        .unwrap()
+        .into_iter()
+        .map(|(n, s)| TensorMeta::new(n, DType::BF16, &s))
+        .collect();
+    let limit = (shard_gib * GIB) as u64;
+    let shards =
+        ShardLayout::plan(&metas, Some(limit), &|k, n| format!("model-{:05}-of-{:05}.safetensors", k + 1, n)).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), shards.index_json().unwrap()).unwrap();
+    let mut files = Vec::new();
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for f in &shards.files {
+        let path = dir.join(&f.name);
+        let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(&path).unwrap());
+        out.write_all(&f.header).unwrap();
+        for t in &f.tensors {
+            seed = seed.wrapping_add(1);
+            write_random_bf16(&mut out, t.numel(), seed);
+        }
+        let file = out.into_inner().unwrap();
+        file.sync_all().unwrap();
+        drop_cache(&file);
+        files.push(path);
+    }
+    files
+}
+
+/// Random bf16 values of magnitude 2^-7..2^-3 and either sign (no zeros, NaN or Inf), generated in parallel
+/// 32 MiB at a time.
+fn write_random_bf16(out: &mut impl Write, n: usize, seed: u64) {
+    const BLOCK: usize = 16 << 20; // elements
+    const PIECE: usize = 1 << 16;
+    let mut buf = vec![0u8; BLOCK.min(n) * 2];
+    for (b, start) in (0..n).step_by(BLOCK).enumerate() {
+        let len = BLOCK.min(n - start);
+        buf[..len * 2].par_chunks_mut(PIECE * 2).enumerate().for_each(|(p, chunk)| {
+            let mut s = seed ^ ((b as u64) << 32) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            for pair in chunk.chunks_exact_mut(2) {
+                // splitmix64
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let sign = (z as u16 & 1) << 15;
+                let exp = 120 + ((z >> 1) as u16 & 3);
+                let mant = (z >> 8) as u16 & 0x7F;
+                pair.copy_from_slice(&(sign | exp << 7 | mant).to_le_bytes());
+            }
+        });
+        out.write_all(&buf[..len * 2]).unwrap();
+    }
+}
+
+/// The unit with the most input bytes, from lamina's own plan.
+fn largest_unit(model_dir: &Path, quant_type: &str) -> (String, u64) {
+    let p = prepare(&QuantArgs {
+        model_path: model_dir.to_path_buf(),
+        save_path: None,
+        quant_type: Some(quant_type.into()),
+        model_type: None,
+        device: "cpu".into(),
+        part_file_size: None,
+        memory_budget: None,
+        config_path: None,
+        overwrite: false,
+    })
+    .unwrap();
+    let u = p.plan.units.iter().max_by_key(|u| u.unit.stored_bytes).unwrap();
+    (u.unit.name.clone(), u.unit.stored_bytes)
+}
+
+fn drop_input_cache(files: &[PathBuf]) {
+    for f in files {
+        drop_cache(&File::open(f).unwrap());
+    }
+}
+
+/// Reads every input byte and writes them to files in `dir` (8 MiB at a time, as `cp` does), then syncs;
+/// returns the wall time including the sync.
+fn plain_copy(files: &[PathBuf], dir: &Path) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 8 << 20];
+    for f in files {
+        let mut src = File::open(f).unwrap();
+        let mut dst = File::create(dir.join(f.file_name().unwrap())).unwrap();
+        loop {
+            let n = src.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            dst.write_all(&buf[..n]).unwrap();
+        }
+        dst.sync_all().unwrap();
+        drop_cache(&dst);
+        drop_cache(&src);
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// Runs `lamina quant` as a child; returns its wall time and peak RSS in bytes (`ru_maxrss` from `wait4`).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child::wait cannot replace (no rusage)
+fn run_quant(lamina: &Path, model: &Path, save: &Path, quant_type: &str, log: &Path) -> (f64, u64) {
+    let t = Instant::now();
+    let child = std::process::Command::new(lamina)
+        .args(["quant", "--quant_type", quant_type, "--model_path"])
+        .arg(model)
+        .arg("--save_path")
+        .arg(save)
+        .stderr(File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        panic!("lamina quant failed (status {status}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    }
+    (secs, usage.ru_maxrss as u64 * 1024)
+}
