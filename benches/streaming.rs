@@ -227,12 +227,7 @@ fn largest_unit(model_dir: &Path, quant_type: &str) -> (String, u64) {
         model_path: model_dir.to_path_buf(),
         save_path: None,
         quant_type: Some(quant_type.into()),
-        model_type: None,
-        device: "cpu".into(),
-        part_file_size: None,
-        memory_budget: None,
-        config_path: None,
-        overwrite: false,
+        ..QuantArgs::default()
     })
     .unwrap();
     let u = p.plan.units.iter().max_by_key(|u| u.unit.stored_bytes).unwrap();

@@ -228,10 +228,7 @@ fn eval(e: &EvalCli) -> anyhow::Result<i32> {
     println!("float perplexity: {:.4}", r.float_perplexity);
     match r.quantized_perplexity {
         Some(q) => {
-            println!(
-                "quantized perplexity: {q:.4} ({:+.2}% vs float)",
-                100.0 * (q / r.float_perplexity - 1.0)
-            );
+            println!("quantized perplexity: {q:.4} ({:+.2}% vs float)", 100.0 * (q / r.float_perplexity - 1.0));
             println!("perplexity: {q:.4}");
         }
         None => println!("perplexity: {:.4}", r.float_perplexity),

@@ -33,7 +33,8 @@ impl AscendModel {
     pub fn open(dir: &Path) -> Result<AscendModel> {
         let desc_path = dir.join(DESCRIPTION);
         let desc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(
-            &std::fs::read(&desc_path).with_context(|| format!("cannot read {} (is this a lamina output?)", desc_path.display()))?,
+            &std::fs::read(&desc_path)
+                .with_context(|| format!("cannot read {} (is this a lamina output?)", desc_path.display()))?,
         )
         .with_context(|| format!("{} is not valid JSON", desc_path.display()))?;
         let description = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
@@ -59,7 +60,8 @@ impl AscendModel {
     }
 
     fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
-        let &i = self.where_.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
+        let &i =
+            self.where_.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
         let e = self.files[i].get(name).unwrap();
         Ok((e.dtype, e.shape.clone(), self.files[i].bytes(e)))
     }
@@ -85,7 +87,9 @@ impl AscendModel {
                 let (shape, v) = self.f32s(name)?;
                 // A W8A8 linear's float bias is inside its quant_bias; its weight decides.
                 let module = rel.strip_suffix(".bias");
-                if module.is_some_and(|m| self.description.get(&format!("{prefix}{m}.weight")).is_some_and(|k| k == "W8A8")) {
+                if module
+                    .is_some_and(|m| self.description.get(&format!("{prefix}{m}.weight")).is_some_and(|k| k == "W8A8"))
+                {
                     continue;
                 }
                 w.map.insert(rel.to_string(), ArrayD::from_shape_vec(IxDyn(&shape), v)?);
@@ -115,10 +119,13 @@ impl AscendModel {
             "W8A8" => {
                 let (shape, q) = self.ints(&t("weight"))?;
                 let (rows, cols) = (shape[0], shape[1]);
-                let input = ActRange { scale: self.f32s(&t("input_scale"))?.1[0], offset: self.f32s(&t("input_offset"))?.1[0] };
+                let input =
+                    ActRange { scale: self.f32s(&t("input_scale"))?.1[0], offset: self.f32s(&t("input_offset"))?.1[0] };
                 let (dtype, _, bytes) = self.raw(&t("deq_scale"))?;
                 let deq: Vec<f32> = match dtype {
-                    DType::I64 => crate::tensor::decode_i64(dtype, bytes)?.iter().map(|&b| f32::from_bits(b as u32)).collect(),
+                    DType::I64 => {
+                        crate::tensor::decode_i64(dtype, bytes)?.iter().map(|&b| f32::from_bits(b as u32)).collect()
+                    }
                     _ => decode_f32(dtype, bytes)?,
                 };
                 let quant_bias = self.ints(&t("quant_bias"))?.1;

@@ -467,7 +467,10 @@ impl Take {
     }
 
     fn norm(&mut self, module: &str, len: usize) -> Result<Norm> {
-        Ok(Norm { weight: self.vector(&format!("{module}.weight"), len)?, bias: self.optional_vector(&format!("{module}.bias"), len)? })
+        Ok(Norm {
+            weight: self.vector(&format!("{module}.weight"), len)?,
+            bias: self.optional_vector(&format!("{module}.bias"), len)?,
+        })
     }
 
     fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Array1<f32>>> {

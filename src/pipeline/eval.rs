@@ -109,7 +109,11 @@ fn nll(fm: &FloatModel, device: &dyn Device, windows: &[Vec<i64>], q: Option<&As
                 for (m, act) in acts {
                     sim.linears.insert(m.clone(), SimLinear { linear: w.linear(&m)?, act });
                 }
-                (DecoderLayer::from_weights(cfg, i, w).with_context(|| format!("building {prefix} from {}", q.dir.display()))?, Box::new(sim))
+                (
+                    DecoderLayer::from_weights(cfg, i, w)
+                        .with_context(|| format!("building {prefix} from {}", q.dir.display()))?,
+                    Box::new(sim),
+                )
             }
         };
         for h in hidden.iter_mut() {

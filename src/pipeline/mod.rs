@@ -46,6 +46,25 @@ pub struct QuantArgs {
     pub calib_seq_len: usize,
 }
 
+impl Default for QuantArgs {
+    fn default() -> QuantArgs {
+        QuantArgs {
+            model_path: PathBuf::new(),
+            save_path: None,
+            quant_type: None,
+            model_type: None,
+            device: "cpu".into(),
+            part_file_size: None,
+            memory_budget: None,
+            config_path: None,
+            overwrite: false,
+            calib_data: None,
+            calib_samples: 32,
+            calib_seq_len: 512,
+        }
+    }
+}
+
 /// Everything a run needs once planned.
 pub struct Prepared {
     pub plan: Plan,
@@ -151,7 +170,9 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
                 .jobs
                 .iter()
                 .filter_map(|j| match j {
-                    plan::Job::Quantize { weight, spec, .. } if spec.weight_method == crate::quant::spec::WeightMethod::Gptq => {
+                    plan::Job::Quantize { weight, spec, .. }
+                        if spec.weight_method == crate::quant::spec::WeightMethod::Gptq =>
+                    {
                         Some(weight.meta.shape[1] as u64)
                     }
                     _ => None,
@@ -298,7 +319,8 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     for u in &plan.units {
         load::check_inputs(ckpt, &u.unit)?;
     }
-    let calibration = if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };
+    let calibration =
+        if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };
     let mut fingerprint = fingerprint(args, ckpt, plan)?;
     if let Some(samples) = &calibration {
         let mut h = crc32fast::Hasher::new();
@@ -402,7 +424,12 @@ pub fn default_calib_dir() -> PathBuf {
 }
 
 /// The calibration sequences: `--calib_data`, else the bundled text corpus.
-fn calibration_samples(args: &QuantArgs, ckpt: &Checkpoint, model: &Model, recipe: &Recipe) -> Result<Vec<calibrate::CalibSample>> {
+fn calibration_samples(
+    args: &QuantArgs,
+    ckpt: &Checkpoint,
+    model: &Model,
+    recipe: &Recipe,
+) -> Result<Vec<calibrate::CalibSample>> {
     let _ = recipe;
     let path = match &args.calib_data {
         Some(p) => p.clone(),
@@ -414,8 +441,9 @@ fn calibration_samples(args: &QuantArgs, ckpt: &Checkpoint, model: &Model, recip
             p
         }
     };
-    let ids = crate::data::calib::load_text(&ckpt.dir, &path, args.calib_samples, args.calib_seq_len, model.text.vocab_size)
-        .with_context(|| format!("reading the calibration data {}", path.display()))?;
+    let ids =
+        crate::data::calib::load_text(&ckpt.dir, &path, args.calib_samples, args.calib_seq_len, model.text.vocab_size)
+            .with_context(|| format!("reading the calibration data {}", path.display()))?;
     Ok(ids.into_iter().map(|ids| calibrate::CalibSample { ids }).collect())
 }
 

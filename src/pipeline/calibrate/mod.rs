@@ -167,7 +167,10 @@ impl<'a> Calibrator<'a> {
         if let Ok(rd) = std::fs::read_dir(self.save.join(super::activations::DIR)) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                let i = name.strip_prefix("after-unit-").and_then(|r| r.split('.').next()).and_then(|r| r.parse::<usize>().ok());
+                let i = name
+                    .strip_prefix("after-unit-")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|r| r.parse::<usize>().ok());
                 // A resume starts at a unit >= `committed` and reads the newest snapshot before it.
                 if i.is_some_and(|i| i != index && i + 1 < committed) {
                     let _ = std::fs::remove_file(e.path());
@@ -177,7 +180,11 @@ impl<'a> Calibrator<'a> {
         Ok(())
     }
 
-    fn write_snapshot(&self, index: usize, mut f: impl FnMut(&Self, usize) -> Result<DecoderInput>) -> Result<Snapshot> {
+    fn write_snapshot(
+        &self,
+        index: usize,
+        mut f: impl FnMut(&Self, usize) -> Result<DecoderInput>,
+    ) -> Result<Snapshot> {
         let mut w = SnapshotWriter::create(&snapshot_path(&self.save, index), self.activation_budget)?;
         for s in 0..self.samples.len() {
             Calibrator::push_sample(&mut w, s, &f(self, s)?)?;
@@ -186,9 +193,15 @@ impl<'a> Calibrator<'a> {
     }
 
     /// The token embeddings of every sample become the first state.
-    fn embed_unit(&mut self, index: usize, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn embed_unit(
+        &mut self,
+        index: usize,
+        up: &UnitPlan,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
         let name = self.model.layout.embed_tokens();
-        let t = up.unit.tensors.iter().find(|t| t.name() == name).with_context(|| format!("tensor {name} is missing"))?;
+        let t =
+            up.unit.tensors.iter().find(|t| t.name() == name).with_context(|| format!("tensor {name} is missing"))?;
         let w = Weights::load_tensors(self.ckpt, std::iter::once(t), "")?;
         let table: Array2<f32> = w.matrix(&name)?;
         self.data_free(up, emit)?;
@@ -203,7 +216,10 @@ impl<'a> Calibrator<'a> {
         for job in &up.jobs {
             if let Job::Quantize { module, spec, .. } = job {
                 if spec.needs_calibration() {
-                    bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
+                    bail!(
+                        "{module}: calibrating {} is not supported (keep it float or use a data-free scheme)",
+                        up.unit.name
+                    );
                 }
             }
             emit(run_job(self.ckpt, self.exporter, job)?)?;
@@ -211,7 +227,13 @@ impl<'a> Calibrator<'a> {
         Ok(())
     }
 
-    fn text_layer(&mut self, index: usize, i: usize, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn text_layer(
+        &mut self,
+        index: usize,
+        i: usize,
+        up: &UnitPlan,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
         let cfg = &self.model.text;
         let prefix = self.model.layout.unit_prefix(UnitKind::TextLayer(i));
         let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
@@ -236,8 +258,11 @@ impl<'a> Calibrator<'a> {
 
         // 1. Observe the float layer.
         let mut obs = Observe::default();
-        obs.hessian_groups =
-            quantized.iter().filter(|(_, s)| s.weight_method == WeightMethod::Gptq).map(|(m, _)| input_group(m)).collect();
+        obs.hessian_groups = quantized
+            .iter()
+            .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
+            .map(|(m, _)| input_group(m))
+            .collect();
         {
             let layer = DecoderLayer::from_weights(cfg, i, w.clone())?;
             for s in 0..n {
@@ -255,7 +280,9 @@ impl<'a> Calibrator<'a> {
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
         let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in &subgraphs {
-            let (shift, scales) = self.apply_smoothing(&mut w, sg, &obs, &mut modified).with_context(|| format!("smoothing in {prefix}"))?;
+            let (shift, scales) = self
+                .apply_smoothing(&mut w, sg, &obs, &mut modified)
+                .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(input_group(&sg.consumers[0]), (shift, scales));
         }
         let stats_of = |g: &str| -> Result<crate::quant::observer::ChannelStats> {
@@ -318,18 +345,29 @@ impl<'a> Calibrator<'a> {
                         }
                         WeightMethod::Gptq => {
                             if !factors.contains_key(&g) {
-                                let h = obs.hessians.get(&g).with_context(|| format!("{module}: no Hessian was gathered"))?;
+                                let h = obs
+                                    .hessians
+                                    .get(&g)
+                                    .with_context(|| format!("{module}: no Hessian was gathered"))?;
                                 let h = match maps.get(&g) {
                                     Some((z, s)) => h.smoothed(z.as_deref(), s),
                                     None => h.clone(),
                                 };
-                                factors.insert(g.clone(), HessianFactor::new(h.matrix().view(), &GptqConfig::default())?);
+                                factors
+                                    .insert(g.clone(), HessianFactor::new(h.matrix().view(), &GptqConfig::default())?);
                             }
-                            let (q, report) =
-                                gptq::quantize_with(self.device, linear.weight.view(), &factors[&g], spec, &GptqConfig::default())
-                                    .with_context(|| format!("GPTQ on {module}"))?;
+                            let (q, report) = gptq::quantize_with(
+                                self.device,
+                                linear.weight.view(),
+                                &factors[&g],
+                                spec,
+                                &GptqConfig::default(),
+                            )
+                            .with_context(|| format!("GPTQ on {module}"))?;
                             if report.fell_back_to_rtn {
-                                eprintln!("warning: {module}: the Hessian could not be factored; rounded to nearest instead");
+                                eprintln!(
+                                    "warning: {module}: the Hessian could not be factored; rounded to nearest instead"
+                                );
                             }
                             q
                         }
@@ -350,7 +388,13 @@ impl<'a> Calibrator<'a> {
                         _ => ActSim::None,
                     };
                     let bias = linear.bias.clone();
-                    sim.linears.insert(m.clone(), SimLinear { linear: crate::model::nn::Linear { weight: dequantize_weight(&weight), bias: bias.clone() }, act });
+                    sim.linears.insert(
+                        m.clone(),
+                        SimLinear {
+                            linear: crate::model::nn::Linear { weight: dequantize_weight(&weight), bias: bias.clone() },
+                            act,
+                        },
+                    );
                     let ql = QuantizedLinear {
                         spec: *spec,
                         weight,
@@ -372,7 +416,8 @@ impl<'a> Calibrator<'a> {
             let mut d = this.sample(s)?;
             let angles = this.rope.angles(&d.positions)?;
             d.embeds = layer.forward(this.device, d.embeds.view(), &angles, &mut sim, ForwardOptions::default())?;
-            let (now, later): (Vec<Injection>, Vec<Injection>) = d.injections.drain(..).partition(|j| j.after_layer == i);
+            let (now, later): (Vec<Injection>, Vec<Injection>) =
+                d.injections.drain(..).partition(|j| j.after_layer == i);
             for j in &now {
                 for (k, &t) in j.rows.iter().enumerate() {
                     let mut row = d.embeds.row_mut(t);
@@ -409,7 +454,8 @@ impl<'a> Calibrator<'a> {
         cfg.shift = sg.shift;
         let group = input_group(&sg.consumers[0]);
         let stats = obs.stats.get(&group).with_context(|| format!("{group} saw no calibration input"))?;
-        let mut linears: Vec<crate::model::nn::Linear> = sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
+        let mut linears: Vec<crate::model::nn::Linear> =
+            sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
         let report = match &sg.kind {
             Kind::NormLinear { norm } => {
                 let mut g: Array1<f32> = w.vector(&format!("{norm}.weight"))?;
@@ -428,7 +474,8 @@ impl<'a> Calibrator<'a> {
             Kind::Ov { producer } | Kind::UpDown { producer } => {
                 let mut p = w.linear(producer)?;
                 let rep = if matches!(sg.kind, Kind::Ov { .. }) {
-                    let heads = Heads { num_heads: self.model.text.num_heads, num_kv_heads: self.model.text.num_kv_heads };
+                    let heads =
+                        Heads { num_heads: self.model.text.num_heads, num_kv_heads: self.model.text.num_kv_heads };
                     smooth_ov(&mut p, &mut linears[0], stats, heads, &cfg)?
                 } else {
                     smooth_linear_linear(&mut p, &mut linears[0], stats, &cfg)?
@@ -454,7 +501,12 @@ fn put_linear(w: &mut Weights, module: &str, l: crate::model::nn::Linear, modifi
 }
 
 impl UnitProcessor for Calibrator<'_> {
-    fn process(&mut self, index: usize, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn process(
+        &mut self,
+        index: usize,
+        up: &UnitPlan,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
         match up.unit.kind {
             UnitKind::Embed => self.embed_unit(index, up, emit),
             UnitKind::TextLayer(i) => self.text_layer(index, i, up, emit),

@@ -58,7 +58,10 @@ impl Smoothing {
             };
             for k in &kinds {
                 if !matches!(k.as_str(), "norm-linear" | "ov" | "up-down" | "linear-linear") {
-                    bail!("recipe {}: subgraph type {k:?} is not supported (norm-linear, ov, up-down, linear-linear)", recipe.name);
+                    bail!(
+                        "recipe {}: subgraph type {k:?} is not supported (norm-linear, ov, up-down, linear-linear)",
+                        recipe.name
+                    );
                 }
             }
             let has = |k: &str| kinds.iter().any(|x| x == k);
@@ -139,10 +142,7 @@ pub fn text_layer_subgraphs(
             }
             (c, pairs)
         }
-        _ => (
-            vec!["mlp.gate_proj".into(), "mlp.up_proj".into()],
-            vec![("mlp.up_proj".into(), "mlp.down_proj".into())],
-        ),
+        _ => (vec!["mlp.gate_proj".into(), "mlp.up_proj".into()], vec![("mlp.up_proj".into(), "mlp.down_proj".into())]),
     };
     let selected = |consumers: &[String]| consumers.iter().any(|c| s.step.matches(&full(c)));
     // A shift adds `W·z` to every consumer's bias: fine where that bias folds into a static
@@ -203,7 +203,8 @@ mod tests {
             )
         };
         let cfg = TextConfig::from_json(&serde_json::json!({"hidden_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "vocab_size": 10})).unwrap();
+            "num_attention_heads": 2, "vocab_size": 10}))
+        .unwrap();
         let full = |r: &str| format!("model.layers.0.{r}");
         for (act, shift) in [("per_tensor", true), ("per_token", false)] {
             let r = Recipe::parse(&y(act), "t").unwrap();
