@@ -462,6 +462,11 @@ fn profile_block(tower: &VisionTower, w: &Weights, pre: &Weights, input: &Vision
         let cpu = median(t.iter().map(|s| s.cpu).collect());
         rows.push((what, Secs { wall, cpu }));
     };
+    time("weights as Linear (Weights::linear copies)", &mut || {
+        for name in ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"] {
+            std::hint::black_box(w.linear(name).unwrap());
+        }
+    });
     let mut h = Array2::zeros((0, 0));
     time("layer norm (x2)", &mut || h = ops::layer_norm(x.view(), &n1, Some(&b1), 1e-6));
     let mut qkv = Array2::zeros((0, 0));
