@@ -40,6 +40,7 @@ macro_rules! widest_simd {
         }
     };
 }
+
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis.
 pub fn layer_norm(x: ArrayView2<f32>, weight: &Array1<f32>, bias: Option<&Array1<f32>>, eps: f64) -> Array2<f32> {
     map_rows(x, |row| {
@@ -553,6 +554,21 @@ mod tests {
             let want = naive_attention(&q, &k, &v, heads, r, &spans);
             let err = ours.iter().zip(want.iter()).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(err < 1e-5, "max abs error {err:e} (rotary: {})", r.is_some());
+        }
+    }
+
+    #[test]
+    fn wide_simd_paths_give_the_plain_paths_bits() {
+        // What this CPU dispatches to (AVX-512 here) against the same code compiled for SSE2.
+        let x: Vec<f32> = (0..16 * 37 + 5).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
+        let (mut wide, mut plain) = (x.clone(), x.clone());
+        assert_eq!(softmax_numerators_rows(&mut wide, 37, 0.3), softmax_rows(&mut plain, 37, 0.3));
+        assert_eq!(wide, plain);
+        for act in [Activation::GeluTanh, Activation::Gelu, Activation::QuickGelu, Activation::Silu] {
+            let (mut wide, mut plain) = (x.clone(), x.clone());
+            activate(act, &mut wide);
+            act.apply_slice(&mut plain);
+            assert_eq!(wide, plain, "{act:?}");
         }
     }
 
