@@ -19,6 +19,12 @@ pub trait Device: Send + Sync {
     fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
         *acc += &self.matmul(x.t(), x);
     }
+    /// `a · b` computed by the calling thread alone, for callers that already run many small
+    /// independent products in parallel (attention heads and query tiles). A device without that
+    /// distinction computes it as [`Device::matmul`].
+    fn matmul_serial(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+        self.matmul(a, b)
+    }
 }
 
 /// The CPU, with faer's multithreaded GEMM (measured here at about twice ndarray's own).
@@ -30,26 +36,7 @@ impl Device for Cpu {
     }
 
     fn matmul(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
-        let (m, k) = a.dim();
-        let (k2, n) = b.dim();
-        assert_eq!(k, k2, "matmul: inner dimensions differ ({m}x{k} · {k2}x{n})");
-        let mut c = Array2::<f32>::zeros((m, n));
-        if m == 0 || n == 0 {
-            return c;
-        }
-        if k == 0 {
-            return c;
-        }
-        let (sa, sb) = (a.strides(), b.strides());
-        // SAFETY: the views describe valid memory with these shapes and element strides for the
-        // duration of the call, and `c` is a fresh, uniquely borrowed row-major array.
-        unsafe {
-            let fa = faer::MatRef::from_raw_parts(a.as_ptr(), m, k, sa[0], sa[1]);
-            let fb = faer::MatRef::from_raw_parts(b.as_ptr(), k, n, sb[0], sb[1]);
-            let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1isize);
-            faer::linalg::matmul::matmul(fc, faer::Accum::Replace, fa, fb, 1.0f32, faer::Par::rayon(0));
-        }
-        c
+        faer_matmul(a, b, faer::Par::rayon(0))
     }
 
     fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
@@ -77,6 +64,31 @@ impl Device for Cpu {
             );
         }
     }
+
+    fn matmul_serial(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+        faer_matmul(a, b, faer::Par::Seq)
+    }
+}
+
+/// `a · b` with faer, on `par` threads.
+fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, par: faer::Par) -> Array2<f32> {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert_eq!(k, k2, "matmul: inner dimensions differ ({m}x{k} · {k2}x{n})");
+    let mut c = Array2::<f32>::zeros((m, n));
+    if m == 0 || n == 0 || k == 0 {
+        return c;
+    }
+    let (sa, sb) = (a.strides(), b.strides());
+    // SAFETY: the views describe valid memory with these shapes and element strides for the
+    // duration of the call, and `c` is a fresh, uniquely borrowed row-major array.
+    unsafe {
+        let fa = faer::MatRef::from_raw_parts(a.as_ptr(), m, k, sa[0], sa[1]);
+        let fb = faer::MatRef::from_raw_parts(b.as_ptr(), k, n, sb[0], sb[1]);
+        let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1isize);
+        faer::linalg::matmul::matmul(fc, faer::Accum::Replace, fa, fb, 1.0f32, par);
+    }
+    c
 }
 
 /// The device named by `--device`.
@@ -104,6 +116,7 @@ mod tests {
         assert_eq!(y, naive);
         let y2 = Cpu.matmul(a.t(), a.view());
         assert_eq!(y2, a.t().dot(&a));
+        assert_eq!(Cpu.matmul_serial(a.t(), a.view()), y2);
     }
 
     #[test]

@@ -225,9 +225,17 @@ impl VisionTower {
     }
 }
 
-/// A unit's weights under the names the towers use (relative to [`Layout::unit_prefix`]).
+/// A unit's weights under the names the towers use (relative to [`Layout::unit_prefix`]). Each
+/// tensor's mapped pages are given back as soon as it is widened, so a unit costs its f32 size
+/// and not that plus its stored bytes.
 pub fn load_unit(ckpt: &Checkpoint, layout: &Layout, unit: &Unit) -> Result<Weights> {
-    Weights::load(ckpt, unit, &layout.unit_prefix(unit.kind))
+    let mut weights = Weights { prefix: layout.unit_prefix(unit.kind), ..Weights::default() };
+    for t in &unit.tensors {
+        let one = Weights::load_tensors(ckpt, std::iter::once(t), &weights.prefix)?;
+        crate::pipeline::load::release(ckpt, t);
+        weights.map.extend(one.map);
+    }
+    Ok(weights)
 }
 
 /// A convolution whose stride equals its kernel, as a linear over flattened patches:

@@ -1,0 +1,516 @@
+//! The vision benchmark: images per second through a Qwen3-VL-sized vision tower, streamed block by
+//! block as the calibration pipeline streams it, and the peak RSS that takes.
+//!
+//! ```text
+//! cargo bench --bench vision -- [--config PATH] [--image HxW] [--images N] [--runs R] [--dir DIR] [--keep]
+//! ```
+//!
+//! 1. Builds a checkpoint of the vision tower alone from `config.json` (default: Qwen3-VL-30B-A3B: 27 blocks,
+//!    hidden 1152, MLP 4304, 16 heads, patch 16, deepstack mergers after blocks 8, 16, 24), every tensor of
+//!    the release layout (`model::layout::synthesize_inventory`, vision units only) filled with random bf16
+//!    of trained-model magnitudes (linears ±0.035, norm scales near 1).
+//! 2. `--images` images (default 2) of `--image` pixels (default 672x672) are resized as the Qwen3-VL image
+//!    processor does (`smart_resize` to multiples of patch 16 × merge 2 within its pixel bounds), giving
+//!    the grid; their `pixel_values` are random in [-1, 1] (what normalisation gives).
+//! 3. In a child process (so its `ru_maxrss` is the measured part's alone), `--runs` times (default 3):
+//!    the tower runs over all images unit by unit, as the calibration pipeline will: each unit's weights
+//!    loaded (`vision::load_unit`, which gives each tensor's mapped pages back once widened to f32), the
+//!    unit run, its weights dropped. Then block 0 is run piece by piece to show where the time goes.
+//! 4. Prints medians of wall and CPU time (the CPU time shows the work done even when other processes
+//!    share the cores): images per second, seconds per block and per unit load, GFLOP/s, the profile,
+//!    and peak RSS against the largest unit's bytes. Deletes the checkpoint unless `--keep`.
+
+use lamina::device::{Cpu, Device};
+use lamina::io::checkpoint::Checkpoint;
+use lamina::io::shards::{drop_cache, ShardLayout};
+use lamina::model::layout::{self, UnitKind};
+use lamina::model::nn::{Linear, LinearHook};
+use lamina::model::vision::ops;
+use lamina::model::vision::{load_unit, VisionInput, VisionState, VisionTower};
+use lamina::model::weights::Weights;
+use lamina::model::{build_units, Model, Unit};
+use lamina::tensor::{DType, TensorMeta};
+use ndarray::{Array2, ArrayD, ArrayView2};
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const MB: f64 = 1e6;
+
+/// The Qwen3-VL image processor's pixel bounds (`size.shortest_edge`, `size.longest_edge` of its
+/// `preprocessor_config.json`).
+const MIN_PIXELS: usize = 65_536;
+const MAX_PIXELS: usize = 16_777_216;
+
+struct Args {
+    config: PathBuf,
+    image: (usize, usize),
+    images: usize,
+    runs: usize,
+    dir: PathBuf,
+    keep: bool,
+    child: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs/qwen3-vl-30b-a3b/config.json"),
+        image: (672, 672),
+        images: 2,
+        runs: 3,
+        dir: std::env::temp_dir().join(format!("lamina-vision-bench-{}", std::process::id())),
+        keep: false,
+        child: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => a.config = value().into(),
+            "--image" => {
+                let v = value();
+                let (h, w) = v.split_once('x').unwrap_or_else(|| panic!("--image HxW, got {v}"));
+                a.image = (h.parse().expect("--image HxW"), w.parse().expect("--image HxW"));
+            }
+            "--images" => a.images = value().parse().expect("--images N"),
+            "--runs" => a.runs = value().parse().expect("--runs R"),
+            "--dir" => a.dir = value().into(),
+            "--keep" => a.keep = true,
+            "--child" => a.child = true,
+            "--bench" => {} // cargo bench passes it
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(a.runs >= 1 && a.images >= 1 && a.image.0 > 0 && a.image.1 > 0);
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    if args.child {
+        measure(&args);
+        return;
+    }
+    let model_dir = args.dir.join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let t = Instant::now();
+    let bytes = write_vision_checkpoint(&args.config, &model_dir);
+    println!(
+        "checkpoint    : {} (vision tower of {}), {:.0} MB bf16, written in {:.1} s",
+        model_dir.display(),
+        args.config.display(),
+        bytes as f64 / MB,
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .arg("--child")
+        .arg("--dir")
+        .arg(&args.dir)
+        .args(["--image", &format!("{}x{}", args.image.0, args.image.1)])
+        .args(["--images", &args.images.to_string(), "--runs", &args.runs.to_string()]);
+    let (ok, peak) = run_child(child);
+    if ok {
+        let largest = largest_unit(&model_dir);
+        let bound = 2.0 * largest.1 as f64 + 300.0 * MB;
+        println!(
+            "peak RSS      : {:.0} MB = {:.2}x the largest unit ({}, {:.0} MB bf16, {:.0} MB as f32); 2x + 300 MB = {:.0} MB: {}",
+            peak as f64 / MB,
+            peak as f64 / largest.1 as f64,
+            largest.0,
+            largest.1 as f64 / MB,
+            2.0 * largest.1 as f64 / MB,
+            bound / MB,
+            if peak as f64 <= bound { "within" } else { "OVER" }
+        );
+    }
+    if args.keep {
+        println!("kept {}", args.dir.display());
+    } else {
+        std::fs::remove_dir_all(&args.dir).unwrap();
+    }
+    assert!(ok, "the measuring child failed");
+}
+
+/// Runs the measuring child; returns whether it succeeded and its peak RSS in bytes (`ru_maxrss`).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+fn run_child(mut cmd: std::process::Command) -> (bool, u64) {
+    let child = cmd.spawn().unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, usage.ru_maxrss as u64 * 1024)
+}
+
+/// The vision tensors of `config`'s release layout as one `model.safetensors`; returns its data bytes.
+fn write_vision_checkpoint(config_path: &Path, dir: &Path) -> u64 {
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
+    let model = Model::new(&config, None, &[]).unwrap();
+    let vision = |name: &str| {
+        matches!(model.layout.classify(name), UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost)
+    };
+    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| vision(n))
+        .map(|(n, s)| TensorMeta::new(n, DType::BF16, &s))
+        .collect();
+    assert!(!metas.is_empty(), "{} has no vision tower", config_path.display());
+    let shards = ShardLayout::plan(&metas, None, &|_, _| "model.safetensors".into()).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let f = &shards.files[0];
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(dir.join(&f.name)).unwrap());
+    out.write_all(&f.header).unwrap();
+    for (i, t) in f.tensors.iter().enumerate() {
+        let (centre, spread) = if t.name.contains("norm") && t.name.ends_with(".weight") {
+            (1.0, 0.1)
+        } else if t.name.ends_with(".bias") {
+            (0.0, 0.02)
+        } else {
+            (0.0, 0.035) // uniform with the standard deviation 0.02 of the config's initializer_range
+        };
+        out.write_all(&random_bf16(t.numel(), i as u64 + 1, centre, spread)).unwrap();
+    }
+    let file = out.into_inner().unwrap();
+    file.sync_all().unwrap();
+    drop_cache(&file);
+    metas.iter().map(|m| m.nbytes()).sum()
+}
+
+/// `n` bf16 values uniform in `centre ± spread`, generated in parallel (splitmix64).
+fn random_bf16(n: usize, seed: u64, centre: f32, spread: f32) -> Vec<u8> {
+    let mut buf = vec![0u8; 2 * n];
+    buf.par_chunks_mut(1 << 17).enumerate().for_each(|(p, chunk)| {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for pair in chunk.chunks_exact_mut(2) {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            let v = half::bf16::from_f32(centre + spread * (2.0 * u - 1.0));
+            pair.copy_from_slice(&v.to_le_bytes());
+        }
+    });
+    buf
+}
+
+/// The vision unit with the most stored bytes.
+fn largest_unit(model_dir: &Path) -> (String, u64) {
+    let (_, _, units) = open(model_dir);
+    let u = units.iter().max_by_key(|u| u.stored_bytes).unwrap();
+    (u.name.clone(), u.stored_bytes)
+}
+
+fn open(model_dir: &Path) -> (Checkpoint, Model, Vec<Unit>) {
+    let ckpt = Checkpoint::open(model_dir).unwrap();
+    let names: Vec<&str> = ckpt.names().collect();
+    let model = Model::new(&ckpt.config, None, &names).unwrap();
+    let inventory: Vec<TensorMeta> = ckpt.names().map(|n| ckpt.entry(n).unwrap().1.meta()).collect();
+    let units = build_units(&model, &inventory).unwrap();
+    (ckpt, model, units)
+}
+
+/// transformers' Qwen2-VL `smart_resize`: both sides rounded to multiples of `factor`, then scaled
+/// into `[min_pixels, max_pixels]` keeping the aspect ratio.
+fn smart_resize(h: usize, w: usize, factor: usize, min_pixels: usize, max_pixels: usize) -> (usize, usize) {
+    let (hf, wf, f) = (h as f64, w as f64, factor as f64);
+    let mut hb = ((hf / f).round_ties_even() * f) as usize;
+    let mut wb = ((wf / f).round_ties_even() * f) as usize;
+    if hb * wb > max_pixels {
+        let beta = (hf * wf / max_pixels as f64).sqrt();
+        hb = factor.max(((hf / beta / f).floor() * f) as usize);
+        wb = factor.max(((wf / beta / f).floor() * f) as usize);
+    } else if hb * wb < min_pixels {
+        let beta = (min_pixels as f64 / (hf * wf)).sqrt();
+        hb = ((hf * beta / f).ceil() * f) as usize;
+        wb = ((wf * beta / f).ceil() * f) as usize;
+    }
+    (hb, wb)
+}
+
+/// Wall time and the process's CPU time (all threads): on a shared machine the CPU time shows the
+/// work done even when other processes take the cores.
+#[derive(Default, Clone, Copy, Debug)]
+struct Secs {
+    wall: f64,
+    cpu: f64,
+}
+
+impl std::ops::AddAssign for Secs {
+    fn add_assign(&mut self, o: Secs) {
+        self.wall += o.wall;
+        self.cpu += o.cpu;
+    }
+}
+
+impl std::ops::Sub for Secs {
+    type Output = Secs;
+    fn sub(self, o: Secs) -> Secs {
+        Secs { wall: self.wall - o.wall, cpu: self.cpu - o.cpu }
+    }
+}
+
+struct Clock(Instant, f64);
+
+impl Clock {
+    fn start() -> Clock {
+        Clock(Instant::now(), cpu_seconds())
+    }
+    fn elapsed(&self) -> Secs {
+        Secs { wall: self.0.elapsed().as_secs_f64(), cpu: cpu_seconds() - self.1 }
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// A float forward that times its linears and counts their FLOPs.
+#[derive(Default)]
+struct TimedLinears {
+    time: Secs,
+    flops: f64,
+}
+
+impl LinearHook for TimedLinears {
+    fn linear(&mut self, device: &dyn Device, _name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        let c = Clock::start();
+        let y = layer.forward(device, x);
+        self.time += c.elapsed();
+        self.flops += 2.0 * (x.nrows() * layer.in_features() * layer.out_features()) as f64;
+        y
+    }
+}
+
+/// One pass of the tower over all images.
+#[derive(Default, Clone)]
+struct Run {
+    total: Secs,
+    load: Secs,
+    /// Compute of the blocks alone, and of their linears.
+    blocks: Secs,
+    block_linears: Secs,
+    embed_and_mergers: Secs,
+    block_linear_flops: f64,
+}
+
+/// The child: everything that is measured.
+fn measure(args: &Args) {
+    let model_dir = args.dir.join("model");
+    let (ckpt, model, units) = open(&model_dir);
+    let tower = VisionTower::from_model(&model).unwrap();
+    let VisionTower::Qwen3Vl(c) = &tower else { panic!("the vision benchmark runs Qwen3-VL towers") };
+    let factor = c.patch_size * c.spatial_merge_size;
+    let (h, w) = smart_resize(args.image.0, args.image.1, factor, MIN_PIXELS, MAX_PIXELS);
+    let grid = [1, h / c.patch_size, w / c.patch_size];
+    let patches = grid[1] * grid[2];
+    let features = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let pixels: Vec<f32> = (0..args.images * patches * features)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let input = VisionInput {
+        pixel_values: ArrayD::from_shape_vec(vec![args.images * patches, features], pixels).unwrap(),
+        image_grid_thw: vec![grid; args.images],
+    };
+    let tokens = args.images * patches;
+    // Attention: q·kᵀ and p·v, 2·span²·dim FLOPs each, per image.
+    let attention_flops = (4 * args.images * patches * patches * c.dim * c.depth) as f64;
+    println!(
+        "input         : {} image(s) of {}x{} -> smart_resize {h}x{w} -> grid {:?}: {patches} patches, {} merged tokens each",
+        args.images,
+        args.image.0,
+        args.image.1,
+        grid,
+        patches / (c.spatial_merge_size * c.spatial_merge_size)
+    );
+    println!(
+        "tower         : {} blocks, dim {}, {} heads, {} threads",
+        c.depth,
+        c.dim,
+        c.num_heads,
+        rayon::current_num_threads()
+    );
+
+    let dev = &Cpu;
+    let weights = |kind: UnitKind| -> Weights {
+        let unit = units.iter().find(|u| u.kind == kind).unwrap_or_else(|| panic!("no unit {kind:?}"));
+        load_unit(&ckpt, &model.layout, unit).unwrap()
+    };
+    let mut runs = Vec::new();
+    for r in 1..=args.runs {
+        let mut run = Run::default();
+        let mut hook = TimedLinears::default();
+        let start = Clock::start();
+        let timed_load = |run: &mut Run, kind| {
+            let c = Clock::start();
+            let w = weights(kind);
+            run.load += c.elapsed();
+            w
+        };
+        let w = timed_load(&mut run, UnitKind::VisionPre);
+        let clock = Clock::start();
+        let mut state = tower.embed(dev, &w, &input).unwrap();
+        run.embed_and_mergers += clock.elapsed();
+        drop(w);
+        for i in 0..tower.depth() {
+            let w = timed_load(&mut run, UnitKind::VisionBlock(i));
+            let (clock, before) = (Clock::start(), hook.time);
+            tower.block(dev, i, &w, &mut state, &mut hook).unwrap();
+            run.blocks += clock.elapsed();
+            run.block_linears += hook.time - before;
+        }
+        run.block_linear_flops = hook.flops;
+        let w = timed_load(&mut run, UnitKind::VisionPost);
+        let clock = Clock::start();
+        let out = tower.finish(dev, &w, state, &mut hook).unwrap();
+        run.embed_and_mergers += clock.elapsed();
+        run.total = start.elapsed();
+        assert_eq!(out.embeds.nrows(), tokens / (c.spatial_merge_size * c.spatial_merge_size));
+        assert!(out.embeds.iter().all(|v| v.is_finite()), "the tower's output is not finite");
+        println!(
+            "run {r}         : {:.2} s wall, {:.2} s CPU = {:.3} images/s (blocks {:.2} s, weight loading {:.2} s, embed + mergers {:.2} s)",
+            run.total.wall,
+            run.total.cpu,
+            args.images as f64 / run.total.wall,
+            run.blocks.wall,
+            run.load.wall,
+            run.embed_and_mergers.wall
+        );
+        runs.push(run);
+    }
+
+    let med = |f: &dyn Fn(&Run) -> Secs| Secs {
+        wall: median(runs.iter().map(|r| f(r).wall).collect()),
+        cpu: median(runs.iter().map(|r| f(r).cpu).collect()),
+    };
+    let depth = tower.depth() as f64;
+    let images = args.images as f64;
+    let (total, blocks, linears, loads) =
+        (med(&|r| r.total), med(&|r| r.blocks), med(&|r| r.block_linears), med(&|r| r.load));
+    let block_flops = runs[0].block_linear_flops + attention_flops; // the same every run
+    println!("--- medians of {} run(s) (wall / CPU seconds) ---", args.runs);
+    println!(
+        "images/s      : {:.3} ({:.2} s wall, {:.2} CPU-s per image; {tokens} patches in all)",
+        images / total.wall,
+        total.wall / images,
+        total.cpu / images
+    );
+    println!(
+        "per block     : {:.3} / {:.3} s compute: linears {:.3} / {:.3} s, the rest {:.3} / {:.3} s",
+        blocks.wall / depth,
+        blocks.cpu / depth,
+        linears.wall / depth,
+        linears.cpu / depth,
+        (blocks.wall - linears.wall) / depth,
+        (blocks.cpu - linears.cpu) / depth
+    );
+    println!(
+        "weight load   : {:.3} / {:.3} s per unit ({:.2} s of the run)",
+        loads.wall / (depth + 2.0),
+        loads.cpu / (depth + 2.0),
+        loads.wall
+    );
+    println!(
+        "blocks        : {:.0} GFLOP/s wall, {:.0} GFLOP per CPU-s ({:.2} TFLOP: linears {:.2}, attention {:.2})",
+        block_flops / blocks.wall / 1e9,
+        block_flops / blocks.cpu / 1e9,
+        block_flops / 1e12,
+        runs[0].block_linear_flops / 1e12,
+        attention_flops / 1e12
+    );
+    profile_block(&tower, &weights(UnitKind::VisionBlock(0)), &weights(UnitKind::VisionPre), &input);
+    println!("VmHWM (child) : {:.0} MB", lamina::pipeline::memory::peak_rss() as f64 / MB);
+}
+
+/// Block 0 run piece by piece (the calls `qwen3_vl::Config::block` makes), median of 3 each.
+fn profile_block(tower: &VisionTower, w: &Weights, pre: &Weights, input: &VisionInput) {
+    let VisionTower::Qwen3Vl(c) = tower else { unreachable!() };
+    let dev = &Cpu;
+    let state: VisionState = tower.embed(dev, pre, input).unwrap();
+    let x = &state.hidden;
+    let (n1, b1) = (w.vector("norm1.weight").unwrap(), w.vector("norm1.bias").unwrap());
+    let lin = |name: &str| w.linear(name).unwrap();
+    let (qkv_l, proj_l, fc1_l, fc2_l) =
+        (lin("attn.qkv"), lin("attn.proj"), lin("mlp.linear_fc1"), lin("mlp.linear_fc2"));
+
+    let mut rows: Vec<(&str, Secs)> = Vec::new();
+    let mut time = |what: &'static str, f: &mut dyn FnMut()| {
+        let t: Vec<Secs> = (0..3)
+            .map(|_| {
+                let c = Clock::start();
+                f();
+                c.elapsed()
+            })
+            .collect();
+        let wall = median(t.iter().map(|s| s.wall).collect());
+        let cpu = median(t.iter().map(|s| s.cpu).collect());
+        rows.push((what, Secs { wall, cpu }));
+    };
+    time("weights as Linear (Weights::linear copies)", &mut || {
+        for name in ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"] {
+            std::hint::black_box(w.linear(name).unwrap());
+        }
+    });
+    let mut h = Array2::zeros((0, 0));
+    time("layer norm (x2)", &mut || h = ops::layer_norm(x.view(), &n1, Some(&b1), 1e-6));
+    let mut qkv = Array2::zeros((0, 0));
+    time("attn.qkv linear", &mut || qkv = qkv_l.forward(dev, h.view()));
+    let mut o = Array2::zeros((0, 0));
+    time("attention core (rotary, q·kᵀ, softmax, p·v)", &mut || {
+        let (q, k, v) = ops::split_qkv(&qkv);
+        o = ops::span_attention(dev, q, k, v, c.num_heads, state.rotary.as_ref(), &state.spans);
+    });
+    time("attn.proj linear", &mut || o = proj_l.forward(dev, o.view()));
+    let mut m = Array2::zeros((0, 0));
+    time("mlp.linear_fc1 linear", &mut || m = fc1_l.forward(dev, h.view()));
+    let mut fresh = vec![m.clone(), m.clone(), m];
+    let mut act = Array2::zeros((0, 0));
+    time("activation (hidden_act)", &mut || {
+        act = fresh.pop().unwrap();
+        c.hidden_act.apply_all(&mut act)
+    });
+    time("mlp.linear_fc2 linear", &mut || o = fc2_l.forward(dev, act.view()));
+    let mut r = x.clone();
+    time("residual add (x2)", &mut || ops::add_into(&mut r, &o));
+    for (what, t) in rows.iter_mut() {
+        if what.ends_with("(x2)") {
+            // A block has two of these; one was timed.
+            t.wall *= 2.0;
+            t.cpu *= 2.0;
+        }
+    }
+    let sum = rows.iter().fold(Secs::default(), |mut a, r| {
+        a += r.1;
+        a
+    });
+    println!("profile       : block 0 piece by piece, wall / CPU ({:.3} / {:.3} s in all)", sum.wall, sum.cpu);
+    for (what, t) in &rows {
+        println!("  {what:<44} {:>7.3} / {:>7.3} s {:>5.1}% of CPU", t.wall, t.cpu, 100.0 * t.cpu / sum.cpu);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
