@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub struct AscendModel {
     pub dir: PathBuf,
+    /// The description's global `group_size` (W4A16's group length).
+    pub group_size: usize,
     /// Tensor name → quantization type.
     pub description: BTreeMap<String, String>,
     files: Vec<SafetensorsFile>,
@@ -37,6 +39,7 @@ impl AscendModel {
                 .with_context(|| format!("cannot read {} (is this a lamina output?)", desc_path.display()))?,
         )
         .with_context(|| format!("{} is not valid JSON", desc_path.display()))?;
+        let group_size = desc.get("group_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
         let description = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -56,7 +59,7 @@ impl AscendModel {
                 where_.insert(t.name.clone(), i);
             }
         }
-        Ok(AscendModel { dir: dir.to_path_buf(), description, files, where_ })
+        Ok(AscendModel { dir: dir.to_path_buf(), group_size, description, files, where_ })
     }
 
     fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
@@ -93,7 +96,7 @@ impl AscendModel {
                     continue;
                 }
                 w.map.insert(rel.to_string(), ArrayD::from_shape_vec(IxDyn(&shape), v)?);
-            } else if let Some(module) = rel.strip_suffix(".weight") {
+            } else if let Some(module) = rel.strip_suffix(".weight").or_else(|| rel.strip_suffix(".weight_packed")) {
                 let d = self.linear(&format!("{prefix}{module}"), kind)?;
                 w.map.insert(format!("{module}.weight"), d.linear.weight.into_dyn());
                 if let Some(b) = d.linear.bias {
@@ -156,7 +159,35 @@ impl AscendModel {
                 let act = if kind == "W8A16" { ActSim::None } else { ActSim::PerToken };
                 Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act })
             }
-            other => bail!("{module}: reading {other} weights back is not supported yet"),
+            "W4A8_DYNAMIC" => {
+                // [out/2, in] bytes: row 2r in the low nibble, row 2r+1 in the high one.
+                let (shape, packed) = self.ints(&t("weight"))?;
+                let (half, cols) = (shape[0], shape[1]);
+                let scale = self.f32s(&t("weight_scale"))?.1;
+                let nibble = |b: i64, hi: bool| -> f32 {
+                    let v = if hi { (b >> 4) & 0xF } else { b & 0xF };
+                    (if v >= 8 { v - 16 } else { v }) as f32
+                };
+                let weight = Array2::from_shape_fn((2 * half, cols), |(r, c)| {
+                    nibble(packed[(r / 2) * cols + c] & 0xFF, r % 2 == 1) * scale[r]
+                });
+                Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act: ActSim::PerToken })
+            }
+            "W4A16" => {
+                // [out, in/8] int32 words: element c is q + 8 in bits 4·(c % 8) of word c / 8.
+                let (shape, words) = self.ints(&t("weight_packed"))?;
+                let (rows, cols) = (shape[0], shape[1] * 8);
+                let (sshape, scale) = self.f32s(&t("weight_scale"))?;
+                let groups = sshape[1];
+                let g = if self.group_size > 0 { self.group_size } else { cols.div_ceil(groups) };
+                let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {
+                    let word = words[r * (cols / 8) + c / 8] as u32;
+                    let q = ((word >> (4 * (c % 8))) & 0xF) as f32 - 8.0;
+                    q * scale[r * groups + c / g]
+                });
+                Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act: ActSim::None })
+            }
+            other => bail!("{module}: reading {other} weights back is not supported"),
         }
     }
 }
