@@ -37,6 +37,9 @@ enum Command {
     /// (dequantized weights, per-token or static activation quantization). The text is tokenized
     /// once without special tokens and cut into windows of --seq_len tokens; the last line is
     /// `perplexity: X` (the quantized model's when --quantized is given).
+    ///
+    /// With --image (or --inputs) and --quantized: runs both models on one image prompt, vision
+    /// tower included, and prints how far the quantized logits are from the float ones.
     Eval(EvalCli),
 }
 
@@ -48,9 +51,20 @@ struct EvalCli {
     /// A lamina output folder of the same model to evaluate too.
     #[arg(long)]
     quantized: Option<PathBuf>,
-    /// A UTF-8 text file.
-    #[arg(long)]
-    text: PathBuf,
+    /// A UTF-8 text file for perplexity.
+    #[arg(long, required_unless_present_any = ["image", "inputs"])]
+    text: Option<PathBuf>,
+    /// An image: compare the quantized model's logits with the float model's on it and --prompt
+    /// (rendered with the model's chat template; needs tokenizer.json). Needs --quantized.
+    #[arg(long, requires = "quantized", conflicts_with_all = ["text", "inputs"])]
+    image: Option<PathBuf>,
+    /// The question asked about --image.
+    #[arg(long, default_value = "Describe this image in detail.")]
+    prompt: String,
+    /// Or a prepared inputs file as `lamina forward` reads it (input_ids, pixel_values,
+    /// image_grid_thw) to compare the logits on. Needs --quantized.
+    #[arg(long, requires = "quantized", conflicts_with = "text")]
+    inputs: Option<PathBuf>,
     /// Tokens per window.
     #[arg(long = "seq_len", alias = "seq-len", default_value_t = 512)]
     seq_len: usize,
@@ -215,10 +229,27 @@ fn forward(f: &ForwardCli) -> anyhow::Result<i32> {
 
 fn eval(e: &EvalCli) -> anyhow::Result<i32> {
     let started = std::time::Instant::now();
+    let Some(text) = &e.text else {
+        let r = pipeline::eval::compare_on_prompt(&pipeline::eval::PromptArgs {
+            model_path: e.model_path.clone(),
+            quantized: e.quantized.clone().expect("clap requires --quantized"),
+            inputs: e.inputs.clone(),
+            image: e.image.clone(),
+            prompt: e.prompt.clone(),
+            device: e.device.clone(),
+            model_type: e.model_type.clone(),
+        })?;
+        println!("positions: {} ({:.1} s)", r.positions, started.elapsed().as_secs_f64());
+        println!("top-1 agreement: {:.2}%", 100.0 * r.top1_agreement);
+        println!("mean KL(float || quantized): {:.3e} nats", r.mean_kl);
+        println!("max abs logit error: {:.4e}", r.max_abs);
+        println!("logit relative error: {:.4e}", r.relative);
+        return Ok(0);
+    };
     let r = pipeline::eval::run(&pipeline::eval::EvalArgs {
         model_path: e.model_path.clone(),
         quantized: e.quantized.clone(),
-        text: e.text.clone(),
+        text: text.clone(),
         seq_len: e.seq_len,
         max_windows: e.max_windows,
         device: e.device.clone(),

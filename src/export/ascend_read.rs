@@ -79,13 +79,16 @@ impl AscendModel {
         Ok((shape, crate::tensor::decode_i64(dtype, bytes)?))
     }
 
-    /// The tensors under `prefix` as a float forward reads them, names relative to `prefix`,
-    /// plus the activation quantizers of the quantized linears.
-    pub fn weights(&self, prefix: &str) -> Result<(Weights, BTreeMap<String, ActSim>)> {
+    /// The tensors under `prefix` that `keep` accepts, as a float forward reads them, names
+    /// relative to `prefix`, plus the activation quantizers of the quantized linears.
+    pub fn weights(&self, prefix: &str, keep: &dyn Fn(&str) -> bool) -> Result<(Weights, BTreeMap<String, ActSim>)> {
         let mut w = Weights { prefix: prefix.to_string(), map: BTreeMap::new() };
         let mut acts = BTreeMap::new();
         for (name, kind) in self.description.range(prefix.to_string()..) {
             let Some(rel) = name.strip_prefix(prefix) else { break };
+            if !keep(name) {
+                continue;
+            }
             if kind == "FLOAT" {
                 let (shape, v) = self.f32s(name)?;
                 // A W8A8 linear's float bias is inside its quant_bias; its weight decides.

@@ -9,19 +9,21 @@
 //! dequantized weights, and activations quantized per token (dynamic schemes) or per tensor with
 //! the stored scale and offset (static W8A8), with the static kernel's effective bias.
 
-use super::calibrate::hooks::{SimLinear, Simulate};
-use super::forward::FloatModel;
+use super::forward::{self, decoder_layer, embedding_table, head, FloatModel, ModelWeights, QuantizedModel};
+use crate::data::calib::{Prompt, VisionModel};
 use crate::data::prompt::TextTokenizer;
 use crate::device::{self, Device};
 use crate::export::ascend_read::AscendModel;
+use crate::io::safetensors::load_all;
 use crate::model::layout::UnitKind;
-use crate::model::nn::{LinearHook, Plain};
+use crate::model::nn::Plain;
 use crate::model::rope::{Positions, Rope};
-use crate::model::text::{embed, DecoderLayer, ForwardOptions, Head};
-use crate::model::weights::Weights;
+use crate::model::text::{embed, ForwardOptions};
+use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayView2};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct EvalArgs {
@@ -58,9 +60,11 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     if windows.is_empty() {
         bail!("{} has {} tokens, fewer than one window of {}", args.text.display(), ids.len(), args.seq_len);
     }
-    let float_nll = nll(&fm, device.as_ref(), &windows, None)?;
+    let float_nll = nll(&fm, device.as_ref(), &windows)?;
     let quantized_nll = match &args.quantized {
-        Some(dir) => Some(nll(&fm, device.as_ref(), &windows, Some(&AscendModel::open(dir)?))?),
+        Some(dir) => {
+            Some(nll(&QuantizedModel { float: &fm, output: AscendModel::open(dir)? }, device.as_ref(), &windows)?)
+        }
         None => None,
     };
     let predicted = windows.len() * (args.seq_len - 1);
@@ -72,68 +76,126 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     })
 }
 
-/// Total negative log-likelihood of every window's next tokens, streaming the layers: of the
-/// float checkpoint, or of the quantized output `q` when given.
-fn nll(fm: &FloatModel, device: &dyn Device, windows: &[Vec<i64>], q: Option<&AscendModel>) -> Result<f64> {
-    let cfg = &fm.model.text;
-    let layout = &fm.model.layout;
-    let embed_name = layout.embed_tokens();
-    let whole = |names: &[String]| -> Result<Weights> {
-        let q = q.unwrap();
-        let mut w = Weights::default();
-        for n in names {
-            if q.description.contains_key(n) {
-                let (ww, _) = q.weights(n)?;
-                for (k, v) in ww.map {
-                    w.map.insert(format!("{n}{k}"), v);
-                }
-            }
-        }
-        Ok(w)
-    };
-    let table: Array2<f32> = match q {
-        None => fm.embedding_table()?,
-        Some(_) => whole(std::slice::from_ref(&embed_name))?.matrix(&embed_name)?,
-    };
+/// Total negative log-likelihood of every window's next tokens, streaming the layers of `src`.
+fn nll(src: &dyn ModelWeights, device: &dyn Device, windows: &[Vec<i64>]) -> Result<f64> {
+    let cfg = &src.model().text;
+    let table = embedding_table(src)?;
     let mut hidden: Vec<Array2<f32>> = windows.iter().map(|w| embed(table.view(), w)).collect::<Result<_>>()?;
+    src.release(UnitKind::Embed);
     let rope = Rope::new(&cfg.rope, cfg.head_dim)?;
     let angles = rope.angles(&Positions::sequential(windows[0].len()))?;
-    let fast = ForwardOptions::default();
     for i in 0..cfg.num_layers {
-        let (layer, mut hook): (DecoderLayer, Box<dyn LinearHook>) = match q {
-            None => (fm.layer(i)?, Box::new(Plain)),
-            Some(q) => {
-                let prefix = layout.unit_prefix(UnitKind::TextLayer(i));
-                let (w, acts) = q.weights(&prefix)?;
-                let mut sim = Simulate::default();
-                for (m, act) in acts {
-                    sim.linears.insert(m.clone(), SimLinear { linear: w.linear(&m)?, act });
-                }
-                (
-                    DecoderLayer::from_weights(cfg, i, w)
-                        .with_context(|| format!("building {prefix} from {}", q.dir.display()))?,
-                    Box::new(sim),
-                )
-            }
-        };
+        let (layer, mut hook) = decoder_layer(src, i)?;
         for h in hidden.iter_mut() {
-            *h = layer.forward(device, h.view(), &angles, hook.as_mut(), fast)?;
+            *h = layer.forward(device, h.view(), &angles, &mut hook, ForwardOptions::default())?;
         }
-        fm.release(UnitKind::TextLayer(i));
+        src.release(UnitKind::TextLayer(i));
     }
-    let head = match q {
-        None => fm.head()?,
-        Some(_) => {
-            let w = whole(&[layout.final_norm(), layout.lm_head_weight()])?;
-            Head::new(cfg, layout, w, || Ok(table.clone()))?
-        }
-    };
+    let head = head(src)?;
     let mut total = 0f64;
     for (h, ids) in hidden.iter().zip(windows) {
         let logits = head.logits(device, head.final_norm(h.view()).view(), &mut Plain);
         total += window_nll(logits.view(), ids);
     }
     Ok(total)
+}
+
+/// What `lamina eval --image` / `--inputs` compares.
+#[derive(Debug, Clone)]
+pub struct PromptArgs {
+    pub model_path: PathBuf,
+    pub quantized: PathBuf,
+    /// An inputs file as `lamina forward` reads it (`input_ids`, `pixel_values`, `image_grid_thw`).
+    pub inputs: Option<PathBuf>,
+    /// Or an image and a prompt, preprocessed as calibration images are (needs tokenizer.json).
+    pub image: Option<PathBuf>,
+    pub prompt: String,
+    pub device: String,
+    pub model_type: Option<String>,
+}
+
+/// How far the quantized model's logits are from the float model's on one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogitError {
+    pub positions: usize,
+    /// `‖q − f‖₂ / ‖f‖₂` over every logit.
+    pub relative: f64,
+    pub max_abs: f64,
+    /// Positions where both pick the same most likely token.
+    pub top1_agreement: f64,
+    /// Mean over positions of KL(float ‖ quantized), in nats.
+    pub mean_kl: f64,
+}
+
+/// Runs the float and the quantized model on an image prompt and compares their logits.
+pub fn compare_on_prompt(args: &PromptArgs) -> Result<LogitError> {
+    let device = device::open(&args.device)?;
+    let fm = FloatModel::open(&args.model_path, args.model_type.as_deref())?;
+    let (inputs, origin): (BTreeMap<String, Tensor>, PathBuf) = match (&args.inputs, &args.image) {
+        (Some(f), None) => {
+            (load_all(f).with_context(|| format!("reading the inputs file {}", f.display()))?, f.clone())
+        }
+        (None, Some(img)) => {
+            let vm = VisionModel::load(&args.model_path)?;
+            let sample = vm.sample(img, &Prompt::Text(args.prompt.clone()), &img.display().to_string())?;
+            (sample.tensors().into_iter().collect(), img.clone())
+        }
+        _ => bail!("give either --inputs or --image"),
+    };
+    let q = QuantizedModel { float: &fm, output: AscendModel::open(&args.quantized)? };
+    let float = logits(&fm, device.as_ref(), &inputs, &origin)?;
+    let quant = logits(&q, device.as_ref(), &inputs, &origin)?;
+    Ok(logit_error(&float, &quant))
+}
+
+/// The logits of every sequence of `inputs`, stacked `[tokens, vocab]`.
+fn logits(
+    src: &dyn ModelWeights,
+    device: &dyn Device,
+    inputs: &BTreeMap<String, Tensor>,
+    file: &Path,
+) -> Result<Array2<f32>> {
+    let batch = forward::input_ids(inputs, file)?;
+    let mut ignored = Vec::new();
+    let seqs = forward::decoder_inputs(src, device, inputs, file, &batch, &mut ignored)?;
+    drop(ignored);
+    let out = forward::forward(src, device, seqs)?;
+    let t = &out.iter().find(|(n, _)| n == "logits").context("the forward gave no logits")?.1;
+    let vocab = *t.shape.last().unwrap();
+    Ok(Array2::from_shape_vec((t.numel() / vocab, vocab), t.to_f32()?)?)
+}
+
+fn logit_error(float: &Array2<f32>, quant: &Array2<f32>) -> LogitError {
+    let (mut diff2, mut ref2, mut max_abs, mut agree, mut kl) = (0f64, 0f64, 0f64, 0usize, 0f64);
+    for (f, q) in float.rows().into_iter().zip(quant.rows()) {
+        for (&a, &b) in f.iter().zip(q.iter()) {
+            let d = (b - a) as f64;
+            diff2 += d * d;
+            ref2 += (a as f64) * (a as f64);
+            max_abs = max_abs.max(d.abs());
+        }
+        agree += usize::from(argmax(f) == argmax(q));
+        let (lf, lq) = (log_softmax(f), log_softmax(q));
+        kl += lf.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+    }
+    let n = float.nrows();
+    LogitError {
+        positions: n,
+        relative: (diff2 / ref2.max(f64::MIN_POSITIVE)).sqrt(),
+        max_abs,
+        top1_agreement: agree as f64 / n as f64,
+        mean_kl: kl / n as f64,
+    }
+}
+
+fn argmax(row: ndarray::ArrayView1<f32>) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+}
+
+fn log_softmax(row: ndarray::ArrayView1<f32>) -> Vec<f64> {
+    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - lse).collect()
 }
 
 /// `Σ_t -log p(ids[t+1] | ids[..=t])` from `logits [seq, vocab]`.
@@ -162,5 +224,23 @@ mod tests {
         // A confident right answer costs almost nothing.
         let sharp = array![[0.0f32, 30.0], [0.0, 0.0]];
         assert!(window_nll(sharp.view(), &[0, 1]) < 1e-9);
+    }
+
+    #[test]
+    fn logit_error_of_known_differences() {
+        let f = array![[1.0f32, 0.0], [0.0, 2.0]];
+        let same = logit_error(&f, &f);
+        assert_eq!((same.relative, same.max_abs, same.top1_agreement), (0.0, 0.0, 1.0));
+        assert!(same.mean_kl.abs() < 1e-12);
+        // Flip the first row's winner: half the positions agree; ‖Δ‖ = √2 against ‖f‖ = √5.
+        let q = array![[0.0f32, 1.0], [0.0, 2.0]];
+        let e = logit_error(&f, &q);
+        assert_eq!(e.top1_agreement, 0.5);
+        assert!((e.relative - (2f64 / 5.0).sqrt()).abs() < 1e-9);
+        assert_eq!(e.max_abs, 1.0);
+        // KL of row 0: p = softmax(1, 0), q = softmax(0, 1); the second row adds nothing.
+        let p0 = 1.0 / (1.0 + (-1f64).exp());
+        let want = (p0 * (p0 / (1.0 - p0)).ln() + (1.0 - p0) * ((1.0 - p0) / p0).ln()) / 2.0;
+        assert!((e.mean_kl - want).abs() < 1e-9);
     }
 }

@@ -7,8 +7,10 @@
 //! every sequence, dropped, and their pages given back, while the next unit is prefetched. Only
 //! the hidden states of the sequences (and the outputs to write) stay resident.
 
+use super::calibrate::hooks::{SimLinear, Simulate};
 use super::load;
 use crate::device::{self, Device};
+use crate::export::ascend_read::AscendModel;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
 use crate::model::layout::UnitKind;
@@ -47,6 +49,46 @@ pub struct ForwardSummary {
     pub seconds: f64,
 }
 
+/// Where a forward gets each unit's weights and how their linears compute: the float checkpoint
+/// ([`FloatModel`]), or a quantized output as the NPU computes it ([`QuantizedModel`]).
+pub trait ModelWeights {
+    fn model(&self) -> &Model;
+    /// Unit `kind`'s tensors, named relative to [`Layout::unit_prefix`], and the hook its linears
+    /// run through (empty for float weights). A unit the checkpoint lacks has no tensors.
+    ///
+    /// [`Layout::unit_prefix`]: crate::model::layout::Layout::unit_prefix
+    fn weights(&self, kind: UnitKind) -> Result<(Weights, Simulate)>;
+    /// Gives a unit's memory back once it is done with.
+    fn release(&self, _kind: UnitKind) {}
+    /// Starts reading a unit ahead of use.
+    fn prefetch(&self, _kind: UnitKind) {}
+}
+
+/// The token embedding table `[vocab, hidden]`.
+pub fn embedding_table(src: &dyn ModelWeights) -> Result<Array2<f32>> {
+    let (mut w, _) = src.weights(UnitKind::Embed)?;
+    let name = src.model().layout.embed_tokens();
+    let table = w.map.remove(&name).with_context(|| format!("tensor {name} is missing"))?;
+    let shape = table.shape().to_vec();
+    table.into_dimensionality().with_context(|| format!("tensor {name} has shape {shape:?}, expected 2D"))
+}
+
+/// Decoder layer `i`, and the hook its linears run through.
+pub fn decoder_layer(src: &dyn ModelWeights, i: usize) -> Result<(DecoderLayer, Simulate)> {
+    let (w, hook) = src.weights(UnitKind::TextLayer(i))?;
+    let prefix = w.prefix.clone();
+    let layer = DecoderLayer::from_weights(&src.model().text, i, w)
+        .with_context(|| format!("building {}", prefix.trim_end_matches('.')))?;
+    Ok((layer, hook))
+}
+
+/// The final norm and output projection (the embedding table when tied).
+pub fn head(src: &dyn ModelWeights) -> Result<Head> {
+    let (w, _) = src.weights(UnitKind::Head)?;
+    let model = src.model();
+    Head::new(&model.text, &model.layout, w, || embedding_table(src))
+}
+
 /// A checkpoint opened for float forwards: its units are loaded one at a time on demand.
 pub struct FloatModel {
     pub ckpt: Checkpoint,
@@ -69,41 +111,56 @@ impl FloatModel {
             format!("the checkpoint in {} has no {}", self.ckpt.dir.display(), self.model.layout.unit_name(kind))
         })
     }
+}
 
-    /// The token embedding table `[vocab, hidden]`.
-    pub fn embedding_table(&self) -> Result<Array2<f32>> {
-        let mut w = Weights::load(&self.ckpt, self.unit(UnitKind::Embed)?, "")?;
-        let name = self.model.layout.embed_tokens();
-        let table = w.map.remove(&name).with_context(|| format!("tensor {name} is missing"))?;
-        let shape = table.shape().to_vec();
-        table.into_dimensionality().with_context(|| format!("tensor {name} has shape {shape:?}, expected 2D"))
+impl ModelWeights for FloatModel {
+    fn model(&self) -> &Model {
+        &self.model
     }
 
-    /// Decoder layer `i`, its weights widened to f32.
-    pub fn layer(&self, i: usize) -> Result<DecoderLayer> {
-        let prefix = format!("{}.", self.model.layout.text_layer(i));
-        let w = Weights::load(&self.ckpt, self.unit(UnitKind::TextLayer(i))?, &prefix)?;
-        DecoderLayer::from_weights(&self.model.text, i, w)
-            .with_context(|| format!("building {}", prefix.trim_end_matches('.')))
+    fn weights(&self, kind: UnitKind) -> Result<(Weights, Simulate)> {
+        let w = match self.units.iter().find(|u| u.kind == kind) {
+            Some(u) => vision::load_unit(&self.ckpt, &self.model.layout, u)?,
+            None => Weights { prefix: self.model.layout.unit_prefix(kind), ..Weights::default() },
+        };
+        Ok((w, Simulate::default()))
     }
 
-    /// The final norm and output projection (the embedding table when tied).
-    pub fn head(&self) -> Result<Head> {
-        let w = Weights::load(&self.ckpt, self.unit(UnitKind::Head)?, "")?;
-        Head::new(&self.model.text, &self.model.layout, w, || self.embedding_table())
-    }
-
-    /// Gives a unit's mapped pages back once it is done with.
-    pub fn release(&self, kind: UnitKind) {
+    fn release(&self, kind: UnitKind) {
         if let Ok(u) = self.unit(kind) {
             u.tensors.iter().for_each(|t| load::release(&self.ckpt, t));
         }
     }
 
-    pub fn prefetch(&self, kind: UnitKind) {
+    fn prefetch(&self, kind: UnitKind) {
         if let Ok(u) = self.unit(kind) {
             load::prefetch(&self.ckpt, u);
         }
+    }
+}
+
+/// A lamina output read back as the NPU computes it: dequantized weights, simulated activation
+/// quantization, the static kernel's effective bias. Its architecture is the float model's.
+pub struct QuantizedModel<'a> {
+    pub float: &'a FloatModel,
+    pub output: AscendModel,
+}
+
+impl ModelWeights for QuantizedModel<'_> {
+    fn model(&self) -> &Model {
+        &self.float.model
+    }
+
+    fn weights(&self, kind: UnitKind) -> Result<(Weights, Simulate)> {
+        let layout = &self.float.model.layout;
+        let prefix = layout.unit_prefix(kind);
+        let (w, acts) = self.output.weights(&prefix, &|name| layout.classify(name) == kind)?;
+        let mut sim = Simulate::default();
+        for (m, act) in acts {
+            let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir.display()))?;
+            sim.linears.insert(m, SimLinear { linear, act });
+        }
+        Ok((w, sim))
     }
 }
 
@@ -127,7 +184,7 @@ pub struct Injection {
 }
 
 impl Injection {
-    fn apply(&self, h: &mut Array2<f32>) {
+    pub fn apply(&self, h: &mut Array2<f32>) {
         for (k, &t) in self.rows.iter().enumerate() {
             let mut row = h.row_mut(t);
             row += &self.values.row(k);
@@ -157,7 +214,7 @@ pub fn run(args: &ForwardArgs) -> Result<ForwardSummary> {
 }
 
 /// `input_ids` as one id list per sequence.
-fn input_ids(inputs: &BTreeMap<String, Tensor>, file: &Path) -> Result<Vec<Vec<i64>>> {
+pub fn input_ids(inputs: &BTreeMap<String, Tensor>, file: &Path) -> Result<Vec<Vec<i64>>> {
     let t = inputs.get("input_ids").with_context(|| format!("{} holds no tensor input_ids", file.display()))?;
     let ids = t.to_i64().with_context(|| format!("tensor input_ids in {} must hold integers", file.display()))?;
     let (b, s) = match t.shape[..] {
@@ -178,96 +235,67 @@ fn input_ids(inputs: &BTreeMap<String, Tensor>, file: &Path) -> Result<Vec<Vec<i
 }
 
 /// Embeds each sequence and gives it its positions. With `pixel_values` the vision tower runs
-/// first, block by block: its features are spliced at the image tokens, M-RoPE ids come from
-/// `get_rope_index`, and Qwen3-VL's deepstack features become injections after early layers.
+/// first, block by block, and each sequence gets its images' features (see [`with_image_features`]).
 /// The tower's activations are added to `outputs` under the reference names.
-fn decoder_inputs(
-    fm: &FloatModel,
+pub fn decoder_inputs(
+    src: &dyn ModelWeights,
     device: &dyn Device,
     inputs: &BTreeMap<String, Tensor>,
     file: &Path,
     batch: &[Vec<i64>],
     outputs: &mut Vec<(String, Tensor)>,
 ) -> Result<Vec<DecoderInput>> {
+    let model = src.model();
     let vision = match inputs.get("pixel_values") {
         None => None,
         Some(pv) => {
             ensure!(
-                fm.model.family.is_vision_language(),
+                model.family.is_vision_language(),
                 "{} holds pixel_values but the model has no vision tower",
                 file.display()
             );
             let input = VisionInput::from_tensors(pv, inputs.get("image_grid_thw"))
                 .with_context(|| format!("reading the images of {}", file.display()))?;
-            Some((vision_forward(fm, device, &input, outputs)?, input.image_grid_thw))
+            Some((vision_forward(src, device, &input, outputs)?, input.image_grid_thw))
         }
     };
-    let config = &fm.ckpt.config;
-    let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "video_token_id"]
-        .iter()
-        .filter_map(|k| config.get(*k).and_then(|v| v.as_i64()))
-        .collect();
-    let table = fm.embedding_table()?;
-    let rope_index = match (&vision, fm.model.layout.vision_kind) {
-        (Some(_), Some(kind)) if kind != crate::model::layout::VisionKind::Clip => {
-            Some(RopeIndex::from_model(&fm.model)?)
-        }
-        _ => None,
-    };
+    let table = embedding_table(src)?;
+    let rope_index = rope_index(model, vision.is_some())?;
     let (mut feature_row, mut grid) = (0usize, 0usize);
     let mut seqs = Vec::with_capacity(batch.len());
     for (b, ids) in batch.iter().enumerate() {
-        let mut embeds = embed(table.view(), ids)
+        let embeds = embed(table.view(), ids)
             .with_context(|| format!("tensor input_ids of sequence {b} in {}", file.display()))?;
         let Some((features, grids)) = &vision else {
-            if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
-                bail!(
-                    "input_ids of sequence {b} in {} holds the image token {} at position {t} but the file has no pixel_values",
-                    file.display(),
-                    ids[t]
-                );
-            }
-            seqs.push(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] });
+            seqs.push(text_only(model, ids, embeds).with_context(|| format!("sequence {b} in {}", file.display()))?);
             continue;
         };
-        // This sequence's share of the image features, in order.
-        let token = image_token_id(config)?;
-        let n = image_positions(ids, token).len();
+        // This sequence's share of the image features and grids, in order.
+        let n = image_positions(ids, image_token_id(&model.config)?).len();
         ensure!(
             feature_row + n <= features.embeds.nrows(),
             "input_ids in {} hold more image tokens than the images give features",
             file.display()
         );
-        let rows = feature_row..feature_row + n;
-        let positions_of_images =
-            splice_image_embeds(&mut embeds, ids, token, features.embeds.slice(s![rows.clone(), ..]))
-                .with_context(|| format!("sequence {b} in {}", file.display()))?;
-        let positions = match &rope_index {
-            Some(ri) => {
-                let merge = ri.spatial_merge_size * ri.spatial_merge_size;
-                let mut take = 0;
-                let first = grid;
-                while take < n && grid < grids.len() {
-                    take += grids[grid].iter().product::<usize>() / merge;
-                    grid += 1;
-                }
-                let (ids3, _) = ri.get_rope_index(ids, &grids[first..grid], &[], &[])?;
-                Positions::from_ids(ids3)?
-            }
-            None => Positions::sequential(ids.len()),
+        let first = grid;
+        let mut take = 0;
+        let merge = rope_index.as_ref().map_or(1, |ri| ri.spatial_merge_size * ri.spatial_merge_size);
+        while take < n && grid < grids.len() {
+            take += grids[grid].iter().product::<usize>() / merge;
+            grid += 1;
+        }
+        let mine = VisionOutput {
+            embeds: features.embeds.slice(s![feature_row..feature_row + n, ..]).to_owned(),
+            deepstack: features
+                .deepstack
+                .iter()
+                .map(|d| d.slice(s![feature_row..feature_row + n, ..]).to_owned())
+                .collect(),
         };
-        let injections = features
-            .deepstack
-            .iter()
-            .enumerate()
-            .map(|(k, d)| Injection {
-                after_layer: k,
-                rows: positions_of_images.clone(),
-                values: d.slice(s![rows.clone(), ..]).to_owned(),
-            })
-            .collect();
+        let d = with_image_features(model, rope_index.as_ref(), ids, embeds, &mine, &grids[first..grid])
+            .with_context(|| format!("sequence {b} in {}", file.display()))?;
         feature_row += n;
-        seqs.push(DecoderInput { embeds, positions, injections });
+        seqs.push(d);
     }
     if let Some((features, _)) = &vision {
         ensure!(
@@ -277,25 +305,70 @@ fn decoder_inputs(
             features.embeds.nrows()
         );
     }
-    fm.release(UnitKind::Embed);
+    src.release(UnitKind::Embed);
     Ok(seqs)
+}
+
+/// `get_rope_index` for Qwen VL models fed images (LLaVA and text-only inputs use 1D positions).
+pub fn rope_index(model: &Model, with_images: bool) -> Result<Option<RopeIndex>> {
+    match model.layout.vision_kind {
+        Some(kind) if with_images && kind != crate::model::layout::VisionKind::Clip => {
+            Ok(Some(RopeIndex::from_model(model)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A sequence without images; image tokens in it are an error.
+pub fn text_only(model: &Model, ids: &[i64], embeds: Array2<f32>) -> Result<DecoderInput> {
+    let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "video_token_id"]
+        .iter()
+        .filter_map(|k| model.config.get(*k).and_then(|v| v.as_i64()))
+        .collect();
+    if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
+        bail!("input_ids hold the image token {} at position {t} but no image was given", ids[t]);
+    }
+    Ok(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] })
+}
+
+/// One sequence with its images' features (exactly its share, in order) spliced in at the image
+/// tokens; M-RoPE positions from `get_rope_index` over its image grids; Qwen3-VL's deepstack
+/// features become injections after the first text layers.
+pub fn with_image_features(
+    model: &Model,
+    rope_index: Option<&RopeIndex>,
+    ids: &[i64],
+    mut embeds: Array2<f32>,
+    features: &VisionOutput,
+    grids: &[[usize; 3]],
+) -> Result<DecoderInput> {
+    let token = image_token_id(&model.config)?;
+    let rows = splice_image_embeds(&mut embeds, ids, token, features.embeds.view())?;
+    let positions = match rope_index {
+        Some(ri) => Positions::from_ids(ri.get_rope_index(ids, grids, &[], &[])?.0)?,
+        None => Positions::sequential(ids.len()),
+    };
+    let injections = features
+        .deepstack
+        .iter()
+        .enumerate()
+        .map(|(k, d)| Injection { after_layer: k, rows: rows.clone(), values: d.clone() })
+        .collect();
+    Ok(DecoderInput { embeds, positions, injections })
 }
 
 /// The vision tower, one unit at a time, recording every block's input and output.
 fn vision_forward(
-    fm: &FloatModel,
+    src: &dyn ModelWeights,
     device: &dyn Device,
     input: &VisionInput,
     outputs: &mut Vec<(String, Tensor)>,
 ) -> Result<VisionOutput> {
-    let layout = &fm.model.layout;
-    let tower = VisionTower::from_model(&fm.model)?;
-    let load = |kind: UnitKind| -> Result<Weights> {
-        let w = match fm.units.iter().find(|u| u.kind == kind) {
-            Some(u) => vision::load_unit(&fm.ckpt, layout, u)?,
-            None => Weights { prefix: layout.unit_prefix(kind), ..Weights::default() },
-        };
-        fm.release(kind);
+    let layout = &src.model().layout;
+    let tower = VisionTower::from_model(src.model())?;
+    let load = |kind: UnitKind| -> Result<(Weights, Simulate)> {
+        let w = src.weights(kind)?;
+        src.release(kind);
         Ok(w)
     };
     // CLIP states are `[images · tokens, dim]`; the reference keeps the image axis.
@@ -309,14 +382,16 @@ fn vision_forward(
         };
         Tensor::from_f32(&shape, h.as_slice().expect("hidden states are contiguous"))
     };
-    let mut state = tower.embed(device, &load(UnitKind::VisionPre)?, input)?;
+    let mut state = tower.embed(device, &load(UnitKind::VisionPre)?.0, input)?;
     for i in 0..tower.depth() {
         let name = layout.vision_block(i).unwrap_or_default();
         outputs.push((format!("{name}.in"), as_tensor(&state.hidden)));
-        tower.block(device, i, &load(UnitKind::VisionBlock(i))?, &mut state, &mut Plain)?;
+        let (w, mut hook) = load(UnitKind::VisionBlock(i))?;
+        tower.block(device, i, &w, &mut state, &mut hook)?;
         outputs.push((format!("{name}.out"), as_tensor(&state.hidden)));
     }
-    let out = tower.finish(device, &load(UnitKind::VisionPost)?, state, &mut Plain)?;
+    let (w, mut hook) = load(UnitKind::VisionPost)?;
+    let out = tower.finish(device, &w, state, &mut hook)?;
     let flat = |a: &Array2<f32>| Tensor::from_f32(&[a.nrows(), a.ncols()], &a.iter().copied().collect::<Vec<_>>());
     outputs.push(("visual.out".to_string(), flat(&out.embeds)));
     for (k, d) in out.deepstack.iter().enumerate() {
@@ -326,14 +401,15 @@ fn vision_forward(
 }
 
 /// Runs the text decoder layer by layer over every sequence; returns the named outputs.
-fn forward(fm: &FloatModel, device: &dyn Device, seqs: Vec<DecoderInput>) -> Result<Vec<(String, Tensor)>> {
-    let cfg = &fm.model.text;
-    let layout = &fm.model.layout;
+pub fn forward(src: &dyn ModelWeights, device: &dyn Device, seqs: Vec<DecoderInput>) -> Result<Vec<(String, Tensor)>> {
+    let model = src.model();
+    let cfg = &model.text;
+    let layout = &model.layout;
     let rope = Rope::new(&cfg.rope, cfg.head_dim)?;
     let angles = seqs.iter().map(|s| rope.angles(&s.positions)).collect::<Result<Vec<RopeAngles>>>()?;
     let mut out = Vec::new();
     let mut hidden: Vec<Array2<f32>> = seqs.iter().map(|s| s.embeds.clone()).collect();
-    if fm.model.family.is_vision_language() {
+    if model.family.is_vision_language() {
         out.push(("lm.inputs_embeds".to_string(), stack(&hidden)?));
     }
     if rope.is_multimodal() {
@@ -341,13 +417,13 @@ fn forward(fm: &FloatModel, device: &dyn Device, seqs: Vec<DecoderInput>) -> Res
     }
     for i in 0..cfg.num_layers {
         let next = if i + 1 < cfg.num_layers { UnitKind::TextLayer(i + 1) } else { UnitKind::Head };
-        fm.prefetch(next);
-        let layer = fm.layer(i)?;
+        src.prefetch(next);
+        let (layer, mut hook) = decoder_layer(src, i)?;
         let name = layout.text_layer(i);
         out.push((format!("{name}.in"), stack(&hidden)?));
         for (b, h) in hidden.iter_mut().enumerate() {
             *h = layer
-                .forward(device, h.view(), &angles[b], &mut Plain, ForwardOptions::default())
+                .forward(device, h.view(), &angles[b], &mut hook, ForwardOptions::default())
                 .with_context(|| format!("{name} on sequence {b}"))?;
         }
         out.push((format!("{name}.out"), stack(&hidden)?));
@@ -355,15 +431,15 @@ fn forward(fm: &FloatModel, device: &dyn Device, seqs: Vec<DecoderInput>) -> Res
             s.injections.iter().filter(|j| j.after_layer == i).for_each(|j| j.apply(h));
         }
         drop(layer);
-        fm.release(UnitKind::TextLayer(i));
+        src.release(UnitKind::TextLayer(i));
     }
-    let head = fm.head()?;
+    let head = head(src)?;
     let normed: Vec<Array2<f32>> = hidden.iter().map(|h| head.final_norm(h.view())).collect();
     out.push(("final_norm.out".to_string(), stack(&normed)?));
     drop(hidden);
     let logits: Vec<Array2<f32>> = normed.iter().map(|h| head.logits(device, h.view(), &mut Plain)).collect();
     out.push(("logits".to_string(), stack(&logits)?));
-    fm.release(UnitKind::Head);
+    src.release(UnitKind::Head);
     Ok(out)
 }
 
