@@ -327,6 +327,9 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         for s in samples {
             h.update(&(s.ids.len() as u64).to_le_bytes());
             s.ids.iter().for_each(|id| h.update(&id.to_le_bytes()));
+            if let Some(img) = &s.image {
+                img.pixel_values.iter().for_each(|v| h.update(&v.to_le_bytes()));
+            }
         }
         fingerprint["calibration"] = serde_json::json!({"samples": samples.len(), "tokens_crc32": h.finalize()});
     }
@@ -385,7 +388,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
                 p.activation_budget,
                 state.committed.clone(),
             )?;
-            calibrator.resume(start)?;
+            calibrator.resume(&plan.units, start)?;
             &mut calibrator
         }
     };
@@ -423,28 +426,58 @@ pub fn default_calib_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/calib"))
 }
 
-/// The calibration sequences: `--calib_data`, else the bundled text corpus.
+/// msModelSlim's prompt for a calibration image that comes without one.
+pub const DEFAULT_IMAGE_PROMPT: &str = "Describe this image in detail.";
+
+/// The calibration sequences: `--calib_data`, else the bundled set (`calib/`: its photographs
+/// and prompts for vision-language models, its text corpus for the others). For a
+/// vision-language model a folder, or a JSON listing with images, is an image set (see
+/// [`crate::data::calib`]); a text file or a listing without images is text.
 fn calibration_samples(
     args: &QuantArgs,
     ckpt: &Checkpoint,
     model: &Model,
     recipe: &Recipe,
 ) -> Result<Vec<calibrate::CalibSample>> {
-    let _ = recipe;
+    let vision_language = model.family.is_vision_language();
     let path = match &args.calib_data {
         Some(p) => p.clone(),
-        None => {
-            let p = default_calib_dir().join("text/corpus.txt");
-            if !p.is_file() {
-                bail!("the bundled calibration text {} is missing; pass --calib_data", p.display());
-            }
-            p
-        }
+        None if vision_language => default_calib_dir(),
+        None => default_calib_dir().join("text/corpus.txt"),
     };
+    if !path.exists() {
+        bail!("the calibration data {} does not exist", path.display());
+    }
+    let context = || format!("reading the calibration data {}", path.display());
+    if vision_language && is_image_set(&path).with_context(context)? {
+        let prompt = recipe.default_text.as_deref().unwrap_or(DEFAULT_IMAGE_PROMPT);
+        let mut samples = crate::data::calib::load_vision(&ckpt.dir, &path, prompt).with_context(context)?;
+        samples.truncate(args.calib_samples);
+        return Ok(samples
+            .into_iter()
+            .map(|s| {
+                let image = crate::model::vision::VisionInput {
+                    pixel_values: ndarray::ArrayD::from_shape_vec(s.pixel_shape, s.pixel_values)
+                        .expect("the processor's shape fits its values"),
+                    image_grid_thw: s.image_grid_thw.map(|g| vec![g.map(|x| x as usize)]).unwrap_or_default(),
+                };
+                calibrate::CalibSample { ids: s.input_ids, image: Some(image) }
+            })
+            .collect());
+    }
     let ids =
         crate::data::calib::load_text(&ckpt.dir, &path, args.calib_samples, args.calib_seq_len, model.text.vocab_size)
-            .with_context(|| format!("reading the calibration data {}", path.display()))?;
-    Ok(ids.into_iter().map(|ids| calibrate::CalibSample { ids }).collect())
+            .with_context(context)?;
+    Ok(ids.into_iter().map(|ids| calibrate::CalibSample { ids, image: None }).collect())
+}
+
+/// A folder, or a `.json`/`.jsonl` listing some record of which names an image.
+fn is_image_set(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(true);
+    }
+    let json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json") || e.eq_ignore_ascii_case("jsonl"));
+    Ok(json && crate::data::calib::read_records(path)?.iter().any(|r| r.image.is_some()))
 }
 
 /// What decides the output bytes: a rerun must match it to resume.

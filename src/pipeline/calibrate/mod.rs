@@ -1,7 +1,9 @@
 //! Layer-wise calibration: the transform stage of a calibrated run.
 //!
 //! The calibration samples flow through the model one unit at a time, only that unit's weights
-//! resident. For each decoder layer:
+//! resident. Vision-language samples first go through the vision tower, block by block (its
+//! linears calibrated on the image activations the same way, without smoothing); the embeddings
+//! unit splices the image features into the token embeddings. For each decoder layer:
 //! 1. run the float layer on every sample, observing each linear's input (per-channel ranges,
 //!    and the Hessian where GPTQ needs it);
 //! 2. fold the recipe's smoothing into the weights (norm→linears, v→o, up→down), transforming
@@ -19,7 +21,7 @@ pub mod smoothing;
 
 use super::activations::{snapshot_path, Snapshot, SnapshotWriter};
 use super::data_free::run_job;
-use super::forward::{DecoderInput, Injection};
+use super::forward::{self, text_only, with_image_features, DecoderInput, Injection};
 use super::plan::{Job, UnitPlan};
 use super::stages::UnitProcessor;
 use crate::device::Device;
@@ -28,6 +30,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::model::layout::UnitKind;
 use crate::model::rope::{Positions, Rope};
 use crate::model::text::{embed, DecoderLayer, ForwardOptions};
+use crate::model::vision::{self, VisionInput, VisionOutput, VisionState, VisionTower};
 use crate::model::weights::Weights;
 use crate::model::{LogicalTensor, Model, Source};
 use crate::quant::gptq::{self, GptqConfig, HessianFactor};
@@ -45,10 +48,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// One calibration sequence.
+/// One calibration sequence, and the image its image tokens stand for.
 #[derive(Debug, Clone)]
 pub struct CalibSample {
     pub ids: Vec<i64>,
+    pub image: Option<VisionInput>,
 }
 
 /// The smoothing map applied to an input group: `x' = (x - shift) / scales`.
@@ -70,6 +74,12 @@ pub struct Calibrator<'a> {
     pub committed: Arc<AtomicUsize>,
     state: Option<Snapshot>,
     rope: Rope,
+    /// The vision tower, when some sample has an image.
+    tower: Option<VisionTower>,
+    /// Each sample's vision activations while the tower's blocks are calibrated.
+    vision: Vec<Option<VisionState>>,
+    /// Each sample's image features once the tower is done, until the embeddings unit uses them.
+    features: Vec<Option<VisionOutput>>,
 }
 
 impl<'a> Calibrator<'a> {
@@ -85,6 +95,10 @@ impl<'a> Calibrator<'a> {
         activation_budget: u64,
         committed: Arc<AtomicUsize>,
     ) -> Result<Calibrator<'a>> {
+        let tower = match samples.iter().any(|s| s.image.is_some()) {
+            true => Some(VisionTower::from_model(model)?),
+            false => None,
+        };
         Ok(Calibrator {
             ckpt,
             model,
@@ -98,11 +112,25 @@ impl<'a> Calibrator<'a> {
             committed,
             state: None,
             rope: Rope::new(&model.text.rope, model.text.head_dim)?,
+            tower,
+            vision: Vec::new(),
+            features: Vec::new(),
         })
     }
 
-    /// Picks up the activations of the last unit finished before `start`.
-    pub fn resume(&mut self, start: usize) -> Result<()> {
+    /// Picks up the activations of the last unit finished before `start`. The vision tower's
+    /// activations are not snapshotted (a tower is small next to the decoder): a run that stopped
+    /// inside the tower replays the tower's finished units, writing nothing, which gives the
+    /// same activations.
+    pub fn resume(&mut self, units: &[UnitPlan], start: usize) -> Result<()> {
+        let embeddings = units.iter().position(|u| u.unit.kind == UnitKind::Embed);
+        if self.tower.is_some() && embeddings.is_some_and(|e| start <= e) {
+            for (index, up) in units[..start].iter().enumerate() {
+                if is_vision(up.unit.kind) {
+                    self.process(index, up, &mut |_| Ok(()))?;
+                }
+            }
+        }
         let dir = self.save.join(super::activations::DIR);
         let mut best: Option<usize> = None;
         if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -205,11 +233,73 @@ impl<'a> Calibrator<'a> {
         let w = Weights::load_tensors(self.ckpt, std::iter::once(t), "")?;
         let table: Array2<f32> = w.matrix(&name)?;
         self.data_free(up, emit)?;
+        let rope_index = forward::rope_index(self.model, self.features.iter().any(Option::is_some))?;
         self.commit_state(index, |this, s| {
-            let ids = &this.samples[s].ids;
-            let embeds = embed(table.view(), ids).with_context(|| format!("calibration sample {s}"))?;
-            Ok(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] })
-        })
+            let sample = &this.samples[s];
+            let context = || format!("calibration sample {s}");
+            let embeds = embed(table.view(), &sample.ids).with_context(context)?;
+            match (this.features.get(s).and_then(Option::as_ref), &sample.image) {
+                (Some(f), Some(image)) => {
+                    with_image_features(this.model, rope_index.as_ref(), &sample.ids, embeds, f, &image.image_grid_thw)
+                }
+                _ => text_only(this.model, &sample.ids, embeds),
+            }
+            .with_context(context)
+        })?;
+        self.features = Vec::new();
+        Ok(())
+    }
+
+    /// A unit of the vision tower: the patch embeddings start every image's activations; each
+    /// block (and the mergers / projector) is calibrated on them like a decoder layer, without
+    /// smoothing, then computed as quantized to give the next unit's input.
+    fn vision_unit(&mut self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+        let Some(tower) = self.tower.clone() else {
+            // No sample has an image: the tower sees no data, and only data-free schemes can go.
+            return self.data_free(up, emit).with_context(|| {
+                format!("{}: no calibration sample has an image; give --calib_data with images", up.unit.name)
+            });
+        };
+        let kind = up.unit.kind;
+        let mut w = vision::load_unit(self.ckpt, &self.model.layout, &up.unit)?;
+        let device = self.device;
+        if kind == UnitKind::VisionPre {
+            self.data_free(up, emit)?;
+            self.vision = self
+                .samples
+                .iter()
+                .enumerate()
+                .map(|(s, x)| {
+                    x.image.as_ref().map(|img| tower.embed(device, &w, img)).transpose().with_context(|| format!("calibration sample {s}"))
+                })
+                .collect::<Result<_>>()?;
+            return Ok(());
+        }
+        let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
+            for st in this.vision.iter().flatten() {
+                obs.next_sequence();
+                match kind {
+                    UnitKind::VisionBlock(i) => tower.block(device, i, w, &mut st.clone(), obs)?,
+                    _ => drop(tower.finish(device, w, st.clone(), obs)?),
+                }
+            }
+            Ok(())
+        };
+        let mut sim = self.calibrate_linears(up, &mut w, &[], &pass, emit)?;
+        match kind {
+            UnitKind::VisionBlock(i) => {
+                for st in self.vision.iter_mut().flatten() {
+                    tower.block(device, i, &w, st, &mut sim)?;
+                }
+            }
+            _ => {
+                self.features = std::mem::take(&mut self.vision)
+                    .into_iter()
+                    .map(|st| st.map(|st| tower.finish(device, &w, st, &mut sim)).transpose())
+                    .collect::<Result<_>>()?;
+            }
+        }
+        Ok(())
     }
 
     fn data_free(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
@@ -234,11 +324,56 @@ impl<'a> Calibrator<'a> {
         up: &UnitPlan,
         emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
     ) -> Result<()> {
-        let cfg = &self.model.text;
-        let prefix = self.model.layout.unit_prefix(UnitKind::TextLayer(i));
+        let model = self.model;
+        let cfg = &model.text;
+        let prefix = model.layout.unit_prefix(UnitKind::TextLayer(i));
         let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
-        let original_bias: BTreeSet<String> =
-            w.map.keys().filter_map(|k| k.strip_suffix(".bias")).map(String::from).collect();
+        let original_bias = bias_modules(&w);
+        let full = |r: &str| format!("{prefix}{r}");
+        let subgraphs = match &self.smoothing {
+            Some(s) => text_layer_subgraphs(s, cfg, i, self.recipe, &full, &|r| original_bias.contains(r)),
+            None => Vec::new(),
+        };
+        let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
+            let layer = DecoderLayer::from_weights(cfg, i, w.clone())?;
+            for s in 0..this.samples.len() {
+                let d = this.sample(s)?;
+                let angles = this.rope.angles(&d.positions)?;
+                obs.next_sequence();
+                layer.forward(this.device, d.embeds.view(), &angles, obs, ForwardOptions { moe_all_experts: true })?;
+            }
+            Ok(())
+        };
+        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &pass, emit)?;
+
+        // The quantized layer's outputs are the next layer's inputs.
+        let layer = DecoderLayer::from_weights(cfg, i, w)?;
+        self.commit_state(index, |this, s| {
+            let mut d = this.sample(s)?;
+            let angles = this.rope.angles(&d.positions)?;
+            d.embeds = layer.forward(this.device, d.embeds.view(), &angles, &mut sim, ForwardOptions::default())?;
+            let (now, later): (Vec<Injection>, Vec<Injection>) =
+                d.injections.drain(..).partition(|j| j.after_layer == i);
+            now.iter().for_each(|j| j.apply(&mut d.embeds));
+            d.injections = later;
+            Ok(d)
+        })
+    }
+
+    /// Steps 1–4 for one unit whose weights are `w`: observe the float unit (`pass` runs it over
+    /// every sample through the hook it is given), fold the smoothing `subgraphs` into `w`, fill
+    /// histograms, quantize every linear and hand each job's tensors to `emit`. Returns the hook
+    /// that computes the unit as the quantized model will.
+    fn calibrate_linears(
+        &self,
+        up: &UnitPlan,
+        w: &mut Weights,
+        subgraphs: &[Subgraph],
+        pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<Simulate> {
+        let prefix = w.prefix.clone();
+        let original_bias = bias_modules(w);
         let rel = |full: &str| full.strip_prefix(&prefix).unwrap_or(full).to_string();
         let full = |r: &str| format!("{prefix}{r}");
         let quantized: Vec<(String, QuantSpec)> = up
@@ -249,29 +384,15 @@ impl<'a> Calibrator<'a> {
                 Job::Keep(_) => None,
             })
             .collect();
-        let subgraphs = match &self.smoothing {
-            Some(s) => text_layer_subgraphs(s, cfg, i, self.recipe, &full, &|r| original_bias.contains(r)),
-            None => Vec::new(),
-        };
-        let n = self.samples.len();
-        let all_experts = ForwardOptions { moe_all_experts: true };
 
-        // 1. Observe the float layer.
+        // 1. Observe the float unit.
         let mut obs = Observe::default();
         obs.hessian_groups = quantized
             .iter()
             .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
             .map(|(m, _)| input_group(m))
             .collect();
-        {
-            let layer = DecoderLayer::from_weights(cfg, i, w.clone())?;
-            for s in 0..n {
-                let d = self.sample(s)?;
-                let angles = self.rope.angles(&d.positions)?;
-                obs.next_sequence();
-                layer.forward(self.device, d.embeds.view(), &angles, &mut obs, all_experts)?;
-            }
-        }
+        pass(self, w, &mut obs)?;
         for (g, st) in &obs.stats {
             ensure!(st.nonfinite == 0, "{prefix}{g}: the calibration activations hold {} NaN/Inf values", st.nonfinite);
         }
@@ -279,9 +400,9 @@ impl<'a> Calibrator<'a> {
         // 2. Smooth.
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
         let mut modified: BTreeSet<String> = BTreeSet::new();
-        for sg in &subgraphs {
+        for sg in subgraphs {
             let (shift, scales) = self
-                .apply_smoothing(&mut w, sg, &obs, &mut modified)
+                .apply_smoothing(w, sg, &obs, &mut modified)
                 .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(input_group(&sg.consumers[0]), (shift, scales));
         }
@@ -318,13 +439,7 @@ impl<'a> Calibrator<'a> {
             }
             let mut obs2 = Observe::default();
             obs2.histograms = Some(hs);
-            let layer = DecoderLayer::from_weights(cfg, i, w.clone())?;
-            for s in 0..n {
-                let d = self.sample(s)?;
-                let angles = self.rope.angles(&d.positions)?;
-                obs2.next_sequence();
-                layer.forward(self.device, d.embeds.view(), &angles, &mut obs2, all_experts)?;
-            }
+            pass(self, w, &mut obs2)?;
             histograms = obs2.histograms.unwrap();
         }
 
@@ -333,7 +448,7 @@ impl<'a> Calibrator<'a> {
         let mut sim = Simulate::default();
         for job in &up.jobs {
             let out = match job {
-                Job::Keep(t) => vec![self.keep(t, &w, &prefix, &modified)?],
+                Job::Keep(t) => vec![self.keep(t, w, &prefix, &modified)?],
                 Job::Quantize { module, spec, .. } => {
                     let m = rel(module);
                     let g = input_group(&m);
@@ -407,27 +522,9 @@ impl<'a> Calibrator<'a> {
             };
             emit(out)?;
         }
-        drop(factors);
-        drop(obs);
-
-        // 5. The quantized layer's outputs are the next layer's inputs.
-        let layer = DecoderLayer::from_weights(cfg, i, w)?;
-        self.commit_state(index, |this, s| {
-            let mut d = this.sample(s)?;
-            let angles = this.rope.angles(&d.positions)?;
-            d.embeds = layer.forward(this.device, d.embeds.view(), &angles, &mut sim, ForwardOptions::default())?;
-            let (now, later): (Vec<Injection>, Vec<Injection>) =
-                d.injections.drain(..).partition(|j| j.after_layer == i);
-            for j in &now {
-                for (k, &t) in j.rows.iter().enumerate() {
-                    let mut row = d.embeds.row_mut(t);
-                    row += &j.values.row(k);
-                }
-            }
-            d.injections = later;
-            Ok(d)
-        })
+        Ok(sim)
     }
+
 
     /// A float tensor: the checkpoint's bytes, or the smoothed values in the tensor's dtype.
     fn keep(&self, t: &LogicalTensor, w: &Weights, prefix: &str, modified: &BTreeSet<String>) -> Result<OutTensor> {
@@ -491,6 +588,15 @@ impl<'a> Calibrator<'a> {
     }
 }
 
+/// The linears of `w` that have a bias.
+fn bias_modules(w: &Weights) -> BTreeSet<String> {
+    w.map.keys().filter_map(|k| k.strip_suffix(".bias")).map(String::from).collect()
+}
+
+fn is_vision(kind: UnitKind) -> bool {
+    matches!(kind, UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost)
+}
+
 fn put_linear(w: &mut Weights, module: &str, l: crate::model::nn::Linear, modified: &mut BTreeSet<String>) {
     w.set(&format!("{module}.weight"), l.weight.into_dyn());
     modified.insert(format!("{module}.weight"));
@@ -510,6 +616,7 @@ impl UnitProcessor for Calibrator<'_> {
         match up.unit.kind {
             UnitKind::Embed => self.embed_unit(index, up, emit),
             UnitKind::TextLayer(i) => self.text_layer(index, i, up, emit),
+            k if is_vision(k) => self.vision_unit(up, emit),
             _ => self.data_free(up, emit),
         }?;
         for t in &up.unit.tensors {
@@ -542,4 +649,93 @@ pub fn planned_additions(model: &Model, recipe: &Recipe, unit: &crate::model::Un
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::safetensors::load_all;
+    use crate::pipeline::{prepare, QuantArgs};
+    use std::path::Path;
+
+    /// max |a − b| / max |b|.
+    fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// With nothing quantized, what calibration feeds the decoder is the float model's own input:
+    /// the tower run unit by unit, the image features spliced at the image tokens, M-RoPE ids,
+    /// and Qwen3-VL's deepstack features added after layer 0 — checked against transformers.
+    #[test]
+    fn vl_samples_reach_the_decoder_as_in_transformers() {
+        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+            let scratch = std::env::temp_dir().join(format!("lamina-vl-cal-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&scratch).unwrap();
+            let recipe = scratch.join("float.yaml");
+            std::fs::write(
+                &recipe,
+                "apiversion: modelslim_v1\nspec:\n  process:\n    - type: linear_quant\n      qconfig:\n        \
+                 weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}\n      include: [\"nothing\"]\n",
+            )
+            .unwrap();
+            let args = QuantArgs {
+                model_path: dir.clone(),
+                save_path: Some(scratch.clone()),
+                config_path: Some(recipe),
+                ..QuantArgs::default()
+            };
+            let p = prepare(&args).unwrap();
+            let ckpt = p.ckpt.as_ref().unwrap();
+            let r = load_all(&dir.join("reference.safetensors")).unwrap();
+            let image = VisionInput::from_tensors(&r["pixel_values"], r.get("image_grid_thw")).unwrap();
+            let samples = vec![CalibSample { ids: r["input_ids"].to_i64().unwrap(), image: Some(image) }];
+            let device = crate::device::open("cpu").unwrap();
+            let committed = Arc::new(AtomicUsize::new(0));
+            let plan = &p.plan;
+            let mut cal = Calibrator::new(
+                ckpt,
+                &plan.model,
+                &plan.recipe,
+                &p.exporter,
+                device.as_ref(),
+                samples,
+                scratch.clone(),
+                u64::MAX,
+                committed,
+            )
+            .unwrap();
+            for (index, up) in plan.units.iter().enumerate() {
+                cal.process(index, up, &mut |_| Ok(())).unwrap();
+                let d = || cal.sample(0).unwrap();
+                match up.unit.kind {
+                    UnitKind::Embed => {
+                        let want = r["lm.inputs_embeds"].to_f32().unwrap();
+                        let e = relative_error(d().embeds.as_slice().unwrap(), &want);
+                        assert!(e <= 1e-4, "{name}: inputs_embeds relative error {e}");
+                        if let Some(p) = r.get("lm.position_ids") {
+                            let ids = d().positions.ids().clone();
+                            let want = p.to_i64().unwrap();
+                            let got: Vec<i64> = if ids.nrows() == 3 {
+                                ids.iter().copied().collect()
+                            } else {
+                                (0..3).flat_map(|_| ids.row(0).to_vec()).collect()
+                            };
+                            assert_eq!(got, want, "{name}: M-RoPE position ids");
+                        }
+                    }
+                    UnitKind::TextLayer(0) => {
+                        let key = format!("{}.in", plan.model.layout.text_layer(1));
+                        let e = relative_error(d().embeds.as_slice().unwrap(), &r[&key].to_f32().unwrap());
+                        assert!(e <= 1e-4, "{name}: {key} relative error {e}");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
 }

@@ -1,0 +1,238 @@
+//! Vision-language calibration end to end: every VL fixture quantized to W8A8 from images in
+//! each of the three calibration-data forms (a folder of images, a folder with one listing, an
+//! `index.json`), with the vision tower calibrated block by block; the output is complete, its
+//! static scales are sane, and `lamina eval` finds the quantized logits close to the float ones on
+//! the fixture's own image prompt (whose float logits the forward tests check against
+//! transformers). A run killed inside the vision tower resumes to the same bytes.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const VL_FIXTURES: [&str; 6] = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "qwen3_vl_realvocab"];
+
+fn photos() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images")
+}
+
+/// The fixture in `dir`, with a tiny word-level tokenizer when it has none: its special tokens are
+/// the config's image tokens, every other word is `<unk>`, so prompts become ids inside the
+/// fixture's small vocabulary.
+fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
+    let model = copy_fixture(name, &dir.join(name));
+    if model.join("tokenizer.json").is_file() {
+        return model;
+    }
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let id = |k: &str| config[k].as_i64();
+    let specials: Vec<(String, i64)> = match id("image_token_index") {
+        Some(image) => vec![("<image>".into(), image)],
+        None => vec![
+            ("<|vision_start|>".into(), id("vision_start_token_id").unwrap()),
+            ("<|vision_end|>".into(), id("vision_end_token_id").unwrap()),
+            ("<|image_pad|>".into(), id("image_token_id").unwrap()),
+        ],
+    };
+    let added: Vec<Value> = specials
+        .iter()
+        .map(|(t, i)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let words = ["<unk>", "Describe", "this", "image", "in", "detail", ".", "What", "is", "shown", "?"];
+    // The special tokens are in the model's vocabulary too, so they keep the config's ids.
+    let mut vocab: serde_json::Map<String, Value> =
+        words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+    vocab.extend(specials.iter().map(|(t, i)| (t.clone(), json!(i))));
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}
+
+/// The three forms of a calibration set over the same photographs and the fixture's own image.
+fn calibration_sets(model: &Path, dir: &Path) -> [(&'static str, PathBuf); 3] {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(photos().join("chelsea.png"), images.join("chelsea.png")).unwrap();
+    std::fs::copy(photos().join("rocket.jpg"), images.join("rocket.jpg")).unwrap();
+    std::fs::copy(model.join("image.png"), images.join("fixture.png")).unwrap();
+
+    let listed = dir.join("listed");
+    std::fs::create_dir_all(listed.join("pics")).unwrap();
+    std::fs::copy(photos().join("coffee.png"), listed.join("pics/coffee.png")).unwrap();
+    std::fs::copy(photos().join("astronaut.png"), listed.join("pics/astronaut.png")).unwrap();
+    let lines = [
+        json!({"image": "pics/coffee.png", "text": "What is shown in this image ?"}),
+        json!({"image": "pics/astronaut.png", "text": "Describe this image ."}),
+    ];
+    let jsonl: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(listed.join("prompts.jsonl"), jsonl.join("\n")).unwrap();
+
+    let indexed = dir.join("indexed");
+    std::fs::create_dir_all(&indexed).unwrap();
+    std::fs::copy(photos().join("rocket.jpg"), indexed.join("rocket.jpg")).unwrap();
+    std::fs::copy(model.join("image.png"), indexed.join("fixture.png")).unwrap();
+    let index = json!([
+        {"image": "rocket.jpg", "text": "Describe this image in detail ."},
+        {"image": "fixture.png", "text": "What is shown ?"}
+    ]);
+    std::fs::write(indexed.join("index.json"), index.to_string()).unwrap();
+    [("folder of images", images), ("folder with a listing", listed), ("index.json", indexed)]
+}
+
+/// The description's types, and every tensor of the output's shards.
+fn read_output(save: &Path) -> (BTreeMap<String, String>, BTreeMap<String, St>) {
+    let desc: BTreeMap<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(save.join("quant_model_description.json")).unwrap()).unwrap();
+    let types = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
+    let mut tensors = BTreeMap::new();
+    for e in std::fs::read_dir(save).unwrap() {
+        let p = e.unwrap().path();
+        let n = p.file_name().unwrap().to_string_lossy().to_string();
+        if n.starts_with("quant_model_weights") && n.ends_with(".safetensors") {
+            for (k, v) in read_st(&p) {
+                assert!(tensors.insert(k.clone(), v).is_none(), "{k} is written twice");
+            }
+        }
+    }
+    (types, tensors)
+}
+
+/// Every tensor is described once; at least one vision-block linear is static W8A8 with sane
+/// scales; the layers msModelSlim keeps float in the vision tower are float.
+fn check_vl_output(name: &str, save: &Path, form: &str) {
+    let (types, tensors) = read_output(save);
+    for k in tensors.keys() {
+        assert!(types.contains_key(k), "{name} ({form}): {k} is not described");
+    }
+    let vision_w8a8: Vec<&String> = types
+        .iter()
+        .filter(|(k, t)| {
+            t.as_str() == "W8A8"
+                && k.ends_with(".weight")
+                && (k.contains("visual.blocks.") || k.contains("vision_tower.vision_model.encoder.layers."))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!vision_w8a8.is_empty(), "{name} ({form}): no vision linear was calibrated to W8A8");
+    for w in types.keys().filter(|k| types[*k] == "W8A8" && k.ends_with(".weight")) {
+        let m = w.strip_suffix(".weight").unwrap();
+        let scale = tensors[&format!("{m}.input_scale")].f32s();
+        let offset = tensors[&format!("{m}.input_offset")].f32s();
+        assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{name} ({form}): {m}.input_scale {scale:?}");
+        assert!(
+            offset.iter().all(|o| o.fract() == 0.0 && (-128.0..=127.0).contains(o)),
+            "{name} ({form}): {m}.input_offset {offset:?}"
+        );
+        assert_eq!(tensors[w].dtype, "I8", "{name} ({form}): {w}");
+    }
+    for (k, t) in &types {
+        if k.contains("merger") || k.contains("linear_fc2") || k.contains("multi_modal_projector") {
+            assert_eq!(t, "FLOAT", "{name} ({form}): {k} should stay float");
+        }
+    }
+}
+
+/// `lamina eval --inputs` on the fixture's image prompt: (top-1 agreement, logit relative error).
+fn logit_error(name: &str, model: &Path, save: &Path) -> (f64, f64) {
+    let r = run(
+        &[
+            "eval",
+            "--model_path",
+            model.to_str().unwrap(),
+            "--quantized",
+            save.to_str().unwrap(),
+            "--inputs",
+            fixture(name).join("reference.safetensors").to_str().unwrap(),
+        ],
+        &[],
+    );
+    r.assert_ok();
+    let value = |label: &str| -> f64 {
+        let line = r.stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label}: {}", r.stdout));
+        line[label.len()..].trim().trim_end_matches('%').parse().unwrap()
+    };
+    (value("top-1 agreement:") / 100.0, value("logit relative error:"))
+}
+
+#[test]
+fn every_vl_fixture_calibrates_from_each_form_of_image_set() {
+    for name in VL_FIXTURES {
+        let tmp = TempDir::new(&format!("vl-{name}"));
+        let model = model_with_tokenizer(name, tmp.path());
+        for (form, set) in calibration_sets(&model, &tmp.join("calib")) {
+            let save = tmp.join(&format!("out-{}", form.replace(' ', "-")));
+            let r = quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap(), "--config_path", "/tmp/vl-w8a8.yaml"], &[]);
+            r.assert_ok();
+            check_vl_output(name, &save, form);
+            let (agreement, relative) = logit_error(name, &model, &save);
+            // The fixtures' random logits are small and nearly tied, and per-tensor static ranges
+            // calibrated on a few photographs are coarse for them (measured 5–65% relative
+            // error; data-free per-token W8A8 gives 5–9%), so this only tells a working model
+            // from a broken one, whose error is 100% or more. The calibration forward itself is
+            // checked against transformers in `calibrate::tests`.
+            eprintln!("{name} ({form}): top-1 agreement {agreement}, logit relative error {relative}");
+            assert!(relative < 0.8, "{name} ({form}): logit relative error {relative}");
+            assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
+        }
+    }
+}
+
+#[test]
+fn the_bundled_calibration_set_is_the_default_for_vl_models() {
+    let tmp = TempDir::new("vl-default");
+    let model = fixture("qwen3_vl_realvocab");
+    let save = tmp.join("out");
+    let r = quant(&model, &save, "w8a8", &[], &[]);
+    r.assert_ok();
+    check_vl_output("qwen3_vl_realvocab", &save, "bundled calib/");
+}
+
+#[test]
+fn a_run_killed_inside_the_vision_tower_resumes_to_the_same_bytes() {
+    let tmp = TempDir::new("vl-resume");
+    let model = model_with_tokenizer("qwen3_vl", tmp.path());
+    let [(_, set), ..] = calibration_sets(&model, &tmp.join("calib"));
+    let args = ["--calib_data", set.to_str().unwrap(), "--part_file_size", "0.0001"];
+    let reference = tmp.join("reference");
+    quant(&model, &reference, "w8a8", &args, &[]).assert_ok();
+    let save = tmp.join("resumed");
+    // A few tensors in: the tower's first units are written, the rest is not.
+    let r = quant(&model, &save, "w8a8", &args, &[("LAMINA_FAULT_ABORT_AFTER_TENSORS", "12")]);
+    assert_ne!(r.code, Some(0), "the run was to abort: {}", r.stderr);
+    quant(&model, &save, "w8a8", &args, &[]).assert_ok();
+    let files = |d: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("quant_model"))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+            .collect()
+    };
+    let (want, got) = (files(&reference), files(&save));
+    assert!(want.len() > 2, "the test wants several shards");
+    assert_eq!(want.keys().collect::<Vec<_>>(), got.keys().collect::<Vec<_>>());
+    for (k, v) in &want {
+        assert!(v == &got[k], "{k} differs after resuming inside the vision tower");
+    }
+}
+
+#[test]
+fn a_broken_calibration_image_is_named() {
+    let tmp = TempDir::new("vl-bad-image");
+    let model = model_with_tokenizer("qwen2_vl", tmp.path());
+    let set = tmp.join("set");
+    std::fs::create_dir_all(&set).unwrap();
+    std::fs::write(set.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let save = tmp.join("out");
+    quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]).assert_fails_with(&["broken.png"]);
+    assert_no_complete_output(&save);
+}
