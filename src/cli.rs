@@ -105,8 +105,9 @@ struct QuantCli {
     /// The output folder. It is created if missing; rerunning the same command there resumes.
     #[arg(long = "save_path", alias = "save-path")]
     save_path: Option<PathBuf>,
-    /// The scheme: w8a16, w8a8_dynamic, w4a8_dynamic (alias w4a8), w4a16. Picks the bundled recipe
-    /// for the model type.
+    /// The scheme: w8a8 (static per-tensor activations; calibrates with smoothing and GPTQ),
+    /// w8a8_dynamic, w8a16, w4a8_dynamic (alias w4a8), w4a16. Picks the bundled recipe for the
+    /// model type (see pipelines/).
     #[arg(long = "quant_type", alias = "quant-type")]
     quant_type: Option<String>,
     /// The model family (llama, qwen2, qwen3, qwen3_moe, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe,
@@ -136,7 +137,7 @@ struct QuantCli {
     /// images (or a .json/.jsonl / index.json of {"image", "text"}). Default: the bundled set.
     #[arg(long = "calib_data", alias = "calib-data", alias = "calib_images", alias = "calib-images")]
     calib_data: Option<PathBuf>,
-    /// Number of calibration sequences (text models).
+    /// Number of calibration sequences (text); for an image set, at most this many images.
     #[arg(long = "calib_samples", alias = "calib-samples", default_value_t = 32)]
     calib_samples: usize,
     /// Tokens per calibration sequence (text models).

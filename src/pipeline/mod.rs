@@ -154,17 +154,32 @@ fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bo
 /// A decoder layer under calibration holds its weights widened to f32 about four times over
 /// (the loaded weights, a layer built from them, the dequantized weights the quantized forward
 /// runs, and the smoothed copy), the Hessians of GPTQ inputs with their factors, and one
-/// sequence's working activations.
+/// sequence's working activations. A vision unit holds the same, and every image's activations
+/// (in memory: a tower is small), counted for images of about 1024 patches (a 512×512 photograph
+/// at patch size 16).
 fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantArgs, budget: u64) -> u64 {
+    use crate::model::layout::UnitKind;
     let t = &model.text;
     let seq = args.calib_seq_len as u64;
     let widest = t.intermediate_size.max(t.hidden_size).max(t.num_heads * t.head_dim) as u64;
-    let working = seq * (seq * 2 + widest * 8) * 4;
+    let text_working = seq * (seq * 2 + widest * 8) * 4;
     let per_sample_state = seq * t.hidden_size as u64 * 4 + seq * 3 * 8;
     let activations = per_sample_state * args.calib_samples as u64;
+    let vision_working = crate::model::config::vision_view(&model.config).map_or(0, |v| {
+        let dim = v.usize(&["hidden_size", "embed_dim"]).unwrap_or(0) as u64;
+        let inter = v.usize(&["intermediate_size"]).unwrap_or(4 * dim as usize) as u64;
+        const PATCHES: u64 = 1024;
+        // States, the copy a pass runs on, kept (deepstack) states; one image's working set.
+        args.calib_samples as u64 * PATCHES * dim * 4 * 3 + PATCHES * (PATCHES * 2 + inter * 4) * 4
+    });
     let mut peak = 0;
     for u in units.iter_mut() {
-        if matches!(u.unit.kind, crate::model::layout::UnitKind::TextLayer(_) | crate::model::layout::UnitKind::Embed) {
+        let working = match u.unit.kind {
+            UnitKind::TextLayer(_) | UnitKind::Embed => text_working,
+            UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost => vision_working,
+            _ => continue,
+        };
+        {
             let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
             let hessians: u64 = u
                 .jobs
