@@ -91,8 +91,8 @@ struct QuantCli {
     /// The output folder. It is created if missing; rerunning the same command there resumes.
     #[arg(long = "save_path", alias = "save-path")]
     save_path: Option<PathBuf>,
-    /// The scheme: w8a16, w8a8_dynamic, w4a8_dynamic (alias w4a8), w4a16. Picks the bundled recipe
-    /// for the model type.
+    /// The scheme: w8a16, w8a8_dynamic, w8a8 (static, calibrated), w4a8_dynamic (alias w4a8),
+    /// w4a16. Picks the bundled recipe for the model type.
     #[arg(long = "quant_type", alias = "quant-type")]
     quant_type: Option<String>,
     /// The model family (llama, qwen2, qwen3, qwen3_moe, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe,
@@ -108,7 +108,8 @@ struct QuantCli {
     /// Memory the run may use, in GiB. Default: what the machine has available now.
     #[arg(long = "memory_budget", alias = "memory-budget")]
     memory_budget: Option<f64>,
-    /// A recipe YAML (msModelSlim v1 shape) instead of the bundled one.
+    /// A recipe YAML (msModelSlim v1 shape) instead of the bundled one, or the name of a bundled
+    /// variant (w8a8-fast, w8a8-all-static).
     #[arg(long = "config_path", alias = "config-path")]
     config_path: Option<PathBuf>,
     /// Accepted for msModelSlim compatibility; lamina never runs code from the model folder.
