@@ -72,9 +72,30 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     })
 }
 
-/// Total negative log-likelihood of every window's next tokens, streaming the layers: of the
-/// float checkpoint, or of the quantized output `q` when given.
+/// Total negative log-likelihood of every window's next tokens: of the float checkpoint, or of
+/// the quantized output `q` when given.
 fn nll(fm: &FloatModel, device: &dyn Device, windows: &[Vec<i64>], q: Option<&AscendModel>) -> Result<f64> {
+    let mut total = 0f64;
+    logits(fm, device, windows, q, &mut |w, l| {
+        total += window_nll(l, &windows[w]);
+        Ok(())
+    })?;
+    Ok(total)
+}
+
+/// Runs every window (of one length) through the model, streaming the layers: the float
+/// checkpoint, or the quantized output `q` computed as the NPU computes it. Each window's logits
+/// `[seq, vocab]` go to `each(window, logits)` in order.
+pub fn logits(
+    fm: &FloatModel,
+    device: &dyn Device,
+    windows: &[Vec<i64>],
+    q: Option<&AscendModel>,
+    each: &mut dyn FnMut(usize, ArrayView2<f32>) -> Result<()>,
+) -> Result<()> {
+    if windows.is_empty() || windows.iter().any(|w| w.len() != windows[0].len()) {
+        bail!("the windows must be non-empty and of one length");
+    }
     let cfg = &fm.model.text;
     let layout = &fm.model.layout;
     let embed_name = layout.embed_tokens();
@@ -128,12 +149,11 @@ fn nll(fm: &FloatModel, device: &dyn Device, windows: &[Vec<i64>], q: Option<&As
             Head::new(cfg, layout, w, || Ok(table.clone()))?
         }
     };
-    let mut total = 0f64;
-    for (h, ids) in hidden.iter().zip(windows) {
+    for (w, h) in hidden.iter().enumerate() {
         let logits = head.logits(device, head.final_norm(h.view()).view(), &mut Plain);
-        total += window_nll(logits.view(), ids);
+        each(w, logits.view())?;
     }
-    Ok(total)
+    Ok(())
 }
 
 /// `Σ_t -log p(ids[t+1] | ids[..=t])` from `logits [seq, vocab]`.
