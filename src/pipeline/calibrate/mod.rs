@@ -16,6 +16,8 @@
 
 pub mod hooks;
 pub mod smoothing;
+#[cfg(test)]
+mod smoothing_parity;
 
 use super::activations::{snapshot_path, Snapshot, SnapshotWriter};
 use super::data_free::run_job;
