@@ -123,7 +123,8 @@ struct QuantCli {
     /// Memory the run may use, in GiB. Default: what the machine has available now.
     #[arg(long = "memory_budget", alias = "memory-budget")]
     memory_budget: Option<f64>,
-    /// A recipe YAML (msModelSlim v1 shape) instead of the bundled one.
+    /// A recipe YAML (msModelSlim v1 shape) instead of the bundled one, or the name of a bundled
+    /// variant (w8a8-fast, w8a8-all-static).
     #[arg(long = "config_path", alias = "config-path")]
     config_path: Option<PathBuf>,
     /// Accepted for msModelSlim compatibility; lamina never runs code from the model folder.

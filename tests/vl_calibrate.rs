@@ -157,7 +157,8 @@ fn logit_error(name: &str, model: &Path, save: &Path) -> (f64, f64) {
     );
     r.assert_ok();
     let value = |label: &str| -> f64 {
-        let line = r.stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label}: {}", r.stdout));
+        let line =
+            r.stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label}: {}", r.stdout));
         line[label.len()..].trim().trim_end_matches('%').parse().unwrap()
     };
     (value("top-1 agreement:") / 100.0, value("logit relative error:"))
@@ -170,7 +171,7 @@ fn every_vl_fixture_calibrates_from_each_form_of_image_set() {
         let model = model_with_tokenizer(name, tmp.path());
         for (form, set) in calibration_sets(&model, &tmp.join("calib")) {
             let save = tmp.join(&format!("out-{}", form.replace(' ', "-")));
-            let r = quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap(), "--config_path", "/tmp/vl-w8a8.yaml"], &[]);
+            let r = quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]);
             r.assert_ok();
             check_vl_output(name, &save, form);
             let (agreement, relative) = logit_error(name, &model, &save);

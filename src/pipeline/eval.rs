@@ -148,8 +148,9 @@ pub fn compare_on_prompt(args: &PromptArgs) -> Result<LogitError> {
     Ok(logit_error(&float, &quant))
 }
 
-/// The logits of every sequence of `inputs`, stacked `[tokens, vocab]`.
-fn logits(
+/// The logits of every sequence of `inputs` (as `lamina forward` reads them), stacked
+/// `[tokens, vocab]`, computed by `src`: the float model or a quantized output.
+pub fn logits(
     src: &dyn ModelWeights,
     device: &dyn Device,
     inputs: &BTreeMap<String, Tensor>,

@@ -461,7 +461,7 @@ fn calibration_samples(
         None => default_calib_dir().join("text/corpus.txt"),
     };
     if !path.exists() {
-        bail!("the calibration data {} does not exist", path.display());
+        bail!("no such calibration file or folder: {}", path.display());
     }
     let context = || format!("reading the calibration data {}", path.display());
     if vision_language && is_image_set(&path).with_context(context)? {
@@ -491,7 +491,10 @@ fn is_image_set(path: &Path) -> Result<bool> {
     if path.is_dir() {
         return Ok(true);
     }
-    let json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json") || e.eq_ignore_ascii_case("jsonl"));
+    let json = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json") || e.eq_ignore_ascii_case("jsonl"));
     Ok(json && crate::data::calib::read_records(path)?.iter().any(|r| r.image.is_some()))
 }
 

@@ -2,7 +2,10 @@
 //! steps with `include` / `exclude` globs, `spec.save` with `part_file_size`).
 //!
 //! The bundled best practices live in `pipelines/` and are compiled into the binary, so the tool
-//! works from any folder; `--config_path` reads a user's file instead.
+//! works from any folder. `--quant_type Q` picks the bundled recipe of quant type Q whose
+//! `metadata.model_types` names the model's family, else the one naming none (`default-Q`).
+//! `--config_path` reads a user's file, or a bundled recipe by name (`w8a8-fast`): named
+//! variants carry no `quant_type`, so `--quant_type` never picks them.
 
 use super::glob::glob_match;
 use super::spec::{QConfig, QuantSpec};
@@ -16,6 +19,15 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("default-w8a8_dynamic.yaml", include_str!("../../pipelines/default-w8a8_dynamic.yaml")),
     ("default-w4a8_dynamic.yaml", include_str!("../../pipelines/default-w4a8_dynamic.yaml")),
     ("default-w4a16.yaml", include_str!("../../pipelines/default-w4a16.yaml")),
+    ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
+    ("qwen3_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_moe-w8a8.yaml")),
+    ("qwen3_vl-w8a8.yaml", include_str!("../../pipelines/qwen3_vl-w8a8.yaml")),
+    ("qwen3_vl_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_vl_moe-w8a8.yaml")),
+    ("qwen2_5_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_5_vl-w8a8.yaml")),
+    ("qwen2_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_vl-w8a8.yaml")),
+    ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
+    ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
+    ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
 ];
 
 /// One step of `spec.process`.
@@ -125,9 +137,25 @@ impl Recipe {
         })
     }
 
+    /// A recipe file, or when no such file exists, the bundled recipe of that name (`w8a8-fast`
+    /// or `w8a8-fast.yaml`).
     pub fn from_file(path: &Path) -> Result<Recipe> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        if !path.exists() {
+            if let Some(r) = path.to_str().and_then(Recipe::named) {
+                return r;
+            }
+        }
+        let text = std::fs::read_to_string(path).with_context(|| {
+            let names: Vec<&str> = BUNDLED.iter().map(|(f, _)| f.trim_end_matches(".yaml")).collect();
+            format!("cannot read recipe {} (bundled recipes: {})", path.display(), names.join(", "))
+        })?;
         Recipe::parse(&text, &path.display().to_string())
+    }
+
+    /// The bundled recipe with this file name, with or without `.yaml`.
+    pub fn named(name: &str) -> Option<Result<Recipe>> {
+        let file = if name.ends_with(".yaml") { name.to_string() } else { format!("{name}.yaml") };
+        BUNDLED.iter().find(|(f, _)| *f == file).map(|(f, t)| Recipe::parse(t, f))
     }
 
     /// The bundled best practice for a model type and quant type: a recipe naming the model
@@ -222,6 +250,171 @@ mod tests {
             assert!(r.linear_spec(float).is_none(), "{float}");
         }
         assert!(Recipe::bundled("llama", "w9a9").unwrap_err().to_string().contains("w8a16"));
+    }
+
+    #[test]
+    fn one_default_per_quant_type_one_recipe_per_family_and_named_variants() {
+        let all: Vec<Recipe> = BUNDLED.iter().map(|(f, t)| Recipe::parse(t, f).unwrap()).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for r in all.iter().filter(|r| r.quant_type.is_some()) {
+            let q = r.quant_type.clone().unwrap();
+            let keys: Vec<String> = if r.model_types.is_empty() { vec![String::new()] } else { r.model_types.clone() };
+            for m in keys {
+                assert!(seen.insert((q.clone(), m.clone())), "two bundled {q} recipes for model type {m:?}");
+            }
+            let selector = if r.model_types.is_empty() { "default".to_string() } else { r.model_types[0].clone() };
+            assert_eq!(r.name, format!("{selector}-{q}"), "a selectable recipe is named after what selects it");
+        }
+        for q in ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"] {
+            assert!(seen.contains(&(q.to_string(), String::new())), "no default recipe for {q}");
+        }
+        // Every file in pipelines/ is compiled in.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut files: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        files.sort();
+        let mut bundled: Vec<String> = BUNDLED.iter().map(|(f, _)| f.to_string()).collect();
+        bundled.sort();
+        assert_eq!(files, bundled);
+
+        assert_eq!(Recipe::bundled("llama", "w8a8").unwrap().name, "default-w8a8");
+        assert_eq!(Recipe::bundled("qwen3_vl_moe", "w8a8").unwrap().name, "qwen3_vl_moe-w8a8");
+        for variant in ["w8a8-fast", "w8a8-all-static"] {
+            let r = Recipe::from_file(Path::new(variant)).unwrap();
+            assert_eq!((r.name.as_str(), r.quant_type.as_deref()), (variant, None));
+            assert_eq!(Recipe::named(&format!("{variant}.yaml")).unwrap().unwrap().text, r.text);
+        }
+        let gptq =
+            |r: &Recipe, m: &str| r.linear_spec(m).map(|s| s.weight_method == crate::quant::spec::WeightMethod::Gptq);
+        let (default, fast) = (Recipe::bundled("qwen3", "w8a8").unwrap(), Recipe::named("w8a8-fast").unwrap().unwrap());
+        for m in ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"] {
+            assert_eq!(default.linear_spec(m).map(|s| s.ascend_type()), fast.linear_spec(m).map(|s| s.ascend_type()));
+            assert_eq!((gptq(&default, m), gptq(&fast, m)), (Some(true), Some(false)), "{m}");
+        }
+        let all_static = Recipe::named("w8a8-all-static").unwrap().unwrap();
+        assert_eq!(all_static.linear_spec("model.layers.0.mlp.down_proj").unwrap().ascend_type(), "W8A8");
+        let err = Recipe::from_file(Path::new("no-such-recipe")).unwrap_err();
+        assert!(format!("{err:#}").contains("w8a8-fast"), "{err:#}");
+    }
+
+    /// The scheme each family's `--quant_type w8a8` recipe means to give a linear, stated from the
+    /// linear's role rather than from the recipes' globs.
+    fn intended_w8a8(module: &str) -> Option<&'static str> {
+        let leaf = module.rsplit('.').next().unwrap();
+        if leaf == "lm_head" || module.ends_with("mlp.gate") {
+            return None;
+        }
+        if module.contains(".mlp.experts.") {
+            return Some("W8A8_DYNAMIC");
+        }
+        let vision = ["visual.", "vision_tower.", "multi_modal_projector."].iter().any(|v| module.contains(v));
+        if vision {
+            // Vision blocks are static W8A8 except their second MLP projection; mergers and the
+            // projector stay float.
+            let float = module.contains("merger")
+                || module.contains("multi_modal_projector")
+                || matches!(leaf, "fc2" | "linear_fc2" | "down_proj");
+            return (!float).then_some("W8A8");
+        }
+        Some(if leaf == "down_proj" { "W8A16" } else { "W8A8" })
+    }
+
+    #[test]
+    fn w8a8_recipes_give_every_fixture_linear_its_intended_scheme() {
+        use crate::io::checkpoint::Checkpoint;
+        use crate::model::{build_units, Model};
+        let fixtures = [
+            ("llama", "default-w8a8"),
+            ("qwen2", "default-w8a8"),
+            ("qwen3", "default-w8a8"),
+            ("qwen3_moe", "qwen3_moe-w8a8"),
+            ("qwen2_vl", "qwen2_vl-w8a8"),
+            ("qwen2_5_vl", "qwen2_5_vl-w8a8"),
+            ("qwen3_vl", "qwen3_vl-w8a8"),
+            ("qwen3_vl_moe", "qwen3_vl_moe-w8a8"),
+            ("llava", "llava-w8a8"),
+        ];
+        for (fixture, recipe_name) in fixtures {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let names: Vec<&str> = ckpt.names().collect();
+            let model = Model::new(&ckpt.config, None, &names).unwrap();
+            let inventory: Vec<_> = names.iter().map(|n| ckpt.entry(n).unwrap().1.meta()).collect();
+            let recipe = Recipe::bundled(model.family.model_type(), "w8a8").unwrap();
+            assert_eq!(recipe.name, recipe_name, "{fixture}");
+            let mut got = std::collections::BTreeMap::new();
+            for unit in build_units(&model, &inventory).unwrap() {
+                for m in unit.tensors.iter().filter_map(|t| t.linear_module()) {
+                    let scheme = recipe.linear_spec(m).map(|s| s.ascend_type());
+                    assert_eq!(scheme, intended_w8a8(m), "{fixture}: {m} under {recipe_name}");
+                    got.insert(m.to_string(), scheme);
+                }
+            }
+            let has = |m: &str, want: Option<&str>| {
+                assert_eq!(got.get(m).copied(), Some(want), "{fixture}: {m} (is it a linear of the fixture?)")
+            };
+            let vision = model.family.is_vision_language();
+            match fixture {
+                "qwen3_vl_moe" => {
+                    has("model.language_model.layers.0.self_attn.q_proj", Some("W8A8"));
+                    has("model.language_model.layers.1.mlp.experts.3.down_proj", Some("W8A8_DYNAMIC"));
+                    has("model.language_model.layers.0.mlp.gate", None);
+                    has("model.visual.blocks.0.attn.qkv", Some("W8A8"));
+                    has("model.visual.blocks.0.mlp.linear_fc1", Some("W8A8"));
+                    has("model.visual.blocks.0.mlp.linear_fc2", None);
+                    has("model.visual.merger.linear_fc1", None);
+                    has("model.visual.deepstack_merger_list.0.linear_fc1", None);
+                    has("lm_head", None);
+                }
+                "qwen3_moe" => {
+                    has("model.layers.0.mlp.experts.0.gate_proj", Some("W8A8_DYNAMIC"));
+                    has("model.layers.0.self_attn.o_proj", Some("W8A8"));
+                }
+                "qwen2_5_vl" => {
+                    has("visual.blocks.0.mlp.gate_proj", Some("W8A8"));
+                    has("visual.blocks.0.mlp.down_proj", None);
+                    has("model.layers.0.mlp.down_proj", Some("W8A16"));
+                }
+                "qwen2_vl" => has("visual.blocks.0.mlp.fc2", None),
+                "llava" => {
+                    has("multi_modal_projector.linear_1", None);
+                    has("vision_tower.vision_model.encoder.layers.0.self_attn.out_proj", Some("W8A8"));
+                    has("vision_tower.vision_model.encoder.layers.0.mlp.fc2", None);
+                    has("language_model.model.layers.1.mlp.down_proj", Some("W8A16"));
+                }
+                "qwen3_vl" => {
+                    has("model.language_model.layers.1.mlp.down_proj", Some("W8A16"));
+                    has("model.visual.blocks.1.mlp.linear_fc2", None);
+                }
+                _ => has("model.layers.1.mlp.down_proj", Some("W8A16")),
+            }
+            if vision {
+                let tower = |want: Option<&str>| {
+                    got.iter().any(|(m, s)| (m.contains("visual.") || m.contains("vision_tower.")) && *s == want)
+                };
+                assert!(tower(Some("W8A8")) && tower(None), "{fixture}: the tower has static and float linears");
+            }
+        }
+        // The layouts transformers 5 saves, which the fixtures do not use.
+        let t5 = [
+            ("qwen2_vl", "model.visual.blocks.3.mlp.fc2"),
+            ("qwen2_vl", "model.visual.blocks.3.attn.qkv"),
+            ("qwen2_vl", "model.language_model.layers.7.mlp.down_proj"),
+            ("qwen2_5_vl", "model.visual.blocks.3.mlp.down_proj"),
+            ("qwen2_5_vl", "model.visual.merger.mlp.2"),
+            ("qwen2_5_vl", "model.language_model.layers.7.mlp.down_proj"),
+            ("qwen3_vl_moe", "model.layers.2.mlp.experts.5.up_proj"),
+            ("qwen3_vl_moe", "visual.deepstack_merger_list.2.linear_fc2"),
+            ("llava", "model.language_model.layers.7.mlp.down_proj"),
+            ("llava", "model.vision_tower.vision_model.encoder.layers.3.mlp.fc2"),
+            ("llava", "model.vision_tower.vision_model.encoder.layers.3.mlp.fc1"),
+            ("llava", "model.multi_modal_projector.linear_2"),
+            ("llava", "lm_head"),
+        ];
+        for (family, m) in t5 {
+            let scheme = Recipe::bundled(family, "w8a8").unwrap().linear_spec(m).map(|s| s.ascend_type());
+            assert_eq!(scheme, intended_w8a8(m), "{family}: {m}");
+        }
     }
 
     #[test]

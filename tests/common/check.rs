@@ -209,7 +209,7 @@ pub fn read_output(out: &Path, limit: Option<u64>) -> (BTreeMap<String, St>, BTr
 
 /// The description's entries in file order, duplicates kept (a JSON object parsed into a map
 /// would hide them).
-fn description_entries(path: &Path) -> Vec<(String, serde_json::Value)> {
+pub fn description_entries(path: &Path) -> Vec<(String, serde_json::Value)> {
     struct Entries(Vec<(String, serde_json::Value)>);
     impl<'de> serde::Deserialize<'de> for Entries {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -3,6 +3,7 @@
 //! and a seeded random generator.
 #![allow(dead_code)]
 
+pub mod calibrated;
 pub mod check;
 
 use std::collections::BTreeMap;

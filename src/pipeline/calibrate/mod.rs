@@ -18,6 +18,8 @@
 
 pub mod hooks;
 pub mod smoothing;
+#[cfg(test)]
+mod smoothing_parity;
 
 use super::activations::{snapshot_path, Snapshot, SnapshotWriter};
 use super::data_free::run_job;
@@ -270,7 +272,11 @@ impl<'a> Calibrator<'a> {
                 .iter()
                 .enumerate()
                 .map(|(s, x)| {
-                    x.image.as_ref().map(|img| tower.embed(device, &w, img)).transpose().with_context(|| format!("calibration sample {s}"))
+                    x.image
+                        .as_ref()
+                        .map(|img| tower.embed(device, &w, img))
+                        .transpose()
+                        .with_context(|| format!("calibration sample {s}"))
                 })
                 .collect::<Result<_>>()?;
             return Ok(());
@@ -401,9 +407,8 @@ impl<'a> Calibrator<'a> {
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
         let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in subgraphs {
-            let (shift, scales) = self
-                .apply_smoothing(w, sg, &obs, &mut modified)
-                .with_context(|| format!("smoothing in {prefix}"))?;
+            let (shift, scales) =
+                self.apply_smoothing(w, sg, &obs, &mut modified).with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(input_group(&sg.consumers[0]), (shift, scales));
         }
         let stats_of = |g: &str| -> Result<crate::quant::observer::ChannelStats> {
@@ -524,7 +529,6 @@ impl<'a> Calibrator<'a> {
         }
         Ok(sim)
     }
-
 
     /// A float tensor: the checkpoint's bytes, or the smoothed values in the tensor's dtype.
     fn keep(&self, t: &LogicalTensor, w: &Weights, prefix: &str, modified: &BTreeSet<String>) -> Result<OutTensor> {
