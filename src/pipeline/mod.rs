@@ -103,7 +103,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
             let qt = args
                 .quant_type
                 .as_deref()
-                .context("give --quant_type (w8a16, w8a8_dynamic, w4a8_dynamic, w4a16) or --config_path")?;
+                .context("give --quant_type (w8a8, w8a8_dynamic, w8a16, w4a8_dynamic, w4a16) or --config_path")?;
             Recipe::bundled(model.family.model_type(), &normalize_quant_type(qt))?
         }
     };
@@ -181,17 +181,20 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
         };
         {
             let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
+            // One Hessian (and its factor) per distinct input: q/k/v share one, gate/up another.
             let hessians: u64 = u
                 .jobs
                 .iter()
                 .filter_map(|j| match j {
-                    plan::Job::Quantize { weight, spec, .. }
+                    plan::Job::Quantize { module, weight, spec, .. }
                         if spec.weight_method == crate::quant::spec::WeightMethod::Gptq =>
                     {
-                        Some(weight.meta.shape[1] as u64)
+                        Some((calibrate::smoothing::input_group(module), weight.meta.shape[1] as u64))
                     }
                     _ => None,
                 })
+                .collect::<std::collections::BTreeMap<String, u64>>()
+                .values()
                 .map(|c| c * c * 4 * 2)
                 .sum();
             u.peak_job = u.peak_job.max(4 * widened + hessians + working);

@@ -40,7 +40,7 @@ use crate::quant::observer::{Histogram, HISTOGRAM_BINS};
 use crate::quant::smooth::{smooth_linear_linear, smooth_norm_linears, smooth_ov, Heads};
 use crate::quant::spec::{ActMethod, WeightMethod};
 use crate::quant::{act_range, rtn, ActQuant, QuantSpec, QuantizedLinear, Recipe};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use hooks::{dequantize_weight, ActSim, Observe, SimLinear, Simulate};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
@@ -404,11 +404,13 @@ impl<'a> Calibrator<'a> {
         }
 
         // 2. Smooth.
+        let stored_dtype = |r: &str| up.unit.tensors.iter().find(|t| t.name() == full(r)).map(|t| t.meta.dtype);
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
         let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in subgraphs {
-            let (shift, scales) =
-                self.apply_smoothing(w, sg, &obs, &mut modified).with_context(|| format!("smoothing in {prefix}"))?;
+            let (shift, scales) = self
+                .apply_smoothing(w, sg, &obs, &mut modified, &stored_dtype)
+                .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(input_group(&sg.consumers[0]), (shift, scales));
         }
         let stats_of = |g: &str| -> Result<crate::quant::observer::ChannelStats> {
@@ -418,9 +420,10 @@ impl<'a> Calibrator<'a> {
                 None => st.clone(),
             })
         };
-        // Float tensors the smoothing changed are stored in their dtype: compute with that.
+        // Float tensors the smoothing changed are stored in their dtype: compute with that. (A
+        // quantized linear's weight is quantized from f32, its bias written in f32.)
         for name in &modified {
-            if !quantized.iter().any(|(m, _)| name == &format!("{m}.weight")) {
+            if !quantized.iter().any(|(m, _)| name == &format!("{m}.weight") || name == &format!("{m}.bias")) {
                 if let Some(t) = up.unit.tensors.iter().find(|t| t.name() == full(name)) {
                     let v = w.get(name)?;
                     let rounded = Tensor::from_f32_as(t.meta.dtype, v.shape(), &v.iter().copied().collect::<Vec<_>>())?;
@@ -549,6 +552,7 @@ impl<'a> Calibrator<'a> {
         sg: &Subgraph,
         obs: &Observe,
         modified: &mut BTreeSet<String>,
+        stored: &dyn Fn(&str) -> Option<DType>,
     ) -> Result<InputMap> {
         let s = self.smoothing.as_ref().unwrap();
         let mut cfg = s.cfg;
@@ -563,7 +567,34 @@ impl<'a> Calibrator<'a> {
                 let bias_name = format!("{norm}.bias");
                 let mut b = if w.has(&bias_name) { Some(w.vector(&bias_name)?) } else { None };
                 let mut refs: Vec<&mut crate::model::nn::Linear> = linears.iter_mut().collect();
-                let rep = smooth_norm_linears(&mut g, &mut b, &mut refs, stats, &cfg)?;
+                let mut rep = smooth_norm_linears(&mut g, &mut b, &mut refs, stats, &cfg)?;
+                // The norm is written in its stored dtype (bf16, fp16), the linears are quantized
+                // from f32: fold what will be stored, so the float model stays exact.
+                if let Some(dtype) = stored(&format!("{norm}.weight")).filter(|d| *d != DType::F32) {
+                    let round = |v: &Array1<f32>| -> Result<Array1<f32>> {
+                        let flat: Vec<f32> = v.to_vec();
+                        Ok(Array1::from_vec(Tensor::from_f32_as(dtype, &[flat.len()], &flat)?.to_f32()?))
+                    };
+                    let g_stored = round(&g)?;
+                    let fix: Vec<f32> =
+                        g.iter().zip(&g_stored).map(|(&a, &r)| if r != 0.0 { a / r } else { 1.0 }).collect();
+                    for l in refs.iter_mut() {
+                        let before = l.weight.clone();
+                        for (mut col, &f) in l.weight.columns_mut().into_iter().zip(&fix) {
+                            col *= f;
+                        }
+                        // The bias's rounding moves every consumer's output by W·(b − b_stored).
+                        if let (Some(nb), Some(c)) = (&b, &mut l.bias) {
+                            let nb_stored = round(nb)?;
+                            *c += &(before.dot(nb) - l.weight.dot(&nb_stored));
+                        }
+                    }
+                    if let Some(nb) = &mut b {
+                        *nb = round(nb)?;
+                    }
+                    rep.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
+                    g = g_stored;
+                }
                 w.set(&format!("{norm}.weight"), g.into_dyn());
                 modified.insert(format!("{norm}.weight"));
                 if let Some(b) = b {

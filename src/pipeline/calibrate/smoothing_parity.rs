@@ -136,7 +136,9 @@ impl Fixture {
             scale_spread: 1.0,
         };
         for sg in &subgraphs {
-            let (shift, scales) = cal.apply_smoothing(&mut w, sg, &obs, &mut modified).unwrap();
+            let (shift, scales) = cal
+                .apply_smoothing(&mut w, sg, &obs, &mut modified, &|n| self.ckpt.entry(&full(n)).map(|(_, e)| e.dtype))
+                .unwrap();
             folded.kinds.insert(match sg.kind {
                 Kind::NormLinear { .. } => "norm-linear",
                 Kind::Ov { .. } => "ov",
@@ -157,9 +159,11 @@ impl Fixture {
 
         // As the calibrator goes on: the changed tensors that are not the weight of a quantized
         // linear (norms, the router, biases) rounded to the checkpoint's dtype (bf16).
+        // (A quantized linear's bias is written in f32, as the calibrator does.)
         let quantized = |name: &str| {
-            let linear = w.get(name).is_ok_and(|v| v.ndim() == 2);
-            linear && name.strip_suffix(".weight").is_some_and(|m| recipe.linear_spec(&full(m)).is_some())
+            let module = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias"));
+            let linear = module.is_some_and(|m| w.get(&format!("{m}.weight")).is_ok_and(|v| v.ndim() == 2));
+            linear && module.is_some_and(|m| recipe.linear_spec(&full(m)).is_some())
         };
         let stored: Vec<String> = modified.iter().filter(|n| !quantized(n)).cloned().collect();
         for name in stored {
@@ -205,9 +209,11 @@ fn folded_smoothing_leaves_every_fixture_layer_unchanged() {
                 // The planted outlier channels make the scales anything but uniform.
                 assert!(folded.scale_spread > 4.0, "{what}: scales spread only {}", folded.scale_spread);
                 assert!(folded.f32_err <= 1e-4, "{what}: the smoothed layer's output moved by {}", folded.f32_err);
-                // Storing the smoothed norms in bf16 costs about 1e-3..1e-2 here (each channel's
-                // weight moves by up to 2^-9); a bound, not the goal.
-                assert!(folded.stored_err <= 2e-2, "{what}: stored in bf16 it moved by {}", folded.stored_err);
+                // The calibrator folds what the norms store (bf16), so dense layers stay exact; an
+                // MoE router is float and stored in bf16 after smoothing, which moves the routing
+                // weights a little (measured ≤ 8e-4).
+                let bound = if f.model.text.moe.is_some() { 2e-3 } else { 1e-4 };
+                assert!(folded.stored_err <= bound, "{what}: stored in bf16 it moved by {}", folded.stored_err);
                 report.push(format!("{what}: f32 {:.1e}, bf16-stored {:.1e}", folded.f32_err, folded.stored_err));
             }
         }
