@@ -188,7 +188,7 @@ fn broken_scales_break_the_logits_bound() {
     let written = read_st(&file);
     for (name, factor) in [
         ("model.layers.1.mlp.up_proj.deq_scale", 2.0f32),
-        ("model.layers.0.mlp.gate_proj.input_offset", -1.0),
+        ("model.layers.0.mlp.gate_proj.input_scale", 2.0),
         ("model.layers.0.mlp.down_proj.weight_scale", 1.25),
     ] {
         let mut tensors = written.clone();
