@@ -19,6 +19,9 @@
 //!    (≥ 0.7× copy throughput; peak RSS ≤ 2× the largest unit + 300 MB).
 //! 4. Deletes everything it wrote unless `--keep`.
 
+mod common;
+
+use common::{median, run_measured, splitmix64, MB};
 use lamina::io::shards::{drop_cache, ShardLayout};
 use lamina::model::{layout, Model};
 use lamina::pipeline::{prepare, QuantArgs};
@@ -29,7 +32,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const MB: f64 = 1e6;
 const GIB: f64 = (1u64 << 30) as f64;
 
 struct Args {
@@ -115,7 +117,7 @@ fn main() {
         rss.push(peak as f64);
     }
 
-    let (c, q, peak) = (median(&mut copies), median(&mut quants), median(&mut rss));
+    let (c, q, peak) = (median(copies), median(quants), median(rss));
     let (copy_tp, quant_tp) = (bytes_in as f64 / c, bytes_in as f64 / q);
     let bound = 2.0 * largest_input as f64 + 300.0 * MB;
     println!("--- medians of {} run(s), {} ---", args.runs, args.quant_type);
@@ -147,16 +149,6 @@ fn verdict(ok: bool) -> &'static str {
         "met"
     } else {
         "MISSED"
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -205,12 +197,7 @@ fn write_random_bf16(out: &mut impl Write, n: usize, seed: u64) {
         buf[..len * 2].par_chunks_mut(PIECE * 2).enumerate().for_each(|(p, chunk)| {
             let mut s = seed ^ ((b as u64) << 32) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
             for pair in chunk.chunks_exact_mut(2) {
-                // splitmix64
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
+                let z = splitmix64(&mut s);
                 let sign = (z as u16 & 1) << 15;
                 let exp = 120 + ((z >> 1) as u16 & 3);
                 let mant = (z >> 8) as u16 & 0x7F;
@@ -263,26 +250,18 @@ fn plain_copy(files: &[PathBuf], dir: &Path) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// Runs `lamina quant` as a child; returns its wall time and peak RSS in bytes (`ru_maxrss` from `wait4`).
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child::wait cannot replace (no rusage)
+/// Runs `lamina quant` as a child; returns its wall time and peak RSS in bytes.
 fn run_quant(lamina: &Path, model: &Path, save: &Path, quant_type: &str, log: &Path) -> (f64, u64) {
-    let t = Instant::now();
-    let child = std::process::Command::new(lamina)
-        .args(["quant", "--quant_type", quant_type, "--model_path"])
-        .arg(model)
-        .arg("--save_path")
-        .arg(save)
-        .stderr(File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; `status` and `usage` are valid out-parameters.
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let secs = t.elapsed().as_secs_f64();
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        panic!("lamina quant failed (status {status}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    let r = run_measured(
+        std::process::Command::new(lamina)
+            .args(["quant", "--quant_type", quant_type, "--model_path"])
+            .arg(model)
+            .arg("--save_path")
+            .arg(save)
+            .stderr(File::create(log).unwrap()),
+    );
+    if !r.ok {
+        panic!("lamina quant failed (status {}):\n{}", r.status, std::fs::read_to_string(log).unwrap_or_default());
     }
-    (secs, usage.ru_maxrss as u64 * 1024)
+    (r.wall, r.peak_rss)
 }

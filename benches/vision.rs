@@ -20,6 +20,9 @@
 //!    share the cores): images per second, seconds per block and per unit load, GFLOP/s, the profile,
 //!    and peak RSS against the largest unit's bytes. Deletes the checkpoint unless `--keep`.
 
+mod common;
+
+use common::{median, random_bf16, run_measured, MB};
 use lamina::device::{Cpu, Device};
 use lamina::io::checkpoint::Checkpoint;
 use lamina::io::shards::{drop_cache, ShardLayout};
@@ -31,13 +34,10 @@ use lamina::model::weights::Weights;
 use lamina::model::{build_units, Model, Unit};
 use lamina::tensor::{DType, TensorMeta};
 use ndarray::{Array2, ArrayD, ArrayView2};
-use rayon::prelude::*;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-const MB: f64 = 1e6;
 
 /// The Qwen3-VL image processor's pixel bounds (`size.shortest_edge`, `size.longest_edge` of its
 /// `preprocessor_config.json`).
@@ -112,7 +112,8 @@ fn main() {
         .arg(&args.dir)
         .args(["--image", &format!("{}x{}", args.image.0, args.image.1)])
         .args(["--images", &args.images.to_string(), "--runs", &args.runs.to_string()]);
-    let (ok, peak) = run_child(child);
+    let run = run_measured(&mut child);
+    let (ok, peak) = (run.ok, run.peak_rss);
     if ok {
         let largest = largest_unit(&model_dir);
         let bound = 2.0 * largest.1 as f64 + 300.0 * MB;
@@ -133,18 +134,6 @@ fn main() {
         std::fs::remove_dir_all(&args.dir).unwrap();
     }
     assert!(ok, "the measuring child failed");
-}
-
-/// Runs the measuring child; returns whether it succeeded and its peak RSS in bytes (`ru_maxrss`).
-#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
-fn run_child(mut cmd: std::process::Command) -> (bool, u64) {
-    let child = cmd.spawn().unwrap();
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; `status` and `usage` are valid out-parameters.
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
-    (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, usage.ru_maxrss as u64 * 1024)
 }
 
 /// The vision tensors of `config`'s release layout as one `model.safetensors`; returns its data bytes.
@@ -180,25 +169,6 @@ fn write_vision_checkpoint(config_path: &Path, dir: &Path) -> u64 {
     file.sync_all().unwrap();
     drop_cache(&file);
     metas.iter().map(|m| m.nbytes()).sum()
-}
-
-/// `n` bf16 values uniform in `centre ± spread`, generated in parallel (splitmix64).
-fn random_bf16(n: usize, seed: u64, centre: f32, spread: f32) -> Vec<u8> {
-    let mut buf = vec![0u8; 2 * n];
-    buf.par_chunks_mut(1 << 17).enumerate().for_each(|(p, chunk)| {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        for pair in chunk.chunks_exact_mut(2) {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            let v = half::bf16::from_f32(centre + spread * (2.0 * u - 1.0));
-            pair.copy_from_slice(&v.to_le_bytes());
-        }
-    });
-    buf
 }
 
 /// The vision unit with the most stored bytes.
@@ -502,15 +472,5 @@ fn profile_block(tower: &VisionTower, w: &Weights, pre: &Weights, input: &Vision
     println!("profile       : block 0 piece by piece, wall / CPU ({:.3} / {:.3} s in all)", sum.wall, sum.cpu);
     for (what, t) in &rows {
         println!("  {what:<44} {:>7.3} / {:>7.3} s {:>5.1}% of CPU", t.wall, t.cpu, 100.0 * t.cpu / sum.cpu);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }

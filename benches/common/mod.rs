@@ -1,0 +1,79 @@
+//! Helpers shared by the benchmarks (`mod common;` in each): medians, random bf16 weights, and a child
+//! process run with its wall time, CPU time and peak RSS.
+#![allow(dead_code)] // each benchmark uses a part
+
+use rayon::prelude::*;
+use std::process::Command;
+use std::time::Instant;
+
+pub const MB: f64 = 1e6;
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `n` bf16 values uniform in `centre ± spread`, generated in parallel (splitmix64).
+pub fn random_bf16(n: usize, seed: u64, centre: f32, spread: f32) -> Vec<u8> {
+    let mut buf = vec![0u8; 2 * n];
+    buf.par_chunks_mut(1 << 17).enumerate().for_each(|(p, chunk)| {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for pair in chunk.chunks_exact_mut(2) {
+            let u = (splitmix64(&mut s) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            let v = half::bf16::from_f32(centre + spread * (2.0 * u - 1.0));
+            pair.copy_from_slice(&v.to_le_bytes());
+        }
+    });
+    buf
+}
+
+/// The next value of a splitmix64 stream whose state is `s`.
+pub fn splitmix64(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What a child process did.
+#[derive(Debug, Clone, Copy)]
+pub struct ChildRun {
+    /// Exited with status 0.
+    pub ok: bool,
+    /// The raw `wait4` status, for messages.
+    pub status: i32,
+    /// Wall seconds from spawn to exit.
+    pub wall: f64,
+    /// User + system CPU seconds of the child (all its threads).
+    pub cpu: f64,
+    /// Its peak resident set size in bytes (`ru_maxrss`, the kernel's VmHWM of the child).
+    pub peak_rss: u64,
+}
+
+/// Runs `cmd` to completion and measures it. `wait4` reaps the child and gives its rusage, which
+/// std's `Child::wait` cannot.
+#[allow(clippy::zombie_processes)] // reaped by wait4
+pub fn run_measured(cmd: &mut Command) -> ChildRun {
+    let started = Instant::now();
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(pid, child.id() as libc::pid_t, "wait4 failed");
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    ChildRun {
+        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        status,
+        wall,
+        cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+        peak_rss: usage.ru_maxrss as u64 * 1024,
+    }
+}
