@@ -26,10 +26,7 @@
 
 mod common;
 
-use common::{median, random_bf16, run_measured, splitmix64, ChildRun, MB};
-use lamina::io::shards::ShardLayout;
-use lamina::model::{layout, Model};
-use lamina::tensor::{DType, TensorMeta};
+use common::{median, run_measured, splitmix64, ChildRun, MB};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -92,7 +89,7 @@ fn main() {
         None => {
             let dir = s.dir.join("model");
             let config = repo().join("tests/fixtures/configs/smollm2-135m/config.json");
-            write_synthetic_checkpoint(&config, &dir);
+            common::write_synthetic_checkpoint(&config, &dir, &|_, _| true);
             (dir, true)
         }
     };
@@ -234,29 +231,6 @@ fn weight_bytes(dir: &Path) -> u64 {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
         .map(|e| e.metadata().unwrap().len())
         .sum()
-}
-
-/// A one-file checkpoint of `config`'s release layout with random bf16 weights of trained-model magnitudes
-/// (linears and embeddings ±0.035, i.e. standard deviation 0.02; norm scales near 1).
-fn write_synthetic_checkpoint(config_path: &Path, dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
-    let model = Model::new(&config, None, &[]).unwrap();
-    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
-        .unwrap()
-        .into_iter()
-        .map(|(n, shape)| TensorMeta::new(n, DType::BF16, &shape))
-        .collect();
-    let shards = ShardLayout::plan(&metas, None, &|_, _| "model.safetensors".into()).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let f = &shards.files[0];
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(dir.join(&f.name)).unwrap());
-    out.write_all(&f.header).unwrap();
-    for (i, t) in f.tensors.iter().enumerate() {
-        let (centre, spread) = if t.name.contains("norm") { (1.0, 0.1) } else { (0.0, 0.035) };
-        out.write_all(&random_bf16(t.numel(), i as u64 + 1, centre, spread)).unwrap();
-    }
-    out.into_inner().unwrap().sync_all().unwrap();
 }
 
 /// `samples` lines of `{"input_ids": [...]}`, `seq_len` ids each, uniform over the vocabulary.

@@ -22,20 +22,17 @@
 
 mod common;
 
-use common::{median, random_bf16, run_measured, MB};
+use common::{median, run_measured, MB};
 use lamina::device::{Cpu, Device};
 use lamina::io::checkpoint::Checkpoint;
-use lamina::io::shards::{drop_cache, ShardLayout};
-use lamina::model::layout::{self, UnitKind};
+use lamina::model::layout::UnitKind;
 use lamina::model::nn::{Linear, LinearHook};
 use lamina::model::vision::ops;
 use lamina::model::vision::{load_unit, VisionInput, VisionState, VisionTower};
 use lamina::model::weights::Weights;
 use lamina::model::{build_units, Model, Unit};
-use lamina::tensor::{DType, TensorMeta};
+use lamina::tensor::TensorMeta;
 use ndarray::{Array2, ArrayD, ArrayView2};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -138,37 +135,9 @@ fn main() {
 
 /// The vision tensors of `config`'s release layout as one `model.safetensors`; returns its data bytes.
 fn write_vision_checkpoint(config_path: &Path, dir: &Path) -> u64 {
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
-    let model = Model::new(&config, None, &[]).unwrap();
-    let vision = |name: &str| {
+    common::write_synthetic_checkpoint(config_path, dir, &|model, name| {
         matches!(model.layout.classify(name), UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost)
-    };
-    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
-        .unwrap()
-        .into_iter()
-        .filter(|(n, _)| vision(n))
-        .map(|(n, s)| TensorMeta::new(n, DType::BF16, &s))
-        .collect();
-    assert!(!metas.is_empty(), "{} has no vision tower", config_path.display());
-    let shards = ShardLayout::plan(&metas, None, &|_, _| "model.safetensors".into()).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let f = &shards.files[0];
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(dir.join(&f.name)).unwrap());
-    out.write_all(&f.header).unwrap();
-    for (i, t) in f.tensors.iter().enumerate() {
-        let (centre, spread) = if t.name.contains("norm") && t.name.ends_with(".weight") {
-            (1.0, 0.1)
-        } else if t.name.ends_with(".bias") {
-            (0.0, 0.02)
-        } else {
-            (0.0, 0.035) // uniform with the standard deviation 0.02 of the config's initializer_range
-        };
-        out.write_all(&random_bf16(t.numel(), i as u64 + 1, centre, spread)).unwrap();
-    }
-    let file = out.into_inner().unwrap();
-    file.sync_all().unwrap();
-    drop_cache(&file);
-    metas.iter().map(|m| m.nbytes()).sum()
+    })
 }
 
 /// The vision unit with the most stored bytes.

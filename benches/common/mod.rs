@@ -1,8 +1,10 @@
-//! Helpers shared by the benchmarks (`mod common;` in each): medians, random bf16 weights, and a child
+//! Helpers shared by the benchmarks (`mod common;` in each): medians, random bf16 weights, synthetic checkpoints, and a child
 //! process run with its wall time, CPU time and peak RSS.
 #![allow(dead_code)] // each benchmark uses a part
 
+use lamina::model::Model;
 use rayon::prelude::*;
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -76,4 +78,44 @@ pub fn run_measured(cmd: &mut Command) -> ChildRun {
         cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
         peak_rss: usage.ru_maxrss as u64 * 1024,
     }
+}
+
+/// A one-file checkpoint (`model.safetensors` + `config.json`) of the tensors of `config`'s release
+/// layout that `keep` accepts, random bf16 of trained-model magnitudes: norm scales near 1, biases
+/// ±0.02, linears and embeddings ±0.035 (uniform with standard deviation 0.02, the configs'
+/// initializer_range). Returns the data bytes; the written file's pages are dropped from the cache.
+pub fn write_synthetic_checkpoint(config_path: &Path, dir: &Path, keep: &dyn Fn(&Model, &str) -> bool) -> u64 {
+    use lamina::io::shards::{drop_cache, ShardLayout};
+    use lamina::model::layout;
+    use lamina::tensor::{DType, TensorMeta};
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
+    let model = Model::new(&config, None, &[]).unwrap();
+    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| keep(&model, n))
+        .map(|(n, shape)| TensorMeta::new(n, DType::BF16, &shape))
+        .collect();
+    assert!(!metas.is_empty(), "{}: no tensor to write", config_path.display());
+    let shards = ShardLayout::plan(&metas, None, &|_, _| "model.safetensors".into()).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let f = &shards.files[0];
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(dir.join(&f.name)).unwrap());
+    out.write_all(&f.header).unwrap();
+    for (i, t) in f.tensors.iter().enumerate() {
+        let (centre, spread) = if t.name.contains("norm") && t.name.ends_with(".weight") {
+            (1.0, 0.1)
+        } else if t.name.ends_with(".bias") {
+            (0.0, 0.02)
+        } else {
+            (0.0, 0.035)
+        };
+        out.write_all(&random_bf16(t.numel(), i as u64 + 1, centre, spread)).unwrap();
+    }
+    let file = out.into_inner().unwrap();
+    file.sync_all().unwrap();
+    drop_cache(&file);
+    metas.iter().map(|m| m.nbytes()).sum()
 }
