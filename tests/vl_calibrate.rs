@@ -237,3 +237,16 @@ fn a_broken_calibration_image_is_named() {
     quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]).assert_fails_with(&["broken.png"]);
     assert_no_complete_output(&save);
 }
+
+#[test]
+fn text_only_calibration_of_a_calibrated_vision_tower_is_refused() {
+    let tmp = TempDir::new("vl-text-only");
+    let model = fixture("qwen2_vl");
+    let data = tmp.join("ids.jsonl");
+    std::fs::write(&data, json!({"input_ids": (1..200).collect::<Vec<i64>>()}).to_string()).unwrap();
+    let save = tmp.join("out");
+    let args = ["--calib_data", data.to_str().unwrap(), "--calib_samples", "2", "--calib_seq_len", "16"];
+    quant(&model, &save, "w8a8", &args, &[])
+        .assert_fails_with(&["visual.blocks.0", "no calibration sample has an image"]);
+    assert_no_complete_output(&save);
+}

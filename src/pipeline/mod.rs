@@ -179,27 +179,25 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
             UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost => vision_working,
             _ => continue,
         };
-        {
-            let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
-            // One Hessian (and its factor) per distinct input: q/k/v share one, gate/up another.
-            let hessians: u64 = u
-                .jobs
-                .iter()
-                .filter_map(|j| match j {
-                    plan::Job::Quantize { module, weight, spec, .. }
-                        if spec.weight_method == crate::quant::spec::WeightMethod::Gptq =>
-                    {
-                        Some((calibrate::smoothing::input_group(module), weight.meta.shape[1] as u64))
-                    }
-                    _ => None,
-                })
-                .collect::<std::collections::BTreeMap<String, u64>>()
-                .values()
-                .map(|c| c * c * 4 * 2)
-                .sum();
-            u.peak_job = u.peak_job.max(4 * widened + hessians + working);
-            peak = peak.max(u.peak_job);
-        }
+        let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
+        // One Hessian (and its factor) per distinct input: q/k/v share one, gate/up another.
+        let hessians: u64 = u
+            .jobs
+            .iter()
+            .filter_map(|j| match j {
+                plan::Job::Quantize { module, weight, spec, .. }
+                    if spec.weight_method == crate::quant::spec::WeightMethod::Gptq =>
+                {
+                    Some((calibrate::smoothing::input_group(module), weight.meta.shape[1] as u64))
+                }
+                _ => None,
+            })
+            .collect::<std::collections::BTreeMap<String, u64>>()
+            .values()
+            .map(|c| c * c * 4 * 2)
+            .sum();
+        u.peak_job = u.peak_job.max(4 * widened + hessians + working);
+        peak = peak.max(u.peak_job);
     }
     // Inputs and outputs of a unit: two snapshots.
     let room = budget.saturating_sub(plan::BASE_BYTES + peak);

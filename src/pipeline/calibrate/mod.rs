@@ -258,9 +258,13 @@ impl<'a> Calibrator<'a> {
     fn vision_unit(&mut self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
         let Some(tower) = self.tower.clone() else {
             // No sample has an image: the tower sees no data, and only data-free schemes can go.
-            return self.data_free(up, emit).with_context(|| {
-                format!("{}: no calibration sample has an image; give --calib_data with images", up.unit.name)
-            });
+            if let Some(module) = needs_data(up) {
+                bail!(
+                    "{module}: the recipe calibrates the vision tower but no calibration sample has an image; \
+                     give --calib_data a folder of images or a listing with \"image\" entries"
+                );
+            }
+            return self.data_free(up, emit);
         };
         let kind = up.unit.kind;
         let mut w = vision::load_unit(self.ckpt, &self.model.layout, &up.unit)?;
@@ -309,15 +313,10 @@ impl<'a> Calibrator<'a> {
     }
 
     fn data_free(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+        if let Some(module) = needs_data(up) {
+            bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
+        }
         for job in &up.jobs {
-            if let Job::Quantize { module, spec, .. } = job {
-                if spec.needs_calibration() {
-                    bail!(
-                        "{module}: calibrating {} is not supported (keep it float or use a data-free scheme)",
-                        up.unit.name
-                    );
-                }
-            }
             emit(run_job(self.ckpt, self.exporter, job)?)?;
         }
         Ok(())
@@ -621,6 +620,14 @@ impl<'a> Calibrator<'a> {
         }
         Ok((report.shift, report.scales))
     }
+}
+
+/// The first linear of the unit whose scheme needs calibration data.
+fn needs_data(up: &UnitPlan) -> Option<&str> {
+    up.jobs.iter().find_map(|j| match j {
+        Job::Quantize { module, spec, .. } if spec.needs_calibration() => Some(module.as_str()),
+        _ => None,
+    })
 }
 
 /// The linears of `w` that have a bias.
