@@ -8,6 +8,15 @@
 //! - `W8A8` (static): `X.weight`, `X.quant_bias` int32, `X.input_scale`, `X.input_offset` f32 `[1]`,
 //!   `X.deq_scale` (f32 for bf16 models, else the f32 bits in int64) (`on_w8a8_static`).
 //! - `W4A8_DYNAMIC`: see [`w4a8`]. `W4A16`: see [`w4a16`].
+//! - `W8A8S` (msModelSlim's sparse quantization): the tensors of static `W8A8`, typed `W8A8S`; the
+//!   int8 weights sit mostly within ±7 (a 4-bit scale) with the outliers beyond. msModelSlim writes
+//!   them so (`complex_quantifier.py`, W8A8S yields the W8A8 tensors); vLLM-Ascend reads them on
+//!   310P (`_310p/quantization/methods/w8a8s.py`, the W8A8 parameters). The compressed form W8A8SC
+//!   is not written: see the README.
+//! - `W4A4_DYNAMIC`: `X.weight` int8 `[out, in]` holding int4 values, `X.weight_scale` and
+//!   `X.weight_offset` (zeros) f32 `[out, 1]` (msModelSlim v1's `on_w4a4_dynamic_per_channel`);
+//!   vLLM-Ascend's `AscendW4A4LaosDynamicLinearMethod` packs the int8 values to int4 itself
+//!   (`npu_convert_weight_to_int4pack`) and quantizes activations per token to int4.
 //! - A bias is written as `X.bias` f32, type `FLOAT`.
 //!
 //! Global keys: `model_quant_type` (see [`PRIORITY`]), `version` "1.0.0", `group_size` (the group length of
@@ -30,7 +39,9 @@ pub const WEIGHTS: &str = "quant_model_weights";
 /// `W4A8_DYNAMIC` is left out as msModelSlim leaves it out ("hidden": a W4A8 MoE model is described by the
 /// type of its other linears, which MindIE requires). `W4A16`, which the v1 saver never writes, ranks where
 /// the older saver put it: above the 8-bit types. A model with no quantized linear is `FLOAT`.
-pub const PRIORITY: [&str; 6] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W4A16", "W4A4_DYNAMIC"];
+/// `W8A8S`, absent from the v1 saver's list (its v0 saver describes sparse models as `W8A8S`), ranks
+/// above `W8A8`: its weights carry fewer bits.
+pub const PRIORITY: [&str; 7] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W8A8S", "W4A16", "W4A4_DYNAMIC"];
 
 pub struct AscendExporter {
     /// `deq_scale` is stored as f32 for bf16 models and as the f32 bit pattern in int64 otherwise.
@@ -42,7 +53,8 @@ pub struct AscendExporter {
 enum Scheme {
     /// W8A8 with a calibrated per-tensor activation range.
     Static,
-    /// W8A16 and W8A8_DYNAMIC: int8 weights and scales, nothing else.
+    /// W8A16, W8A8_DYNAMIC and W4A4_DYNAMIC: int8 weights (int4 values for W4A4) and scales,
+    /// nothing else.
     Int8,
     W4A8,
     W4A16,
@@ -52,6 +64,7 @@ impl Scheme {
     fn of(spec: &QuantSpec) -> Scheme {
         match (spec.weight_bits, spec.act) {
             (_, ActQuant::PerTensorStatic { .. }) => Scheme::Static,
+            (4, ActQuant::PerToken) if spec.act_bits == 4 => Scheme::Int8,
             (4, ActQuant::PerToken) => Scheme::W4A8,
             (4, _) => Scheme::W4A16,
             _ => Scheme::Int8,
@@ -99,7 +112,7 @@ impl Exporter for AscendExporter {
                 m("weight_offset", DType::F32, &[rows, groups], kind),
             ],
             Scheme::W4A8 => w4a8::layout(module, rows, cols),
-            Scheme::W4A16 => w4a16::layout(module, rows, cols, groups),
+            Scheme::W4A16 => w4a16::layout(module, rows, cols, groups, !spec.weight_symmetric),
         };
         if has_bias {
             out.push(m("bias", DType::F32, &[rows], FLOAT));
@@ -141,7 +154,11 @@ impl Exporter for AscendExporter {
             Scheme::Int8 => vec![
                 t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind),
                 t("weight_scale", Tensor::from_f32(&[rows, groups], &w.scale), kind),
-                t("weight_offset", Tensor::from_f32(&[rows, groups], &vec![0.0; rows * groups]), kind),
+                t(
+                    "weight_offset",
+                    Tensor::from_f32(&[rows, groups], w.offset.as_deref().unwrap_or(&vec![0.0; rows * groups])),
+                    kind,
+                ),
             ],
             Scheme::W4A8 => w4a8::tensors(module, w),
             Scheme::W4A16 => w4a16::tensors(module, w),
@@ -207,8 +224,22 @@ mod tests {
     use super::*;
     use crate::quant::{rtn, QuantSpec};
 
+    /// Asymmetric W4A16, W8A8S, W4A4_DYNAMIC.
+    const NEW_SCHEMES: [&str; 3] = [
+        "weight: {scope: per_group, dtype: int4, symmetric: false, ext: {group_size: 128}}",
+        "act: {scope: per_tensor, dtype: int8}\nweight: {scope: per_channel, dtype: int4, method: lowbit}",
+        "act: {scope: per_token, dtype: int4}\nweight: {scope: per_channel, dtype: int4}",
+    ];
+
+    fn spec_of(y: &str) -> QuantSpec {
+        QuantSpec::from_qconfig(&serde_yaml::from_str(y).unwrap()).unwrap()
+    }
+
     fn linear(spec: &str, rows: usize, cols: usize, bias: bool) -> QuantizedLinear {
-        let spec = QuantSpec::preset(spec).unwrap();
+        linear_of(QuantSpec::preset(spec).unwrap(), rows, cols, bias)
+    }
+
+    fn linear_of(spec: QuantSpec, rows: usize, cols: usize, bias: bool) -> QuantizedLinear {
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
         QuantizedLinear {
             spec,
@@ -223,9 +254,15 @@ mod tests {
     fn layout_and_tensors_agree_for_every_scheme() {
         for bf16 in [true, false] {
             let ex = AscendExporter { model_is_bf16: bf16 };
-            for scheme in ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"] {
+            let specs: Vec<QuantSpec> = ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"]
+                .iter()
+                .map(|p| QuantSpec::preset(p).unwrap())
+                .chain(NEW_SCHEMES.iter().map(|y| spec_of(y)))
+                .collect();
+            for spec in specs {
+                let scheme = spec.ascend_type();
                 for (bias, module) in [(false, "l.q_proj"), (true, "l.q_proj"), (false, "l.down_proj")] {
-                    let ql = linear(scheme, 8, 256, bias);
+                    let ql = linear_of(spec, 8, 256, bias);
                     ex.check_linear(module, &ql.spec, 8, 256).unwrap();
                     let planned = ex.linear_layout(module, &ql.spec, 8, 256, bias);
                     let made: Vec<_> = ex.linear_tensors(module, &ql).iter().map(|t| t.out_meta()).collect();

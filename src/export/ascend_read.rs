@@ -122,7 +122,7 @@ impl AscendModel {
             }
         };
         match kind {
-            "W8A8" => {
+            "W8A8" | "W8A8S" => {
                 let (shape, q) = self.ints(&t("weight"))?;
                 let (rows, cols) = (shape[0], shape[1]);
                 let input =
@@ -149,7 +149,7 @@ impl AscendModel {
                 }
                 Ok(DequantizedLinear { linear: Linear { weight, bias: Some(effective) }, act: ActSim::Static(input) })
             }
-            "W8A8_DYNAMIC" | "W8A16" => {
+            "W8A8_DYNAMIC" | "W8A16" | "W4A4_DYNAMIC" => {
                 let (shape, q) = self.ints(&t("weight"))?;
                 let (rows, cols) = (shape[0], shape[1]);
                 let (sshape, scale) = self.f32s(&t("weight_scale"))?;
@@ -159,7 +159,11 @@ impl AscendModel {
                 let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {
                     (q[r * cols + c] as f32 - offset[r * groups + c / g]) * scale[r * groups + c / g]
                 });
-                let act = if kind == "W8A16" { ActSim::None } else { ActSim::PerToken };
+                let act = match kind {
+                    "W8A16" => ActSim::None,
+                    "W4A4_DYNAMIC" => ActSim::PerToken { bits: 4 },
+                    _ => ActSim::PerToken { bits: 8 },
+                };
                 Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act })
             }
             "W4A8_DYNAMIC" => {
@@ -174,7 +178,7 @@ impl AscendModel {
                 let weight = Array2::from_shape_fn((2 * half, cols), |(r, c)| {
                     nibble(packed[(r / 2) * cols + c] & 0xFF, r % 2 == 1) * scale[r]
                 });
-                Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act: ActSim::PerToken })
+                Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act: ActSim::PerToken { bits: 8 } })
             }
             "W4A16" => {
                 // [out, in/8] int32 words: element c is q + 8 in bits 4·(c % 8) of word c / 8.
@@ -183,10 +187,15 @@ impl AscendModel {
                 let (sshape, scale) = self.f32s(&t("weight_scale"))?;
                 let groups = sshape[1];
                 let g = if self.group_size > 0 { self.group_size } else { cols.div_ceil(groups) };
+                // Asymmetric weights carry their zero points: w = (q - offset) * scale.
+                let offset = match self.where_.contains_key(&t("weight_offset")) {
+                    true => self.f32s(&t("weight_offset"))?.1,
+                    false => vec![0.0; rows * groups],
+                };
                 let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {
                     let word = words[r * (cols / 8) + c / 8] as u32;
                     let q = ((word >> (4 * (c % 8))) & 0xF) as f32 - 8.0;
-                    q * scale[r * groups + c / g]
+                    (q - offset[r * groups + c / g]) * scale[r * groups + c / g]
                 });
                 Ok(DequantizedLinear { linear: Linear { weight, bias: bias()? }, act: ActSim::None })
             }

@@ -10,17 +10,24 @@
 //! - `U` = the upper Cholesky factor of `H⁻¹`; column `i`'s error `(w_i - q_i) / U_ii` is pushed
 //!   onto the following columns with row `i` of `U`, lazily: inside a block of 128 columns at
 //!   once, onto the rest of the matrix with one product per block;
-//! - scales are symmetric min-max: per output channel from the original weight, or per group
-//!   computed from the updated weights when the sweep reaches the group's first column (so error
-//!   pushed into a group is reflected in its scale). Blocks are aligned to groups (a multiple of
-//!   the group length, or one group when groups are longer than a block), so at that moment every
-//!   earlier column's error has reached the whole group, exactly as in the unblocked algorithm.
+//! - scales are min-max (symmetric, or asymmetric with a zero point, [`rtn::asymmetric_grid`]):
+//!   per output channel from the original weight, or per group computed from the updated weights
+//!   when the sweep reaches the group's first column (so error pushed into a group is reflected in
+//!   its scale). Blocks are aligned to groups (a multiple of the group length, or one group when
+//!   groups are longer than a block), so at that moment every earlier column's error has reached
+//!   the whole group, exactly as in the unblocked algorithm;
+//! - act-order (`desc_act`): the columns are swept in decreasing order of `H_jj`, so the inputs
+//!   with the most energy are rounded first and the rest absorb their error. The group scales are
+//!   then fixed before the sweep from the original weight's contiguous groups (AutoGPTQ's
+//!   `static_groups`, llm-compressor's `actorder: weight`): the output keeps the ordinary per-group
+//!   layout, with no group index (`g_idx`) for a loader to honour;
+//! - W8A8S rows use their lowbit scale ([`rtn::lowbit_scale`]), fixed before the sweep.
 //!
 //! `U` is computed without forming `H⁻¹`: with `J` the index reversal, if `J H J = L Lᵀ` then
 //! `H = R Rᵀ` with `R = J L J` upper triangular, and `H⁻¹ = R⁻ᵀ R⁻¹`, so `U = R⁻¹ = J L⁻¹ J`
 //! (one Cholesky factorisation and one triangular inverse).
 
-use super::rtn::{self, quantize_value, symmetric_scale, QuantizedWeight};
+use super::rtn::{self, symmetric_scale, QuantizedWeight};
 use super::spec::QuantSpec;
 use crate::device::Device;
 use anyhow::{bail, ensure, Result};
@@ -66,13 +73,23 @@ pub struct HessianFactor {
     n: usize,
     dead: Vec<bool>,
     damp_percent: f32,
-    /// Row-major `n × n`; `None` when even the most damped factorisation failed.
+    /// The sweep order: step `i` rounds input column `order[i]` (activation order), or `None`
+    /// for the natural order.
+    order: Option<Vec<usize>>,
+    /// Row-major `n × n`, of the Hessian permuted into the sweep order; `None` when even the most
+    /// damped factorisation failed.
     u: Option<Vec<f32>>,
 }
 
 impl HessianFactor {
-    /// Factors `hessian [in, in]` (`observer::Hessian::matrix`).
+    /// Factors `hessian [in, in]` (`observer::Hessian::matrix`) for the natural column order.
     pub fn new(hessian: ArrayView2<f32>, cfg: &GptqConfig) -> Result<HessianFactor> {
+        HessianFactor::with_order(hessian, cfg, false)
+    }
+
+    /// Factors `hessian` for the sweep order GPTQ will use: decreasing `H_jj` when `act_order`
+    /// (ties keep their column order; dead columns come last), else the natural order.
+    pub fn with_order(hessian: ArrayView2<f32>, cfg: &GptqConfig, act_order: bool) -> Result<HessianFactor> {
         let n = hessian.nrows();
         ensure!(hessian.ncols() == n, "the Hessian is not square ({:?})", hessian.dim());
         ensure!(cfg.damp_percent > 0.0, "GPTQ damping must be positive (the Hessian is often singular)");
@@ -88,6 +105,21 @@ impl HessianFactor {
             }
         }
         let mean_diag = (0..n).map(|j| h[j * n + j] as f64).sum::<f64>() / n.max(1) as f64;
+        let order = act_order.then(|| {
+            let key = |j: usize| if dead[j] { f32::NEG_INFINITY } else { h[j * n + j] };
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            order
+        });
+        if let Some(p) = &order {
+            let mut permuted = vec![0f32; n * n];
+            for (i, &pi) in p.iter().enumerate() {
+                for (j, &pj) in p.iter().enumerate() {
+                    permuted[i * n + j] = h[pi * n + pj];
+                }
+            }
+            h = permuted;
+        }
         let mut damp_percent = cfg.damp_percent;
         for attempt in 0..4 {
             if attempt > 0 {
@@ -95,10 +127,15 @@ impl HessianFactor {
             }
             let damp = (damp_percent as f64 * mean_diag) as f32;
             if let Some(u) = inverse_upper_cholesky(&h, n, damp) {
-                return Ok(HessianFactor { n, dead, damp_percent, u: Some(u) });
+                return Ok(HessianFactor { n, dead, damp_percent, order, u: Some(u) });
             }
         }
-        Ok(HessianFactor { n, dead, damp_percent, u: None })
+        Ok(HessianFactor { n, dead, damp_percent, order, u: None })
+    }
+
+    /// Whether this factor sweeps in activation order.
+    pub fn act_order(&self) -> bool {
+        self.order.is_some()
     }
 
     pub fn channels(&self) -> usize {
@@ -106,9 +143,9 @@ impl HessianFactor {
     }
 }
 
-/// Quantizes `weight [out, in]` with GPTQ, given `hessian [in, in]` of its input. Symmetric
-/// int8 / int4, per output channel or per group as `spec` says; the result is the same
-/// [`QuantizedWeight`] the round-to-nearest path produces.
+/// Quantizes `weight [out, in]` with GPTQ, given `hessian [in, in]` of its input: int8 / int4,
+/// symmetric or asymmetric, per output channel or per group, in natural or activation order as
+/// `spec` says; the result is the same [`QuantizedWeight`] the round-to-nearest path produces.
 pub fn quantize(
     device: &dyn Device,
     weight: ArrayView2<f32>,
@@ -116,10 +153,10 @@ pub fn quantize(
     spec: &QuantSpec,
     cfg: &GptqConfig,
 ) -> Result<(QuantizedWeight, GptqReport)> {
-    quantize_with(device, weight, &HessianFactor::new(hessian, cfg)?, spec, cfg)
+    quantize_with(device, weight, &HessianFactor::with_order(hessian, cfg, spec.act_order)?, spec, cfg)
 }
 
-/// [`quantize`] with a factor already computed for this input.
+/// [`quantize`] with a factor already computed for this input (in the order `spec` asks for).
 pub fn quantize_with(
     device: &dyn Device,
     weight: ArrayView2<f32>,
@@ -129,38 +166,46 @@ pub fn quantize_with(
 ) -> Result<(QuantizedWeight, GptqReport)> {
     let (rows, cols) = weight.dim();
     ensure!(factor.n == cols, "the Hessian has {} channels, the weight {cols} input channels", factor.n);
-    ensure!(spec.weight_symmetric, "GPTQ here produces symmetric weights only");
+    ensure!(
+        factor.act_order() == spec.act_order,
+        "the Hessian was factored for {} order, the spec asks for the other",
+        if factor.act_order() { "activation" } else { "natural" }
+    );
     ensure!(cfg.block_size > 0, "GPTQ block size must be positive");
     if let Some(v) = weight.iter().find(|v| !v.is_finite()) {
         bail!("the weight holds a non-finite value ({v})");
     }
-    let qmax = spec.qmax();
+    let (qmin, qmax) = spec.q_range();
     let group = spec.group_len(cols);
     let groups = cols.div_ceil(group);
     let dead_columns = factor.dead.iter().filter(|&&d| d).count();
-    let mut w: Vec<f32> = weight.iter().copied().collect();
+    let original: Vec<f32> = weight.iter().copied().collect();
     let Some(u) = &factor.u else {
-        let q = rtn::quantize(&w, rows, cols, spec);
+        let q = rtn::quantize(&original, rows, cols, spec);
         let report =
             GptqReport { dead_columns, damp_percent: factor.damp_percent, fell_back_to_rtn: true, loss: f64::NAN };
         return Ok((q, report));
     };
 
-    let mut scale = vec![0f32; rows * groups];
-    if groups == 1 {
-        // Per channel: from the original weight, before dead columns are zeroed.
-        for (r, s) in scale.iter_mut().enumerate() {
-            *s = symmetric_scale(&w[r * cols..(r + 1) * cols], qmax);
-        }
-    }
-    for (j, _) in factor.dead.iter().enumerate().filter(|(_, &d)| d) {
-        for r in 0..rows {
-            w[r * cols + j] = 0.0;
+    // Grids fixed before the sweep (per channel, activation order, W8A8S), else found per group as
+    // the sweep reaches it.
+    let fixed = groups == 1 || spec.act_order || spec.lowbit.is_some();
+    let (mut scale, mut zero) = if fixed {
+        rtn::grids(&original, rows, cols, spec)
+    } else {
+        (vec![0f32; rows * groups], vec![0f32; rows * groups])
+    };
+    // The working copy, its columns in sweep order, dead columns zeroed.
+    let order: Vec<usize> = factor.order.clone().unwrap_or_else(|| (0..cols).collect());
+    let mut w = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for (i, &c) in order.iter().enumerate() {
+            w[r * cols + i] = if factor.dead[c] { 0.0 } else { original[r * cols + c] };
         }
     }
 
     let block = match groups {
-        1 => cfg.block_size,
+        _ if fixed => cfg.block_size,
         _ if group <= cfg.block_size => cfg.block_size / group * group,
         _ => group,
     };
@@ -176,18 +221,25 @@ pub fn quantize_with(
             .par_chunks_mut(cols)
             .zip(q.par_chunks_mut(cols))
             .zip(scale.par_chunks_mut(groups))
+            .zip(zero.par_chunks_mut(groups))
             .zip(err.par_chunks_mut(width))
-            .map(|(((wr, qr), sr), er)| {
+            .map(|((((wr, qr), sr), zr), er)| {
                 let mut row_loss = 0f64;
                 for i in i1..i2 {
-                    if groups > 1 && i % group == 0 {
-                        sr[i / group] = symmetric_scale(&wr[i..(i + group).min(cols)], qmax);
+                    let c = order[i];
+                    if !fixed && i % group == 0 {
+                        let g = &wr[i..(i + group).min(cols)];
+                        (sr[i / group], zr[i / group]) = if spec.weight_symmetric {
+                            (symmetric_scale(g, qmax), 0.0)
+                        } else {
+                            rtn::asymmetric_grid(g, qmin, qmax)
+                        };
                     }
-                    let s = sr[i / group];
-                    let qi = quantize_value(wr[i], s, qmax);
-                    qr[i] = qi;
+                    let (s, z) = (sr[c / group], zr[c / group]);
+                    let qi = rtn::quantize_affine(wr[i], s, z, qmin, qmax);
+                    qr[c] = qi;
                     let d = u[i * cols + i];
-                    let e = (wr[i] - qi as f32 * s) / d;
+                    let e = (wr[i] - (qi as f32 - z) * s) / d;
                     row_loss += (e as f64) * (e as f64) / 2.0;
                     er[i - i1] = e;
                     let urow = &u[i * cols + i + 1..i * cols + i2];
@@ -211,7 +263,8 @@ pub fn quantize_with(
         }
     }
     let report = GptqReport { dead_columns, damp_percent: factor.damp_percent, fell_back_to_rtn: false, loss };
-    Ok((QuantizedWeight { rows, cols, group, q, scale }, report))
+    let offset = (!spec.weight_symmetric).then_some(zero);
+    Ok((QuantizedWeight { rows, cols, group, q, scale, offset }, report))
 }
 
 /// The upper Cholesky factor `U` of `(H + damp·I)⁻¹` (`H` row-major `n × n`, symmetric),
@@ -288,11 +341,43 @@ mod tests {
     /// GPTQ as first written (optimal brain surgeon with a fixed order), in f64 with an explicit
     /// inverse: quantize column i, move the other columns by -(w_i - q_i)/[H⁻¹]_ii · [H⁻¹]_i,: and
     /// remove i from the inverse by one Gaussian elimination step. No Cholesky, no blocks.
-    fn textbook_obs(w: &Array2<f32>, h: &Array2<f32>, damp_percent: f64, qmax: i32, group: usize) -> Vec<i8> {
+    /// A group's grid written out from the definitions: symmetric `max|w| / qmax`, or asymmetric
+    /// over `[min(w, 0), max(w, 0)]` with 16 / 256 levels and an integer zero point.
+    fn textbook_grid(g: &[f64], sp: &QuantSpec) -> (f64, f64) {
+        let qmax = sp.qmax() as f64;
+        if sp.weight_symmetric {
+            let m = g.iter().fold(0f64, |m, v| m.max(v.abs()));
+            return (if m > 0.0 { m / qmax } else { 1.0 }, 0.0);
+        }
+        let qmin = -qmax - 1.0;
+        let lo = g.iter().fold(0f64, |m, &v| m.min(v));
+        let hi = g.iter().fold(0f64, |m, &v| m.max(v));
+        if hi <= lo {
+            return (1.0, 0.0);
+        }
+        let s = (hi - lo) / (qmax - qmin);
+        (s, (qmin - lo / s).round_ties_even().clamp(qmin, qmax))
+    }
+
+    /// GPTQ as first written (optimal brain surgeon with a fixed order), in f64 with an explicit
+    /// inverse: quantize column i, move the other columns by -(w_i - q_i)/[H⁻¹]_ii · [H⁻¹]_i,: and
+    /// remove i from the inverse by one Gaussian elimination step. No Cholesky, no blocks. With
+    /// `act_order`, the columns go in decreasing order of `H_jj` and every group's grid is taken
+    /// from the original weight first.
+    fn textbook_obs(w: &Array2<f32>, h: &Array2<f32>, damp_percent: f64, sp: &QuantSpec) -> Vec<i8> {
         let (rows, n) = w.dim();
+        let group = sp.group_len(n);
+        let mut order: Vec<usize> = (0..n).collect();
+        if sp.act_order {
+            order.sort_by(|&a, &b| h[(b, b)].total_cmp(&h[(a, a)]).then(a.cmp(&b)));
+        }
         let mean = (0..n).map(|i| h[(i, i)] as f64).sum::<f64>() / n as f64;
         let mut a: Vec<Vec<f64>> = (0..n)
-            .map(|i| (0..n).map(|j| h[(i, j)] as f64 + if i == j { damp_percent * mean } else { 0.0 }).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| h[(order[i], order[j])] as f64 + if i == j { damp_percent * mean } else { 0.0 })
+                    .collect()
+            })
             .collect();
         // Gauss-Jordan inverse.
         let mut inv: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| (i == j) as u8 as f64).collect()).collect();
@@ -312,23 +397,25 @@ mod tests {
                 }
             }
         }
-        let mut w: Vec<Vec<f64>> = (0..rows).map(|r| (0..n).map(|c| w[(r, c)] as f64).collect()).collect();
-        let mut scales = vec![0f32; rows];
-        if group == n {
-            for r in 0..rows {
-                scales[r] = symmetric_scale(&w[r].iter().map(|&v| v as f32).collect::<Vec<_>>(), qmax);
-            }
-        }
+        let orig: Vec<Vec<f64>> = (0..rows).map(|r| (0..n).map(|c| w[(r, c)] as f64).collect()).collect();
+        let mut w: Vec<Vec<f64>> = (0..rows).map(|r| order.iter().map(|&c| orig[r][c]).collect()).collect();
+        let fixed = group == n || sp.act_order;
+        // grids[r][g] by original group.
+        let mut grids: Vec<Vec<(f64, f64)>> = (0..rows)
+            .map(|r| orig[r].chunks(group).map(|g| if fixed { textbook_grid(g, sp) } else { (1.0, 0.0) }).collect())
+            .collect();
+        let (qmin, qmax) = sp.q_range();
         let mut q = vec![0i8; rows * n];
         for i in 0..n {
+            let c = order[i];
             for r in 0..rows {
-                if group < n && i % group == 0 {
-                    let g: Vec<f32> = w[r][i..(i + group).min(n)].iter().map(|&v| v as f32).collect();
-                    scales[r] = symmetric_scale(&g, qmax);
+                if !fixed && i % group == 0 {
+                    grids[r][i / group] = textbook_grid(&w[r][i..(i + group).min(n)], sp);
                 }
-                let qi = quantize_value(w[r][i] as f32, scales[r], qmax);
-                q[r * n + i] = qi;
-                let e = (w[r][i] - qi as f64 * scales[r] as f64) / inv[i][i];
+                let (s, z) = grids[r][c / group];
+                let qi = ((w[r][i] / s).round_ties_even() + z).clamp(qmin as f64, qmax as f64);
+                q[r * n + c] = qi as i8;
+                let e = (w[r][i] - (qi - z) * s) / inv[i][i];
                 for j in i + 1..n {
                     w[r][j] -= e * inv[i][j];
                 }
@@ -354,13 +441,26 @@ mod tests {
         let mut hs = Hessian::new(cols);
         hs.update(&Cpu, x.view());
         let h = hs.matrix();
-        for (name, group) in [("w8a16", cols), ("w4a8_dynamic", cols), ("w4a16", 8)] {
+        let cases = [
+            ("w8a16", cols, true, false),
+            ("w4a8_dynamic", cols, true, false),
+            ("w4a16", 8, true, false),
+            ("w4a16", 8, false, false),
+            ("w4a16", 8, true, true),
+            ("w4a16", 8, false, true),
+            ("w8a16", cols, false, true),
+        ];
+        for (name, group, symmetric, act_order) in cases {
             let mut sp = spec(name);
             sp.group_size = (group < cols).then_some(group);
+            sp.weight_symmetric = symmetric;
+            sp.act_order = act_order;
+            let name = format!("{name} g{group} symmetric={symmetric} act_order={act_order}");
             // Blocks smaller than the matrix and not aligned with the groups exercise the lazy updates.
             let cfg = GptqConfig { block_size: 12, damp_percent: 0.01 };
             let (qw, _) = quantize(&Cpu, w.view(), h.view(), &sp, &cfg).unwrap();
-            let want = textbook_obs(&w, &h, 0.01, sp.qmax(), group);
+            assert_eq!(qw.offset.is_some(), !symmetric, "{name}");
+            let want = textbook_obs(&w, &h, 0.01, &sp);
             let same = qw.q.iter().zip(&want).filter(|(a, b)| a == b).count();
             // f32 Cholesky against an f64 inverse: a tie may round the other way, rarely.
             assert!(same as f64 >= 0.99 * want.len() as f64, "{name}: {same} of {} agree", want.len());

@@ -1,8 +1,19 @@
-//! Round-to-nearest weight quantization with symmetric min-max scales, per output channel or
-//! per group of input channels.
+//! Round-to-nearest weight quantization with min-max scales, per output channel or per group of
+//! input channels.
 //!
-//! The rule, everywhere: a group's scale is `max|w| / qmax` (1 for an all-zero group), and
-//! `q = clamp(round_half_even(w / scale), -qmax, qmax)`.
+//! The symmetric rule, everywhere: a group's scale is `max|w| / qmax` (1 for an all-zero group),
+//! and `q = clamp(round_half_even(w / scale), -qmax, qmax)`.
+//!
+//! Asymmetric groups ([`asymmetric_grid`]) span `[min(w, 0), max(w, 0)]` with the whole signed
+//! range `qmin..=qmax` (`-8..=7` for int4): `scale = (hi − lo) / (qmax − qmin)`, an integer zero
+//! point `z = clamp(round(qmin − lo / scale))`, `q = clamp(round(w / scale) + z)`, and
+//! `w ≈ (q − z)·scale`. Including 0 in the range (as AutoGPTQ and llm-compressor do; AutoAWQ
+//! does not) makes 0 exact, and the zero point always lies in the range.
+//!
+//! W8A8S rows ([`lowbit_scale`], msModelSlim's sparse "lowbit" quantization) take the symmetric
+//! int4 scale of their inliers, `t / 7`, and keep int8 storage so that the outliers (the largest
+//! `fraction` of the row, or those beyond `sigma_factor` standard deviations) land beyond ±7
+//! instead of being clipped.
 //!
 //! The data-free path quantizes straight from the checkpoint's mapped bytes ([`MatrixView`]): each
 //! block of rows is widened to f32 in a small per-thread buffer, its absmax found and its values
@@ -10,20 +21,23 @@
 //! made. A fused expert stored transposed (its rows are stored columns) is read in stored order, column
 //! by column, and only its integers are transposed.
 
-use super::spec::QuantSpec;
+use super::spec::{Outliers, QuantSpec};
 use crate::tensor::{decode_f32_into, DType};
 use rayon::prelude::*;
 
-/// Integer weights and their scales: `w ≈ q * scale[row, col / group]`.
+/// Integer weights and their scales: `w ≈ (q − offset) · scale[row, col / group]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
     pub rows: usize,
     pub cols: usize,
     pub group: usize,
-    /// `[rows, cols]`, each in `[-qmax, qmax]`.
+    /// `[rows, cols]`, in the spec's [`QuantSpec::q_range`].
     pub q: Vec<i8>,
     /// `[rows, cols / group]`.
     pub scale: Vec<f32>,
+    /// `[rows, cols / group]`: the integer zero points of asymmetric weights; `None` when
+    /// symmetric.
+    pub offset: Option<Vec<f32>>,
 }
 
 impl QuantizedWeight {
@@ -35,10 +49,64 @@ impl QuantizedWeight {
         let mut out = vec![0f32; self.rows * self.cols];
         for r in 0..self.rows {
             for c in 0..self.cols {
-                out[r * self.cols + c] = self.q[r * self.cols + c] as f32 * self.scale[r * g + c / self.group];
+                let k = r * g + c / self.group;
+                let z = self.offset.as_ref().map_or(0.0, |o| o[k]);
+                out[r * self.cols + c] = (self.q[r * self.cols + c] as f32 - z) * self.scale[k];
             }
         }
         out
+    }
+}
+
+/// The asymmetric scale and zero point of a group over `qmin..=qmax`: `(scale, z)` with
+/// `w ≈ (q − z)·scale` (see the module docs). An all-zero group gets scale 1.
+pub fn asymmetric_grid(values: &[f32], qmin: i32, qmax: i32) -> (f32, f32) {
+    let lo = values.iter().fold(0f32, |m, &x| m.min(x));
+    let hi = values.iter().fold(0f32, |m, &x| m.max(x));
+    if hi <= lo {
+        return (1.0, 0.0);
+    }
+    let s = (hi - lo) / (qmax - qmin) as f32;
+    let z = round_half_even(qmin as f32 - lo / s).clamp(qmin as f32, qmax as f32);
+    (s, z)
+}
+
+/// `clamp(round_half_even(w / scale) + z, qmin, qmax)`.
+pub fn quantize_affine(w: f32, scale: f32, z: f32, qmin: i32, qmax: i32) -> i8 {
+    (round_half_even(w / scale) + z).clamp(qmin as f32, qmax as f32) as i8
+}
+
+/// The per-row scale of W8A8S (msModelSlim's lowbit sparse quantization, reconstructed from its
+/// documentation; its implementation is closed): `t / 7`, where `t` is the largest magnitude of
+/// the row's inliers, raised where needed so that the largest outlier still fits int8
+/// (`max|w| / 127`). Outliers are the `fraction` of the row with the largest magnitudes, or the
+/// values farther than `sigma_factor` standard deviations from the row's mean.
+pub fn lowbit_scale(row: &[f32], rule: Outliers) -> f32 {
+    let absmax = absmax(row);
+    if absmax == 0.0 {
+        return 1.0;
+    }
+    let t = match rule {
+        Outliers::Fraction { ppm } => {
+            let k = ((row.len() as f64 * ppm as f64 / 1e6).floor() as usize).min(row.len() - 1);
+            let mut mags: Vec<f32> = row.iter().map(|x| x.abs()).collect();
+            // The (k+1)-th largest magnitude: the largest inlier.
+            let i = row.len() - 1 - k;
+            *mags.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+        }
+        Outliers::Sigma { milli } => {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let std = (row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let bound = milli as f64 / 1000.0 * std;
+            row.iter().filter(|&&x| (x as f64 - mean).abs() <= bound).fold(0f32, |m, &x| m.max(x.abs()))
+        }
+    };
+    let s = t / 7.0;
+    if s > 0.0 {
+        s.max(absmax / 127.0)
+    } else {
+        absmax / 127.0
     }
 }
 
@@ -123,6 +191,9 @@ fn quantize_row(row: &[f32], q: &mut [i8], scale: &mut [f32], group: usize, qmax
 
 /// Quantizes a row-major `[rows, cols]` f32 matrix of finite values. Rows are processed in parallel.
 pub fn quantize(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> QuantizedWeight {
+    if !spec.weight_symmetric || spec.lowbit.is_some() {
+        return quantize_general(w, rows, cols, spec);
+    }
     let group = spec.group_len(cols);
     let groups = cols.div_ceil(group);
     let qmax = spec.qmax();
@@ -133,7 +204,61 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Quanti
             quantize_row(wrow, qrow, srow, group, qmax);
         },
     );
-    QuantizedWeight { rows, cols, group, q, scale }
+    QuantizedWeight { rows, cols, group, q, scale, offset: None }
+}
+
+/// The grid (scale, zero point) of every `(row, group)` of `w` as `spec` rounds it by min-max:
+/// `[rows, groups]` each; zero points are 0 for symmetric specs.
+pub fn grids(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> (Vec<f32>, Vec<f32>) {
+    let group = spec.group_len(cols);
+    let groups = cols.div_ceil(group);
+    let (qmin, qmax) = spec.q_range();
+    let mut scale = Vec::with_capacity(rows * groups);
+    let mut zero = Vec::with_capacity(rows * groups);
+    for row in w.chunks(cols.max(1)).take(rows) {
+        if let Some(rule) = spec.lowbit {
+            scale.push(lowbit_scale(row, rule));
+            zero.push(0.0);
+            continue;
+        }
+        for g in row.chunks(group) {
+            let (s, z) =
+                if spec.weight_symmetric { (symmetric_scale(g, qmax), 0.0) } else { asymmetric_grid(g, qmin, qmax) };
+            scale.push(s);
+            zero.push(z);
+        }
+    }
+    (scale, zero)
+}
+
+/// Rounds `w` on given grids (`[rows, groups]` scales and zero points, groups of `spec`'s
+/// length): the last step of every rounding that is not GPTQ's.
+pub fn quantize_on(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &QuantSpec,
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+) -> QuantizedWeight {
+    let group = spec.group_len(cols);
+    let groups = cols.div_ceil(group);
+    let (qmin, qmax) = spec.q_range();
+    let mut q = vec![0i8; rows * cols];
+    q.par_chunks_mut(cols.max(1)).zip(w.par_chunks(cols.max(1))).enumerate().for_each(|(r, (qrow, wrow))| {
+        for (c, (qv, &x)) in qrow.iter_mut().zip(wrow).enumerate() {
+            let k = r * groups + c / group;
+            *qv = quantize_affine(x, scale[k], zero[k], qmin, qmax);
+        }
+    });
+    let offset = (!spec.weight_symmetric).then_some(zero);
+    QuantizedWeight { rows, cols, group, q, scale, offset }
+}
+
+/// Asymmetric and W8A8S rounding: the grids of [`grids`], then [`quantize_on`].
+fn quantize_general(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> QuantizedWeight {
+    let (scale, zero) = grids(w, rows, cols, spec);
+    quantize_on(w, rows, cols, spec, scale, zero)
 }
 
 /// A `[rows, cols]` matrix read in place from a float tensor's bytes: element `(r, c)` is element
@@ -209,13 +334,32 @@ const BLOCK_ROWS: usize = 32;
 pub fn quantize_view(m: &MatrixView, spec: &QuantSpec) -> Result<QuantizedWeight, NonFinite> {
     assert!(m.dtype.is_float(), "quantize_view needs a float tensor");
     let (rows, cols) = (m.rows, m.cols);
+    if !spec.weight_symmetric || spec.lowbit.is_some() {
+        // Rare in data-free runs: widen the matrix, then round as the calibrated path does.
+        let mut w = vec![0f32; rows * cols];
+        if m.row_stride == 1 && m.col_stride != 1 {
+            let mut col = vec![0f32; rows];
+            for c in 0..cols {
+                m.read_column(c, &mut col);
+                for (r, &v) in col.iter().enumerate() {
+                    w[r * cols + c] = v;
+                }
+            }
+        } else {
+            m.read_rows(0, rows, &mut w);
+        }
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(NonFinite { row: i / cols, col: i % cols, value: w[i] });
+        }
+        return Ok(quantize(&w, rows, cols, spec));
+    }
     let group = spec.group_len(cols);
     let groups = cols.div_ceil(group);
     let qmax = spec.qmax();
     let mut q = vec![0i8; rows * cols];
     let mut scale = vec![0f32; rows * groups];
     if rows == 0 || cols == 0 {
-        return Ok(QuantizedWeight { rows, cols, group, q, scale });
+        return Ok(QuantizedWeight { rows, cols, group, q, scale, offset: None });
     }
     if m.row_stride == 1 && m.col_stride != 1 {
         return quantize_transposed(m, group, qmax);
@@ -234,7 +378,7 @@ pub fn quantize_view(m: &MatrixView, spec: &QuantSpec) -> Result<QuantizedWeight
             Ok(())
         },
     )?;
-    Ok(QuantizedWeight { rows, cols, group, q, scale })
+    Ok(QuantizedWeight { rows, cols, group, q, scale, offset: None })
 }
 
 /// A view whose columns are contiguous in the stored tensor (an expert's linear inside a fused tensor
@@ -311,7 +455,7 @@ fn quantize_transposed(m: &MatrixView, group: usize, qmax: i32) -> Result<Quanti
             }
         }
     });
-    Ok(QuantizedWeight { rows, cols, group, q, scale })
+    Ok(QuantizedWeight { rows, cols, group, q, scale, offset: None })
 }
 
 /// `q[i] = clamp(round_half_even(w[i] / s[i]))`, element by element.
@@ -459,6 +603,66 @@ mod tests {
         let view = MatrixView { bytes: &zeros, ..view };
         let qw = quantize_view(&view, &QuantSpec::preset("w4a16").unwrap()).unwrap();
         assert!(qw.scale.iter().all(|&s| s == 1.0) && qw.q.iter().all(|&x| x == 0));
+    }
+
+    fn spec_of(y: &str) -> QuantSpec {
+        QuantSpec::from_qconfig(&serde_yaml::from_str(y).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn asymmetric_groups_follow_the_min_max_rule() {
+        let spec = spec_of("weight: {scope: per_group, dtype: int4, symmetric: false, ext: {group_size: 4}}");
+        // One all-positive group, one mixed, one all-zero.
+        let w = [0.5f32, 1.0, 2.0, 3.0, -1.5, 0.0, 0.25, 6.0, 0.0, 0.0, 0.0, 0.0];
+        let qw = quantize(&w, 1, 12, &spec);
+        let (s, z) = (qw.scale.clone(), qw.offset.clone().unwrap());
+        // Group 0 spans [0, 3]: scale 3/15, zero at q = -8 (0 is exact).
+        assert!((s[0] - 0.2).abs() < 1e-7 && z[0] == -8.0);
+        // Group 1 spans [-1.5, 6]: scale 0.5, zero point round(-8 + 3) = -5.
+        assert!((s[1] - 0.5).abs() < 1e-7 && z[1] == -5.0);
+        assert_eq!((s[2], z[2]), (1.0, 0.0));
+        assert!(qw.q.iter().all(|&x| (-8..=7).contains(&x)));
+        assert!(qw.q[4] == -8 && qw.q[7] == 7, "the extremes take the ends of the range: {:?}", qw.q);
+        let d = qw.dequantize();
+        for (g, chunk) in w.chunks(4).enumerate() {
+            for (i, &x) in chunk.iter().enumerate() {
+                assert!((d[g * 4 + i] - x).abs() <= s[g] / 2.0 + 1e-6, "{x} vs {}", d[g * 4 + i]);
+            }
+        }
+        // The data-free path gives the same.
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(quantize_view(&MatrixView::row_major(DType::F32, &bytes, 1, 12), &spec).unwrap(), qw);
+    }
+
+    #[test]
+    fn lowbit_rows_put_inliers_on_the_int4_scale_and_keep_outliers() {
+        let y = |ext: &str| {
+            format!("act: {{scope: per_tensor, dtype: int8}}\nweight: {{scope: per_channel, dtype: int4, ext: {ext}}}")
+        };
+        let spec = spec_of(&y("{fraction: 0.01}"));
+        // 200 values in [-1, 1] and two outliers: 1% of 200 = 2 outliers.
+        let mut row: Vec<f32> = (0..200).map(|i| ((i * 37 % 201) as f32 - 100.0) / 100.0).collect();
+        row[17] = 9.0;
+        row[150] = -5.0;
+        let qw = quantize(&row, 1, 200, &spec);
+        let t =
+            row.iter().enumerate().filter(|(i, _)| *i != 17 && *i != 150).map(|(_, x)| x.abs()).fold(0f32, f32::max);
+        assert_eq!(qw.scale[0], t / 7.0);
+        assert!(qw.q.iter().enumerate().all(|(i, &q)| i == 17 || i == 150 || (-7..=7).contains(&q)));
+        assert_eq!((qw.q[17], qw.q[150]), (63, -35));
+        assert!(qw.offset.is_none());
+        // Sigma: mean 0, so outliers are beyond 3 standard deviations.
+        let spec = spec_of(&y("{use_sigma: true, sigma_factor: 3.0}"));
+        let qs = quantize(&row, 1, 200, &spec);
+        let n = 200.0f64;
+        let mean = row.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let std = (row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let t = row.iter().filter(|&&x| (x as f64 - mean).abs() <= 3.0 * std).fold(0f32, |m, x| m.max(x.abs()));
+        assert_eq!(qs.scale[0], t / 7.0);
+        // An outlier too large for int8 on that scale raises the scale so it still fits.
+        row[3] = 1000.0;
+        let qw = quantize(&row, 1, 200, &spec_of(&y("{fraction: 0.01}")));
+        assert_eq!((qw.scale[0], qw.q[3]), (1000.0 / 127.0, 127));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! |---|---|---|---|
 //! | `X.weight_packed` | int32 | `[out, in/8]` | eight int4 per word along the input: element `c` of a row is `q + 8` (0..15) in bits `4·(c % 8)` of word `c / 8` |
 //! | `X.weight_scale` | f32 | `[out, ceil(in/g)]` | symmetric scale of each group, `w ≈ q · s` |
+//! | `X.weight_offset` | f32 | `[out, ceil(in/g)]` | asymmetric weights only: the zero point of each group, `w ≈ (q − offset) · s` |
 //! | `X.weight_shape` | int32 | `[2]` | `[out, in]` |
 //! | `X.bias` | f32 | `[out]` | `FLOAT`, when the linear has one |
 //!
@@ -17,6 +18,11 @@
 //! kernel's `[in, out]` and repacks; it builds zero offsets itself (symmetric weights), so no `weight_offset`
 //! is written. It maps the description's `X.weight_packed` key to `X.weight` when it looks a layer's type up.
 //! Scales are stored as f32; the loader copies them into parameters of the model's dtype.
+//!
+//! Asymmetric weights (AWQ's, AutoAWQ's zero-point form) add `X.weight_offset`, the zero point of each
+//! group in the signed int4 domain (`q` and the offset both in `-8..=7`), as msModelSlim's per-group
+//! W8A16 writes its offsets. vLLM-Ascend's W4A16 method does not read offsets (it builds zeros), so
+//! asymmetric W4A16 serves readers that take per-group offsets (and `lamina eval`).
 //!
 //! Limits of that reader, which lamina does not hide: vLLM-Ascend reads W4A16 only for MoE experts (a dense
 //! linear of type W4A16 is refused there), and it needs `in` to be a multiple of `g`. lamina requires `in` to
@@ -40,26 +46,32 @@ pub fn check(module: &str, cols: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn layout(module: &str, rows: usize, cols: usize, groups: usize) -> Vec<OutMeta> {
+pub fn layout(module: &str, rows: usize, cols: usize, groups: usize, asymmetric: bool) -> Vec<OutMeta> {
     let m = |suffix: &str, dtype, shape: &[usize]| OutMeta {
         meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
         kind: KIND,
     };
-    vec![
-        m("weight_packed", DType::I32, &[rows, cols / PER_WORD]),
-        m("weight_scale", DType::F32, &[rows, groups]),
-        m("weight_shape", DType::I32, &[2]),
-    ]
+    let mut out =
+        vec![m("weight_packed", DType::I32, &[rows, cols / PER_WORD]), m("weight_scale", DType::F32, &[rows, groups])];
+    if asymmetric {
+        out.push(m("weight_offset", DType::F32, &[rows, groups]));
+    }
+    out.push(m("weight_shape", DType::I32, &[2]));
+    out
 }
 
 pub fn tensors(module: &str, w: &QuantizedWeight) -> Vec<OutTensor> {
     let (rows, cols) = (w.rows, w.cols);
     let t = |suffix: &str, tensor| OutTensor { name: format!("{module}.{suffix}"), tensor, kind: KIND };
-    vec![
+    let mut out = vec![
         t("weight_packed", Tensor::from_bytes(DType::I32, &[rows, cols / PER_WORD], pack_int32(&w.q))),
         t("weight_scale", Tensor::from_f32(&[rows, w.groups()], &w.scale)),
-        t("weight_shape", Tensor::from_i32(&[2], &[rows as i32, cols as i32])),
-    ]
+    ];
+    if let Some(offset) = &w.offset {
+        out.push(t("weight_offset", Tensor::from_f32(&[rows, w.groups()], offset)));
+    }
+    out.push(t("weight_shape", Tensor::from_i32(&[2], &[rows as i32, cols as i32])));
+    out
 }
 
 /// Packs int4 values (row-major, a multiple of 8 per row) eight to a little-endian int32 word, lowest bits
@@ -102,6 +114,18 @@ mod tests {
         assert_eq!(unpack(&words, rows, cols), qw.q);
         assert_eq!(ts[1].tensor.shape, vec![3, 2]);
         assert_eq!(ts[2].tensor.to_i64().unwrap(), vec![3, 256]);
+        // Asymmetric weights: the offsets come between the scales and the shape.
+        let spec = QuantSpec::from_qconfig(
+            &serde_yaml::from_str("weight: {scope: per_group, dtype: int4, symmetric: false, ext: {group_size: 128}}")
+                .unwrap(),
+        )
+        .unwrap();
+        let aw = rtn::quantize(&w, rows, cols, &spec);
+        let ts = tensors("m", &aw);
+        assert!(ts[2].name.ends_with("weight_offset"));
+        assert_eq!(ts[2].tensor.to_f32().unwrap(), aw.offset.clone().unwrap());
+        let words: Vec<i32> = ts[0].tensor.to_i64().unwrap().iter().map(|&x| x as i32).collect();
+        assert_eq!(unpack(&words, rows, cols), aw.q);
         // The whole int4 range, including -8, survives.
         let all: Vec<i8> = (-8..8).collect();
         let words: Vec<i32> = pack_int32(&all).chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();

@@ -55,8 +55,9 @@ impl LinearHook for Observe {
 pub enum ActSim {
     /// Weight-only schemes.
     None,
-    /// int8 per token, symmetric, scale `max|x_t| / 127`.
-    PerToken,
+    /// Per token, symmetric, `bits` wide (8, or 4 for W4A4): scale `max|x_t| / (2^(bits-1) - 1)`,
+    /// integers clamped to the signed range.
+    PerToken { bits: u8 },
     /// int8 per tensor with a calibrated scale and offset.
     Static(ActRange),
 }
@@ -67,13 +68,14 @@ impl ActSim {
         match *self {
             ActSim::None => x.to_owned(),
             ActSim::Static(r) => x.mapv(|v| act_range::dequantize(act_range::quantize(v, r), r)),
-            ActSim::PerToken => {
+            ActSim::PerToken { bits } => {
+                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
                 let mut out = x.to_owned();
                 for mut row in out.rows_mut() {
                     let absmax = row.fold(0f32, |m, v| m.max(v.abs()));
                     if absmax > 0.0 {
-                        let s = absmax / 127.0;
-                        row.mapv_inplace(|v| (v / s).round_ties_even().clamp(-128.0, 127.0) * s);
+                        let s = absmax / qmax;
+                        row.mapv_inplace(|v| (v / s).round_ties_even().clamp(-qmax - 1.0, qmax) * s);
                     }
                 }
                 out
@@ -141,8 +143,11 @@ mod tests {
     #[test]
     fn per_token_simulation_rounds_each_row_to_its_own_grid() {
         let x = array![[127.0f32, 1.4, -0.6], [0.0, 0.0, 0.0]];
-        let y = ActSim::PerToken.apply(x.view());
+        let y = ActSim::PerToken { bits: 8 }.apply(x.view());
         assert_eq!(y, array![[127.0, 1.0, -1.0], [0.0, 0.0, 0.0]]);
+        // int4: the row's absmax 7 is 7 steps of 1.
+        let y = ActSim::PerToken { bits: 4 }.apply(array![[7.0f32, 1.4, -0.6, 3.5]].view());
+        assert_eq!(y, array![[7.0, 1.0, -1.0, 4.0]]);
         let r = act_range::minmax_range(-1.0, 1.0, false);
         let y = ActSim::Static(r).apply(array![[0.5f32, 7.0]].view());
         assert!((y[[0, 0]] - 0.5).abs() <= r.scale / 2.0 + 1e-6);

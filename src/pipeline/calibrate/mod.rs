@@ -506,7 +506,7 @@ impl<'a> Calibrator<'a> {
                     };
                     let act = match (spec.act, input) {
                         (ActQuant::PerTensorStatic { .. }, Some(r)) => ActSim::Static(r),
-                        (ActQuant::PerToken, _) => ActSim::PerToken,
+                        (ActQuant::PerToken, _) => ActSim::PerToken { bits: spec.act_bits },
                         _ => ActSim::None,
                     };
                     let bias = linear.bias.clone();
