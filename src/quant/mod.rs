@@ -3,10 +3,12 @@
 //! (`observer`), activation ranges (`act_range`) and outlier suppression (`smooth`).
 
 pub mod act_range;
+pub mod awq;
 pub mod glob;
 pub mod gptq;
 pub mod observer;
 pub mod recipe;
+pub mod rotation;
 pub mod rtn;
 pub mod smooth;
 pub mod smooth_search;

@@ -3,8 +3,9 @@
 //! product, and merges with another observer of the same input (`a.merge(&b)` equals one pass over
 //! both halves), so batches can be split across threads or resumed.
 //!
-//! - [`ChannelStats`]: per input channel min and max; absmax, the shift `(max+min)/2` and the
-//!   per-tensor range follow from them. Feeds smoothing and min-max activation ranges.
+//! - [`ChannelStats`]: per input channel min, max and mean magnitude; absmax, the shift
+//!   `(max+min)/2` and the per-tensor range follow from them. Feeds smoothing, AWQ and min-max
+//!   activation ranges.
 //! - [`Histogram`]: 2048 bins of every value, for the L2-optimal activation clip.
 //! - [`Hessian`]: `Σ xᵀx` over tokens, for GPTQ (`H = 2/n Σ xᵀx`).
 //! - [`TokenSample`]: a uniform random sample of rows, for searches that score candidates on real
@@ -23,13 +24,16 @@
 use crate::device::Device;
 use ndarray::{Array2, ArrayView2};
 
-/// Per-channel minimum and maximum of a linear's input.
+/// Per-channel minimum, maximum and magnitude sum of a linear's input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelStats {
     /// `[in]`; `+inf` until a token is seen.
     pub min: Vec<f32>,
     /// `[in]`; `-inf` until a token is seen.
     pub max: Vec<f32>,
+    /// `[in]`: `Σ |x_j|` over the finite values seen; empty once unknown (after a shift, see
+    /// [`ChannelStats::smoothed`]).
+    pub abs_sum: Vec<f64>,
     /// Rows seen.
     pub tokens: u64,
     /// NaN or infinite values seen (skipped). A healthy model has none; the pipeline should refuse
@@ -42,6 +46,7 @@ impl ChannelStats {
         ChannelStats {
             min: vec![f32::INFINITY; channels],
             max: vec![f32::NEG_INFINITY; channels],
+            abs_sum: vec![0.0; channels],
             tokens: 0,
             nonfinite: 0,
         }
@@ -54,6 +59,7 @@ impl ChannelStats {
     /// Folds in a batch `x [tokens, channels]`.
     pub fn update(&mut self, x: ArrayView2<f32>) {
         assert_eq!(x.ncols(), self.channels(), "ChannelStats::update: channel count differs");
+        let known = !self.abs_sum.is_empty();
         for row in x.rows() {
             let mut bad = 0u64;
             for ((lo, hi), &v) in self.min.iter_mut().zip(self.max.iter_mut()).zip(row.iter()) {
@@ -62,6 +68,13 @@ impl ChannelStats {
                     *hi = hi.max(v);
                 } else {
                     bad += 1;
+                }
+            }
+            if known {
+                for (a, &v) in self.abs_sum.iter_mut().zip(row.iter()) {
+                    if v.is_finite() {
+                        *a += v.abs() as f64;
+                    }
                 }
             }
             self.nonfinite += bad;
@@ -77,6 +90,12 @@ impl ChannelStats {
         for (a, b) in self.max.iter_mut().zip(&other.max) {
             *a = a.max(*b);
         }
+        if other.abs_sum.is_empty() {
+            self.abs_sum.clear();
+        }
+        for (a, b) in self.abs_sum.iter_mut().zip(&other.abs_sum) {
+            *a += b;
+        }
         self.tokens += other.tokens;
         self.nonfinite += other.nonfinite;
     }
@@ -84,6 +103,15 @@ impl ChannelStats {
     /// `max |x_j|` per channel (0 for a channel never seen).
     pub fn absmax(&self) -> Vec<f32> {
         self.min.iter().zip(&self.max).map(|(&lo, &hi)| if lo > hi { 0.0 } else { lo.abs().max(hi.abs()) }).collect()
+    }
+
+    /// `mean |x_j|` per channel (AWQ's activation statistic), or `None` when unknown.
+    pub fn abs_mean(&self) -> Option<Vec<f32>> {
+        if self.abs_sum.is_empty() {
+            return None;
+        }
+        let n = self.tokens.max(1) as f64;
+        Some(self.abs_sum.iter().map(|&a| (a / n) as f32).collect())
     }
 
     /// The channel centres `(max + min) / 2`, the shift of m2 / Outlier Suppression+.
@@ -104,12 +132,23 @@ impl ChannelStats {
     }
 
     /// The statistics the same tokens would give after smoothing, `x'_j = (x_j - shift_j) / scale_j`
-    /// (`scale_j > 0`): an increasing affine map per channel moves min and max exactly.
+    /// (`scale_j > 0`): an increasing affine map per channel moves min and max exactly, and a
+    /// scale divides the magnitudes; after a shift the magnitudes are unknown (emptied).
     pub fn smoothed(&self, shift: Option<&[f32]>, scale: &[f32]) -> ChannelStats {
         assert_eq!(scale.len(), self.channels(), "ChannelStats::smoothed: scale length differs");
         let z = |j: usize| shift.map_or(0.0, |s| s[j]);
         let map = |v: &[f32]| v.iter().enumerate().map(|(j, &x)| (x - z(j)) / scale[j]).collect::<Vec<f32>>();
-        ChannelStats { min: map(&self.min), max: map(&self.max), tokens: self.tokens, nonfinite: self.nonfinite }
+        let abs_sum = match shift {
+            None => self.abs_sum.iter().zip(scale).map(|(&a, &s)| a / s as f64).collect(),
+            Some(_) => Vec::new(),
+        };
+        ChannelStats {
+            min: map(&self.min),
+            max: map(&self.max),
+            abs_sum,
+            tokens: self.tokens,
+            nonfinite: self.nonfinite,
+        }
     }
 }
 

@@ -92,18 +92,36 @@ pub fn smooth_norm_linears(
 ) -> Result<SmoothReport> {
     let n = norm_weight.len();
     ensure!(!linears.is_empty(), "smoothing a norm needs at least one linear reading it");
+    for (i, l) in linears.iter().enumerate() {
+        ensure!(l.in_features() == n, "linear {i} reads {} channels, the norm has {n}", l.in_features());
+    }
+    let consumers: Vec<&Linear> = linears.iter().map(|l| &**l).collect();
+    let map = consumer_map(Subgraph::NormLinear, &consumers, stats, cfg)?;
+    let (norm_bias_added, biases_added) = fold_norm_linears(norm_weight, norm_bias, linears, &map)?;
+    Ok(report(stats, map.scales, map.shift, norm_bias_added, biases_added))
+}
+
+/// Folds a consumer-side input map `x' = (x − shift) / scales` into a norm and the linears reading
+/// it (the algebra of [`smooth_norm_linears`]), whatever chose the map (SmoothQuant's formula,
+/// AWQ's search). Returns whether the norm gained a bias and which linears did.
+pub fn fold_norm_linears(
+    norm_weight: &mut Array1<f32>,
+    norm_bias: &mut Option<Array1<f32>>,
+    linears: &mut [&mut Linear],
+    map: &ConsumerMap,
+) -> Result<(bool, Vec<usize>)> {
+    let n = norm_weight.len();
+    ensure!(map.scales.len() == n, "{} scales for a norm of {n} channels", map.scales.len());
     if let Some(b) = norm_bias {
         ensure!(b.len() == n, "norm bias has {} entries, its weight {n}", b.len());
     }
     for (i, l) in linears.iter().enumerate() {
         ensure!(l.in_features() == n, "linear {i} reads {} channels, the norm has {n}", l.in_features());
     }
-    let consumers: Vec<&Linear> = linears.iter().map(|l| &**l).collect();
-    let ConsumerMap { shift, scales } = consumer_map(Subgraph::NormLinear, &consumers, stats, cfg)?;
-
+    let scales = &map.scales;
     let mut biases_added = Vec::new();
     let mut norm_bias_added = false;
-    if let Some(z) = &shift {
+    if let Some(z) = &map.shift {
         let z = Array1::from_vec(z.clone());
         for (i, l) in linears.iter_mut().enumerate() {
             let wz = l.weight.dot(&z);
@@ -130,9 +148,9 @@ pub fn smooth_norm_linears(
         }
     }
     for l in linears.iter_mut() {
-        scale_columns(l, &scales);
+        scale_columns(l, scales);
     }
-    Ok(report(stats, scales, shift, norm_bias_added, biases_added))
+    Ok((norm_bias_added, biases_added))
 }
 
 /// Smooths `prev → next` where `next`'s input channel `j` is `prev`'s output channel `j` up to a
@@ -148,9 +166,18 @@ pub fn smooth_linear_linear(
     let n = next.in_features();
     ensure!(prev.out_features() == n, "the first linear writes {} channels, the second reads {n}", prev.out_features());
     let ConsumerMap { scales, .. } = consumer_map(Subgraph::LinearLinear, &[next], stats, cfg)?;
-    divide_rows(prev, &scales);
-    scale_columns(next, &scales);
+    fold_linear_linear(prev, next, &scales)?;
     Ok(report(stats, scales, None, false, Vec::new()))
+}
+
+/// Folds scales on `next`'s input into `prev`'s rows (the algebra of [`smooth_linear_linear`]).
+pub fn fold_linear_linear(prev: &mut Linear, next: &mut Linear, scales: &[f32]) -> Result<()> {
+    let n = next.in_features();
+    ensure!(prev.out_features() == n, "the first linear writes {} channels, the second reads {n}", prev.out_features());
+    ensure!(scales.len() == n, "{} scales for {n} channels", scales.len());
+    divide_rows(prev, scales);
+    scale_columns(next, scales);
+    Ok(())
 }
 
 /// Attention head counts, for [`smooth_ov`].
@@ -177,6 +204,15 @@ pub fn smooth_ov(
     cfg: &SmoothConfig,
 ) -> Result<SmoothReport> {
     let ConsumerMap { scales, .. } = consumer_map(Subgraph::Ov(heads), &[o], stats, cfg)?;
+    fold_ov(v, o, &scales, heads)?;
+    Ok(report(stats, scales, None, false, Vec::new()))
+}
+
+/// Folds scales on `o`'s input (equal across the query heads of a key/value group, as
+/// [`share_over_kv_groups`] makes them) into `v`'s rows (the algebra of [`smooth_ov`]).
+pub fn fold_ov(v: &mut Linear, o: &mut Linear, scales: &[f32], heads: Heads) -> Result<()> {
+    ensure!(heads.num_heads > 0 && o.in_features() % heads.num_heads == 0, "o_proj reads {} channels", o.in_features());
+    ensure!(scales.len() == o.in_features(), "{} scales for o_proj's {} inputs", scales.len(), o.in_features());
     let (head_dim, ratio) = (o.in_features() / heads.num_heads, heads.num_heads / heads.num_kv_heads);
     ensure!(
         v.out_features() == heads.num_kv_heads * head_dim,
@@ -188,8 +224,27 @@ pub fn smooth_ov(
     let kv_scales: Vec<f32> =
         (0..v.out_features()).map(|c| scales[(c / head_dim) * ratio * head_dim + c % head_dim]).collect();
     divide_rows(v, &kv_scales);
-    scale_columns(o, &scales);
-    Ok(report(stats, scales, None, false, Vec::new()))
+    scale_columns(o, scales);
+    Ok(())
+}
+
+/// Averages per-channel scales on `o`'s input over the query heads that share a key/value head
+/// (msModelSlim's iter_smooth "mean" reduction), so that one scale per value channel can be
+/// folded into `v_proj`.
+pub fn share_over_kv_groups(scales: &[f32], heads: Heads) -> Result<Vec<f32>> {
+    let Heads { num_heads, num_kv_heads } = heads;
+    let n = scales.len();
+    ensure!(num_heads > 0 && num_kv_heads > 0, "head counts must be positive");
+    if num_heads % num_kv_heads != 0 {
+        bail!("{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads");
+    }
+    ensure!(n % num_heads == 0, "o_proj reads {n} channels, not a multiple of {num_heads} heads");
+    let (head_dim, ratio) = (n / num_heads, num_heads / num_kv_heads);
+    let mut kv = vec![0f32; num_kv_heads * head_dim];
+    for (c, &s) in scales.iter().enumerate() {
+        kv[(c / head_dim / ratio) * head_dim + c % head_dim] += s / ratio as f32;
+    }
+    Ok((0..n).map(|c| kv[(c / head_dim / ratio) * head_dim + c % head_dim]).collect())
 }
 
 /// Which kind of subgraph a smoothing folds into: decides whether a shift applies and how the
@@ -230,19 +285,8 @@ pub fn consumer_map(
         column_absmax_into(l, &mut wmax);
     }
     let mut scales = smooth_scales(&act, &wmax, cfg)?;
-    if let Subgraph::Ov(Heads { num_heads, num_kv_heads }) = kind {
-        ensure!(num_heads > 0 && num_kv_heads > 0, "head counts must be positive");
-        if num_heads % num_kv_heads != 0 {
-            bail!("{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads");
-        }
-        ensure!(n % num_heads == 0, "o_proj reads {n} channels, not a multiple of {num_heads} heads");
-        let (head_dim, ratio) = (n / num_heads, num_heads / num_kv_heads);
-        // Average over the query heads sharing a kv head, then give every query head its group's scale.
-        let mut kv = vec![0f32; num_kv_heads * head_dim];
-        for (c, &s) in scales.iter().enumerate() {
-            kv[(c / head_dim / ratio) * head_dim + c % head_dim] += s / ratio as f32;
-        }
-        scales = (0..n).map(|c| kv[(c / head_dim / ratio) * head_dim + c % head_dim]).collect();
+    if let Subgraph::Ov(heads) = kind {
+        scales = share_over_kv_groups(&scales, heads)?;
     }
     Ok(ConsumerMap { shift, scales })
 }
