@@ -525,9 +525,9 @@ mod tests {
         let run = |v: &Linear, o: &Linear| {
             let vals = apply(v, &x);
             let mut ctx = Array2::zeros((tokens, nh * d));
-            for h in 0..nh {
+            for (h, ph) in p.iter().enumerate() {
                 let g = h / (nh / nkv);
-                let out = p[h].dot(&vals.slice(ndarray::s![.., g * d..(g + 1) * d]));
+                let out = ph.dot(&vals.slice(ndarray::s![.., g * d..(g + 1) * d]));
                 ctx.slice_mut(ndarray::s![.., h * d..(h + 1) * d]).assign(&out);
             }
             apply(o, &ctx)
