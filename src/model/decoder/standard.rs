@@ -44,7 +44,7 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 enum Mlp {
-    Dense(SwiGlu),
+    Dense(Box<SwiGlu>),
     Moe(Box<SparseMoe>),
 }
 
@@ -90,7 +90,7 @@ impl Layer {
                     shared: None,
                 }))
             }
-            _ => Mlp::Dense(w.swiglu("mlp", hidden, cfg.intermediate_size)?),
+            _ => Mlp::Dense(Box::new(w.swiglu("mlp", hidden, cfg.intermediate_size)?)),
         };
         let layer = Layer {
             index,
