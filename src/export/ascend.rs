@@ -29,9 +29,12 @@ use super::{Exporter, OutMeta, OutTensor, FLOAT};
 use crate::quant::{ActQuant, QuantSpec, QuantizedLinear};
 use crate::tensor::{DType, Tensor, TensorMeta};
 use anyhow::Result;
+use ndarray::ArrayView2;
 use serde_json::{json, Map, Value};
 
 pub const DESCRIPTION: &str = "quant_model_description.json";
+/// Where msModelSlim exports QuaRot's global rotation, relative to the save folder.
+pub const QUAROT_FILE: &str = "optional/quarot.safetensors";
 pub const WEIGHTS: &str = "quant_model_weights";
 
 /// From weakest to strongest: `model_quant_type` is the strongest type present, as msModelSlim's
@@ -181,7 +184,12 @@ impl Exporter for AscendExporter {
         "quant_model_weights.safetensors.index.json"
     }
 
-    fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>> {
+    fn metadata_files(
+        &self,
+        outputs: &[OutMeta],
+        specs: &[QuantSpec],
+        rotation: Option<ArrayView2<f32>>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
         let mut desc = Map::new();
         let mut strongest = 0;
         for o in outputs {
@@ -194,10 +202,27 @@ impl Exporter for AscendExporter {
         desc.insert("version".into(), json!("1.0.0"));
         desc.insert("group_size".into(), json!(group_size(specs)));
         desc.insert("metadata".into(), json!({}));
-        desc.insert("optional".into(), json!({}));
+        let mut files = Vec::new();
+        match rotation {
+            // msModelSlim's QuaRot export (`export_extra_info`), read by vLLM-Ascend's EAGLE-3 drafter
+            // (`optional.quarot.rotation_map.global_rotation`, a safetensors file with `global_rotation`).
+            Some(q) => {
+                desc.insert("optional".into(), json!({"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}}));
+                let q = q.as_standard_layout();
+                let t = Tensor::from_f32(&[q.nrows(), q.ncols()], q.as_slice().expect("standard layout"));
+                files.push((
+                    QUAROT_FILE.to_string(),
+                    crate::io::safetensors::serialize(&[("global_rotation".to_string(), t)])?,
+                ));
+            }
+            None => {
+                desc.insert("optional".into(), json!({}));
+            }
+        }
         let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
         bytes.push(b'\n');
-        Ok(vec![(DESCRIPTION.to_string(), bytes)])
+        files.insert(0, (DESCRIPTION.to_string(), bytes));
+        Ok(files)
     }
 
     fn output_config(&self, config: &Value) -> Value {
@@ -300,7 +325,7 @@ mod tests {
                 outputs.extend(ex.linear_layout(&format!("l{i}.down_proj"), &spec, 8, 256, false));
                 specs.push(spec);
             }
-            serde_json::from_slice(&ex.metadata_files(&outputs, &specs).unwrap()[0].1).unwrap()
+            serde_json::from_slice(&ex.metadata_files(&outputs, &specs, None).unwrap()[0].1).unwrap()
         };
         let d = describe(&["w4a8_dynamic", "w8a8_dynamic"]);
         assert_eq!((d["model_quant_type"].as_str(), d["group_size"].as_u64()), (Some("W8A8_DYNAMIC"), Some(0)));

@@ -8,6 +8,7 @@ pub mod ascend_read;
 use crate::quant::{QuantSpec, QuantizedLinear};
 use crate::tensor::{Tensor, TensorMeta};
 use anyhow::Result;
+use ndarray::ArrayView2;
 use std::path::Path;
 
 /// A planned output tensor and the quantization type the description gives it.
@@ -50,8 +51,14 @@ pub trait Exporter: Send + Sync {
     /// Name of the shard index.
     fn index_file(&self) -> &'static str;
     /// Metadata files written once every shard is complete: (file name, bytes). `specs` are the schemes of
-    /// the quantized linears, in plan order.
-    fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>>;
+    /// the quantized linears, in plan order; `rotation` is the rotation `Q` folded into the model
+    /// (QuaRot: its hidden states are `h Q`), for formats that record it.
+    fn metadata_files(
+        &self,
+        outputs: &[OutMeta],
+        specs: &[QuantSpec],
+        rotation: Option<ArrayView2<f32>>,
+    ) -> Result<Vec<(String, Vec<u8>)>>;
     /// Rewrites the model's config.json for the output folder.
     fn output_config(&self, config: &serde_json::Value) -> serde_json::Value;
 }

@@ -106,6 +106,11 @@ pub fn load_all(path: &Path) -> Result<std::collections::BTreeMap<String, Tensor
 /// Writes tensors to one safetensors file (through a temporary name), wider dtypes first so
 /// every tensor is aligned.
 pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    crate::export::write_atomically(path, &serialize(tensors)?)
+}
+
+/// The bytes of a safetensors file holding `tensors` (wider dtypes first, so every tensor is aligned).
+pub fn serialize(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let metas: Vec<TensorMeta> = tensors.iter().map(|(n, t)| t.meta(n)).collect();
     let layout = crate::io::shards::ShardLayout::plan(&metas, None, &|_, _| String::new())?;
     let file = &layout.files[0];
@@ -115,7 +120,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         let loc = layout.location(n).unwrap();
         bytes[loc.offset as usize..(loc.offset + loc.len) as usize].copy_from_slice(&t.bytes);
     }
-    crate::export::write_atomically(path, &bytes)
+    Ok(bytes)
 }
 
 fn parse_header(buf: &[u8]) -> Result<Vec<TensorEntry>> {

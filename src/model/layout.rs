@@ -242,6 +242,32 @@ impl Layout {
         }
     }
 
+    /// Whether `module` (a full module name) is a vision linear whose output enters the text
+    /// model's hidden states: the merger's last projection (Qwen2-VL / Qwen2.5-VL `merger.mlp.2`,
+    /// Qwen3-VL `merger.linear_fc2`), Qwen3-VL's deepstack mergers' (`deepstack_merger_list.N.linear_fc2`),
+    /// LLaVA's projector's (`multi_modal_projector.linear_2`). A rotation of the text stream
+    /// rotates their outputs too.
+    pub fn is_vision_output(&self, module: &str) -> bool {
+        let under = |root: &Option<String>, rel: &str| {
+            root.as_ref().and_then(|r| module.strip_prefix(&format!("{r}."))).is_some_and(|m| m == rel)
+        };
+        match self.family {
+            Family::Qwen2Vl | Family::Qwen25Vl => under(&self.vision, "merger.mlp.2"),
+            Family::Qwen3Vl | Family::Qwen3VlMoe => {
+                under(&self.vision, "merger.linear_fc2")
+                    || self
+                        .vision
+                        .as_ref()
+                        .and_then(|v| module.strip_prefix(&format!("{v}.deepstack_merger_list.")))
+                        .is_some_and(|rest| {
+                            rest.split_once('.').is_some_and(|(k, m)| k.parse::<usize>().is_ok() && m == "linear_fc2")
+                        })
+            }
+            Family::Llava => under(&self.projector, "linear_2"),
+            _ => false,
+        }
+    }
+
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
         if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
@@ -527,6 +553,23 @@ mod tests {
         assert_eq!(l.classify("vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), UnitKind::VisionBlock(2));
         assert_eq!(l.classify("vision_tower.vision_model.embeddings.class_embedding"), UnitKind::VisionPre);
         assert_eq!(l.classify("multi_modal_projector.linear_1.weight"), UnitKind::VisionPost);
+    }
+
+    #[test]
+    fn vision_outputs_are_the_projections_into_the_text_stream() {
+        let q = Layout::resolve(Family::Qwen3VlMoe, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        assert!(q.is_vision_output("model.visual.merger.linear_fc2"));
+        assert!(q.is_vision_output("model.visual.deepstack_merger_list.2.linear_fc2"));
+        assert!(!q.is_vision_output("model.visual.merger.linear_fc1"));
+        assert!(!q.is_vision_output("model.visual.blocks.1.mlp.linear_fc2"));
+        let q2 = Layout::resolve(Family::Qwen2Vl, &["visual.blocks.0.attn.qkv.weight"]).unwrap();
+        assert!(q2.is_vision_output("visual.merger.mlp.2") && !q2.is_vision_output("visual.merger.mlp.0"));
+        let l = Layout::resolve(Family::Llava, &["multi_modal_projector.linear_1.weight"]).unwrap();
+        assert!(
+            l.is_vision_output("multi_modal_projector.linear_2")
+                && !l.is_vision_output("multi_modal_projector.linear_1")
+        );
+        assert!(!Layout::resolve(Family::Llama, &[]).unwrap().is_vision_output("lm_head"));
     }
 
     #[test]

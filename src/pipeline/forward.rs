@@ -62,6 +62,11 @@ pub trait ModelWeights {
     fn release(&self, _kind: UnitKind) {}
     /// Starts reading a unit ahead of use.
     fn prefetch(&self, _kind: UnitKind) {}
+    /// Whether these weights have their own output projection although the model ties it to the
+    /// embeddings (an output whose rotation untied them).
+    fn untied(&self) -> bool {
+        false
+    }
 }
 
 /// The token embedding table `[vocab, hidden]`.
@@ -86,7 +91,9 @@ pub fn decoder_layer(src: &dyn ModelWeights, i: usize) -> Result<(Box<dyn Decode
 pub fn head(src: &dyn ModelWeights) -> Result<Head> {
     let (w, _) = src.weights(UnitKind::Head)?;
     let model = src.model();
-    Head::new(&model.text, &model.layout, w, || embedding_table(src))
+    let mut text = model.text.clone();
+    text.tie_word_embeddings &= !src.untied();
+    Head::new(&text, &model.layout, w, || embedding_table(src))
 }
 
 /// A checkpoint opened for float forwards: its units are loaded one at a time on demand.
@@ -149,6 +156,13 @@ pub struct QuantizedModel<'a> {
 impl ModelWeights for QuantizedModel<'_> {
     fn model(&self) -> &Model {
         &self.float.model
+    }
+
+    fn untied(&self) -> bool {
+        let config = crate::io::checkpoint::read_config(&self.output.dir).ok();
+        let tied = |c: &serde_json::Value| c.get("tie_word_embeddings").and_then(|v| v.as_bool());
+        let flag = config.as_ref().and_then(|c| tied(c).or_else(|| c.get("text_config").and_then(tied)));
+        flag == Some(false) && self.float.model.text.tie_word_embeddings
     }
 
     fn weights(&self, kind: UnitKind) -> Result<(Weights, Simulate)> {

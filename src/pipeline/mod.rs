@@ -116,8 +116,10 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
     let calibrated = needs_calibration(&recipe, &units)?;
     if calibrated {
+        let embed = units.iter().flat_map(|u| u.tensors.iter()).find(|t| t.name() == model.layout.embed_tokens());
+        let embed = embed.map(|t| t.meta.clone());
         for u in &mut units {
-            u.tensors.extend(calibrate::planned_additions(&model, &recipe, u)?);
+            u.tensors.extend(calibrate::planned_additions(&model, &recipe, u, embed.as_ref())?);
             u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
         }
     }
@@ -138,7 +140,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
 /// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a
 /// static activation range or GPTQ weights.
 fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bool> {
-    if calibrate::smoothing::Smoothing::from_recipe(recipe)?.is_some() {
+    if calibrate::smoothing::Algorithms::from_recipe(recipe)?.any() {
         return Ok(true);
     }
     Ok(units
@@ -713,7 +715,17 @@ fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Ex
     if plan.shards.files.len() > 1 {
         write_atomically(&save.join(exporter.index_file()), &plan.shards.index_json()?)?;
     }
-    let mut config = serde_json::to_vec_pretty(&exporter.output_config(&ckpt.config))?;
+    let mut config = exporter.output_config(&ckpt.config);
+    if calibrate::unties_embeddings(&plan.model, &plan.recipe)? {
+        // The rotated head is its own tensor now (see calibrate::quarot).
+        if let Some(o) = config.as_object_mut() {
+            o.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+            if let Some(t) = o.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+                t.insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+            }
+        }
+    }
+    let mut config = serde_json::to_vec_pretty(&config)?;
     config.push(b'\n');
     write_atomically(&save.join(checkpoint::CONFIG), &config)?;
     for f in ckpt.companion_files()? {
@@ -721,8 +733,16 @@ fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Ex
         write_atomically(&save.join(f.file_name().unwrap()), &bytes)?;
     }
     let outputs: Vec<_> = plan.outputs().cloned().collect();
-    for (name, bytes) in exporter.metadata_files(&outputs, &plan.specs())? {
-        write_atomically(&save.join(name), &bytes)?;
+    let rotation = match calibrate::smoothing::Algorithms::from_recipe(&plan.recipe)?.quarot {
+        Some(q) if q.export => Some(q.rotations(&plan.model)?.residual.matrix()),
+        _ => None,
+    };
+    for (name, bytes) in exporter.metadata_files(&outputs, &plan.specs(), rotation.as_ref().map(|q| q.view()))? {
+        let path = save.join(&name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        write_atomically(&path, &bytes)?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Collects statistics of every linear's input, once per distinct input (q/k/v share one).
 #[derive(Default)]
-pub struct Observe {
+pub struct Observe<'a> {
     /// Which linears read the same input (observed once, under the group's name).
     pub groups: InputGroups,
     pub stats: BTreeMap<String, ChannelStats>,
@@ -20,12 +20,17 @@ pub struct Observe {
     pub hessians: BTreeMap<String, Hessian>,
     /// When set, only these histograms are filled (the second pass, on the smoothed layer).
     pub histograms: Option<BTreeMap<String, Histogram>>,
+    /// Linears already quantized, computed as the quantized model will (GPTQ's true-sequential
+    /// passes); the others compute in float.
+    pub through: Option<&'a Simulate>,
+    /// The input groups in the order the forward first reached them.
+    pub order: Vec<String>,
     seen: BTreeSet<String>,
 }
 
-impl Observe {
+impl Observe<'_> {
     /// An observer of the linears' inputs, grouped as `groups` says.
-    pub fn new(groups: InputGroups) -> Observe {
+    pub fn new(groups: InputGroups) -> Observe<'static> {
         Observe { groups, ..Observe::default() }
     }
 
@@ -35,10 +40,13 @@ impl Observe {
     }
 }
 
-impl LinearHook for Observe {
+impl LinearHook for Observe<'_> {
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
         let group = self.groups.of(name);
         if self.seen.insert(group.clone()) {
+            if !self.order.contains(&group) {
+                self.order.push(group.clone());
+            }
             match &mut self.histograms {
                 Some(hs) => {
                     if let Some(h) = hs.get_mut(&group) {
@@ -53,7 +61,10 @@ impl LinearHook for Observe {
                 }
             }
         }
-        layer.forward(device, x)
+        match self.through.and_then(|s| s.linears.get(name)) {
+            Some(q) => q.forward(device, x),
+            None => layer.forward(device, x),
+        }
     }
 }
 
@@ -98,6 +109,14 @@ pub struct SimLinear {
     pub act: ActSim,
 }
 
+impl SimLinear {
+    /// The linear as the quantized kernel computes it.
+    pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>) -> Array2<f32> {
+        let xq = self.act.apply(x);
+        self.linear.forward(device, xq.view())
+    }
+}
+
 /// Runs the named linears as quantized, the others in float.
 #[derive(Default)]
 pub struct Simulate {
@@ -107,10 +126,7 @@ pub struct Simulate {
 impl LinearHook for Simulate {
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
         match self.linears.get(name) {
-            Some(s) => {
-                let xq = s.act.apply(x);
-                s.linear.forward(device, xq.view())
-            }
+            Some(s) => s.forward(device, x),
             None => layer.forward(device, x),
         }
     }

@@ -4,19 +4,25 @@
 //! resident. Vision-language samples first go through the vision tower, block by block (its
 //! linears calibrated on the image activations the same way, without smoothing); the embeddings
 //! unit splices the image features into the token embeddings. For each decoder layer:
-//! 1. run the float layer on every sample, observing each linear's input (per-channel ranges,
-//!    and the Hessian where GPTQ needs it);
-//! 2. fold the recipe's smoothing into the weights (norm→linears, v→o, up→down), transforming
-//!    the statistics exactly instead of observing again;
+//! 0. fold the recipe's QuaRot rotation into the weights ([`quarot`]; the embeddings, the head and
+//!    the vision mergers feeding the text stream are rotated in their own units);
+//! 1. run the float layer on every sample, observing each linear's input (per-channel ranges and
+//!    magnitudes, and the Hessian where GPTQ or AWQ needs it);
+//! 2. fold the recipe's smoothing into the weights (norm→linears, v→o, up→down) — SmoothQuant's,
+//!    m2's and iter_smooth's formula, or AWQ's searched scales followed by its clip search —
+//!    transforming the statistics exactly instead of observing again;
 //! 3. if a static scheme measures its range with a histogram, run the smoothed layer once more
 //!    to fill the histograms;
 //! 4. quantize every linear (GPTQ or round-to-nearest; static activation ranges) and hand the
-//!    tensors to the writer;
+//!    tensors to the writer. With GPTQ's `true_sequential`, the layer's linears are quantized in
+//!    stages (q/k/v, then o, then gate/up, then down, as the layer graph orders them), each
+//!    stage's Hessians gathered by a pass that computes the earlier stages as quantized;
 //! 5. run the layer as the quantized model computes it; its outputs are the next layer's inputs
 //!    (errors propagate as at inference) and are saved as the unit's activation snapshot, so a
 //!    resumed run continues from exactly here.
 
 pub mod hooks;
+pub mod quarot;
 pub mod smoothing;
 #[cfg(test)]
 mod smoothing_parity;
@@ -29,22 +35,25 @@ use super::stages::UnitProcessor;
 use crate::device::Device;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
-use crate::model::decoder::{self, embed, ForwardOptions, InputGroups};
+use crate::model::decoder::{self, embed, ForwardOptions, InputGroups, LayerGraph};
 use crate::model::layout::UnitKind;
 use crate::model::rope::Positions;
 use crate::model::vision::{self, VisionInput, VisionOutput, VisionState, VisionTower};
 use crate::model::weights::Weights;
 use crate::model::{LogicalTensor, Model, Source};
+use crate::quant::awq::{self, Consumer};
 use crate::quant::gptq::{self, GptqConfig, HessianFactor};
 use crate::quant::observer::{Histogram, HISTOGRAM_BINS};
-use crate::quant::smooth::{smooth_linear_linear, smooth_norm_linears, smooth_ov, Heads};
+use crate::quant::rotation::{fuse_norm, rotate_input, rotate_rows};
+use crate::quant::smooth::{self, consumer_map, fold_linear_linear, fold_norm_linears, fold_ov, ConsumerMap, Heads};
 use crate::quant::spec::{ActMethod, WeightMethod};
 use crate::quant::{act_range, rtn, ActQuant, QuantSpec, QuantizedLinear, Recipe};
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use hooks::{dequantize_weight, ActSim, Observe, SimLinear, Simulate};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use smoothing::{layer_subgraphs, Kind, Smoothing, Subgraph};
+use quarot::Rotations;
+use smoothing::{layer_subgraphs, Algorithms, Kind, Smoothing, Subgraph};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +76,8 @@ pub struct Calibrator<'a> {
     pub exporter: &'a dyn Exporter,
     pub device: &'a dyn Device,
     pub smoothing: Option<Smoothing>,
+    /// The recipe's QuaRot rotations, built once from their seed.
+    pub rotations: Option<Rotations>,
     pub samples: Vec<CalibSample>,
     /// Where activation snapshots go.
     pub save: PathBuf,
@@ -100,13 +111,19 @@ impl<'a> Calibrator<'a> {
             true => Some(VisionTower::from_model(model)?),
             false => None,
         };
+        let algorithms = Algorithms::from_recipe(recipe)?;
+        let rotations = algorithms.quarot.as_ref().map(|q| q.rotations(model)).transpose()?;
+        if let Some(r) = &rotations {
+            eprintln!("quarot: {}", r.describe());
+        }
         Ok(Calibrator {
             ckpt,
             model,
             recipe,
             exporter,
             device,
-            smoothing: Smoothing::from_recipe(recipe)?,
+            smoothing: algorithms.smoothing,
+            rotations,
             samples,
             save,
             activation_budget,
@@ -230,9 +247,26 @@ impl<'a> Calibrator<'a> {
         let name = self.model.layout.embed_tokens();
         let t =
             up.unit.tensors.iter().find(|t| t.name() == name).with_context(|| format!("tensor {name} is missing"))?;
-        let w = Weights::load_tensors(self.ckpt, std::iter::once(t), "")?;
-        let table: Array2<f32> = w.matrix(&name)?;
-        self.data_free(up, emit)?;
+        let mut w = Weights::load_tensors(self.ckpt, std::iter::once(t), "")?;
+        let mut table: Array2<f32> = w.matrix(&name)?;
+        match &self.rotations {
+            None => self.data_free(up, emit)?,
+            Some(r) => {
+                // The stream starts rotated; compute with the table as it is stored.
+                rotate_rows(&mut table, &r.residual)?;
+                let stored =
+                    Tensor::from_f32_as(t.meta.dtype, &t.meta.shape, table.as_slice().expect("standard layout"))?;
+                table = Array2::from_shape_vec(table.dim(), stored.to_f32()?)?;
+                w.set(&name, table.clone().into_dyn());
+                let modified = BTreeSet::from([name.clone()]);
+                for job in &up.jobs {
+                    match job {
+                        Job::Keep(t) => emit(vec![self.keep(t, &w, "", &modified)?])?,
+                        Job::Quantize { module, .. } => bail!("{module}: quantizing the embeddings is not supported"),
+                    }
+                }
+            }
+        }
         let rope_index = forward::rope_index(self.model, self.features.iter().any(Option::is_some))?;
         self.commit_state(index, |this, s| {
             let sample = &this.samples[s];
@@ -254,6 +288,14 @@ impl<'a> Calibrator<'a> {
     /// block (and the mergers / projector) is calibrated on them like a decoder layer, without
     /// smoothing, then computed as quantized to give the next unit's input.
     fn vision_unit(&mut self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+        let kind = up.unit.kind;
+        // The mergers' outputs join the text stream: rotate them with it.
+        let rotate = |w: &mut Weights| -> Result<BTreeSet<String>> {
+            match (&self.rotations, kind) {
+                (Some(r), UnitKind::VisionPost) => quarot::rotate_vision_outputs(w, &self.model.layout, r),
+                _ => Ok(BTreeSet::new()),
+            }
+        };
         let Some(tower) = self.tower.clone() else {
             // No sample has an image: the tower sees no data, and only data-free schemes can go.
             if let Some(module) = needs_data(up) {
@@ -262,10 +304,15 @@ impl<'a> Calibrator<'a> {
                      give --calib_data a folder of images or a listing with \"image\" entries"
                 );
             }
+            if self.rotations.is_some() && kind == UnitKind::VisionPost {
+                let mut w = vision::load_unit(self.ckpt, &self.model.layout, &up.unit)?;
+                let modified = rotate(&mut w)?;
+                return self.write_from_weights(up, &w, &modified, emit);
+            }
             return self.data_free(up, emit);
         };
-        let kind = up.unit.kind;
         let mut w = vision::load_unit(self.ckpt, &self.model.layout, &up.unit)?;
+        let rotated = rotate(&mut w)?;
         let device = self.device;
         if kind == UnitKind::VisionPre {
             self.data_free(up, emit)?;
@@ -293,7 +340,7 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), &pass, emit)?;
+        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), None, rotated, &pass, emit)?;
         match kind {
             UnitKind::VisionBlock(i) => {
                 for st in self.vision.iter_mut().flatten() {
@@ -308,6 +355,66 @@ impl<'a> Calibrator<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Writes a unit from weights transformed in memory (`modified` names the changed tensors,
+    /// relative to `w.prefix`) without calibration data: float tensors in their stored dtype,
+    /// quantized linears rounded to nearest.
+    fn write_from_weights(
+        &self,
+        up: &UnitPlan,
+        w: &Weights,
+        modified: &BTreeSet<String>,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(module) = needs_data(up) {
+            bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
+        }
+        let prefix = &w.prefix;
+        for job in &up.jobs {
+            let out = match job {
+                Job::Keep(t) => vec![self.keep(t, w, prefix, modified)?],
+                Job::Quantize { module, spec, bias, .. } => {
+                    let rel = module.strip_prefix(prefix.as_str()).unwrap_or(module);
+                    let linear = w.linear(rel)?;
+                    let flat: Vec<f32> = linear.weight.iter().copied().collect();
+                    let weight = rtn::quantize(&flat, linear.out_features(), linear.in_features(), spec);
+                    let ql = QuantizedLinear {
+                        spec: *spec,
+                        weight,
+                        bias: linear.bias.map(|b| b.to_vec()),
+                        write_bias: bias.is_some(),
+                        input: None,
+                    };
+                    self.exporter.linear_tensors(module, &ql)
+                }
+            };
+            emit(out)?;
+        }
+        Ok(())
+    }
+
+    /// The final norm and the output projection: with QuaRot, the norm is folded into `lm_head`
+    /// and `lm_head` reads the rotated stream; tied embeddings are untied (`lm_head.weight` is a
+    /// tensor the plan added).
+    fn head_unit(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+        let Some(r) = &self.rotations else { return self.data_free(up, emit) };
+        let layout = &self.model.layout;
+        let mut w = Weights::load(self.ckpt, &up.unit, "")?;
+        let (norm_name, head_name) = (layout.final_norm(), layout.lm_head_weight());
+        if !w.has(&head_name) {
+            let embed = layout.embed_tokens();
+            let (shape, table) = self.ckpt.read_f32(&embed)?;
+            w.set(&head_name, ArrayD::from_shape_vec(IxDyn(&shape), table)?);
+        }
+        let mut g: Array1<f32> = w.vector(&norm_name)?;
+        let mut lm_head = w.linear(&layout.lm_head)?;
+        fuse_norm(&mut g, &mut None, &mut [&mut lm_head])?;
+        rotate_input(&mut lm_head, &r.residual).with_context(|| format!("quarot: {}", layout.lm_head))?;
+        w.set(&norm_name, g.into_dyn());
+        w.set(&head_name, lm_head.weight.into_dyn());
+        let modified = BTreeSet::from([norm_name, head_name]);
+        self.write_from_weights(up, &w, &modified, emit)
     }
 
     fn data_free(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
@@ -333,6 +440,10 @@ impl<'a> Calibrator<'a> {
         let original_bias = bias_modules(&w);
         let full = |r: &str| format!("{prefix}{r}");
         let graph = decoder::graph(model, i);
+        let rotated = match &self.rotations {
+            Some(r) => quarot::rotate_layer(&mut w, &graph, r, model.text.num_heads, model.text.num_kv_heads)?,
+            None => BTreeSet::new(),
+        };
         let subgraphs = match &self.smoothing {
             Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| original_bias.contains(r)),
             None => Vec::new(),
@@ -347,7 +458,8 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &graph.input_groups(), &pass, emit)?;
+        let groups = graph.input_groups();
+        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &groups, Some(&graph), rotated, &pass, emit)?;
 
         // The quantized layer's outputs are the next layer's inputs.
         let layer = decoder::layer(model, i, w)?;
@@ -367,13 +479,17 @@ impl<'a> Calibrator<'a> {
     /// every sample through the hook it is given), fold the smoothing `subgraphs` into `w`, fill
     /// histograms, quantize every linear and hand each job's tensors to `emit`. Returns the hook
     /// that computes the unit as the quantized model will. `groups` says which linears read the
-    /// same input.
+    /// same input, `graph` (decoder layers) how they connect; `modified` names the tensors of `w`
+    /// already changed (by QuaRot).
+    #[allow(clippy::too_many_arguments)]
     fn calibrate_linears(
         &self,
         up: &UnitPlan,
         w: &mut Weights,
         subgraphs: &[Subgraph],
         groups: &InputGroups,
+        graph: Option<&LayerGraph>,
+        mut modified: BTreeSet<String>,
         pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
         emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
     ) -> Result<Simulate> {
@@ -389,6 +505,7 @@ impl<'a> Calibrator<'a> {
                 Job::Keep(_) => None,
             })
             .collect();
+        let awq = self.smoothing.as_ref().and_then(|s| s.awq.as_ref()).filter(|_| !subgraphs.is_empty());
 
         // 1. Observe the float unit.
         let mut obs = Observe::new(groups.clone());
@@ -397,20 +514,39 @@ impl<'a> Calibrator<'a> {
             .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
             .map(|(m, _)| groups.of(m))
             .collect();
+        if awq.is_some() {
+            obs.hessian_groups.extend(subgraphs.iter().map(|sg| groups.of(&sg.consumers[0])));
+        }
         pass(self, w, &mut obs)?;
         for (g, st) in &obs.stats {
             ensure!(st.nonfinite == 0, "{prefix}{g}: the calibration activations hold {} NaN/Inf values", st.nonfinite);
         }
 
-        // 2. Smooth.
+        // 2. Smooth (or AWQ: search the scales, fold them, then search the clip ranges).
         let stored_dtype = |r: &str| up.unit.tensors.iter().find(|t| t.name() == full(r)).map(|t| t.meta.dtype);
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
-        let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in subgraphs {
             let (shift, scales) = self
                 .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype)
                 .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(groups.of(&sg.consumers[0]), (shift, scales));
+        }
+        let hessian_of = |g: &str| -> Result<Array2<f32>> {
+            let h = obs.hessians.get(g).with_context(|| format!("{prefix}{g}: no Hessian was gathered"))?;
+            Ok(match maps.get(g) {
+                Some((z, s)) => h.smoothed(z.as_deref(), s).matrix(),
+                None => h.matrix(),
+            })
+        };
+        if let Some(a) = awq {
+            let consumers: BTreeSet<&String> = subgraphs.iter().flat_map(|sg| sg.consumers.iter()).collect();
+            for (m, spec) in quantized.iter().filter(|(m, _)| consumers.contains(m) && a.clips(&full(m))) {
+                let mut l = w.linear(m)?;
+                let h = hessian_of(&groups.of(m))?;
+                awq::search_clip(&mut l.weight, spec, h.view(), &a.cfg)
+                    .with_context(|| format!("AWQ clip on {prefix}{m}"))?;
+                put_linear(w, m, l, &mut modified);
+            }
         }
         let stats_of = |g: &str| -> Result<crate::quant::observer::ChannelStats> {
             let st = obs.stats.get(g).with_context(|| format!("{prefix}{g} saw no calibration input"))?;
@@ -419,7 +555,7 @@ impl<'a> Calibrator<'a> {
                 None => st.clone(),
             })
         };
-        // Float tensors the smoothing changed are stored in their dtype: compute with that. (A
+        // Float tensors the transforms changed are stored in their dtype: compute with that. (A
         // quantized linear's weight is quantized from f32, its bias written in f32.)
         for name in &modified {
             if !quantized.iter().any(|(m, _)| name == &format!("{m}.weight") || name == &format!("{m}.bias")) {
@@ -450,84 +586,116 @@ impl<'a> Calibrator<'a> {
             histograms = obs2.histograms.unwrap();
         }
 
-        // 4. Quantize, and hand the tensors over.
-        let mut factors: BTreeMap<String, HessianFactor> = BTreeMap::new();
+        // 4. Quantize, stage by stage, and hand the tensors over.
+        let sequential = quantized.iter().any(|(_, s)| s.weight_method == WeightMethod::Gptq && s.true_sequential);
+        let stages = match sequential {
+            true => true_sequential_stages(&obs.order, graph, groups),
+            false => vec![obs.order.clone()],
+        };
+        let mut factors: BTreeMap<(String, bool), HessianFactor> = BTreeMap::new();
         let mut sim = Simulate::default();
-        for job in &up.jobs {
-            let out = match job {
-                Job::Keep(t) => vec![self.keep(t, w, &prefix, &modified)?],
-                Job::Quantize { module, spec, .. } => {
-                    let m = rel(module);
-                    let g = groups.of(&m);
-                    let linear = w.linear(&m)?;
-                    let weight = match spec.weight_method {
-                        WeightMethod::MinMax => {
-                            let flat: Vec<f32> = linear.weight.iter().copied().collect();
-                            rtn::quantize(&flat, linear.out_features(), linear.in_features(), spec)
-                        }
-                        WeightMethod::Gptq => {
-                            if !factors.contains_key(&g) {
-                                let h = obs
-                                    .hessians
-                                    .get(&g)
-                                    .with_context(|| format!("{module}: no Hessian was gathered"))?;
-                                let h = match maps.get(&g) {
-                                    Some((z, s)) => h.smoothed(z.as_deref(), s),
-                                    None => h.clone(),
-                                };
-                                factors
-                                    .insert(g.clone(), HessianFactor::new(h.matrix().view(), &GptqConfig::default())?);
-                            }
-                            let (q, report) = gptq::quantize_with(
-                                self.device,
-                                linear.weight.view(),
-                                &factors[&g],
-                                spec,
-                                &GptqConfig::default(),
-                            )
-                            .with_context(|| format!("GPTQ on {module}"))?;
-                            if report.fell_back_to_rtn {
-                                eprintln!(
-                                    "warning: {module}: the Hessian could not be factored; rounded to nearest instead"
-                                );
-                            }
-                            q
-                        }
-                    };
-                    let input = match spec.act {
-                        ActQuant::PerTensorStatic { symmetric } => Some(match spec.act_method {
-                            ActMethod::MinMax => {
-                                let (lo, hi) = stats_of(&g)?.tensor_range().unwrap_or((0.0, 0.0));
-                                act_range::minmax_range(lo, hi, symmetric)
-                            }
-                            ActMethod::Histogram => act_range::histogram_range(&histograms[&g], symmetric),
-                        }),
-                        _ => None,
-                    };
-                    let act = match (spec.act, input) {
-                        (ActQuant::PerTensorStatic { .. }, Some(r)) => ActSim::Static(r),
-                        (ActQuant::PerToken, _) => ActSim::PerToken { bits: spec.act_bits },
-                        _ => ActSim::None,
-                    };
-                    let bias = linear.bias.clone();
-                    sim.linears.insert(
-                        m.clone(),
-                        SimLinear {
-                            linear: crate::model::nn::Linear { weight: dequantize_weight(&weight), bias: bias.clone() },
-                            act,
-                        },
-                    );
-                    let ql = QuantizedLinear {
-                        spec: *spec,
-                        weight,
-                        bias: bias.map(|b| b.to_vec()),
-                        write_bias: original_bias.contains(&m),
-                        input,
-                    };
-                    self.exporter.linear_tensors(module, &ql)
+        let mut done: BTreeSet<String> = BTreeSet::new();
+        for (k, stage) in stages.iter().enumerate() {
+            let in_stage = |m: &str| stage.contains(&groups.of(m));
+            // Later stages see the earlier ones quantized: gather their GPTQ Hessians again.
+            let fresh = if k > 0 {
+                let gptq: BTreeSet<String> = quantized
+                    .iter()
+                    .filter(|(m, s)| in_stage(m) && s.weight_method == WeightMethod::Gptq)
+                    .map(|(m, _)| groups.of(m))
+                    .collect();
+                if gptq.is_empty() {
+                    BTreeMap::new()
+                } else {
+                    let mut o = Observe::new(groups.clone());
+                    o.hessian_groups = gptq;
+                    o.through = Some(&sim);
+                    pass(self, w, &mut o)?;
+                    o.hessians
                 }
+            } else {
+                BTreeMap::new()
             };
-            emit(out)?;
+            for job in &up.jobs {
+                let Job::Quantize { module, spec, .. } = job else { continue };
+                let m = rel(module);
+                if !in_stage(&m) {
+                    continue;
+                }
+                let g = groups.of(&m);
+                let linear = w.linear(&m)?;
+                let weight = match spec.weight_method {
+                    WeightMethod::MinMax => {
+                        let flat: Vec<f32> = linear.weight.iter().copied().collect();
+                        rtn::quantize(&flat, linear.out_features(), linear.in_features(), spec)
+                    }
+                    WeightMethod::Gptq => {
+                        let key = (g.clone(), spec.act_order);
+                        if !factors.contains_key(&key) || fresh.contains_key(&g) {
+                            let h = match fresh.get(&g) {
+                                Some(h) => h.matrix(),
+                                None => hessian_of(&g).with_context(|| format!("GPTQ on {module}"))?,
+                            };
+                            let f = HessianFactor::with_order(h.view(), &GptqConfig::default(), spec.act_order)?;
+                            factors.insert(key.clone(), f);
+                        }
+                        let (q, report) = gptq::quantize_with(
+                            self.device,
+                            linear.weight.view(),
+                            &factors[&key],
+                            spec,
+                            &GptqConfig::default(),
+                        )
+                        .with_context(|| format!("GPTQ on {module}"))?;
+                        if report.fell_back_to_rtn {
+                            eprintln!(
+                                "warning: {module}: the Hessian could not be factored; rounded to nearest instead"
+                            );
+                        }
+                        q
+                    }
+                };
+                let input = match spec.act {
+                    ActQuant::PerTensorStatic { symmetric } => Some(match spec.act_method {
+                        ActMethod::MinMax => {
+                            let (lo, hi) = stats_of(&g)?.tensor_range().unwrap_or((0.0, 0.0));
+                            act_range::minmax_range(lo, hi, symmetric)
+                        }
+                        ActMethod::Histogram => act_range::histogram_range(&histograms[&g], symmetric),
+                    }),
+                    _ => None,
+                };
+                let act = match (spec.act, input) {
+                    (ActQuant::PerTensorStatic { .. }, Some(r)) => ActSim::Static(r),
+                    (ActQuant::PerToken, _) => ActSim::PerToken { bits: spec.act_bits },
+                    _ => ActSim::None,
+                };
+                let bias = linear.bias.clone();
+                sim.linears.insert(
+                    m.clone(),
+                    SimLinear {
+                        linear: crate::model::nn::Linear { weight: dequantize_weight(&weight), bias: bias.clone() },
+                        act,
+                    },
+                );
+                let ql = QuantizedLinear {
+                    spec: *spec,
+                    weight,
+                    bias: bias.map(|b| b.to_vec()),
+                    write_bias: original_bias.contains(&m),
+                    input,
+                };
+                emit(self.exporter.linear_tensors(module, &ql))?;
+                done.insert(m);
+            }
+        }
+        if let Some((m, _)) = quantized.iter().find(|(m, _)| !done.contains(m)) {
+            bail!("{prefix}{m} saw no calibration input (the forward never computed it)");
+        }
+        for job in &up.jobs {
+            if let Job::Keep(t) = job {
+                emit(vec![self.keep(t, w, &prefix, &modified)?])?;
+            }
         }
         Ok(sim)
     }
@@ -544,7 +712,8 @@ impl<'a> Calibrator<'a> {
         Ok(out.remove(0))
     }
 
-    /// Folds one subgraph's smoothing into `w`; returns the map its consumers' input went through.
+    /// Folds one subgraph's smoothing (or AWQ scales) into `w`; returns the map its consumers'
+    /// input went through.
     fn apply_smoothing(
         &self,
         w: &mut Weights,
@@ -561,13 +730,35 @@ impl<'a> Calibrator<'a> {
         let stats = obs.stats.get(&group).with_context(|| format!("{group} saw no calibration input"))?;
         let mut linears: Vec<crate::model::nn::Linear> =
             sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
-        let report = match &sg.kind {
+        let heads = Heads { num_heads: self.model.text.num_heads, num_kv_heads: self.model.text.num_kv_heads };
+        let kind = match sg.kind {
+            Kind::NormLinear { .. } => smooth::Subgraph::NormLinear,
+            Kind::Ov { .. } => smooth::Subgraph::Ov(heads),
+            Kind::UpDown { .. } => smooth::Subgraph::LinearLinear,
+        };
+        let mut map = match &s.awq {
+            None => {
+                let consumers: Vec<&crate::model::nn::Linear> = linears.iter().collect();
+                consumer_map(kind, &consumers, stats, &cfg)?
+            }
+            Some(a) => {
+                let specs: Vec<Option<QuantSpec>> =
+                    sg.consumers.iter().map(|c| self.recipe.linear_spec(&format!("{}{c}", w.prefix))).collect();
+                let consumers: Vec<Consumer> =
+                    linears.iter().zip(&specs).map(|(l, spec)| Consumer { linear: l, spec: spec.as_ref() }).collect();
+                let x_mean = stats.abs_mean().context("AWQ needs the activations' mean magnitudes")?;
+                let h = obs.hessians.get(&group).with_context(|| format!("{group}: no Hessian was gathered"))?;
+                let choice = awq::search_scales(self.device, kind, &consumers, &x_mean, h.matrix().view(), &a.cfg)?;
+                ConsumerMap { shift: None, scales: choice.scales }
+            }
+        };
+        match &sg.kind {
             Kind::NormLinear { norm } => {
                 let mut g: Array1<f32> = w.vector(&format!("{norm}.weight"))?;
                 let bias_name = format!("{norm}.bias");
                 let mut b = if w.has(&bias_name) { Some(w.vector(&bias_name)?) } else { None };
                 let mut refs: Vec<&mut crate::model::nn::Linear> = linears.iter_mut().collect();
-                let mut rep = smooth_norm_linears(&mut g, &mut b, &mut refs, stats, &cfg)?;
+                fold_norm_linears(&mut g, &mut b, &mut refs, &map)?;
                 // The norm is written in its stored dtype (bf16, fp16), the linears are quantized
                 // from f32: fold what will be stored, so the float model stays exact.
                 if let Some(dtype) = stored(&format!("{norm}.weight")).filter(|d| *d != DType::F32) {
@@ -592,7 +783,7 @@ impl<'a> Calibrator<'a> {
                     if let Some(nb) = &mut b {
                         *nb = round(nb)?;
                     }
-                    rep.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
+                    map.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
                     g = g_stored;
                 }
                 w.set(&format!("{norm}.weight"), g.into_dyn());
@@ -601,26 +792,47 @@ impl<'a> Calibrator<'a> {
                     w.set(&bias_name, b.into_dyn());
                     modified.insert(bias_name);
                 }
-                rep
             }
             Kind::Ov { producer } | Kind::UpDown { producer } => {
                 let mut p = w.linear(producer)?;
-                let rep = if matches!(sg.kind, Kind::Ov { .. }) {
-                    let heads =
-                        Heads { num_heads: self.model.text.num_heads, num_kv_heads: self.model.text.num_kv_heads };
-                    smooth_ov(&mut p, &mut linears[0], stats, heads, &cfg)?
+                if matches!(sg.kind, Kind::Ov { .. }) {
+                    fold_ov(&mut p, &mut linears[0], &map.scales, heads)?;
                 } else {
-                    smooth_linear_linear(&mut p, &mut linears[0], stats, &cfg)?
-                };
+                    fold_linear_linear(&mut p, &mut linears[0], &map.scales)?;
+                }
                 put_linear(w, producer, p, modified);
-                rep
             }
-        };
+        }
         for (c, l) in sg.consumers.iter().zip(linears) {
             put_linear(w, c, l, modified);
         }
-        Ok((report.shift, report.scales))
+        Ok((map.shift, map.scales))
     }
+}
+
+/// GPTQ's true-sequential stages of a layer: its input groups in the order the forward computes
+/// them, each in the stage after the last one its input depends on. A linear fed channel for
+/// channel by another (the graph's v → o, up → down) follows its producer's stage; a norm's
+/// consumers read the residual stream, which every earlier stage wrote, so they start a stage
+/// after all of them. Without a graph every group is a stage of its own.
+fn true_sequential_stages(order: &[String], graph: Option<&LayerGraph>, groups: &InputGroups) -> Vec<Vec<String>> {
+    let producer: BTreeMap<String, String> = graph
+        .map(|g| g.linear_linears.iter().map(|(p, c, _)| (groups.of(c), groups.of(p))).collect())
+        .unwrap_or_default();
+    let mut stage: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut stages: Vec<Vec<String>> = Vec::new();
+    for g in order {
+        let s = match producer.get(g).and_then(|p| stage.get(p.as_str())) {
+            Some(&p) => p + 1,
+            None => stages.len(),
+        };
+        stage.insert(g, s);
+        if stages.len() <= s {
+            stages.resize(s + 1, Vec::new());
+        }
+        stages[s].push(g.clone());
+    }
+    stages
 }
 
 /// The first linear of the unit whose scheme needs calibration data.
@@ -660,6 +872,7 @@ impl UnitProcessor for Calibrator<'_> {
             UnitKind::Embed => self.embed_unit(index, up, emit),
             UnitKind::TextLayer(i) => self.text_layer(index, i, up, emit),
             k if is_vision(k) => self.vision_unit(up, emit),
+            UnitKind::Head => self.head_unit(up, emit),
             _ => self.data_free(up, emit),
         }?;
         for t in &up.unit.tensors {
@@ -669,9 +882,33 @@ impl UnitProcessor for Calibrator<'_> {
     }
 }
 
-/// The tensors smoothing adds to a decoder layer (a norm's bias when a shift is folded into a
-/// norm that had none), as the plan must list them.
-pub fn planned_additions(model: &Model, recipe: &Recipe, unit: &crate::model::Unit) -> Result<Vec<LogicalTensor>> {
+/// Whether the recipe's rotation unties tied embeddings (QuaRot rotates the head, which then
+/// differs from the embedding table).
+pub fn unties_embeddings(model: &Model, recipe: &Recipe) -> Result<bool> {
+    Ok(model.text.tie_word_embeddings && Algorithms::from_recipe(recipe)?.quarot.is_some())
+}
+
+/// The tensors the algorithms add to a unit, as the plan must list them: a norm's bias when a
+/// smoothing shift is folded into a norm that had none; `lm_head.weight` when QuaRot unties tied
+/// embeddings (`embed` is the embedding table's meta, whose dtype and shape it takes).
+pub fn planned_additions(
+    model: &Model,
+    recipe: &Recipe,
+    unit: &crate::model::Unit,
+    embed: Option<&crate::tensor::TensorMeta>,
+) -> Result<Vec<LogicalTensor>> {
+    if unit.kind == UnitKind::Head && unties_embeddings(model, recipe)? {
+        let name = model.layout.lm_head_weight();
+        if unit.tensors.iter().any(|t| t.name() == name) {
+            return Ok(Vec::new());
+        }
+        let e = embed.with_context(|| format!("untying {name}: the checkpoint has no embedding table"))?;
+        eprintln!("quarot: {name} becomes its own tensor (the rotated head differs from the embeddings); config.json gets tie_word_embeddings: false");
+        return Ok(vec![LogicalTensor {
+            meta: crate::tensor::TensorMeta::new(name.clone(), e.dtype, &e.shape),
+            source: Source::Computed(name),
+        }]);
+    }
     let (UnitKind::TextLayer(i), Some(s)) = (unit.kind, Smoothing::from_recipe(recipe)?) else { return Ok(Vec::new()) };
     let prefix = model.layout.unit_prefix(unit.kind);
     let names: BTreeSet<&str> = unit.tensors.iter().map(|t| t.name()).collect();

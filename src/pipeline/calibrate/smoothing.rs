@@ -1,80 +1,169 @@
 //! Which outlier-suppression subgraphs a recipe applies to a decoder layer, decided the same way
 //! at plan time (to know which tensors appear, such as a norm's new bias) and at run time.
 
+use super::quarot::QuaRotStep;
 use crate::model::decoder::{LayerGraph, LinearPath};
+use crate::quant::awq::AwqConfig;
 use crate::quant::smooth::SmoothConfig;
 use crate::quant::{ActQuant, Recipe};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-/// The smoothing step of a recipe.
+/// The algorithm steps of a recipe, in the order lamina runs them on every unit: QuaRot's
+/// rotation (folded before anything is observed), then one scaling step (SmoothQuant, m2,
+/// iter_smooth or AWQ), then the rounding each `linear_quant` qconfig asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Algorithms {
+    pub quarot: Option<QuaRotStep>,
+    pub smoothing: Option<Smoothing>,
+}
+
+/// Algorithm step types lamina runs. (`linear_quant` carries the scheme itself; GPTQ and the
+/// activation range method are `qconfig` settings.)
+pub const ALGORITHM_STEPS: [&str; 5] = ["quarot", "smooth_quant", "iter_smooth", "m2", "awq"];
+
+impl Algorithms {
+    /// The recipe's algorithm steps; unknown steps, two scaling steps, or a rotation after a
+    /// scaling step are refused.
+    pub fn from_recipe(recipe: &Recipe) -> Result<Algorithms> {
+        let mut found = Algorithms::default();
+        for step in recipe.algorithm_steps() {
+            if !ALGORITHM_STEPS.contains(&step.kind.as_str()) {
+                bail!(
+                    "recipe {}: step type {:?} is not supported (lamina runs linear_quant and the steps {})",
+                    recipe.name,
+                    step.kind,
+                    ALGORITHM_STEPS.join(", ")
+                );
+            }
+            if step.kind == "quarot" {
+                if found.quarot.is_some() {
+                    bail!("recipe {}: only one quarot step is supported", recipe.name);
+                }
+                if found.smoothing.is_some() {
+                    bail!(
+                        "recipe {}: quarot must come before the smoothing step (it rotates what smoothing measures)",
+                        recipe.name
+                    );
+                }
+                found.quarot = Some(QuaRotStep::from_step(step).with_context(|| format!("recipe {}", recipe.name))?);
+                continue;
+            }
+            if found.smoothing.is_some() {
+                bail!(
+                    "recipe {}: only one smoothing step (smooth_quant, iter_smooth, m2 or awq) is supported",
+                    recipe.name
+                );
+            }
+            found.smoothing = Some(Smoothing::from_step(&recipe.name, step)?);
+        }
+        Ok(found)
+    }
+
+    /// Whether any step needs data to flow through the model.
+    pub fn any(&self) -> bool {
+        self.quarot.is_some() || self.smoothing.is_some()
+    }
+}
+
+/// The smoothing (or AWQ) step of a recipe.
 #[derive(Debug, Clone)]
 pub struct Smoothing {
     pub cfg: SmoothConfig,
+    /// Set for an `awq` step: the scales come from AWQ's search instead of SmoothQuant's formula.
+    pub awq: Option<AwqStep>,
     pub norm_linear: bool,
     pub ov: bool,
     pub up_down: bool,
     step: crate::quant::recipe::Step,
 }
 
-/// Algorithm step types lamina runs. (`linear_quant` carries the scheme itself, GPTQ and the
-/// activation range method are `qconfig` settings.)
-const SMOOTHING_STEPS: [&str; 3] = ["smooth_quant", "iter_smooth", "m2"];
+/// An `awq` step's settings (AutoAWQ's defaults): `n_grid`, `duo_scaling`, `clip` (the clip
+/// search, default on), `max_shrink`, `clip_exclude` (globs of linears whose clip is not searched:
+/// AutoAWQ skips query and key projections, "due to qk bmm, it is hard to clip precisely").
+#[derive(Debug, Clone)]
+pub struct AwqStep {
+    pub cfg: AwqConfig,
+    pub clip: bool,
+    pub clip_exclude: Vec<String>,
+}
+
+impl AwqStep {
+    /// The query and key projections of the families lamina reads, which AutoAWQ does not clip.
+    pub const DEFAULT_CLIP_EXCLUDE: [&'static str; 6] =
+        ["*q_proj", "*k_proj", "*q_a_proj", "*q_b_proj", "*kv_a_proj_with_mqa", "*qkv*"];
+
+    pub fn clips(&self, module: &str) -> bool {
+        self.clip && !self.clip_exclude.iter().any(|p| crate::quant::glob::glob_match(p, module))
+    }
+}
 
 impl Smoothing {
-    /// The recipe's smoothing step, if any; unknown algorithm steps are refused.
-    pub fn from_recipe(recipe: &Recipe) -> Result<Option<Smoothing>> {
-        let mut found = None;
-        for step in recipe.algorithm_steps() {
-            if !SMOOTHING_STEPS.contains(&step.kind.as_str()) {
+    fn from_step(recipe: &str, step: &crate::quant::recipe::Step) -> Result<Smoothing> {
+        let p = &step.params;
+        let num = |k: &str| p.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+        let mut awq = None;
+        let mut cfg = match step.kind.as_str() {
+            "smooth_quant" => SmoothConfig::smooth_quant(num("alpha").unwrap_or(0.5)),
+            "iter_smooth" => {
+                let symmetric = p.get("symmetric").and_then(|v| v.as_bool()).unwrap_or(true);
+                let mut c = SmoothConfig::iter_smooth(symmetric);
+                c.alpha = num("alpha").unwrap_or(c.alpha);
+                c
+            }
+            "awq" => {
+                let d = AwqConfig::default();
+                let cfg = AwqConfig {
+                    grid: p.get("n_grid").and_then(|v| v.as_u64()).map_or(d.grid, |v| v as usize),
+                    duo_scaling: p.get("duo_scaling").and_then(|v| v.as_bool()).unwrap_or(d.duo_scaling),
+                    clip_grid: d.clip_grid,
+                    max_shrink: num("max_shrink").unwrap_or(d.max_shrink),
+                };
+                if cfg.grid == 0 || !(0.0..1.0).contains(&cfg.max_shrink) {
+                    bail!("recipe {recipe}: awq needs n_grid > 0 and max_shrink in [0, 1)");
+                }
+                let clip_exclude: Vec<String> = match p.get("clip_exclude") {
+                    Some(v) => {
+                        serde_yaml::from_value(v.clone()).context("`clip_exclude` must be a list of patterns")?
+                    }
+                    None => AwqStep::DEFAULT_CLIP_EXCLUDE.iter().map(|s| s.to_string()).collect(),
+                };
+                let clip = p.get("clip").and_then(|v| v.as_bool()).unwrap_or(true);
+                awq = Some(AwqStep { cfg, clip, clip_exclude });
+                // The scales come from the search; nothing is shifted.
+                SmoothConfig::smooth_quant(0.5)
+            }
+            _ => SmoothConfig::m2(num("alpha").unwrap_or(0.5)),
+        };
+        cfg.scale_min = num("scale_min").unwrap_or(cfg.scale_min);
+        if !(cfg.alpha > 0.0 && cfg.alpha <= 1.0) {
+            bail!("recipe {recipe}: {} alpha must be in (0, 1], not {}", step.kind, cfg.alpha);
+        }
+        let kinds: Vec<String> = match p.get("enable_subgraph_type") {
+            Some(v) => serde_yaml::from_value(v.clone())?,
+            None => vec!["norm-linear".into(), "ov".into(), "up-down".into()],
+        };
+        for k in &kinds {
+            if !matches!(k.as_str(), "norm-linear" | "ov" | "up-down" | "linear-linear") {
                 bail!(
-                    "recipe {}: step type {:?} is not supported (lamina runs linear_quant and the smoothing steps {})",
-                    recipe.name,
-                    step.kind,
-                    SMOOTHING_STEPS.join(", ")
+                    "recipe {recipe}: subgraph type {k:?} is not supported (norm-linear, ov, up-down, linear-linear)"
                 );
             }
-            if found.is_some() {
-                bail!("recipe {}: only one smoothing step is supported", recipe.name);
-            }
-            let p = &step.params;
-            let num = |k: &str| p.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
-            let mut cfg = match step.kind.as_str() {
-                "smooth_quant" => SmoothConfig::smooth_quant(num("alpha").unwrap_or(0.5)),
-                "iter_smooth" => {
-                    let symmetric = p.get("symmetric").and_then(|v| v.as_bool()).unwrap_or(true);
-                    let mut c = SmoothConfig::iter_smooth(symmetric);
-                    c.alpha = num("alpha").unwrap_or(c.alpha);
-                    c
-                }
-                _ => SmoothConfig::m2(num("alpha").unwrap_or(0.5)),
-            };
-            cfg.scale_min = num("scale_min").unwrap_or(cfg.scale_min);
-            if !(cfg.alpha > 0.0 && cfg.alpha <= 1.0) {
-                bail!("recipe {}: {} alpha must be in (0, 1], not {}", recipe.name, step.kind, cfg.alpha);
-            }
-            let kinds: Vec<String> = match p.get("enable_subgraph_type") {
-                Some(v) => serde_yaml::from_value(v.clone())?,
-                None => vec!["norm-linear".into(), "ov".into(), "up-down".into()],
-            };
-            for k in &kinds {
-                if !matches!(k.as_str(), "norm-linear" | "ov" | "up-down" | "linear-linear") {
-                    bail!(
-                        "recipe {}: subgraph type {k:?} is not supported (norm-linear, ov, up-down, linear-linear)",
-                        recipe.name
-                    );
-                }
-            }
-            let has = |k: &str| kinds.iter().any(|x| x == k);
-            found = Some(Smoothing {
-                cfg,
-                norm_linear: has("norm-linear"),
-                ov: has("ov"),
-                // msModelSlim's linear-linear on these models is the up → down pair.
-                up_down: has("up-down") || has("linear-linear"),
-                step: step.clone(),
-            });
         }
-        Ok(found)
+        let has = |k: &str| kinds.iter().any(|x| x == k);
+        Ok(Smoothing {
+            cfg,
+            awq,
+            norm_linear: has("norm-linear"),
+            ov: has("ov"),
+            // msModelSlim's linear-linear on these models is the up → down pair.
+            up_down: has("up-down") || has("linear-linear"),
+            step: step.clone(),
+        })
+    }
+
+    /// The recipe's smoothing step, if any (see [`Algorithms::from_recipe`]).
+    pub fn from_recipe(recipe: &Recipe) -> Result<Option<Smoothing>> {
+        Ok(Algorithms::from_recipe(recipe)?.smoothing)
     }
 }
 
@@ -171,11 +260,22 @@ mod tests {
             assert_eq!(g.len(), 4);
             assert!(g.iter().filter(|x| matches!(x.kind, Kind::NormLinear { .. })).all(|x| x.shift == shift));
         }
-        let bad = Recipe::parse(
-            "apiversion: modelslim_v1\nspec:\n  process:\n    - type: quarot\n    - type: linear_quant\n      qconfig: {weight: {scope: per_channel, dtype: int8}}\n",
-            "t",
-        )
-        .unwrap();
-        assert!(Smoothing::from_recipe(&bad).unwrap_err().to_string().contains("quarot"));
+        let recipe = |steps: &str| {
+            Recipe::parse(
+                &format!("apiversion: modelslim_v1\nspec:\n  process:\n{steps}    - type: linear_quant\n      qconfig: {{weight: {{scope: per_channel, dtype: int8}}}}\n"),
+                "t",
+            )
+            .unwrap()
+        };
+        let err = |steps: &str| format!("{:#}", Algorithms::from_recipe(&recipe(steps)).unwrap_err());
+        assert!(err("    - type: flex_smooth\n").contains("flex_smooth"));
+        assert!(err("    - type: m2\n    - type: quarot\n").contains("before"));
+        assert!(err("    - type: m2\n    - type: awq\n").contains("only one"));
+        assert!(err("    - type: quarot\n      online: true\n").contains("online"));
+        let a =
+            Algorithms::from_recipe(&recipe("    - type: quarot\n      block_size: 32\n    - type: awq\n")).unwrap();
+        assert_eq!(a.quarot.unwrap().block_size, Some(32));
+        let awq = a.smoothing.unwrap().awq.unwrap();
+        assert!(awq.clips("model.layers.0.mlp.down_proj") && !awq.clips("model.layers.0.self_attn.k_proj"));
     }
 }
