@@ -28,6 +28,13 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
+    ("w8a8-quarot.yaml", include_str!("../../pipelines/w8a8-quarot.yaml")),
+    ("w4a16-awq.yaml", include_str!("../../pipelines/w4a16-awq.yaml")),
+    ("w4a16-gptq.yaml", include_str!("../../pipelines/w4a16-gptq.yaml")),
+    ("w4a8-quarot.yaml", include_str!("../../pipelines/w4a8-quarot.yaml")),
+    ("w4a4-quarot.yaml", include_str!("../../pipelines/w4a4-quarot.yaml")),
+    ("w8a8s.yaml", include_str!("../../pipelines/w8a8s.yaml")),
+    ("qwen3_vl_moe-w8a8-quarot.yaml", include_str!("../../pipelines/qwen3_vl_moe-w8a8-quarot.yaml")),
 ];
 
 /// One step of `spec.process`.
