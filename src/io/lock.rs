@@ -3,13 +3,13 @@
 //! `lamina quant` takes an exclusive `flock` on `SAVE/.lamina.lock` before it reads or changes anything
 //! in the folder, and holds it until the process ends. The kernel drops the lock when the process dies,
 //! however it dies (a kill, a crash, a power loss leaves no lock behind), so a stale lock never blocks a
-//! rerun. A second run on the same folder fails at once with the first run's pid, and leaves the folder
-//! alone. The file stays in the folder (removing it would let a third run lock a new file while a second
-//! still holds the old one); it is empty apart from the pid of the last run.
+//! rerun. A second run on the same folder fails at once, naming the first run's pid (from
+//! `/proc/locks`), and leaves the folder alone. The file is empty and stays in the folder, untouched by
+//! later runs (removing it would let a third run lock a new file while a second still holds the old one).
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -47,22 +47,36 @@ fn try_flock(f: &File, op: libc::c_int) -> std::io::Result<bool> {
 
 /// Takes the folder's lock, or fails at once naming the run that holds it.
 pub fn lock(dir: &Path) -> Result<FolderLock> {
-    let mut f = open(dir)?;
+    let f = open(dir)?;
     let got = try_flock(&f, libc::LOCK_EX).with_context(|| format!("cannot lock {}", dir.join(LOCK_FILE).display()))?;
     if !got {
-        let mut holder = String::new();
-        let _ = f.read_to_string(&mut holder);
-        let holder = holder.trim();
         bail!(
             "another lamina run{} is writing {} now; wait for it to finish (or stop it) and run this command again. Nothing was changed",
-            if holder.is_empty() { String::new() } else { format!(" (pid {holder})") },
+            holder(&f).map_or(String::new(), |pid| format!(" (pid {pid})")),
             dir.display()
         );
     }
-    f.set_len(0)?;
-    f.rewind()?;
-    writeln!(f, "{}", std::process::id())?;
     Ok(FolderLock { _file: f })
+}
+
+/// The pid holding an flock on the file, from `/proc/locks` (lines like
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF`; the device is hex major:minor).
+fn holder(f: &File) -> Option<u32> {
+    let md = f.metadata().ok()?;
+    let (dev, ino) = (md.dev(), md.ino());
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let at = fields.iter().position(|f| *f == "FLOCK")?;
+        let pid: u32 = fields.get(at + 3)?.parse().ok()?;
+        let mut id = fields.get(at + 4)?.split(':');
+        let (ma, mi, i) = (id.next()?, id.next()?, id.next()?);
+        let same = u32::from_str_radix(ma, 16).ok()? == major
+            && u32::from_str_radix(mi, 16).ok()? == minor
+            && i.parse::<u64>().ok()? == ino;
+        same.then_some(pid)
+    })
 }
 
 /// Whether a run holds the folder's lock right now.

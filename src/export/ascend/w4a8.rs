@@ -25,14 +25,13 @@
 //! row sum there. The row sums are computed from the integers exactly (`8 · s · Σq`) rather than by summing
 //! `q · s` in f32, which differs from msModelSlim only in the last bits.
 
+use crate::export::rules::{is_row_parallel, TP_SLICES};
 use crate::export::OutTensor;
 use crate::quant::QuantizedWeight;
 use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub const KIND: &str = "W4A8_DYNAMIC";
-
-use crate::export::rules::{is_row_parallel, TP_SLICES};
 
 fn scale_bias_cols(module: &str) -> usize {
     if is_row_parallel(module) {

@@ -440,3 +440,42 @@ fn the_report_lists_identical_findings_once() {
     assert_eq!(r.lines().filter(|l| l.contains("[layer kind]")).count(), 1, "{r}");
     assert!(r.contains("and 9 more"), "{r}");
 }
+
+/// Every group of linears a lamina decoder layer says a server fuses ([`crate::model::decoder::LayerGraph`]'s
+/// `fused`) is one the loader table knows for the family, so the fused-consistency rule covers it. A new
+/// family whose graph fuses modules vLLM-Ascend's table does not list fails here until the table says how
+/// its loader fuses them.
+#[test]
+fn the_loader_table_covers_every_fused_group_of_every_family() {
+    use crate::model::{decoder, Model};
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for f in crate::model::layout::Family::ALL {
+        let name = f.model_type();
+        let Ok(text) = std::fs::read_to_string(fixtures.join(name).join("config.json")) else {
+            panic!("no fixture config for family {name}");
+        };
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let model = Model::new(&config, None, &[]).unwrap();
+        let fam = family(name);
+        for i in 0..model.text.num_layers {
+            for group in decoder::graph(&model, i).fused {
+                if group.iter().all(|m| LayerKind::of(m) == LayerKind::Expert) {
+                    assert!(fam.experts, "{name}: layer {i} fuses experts but the table has no \"experts\" entry");
+                    continue;
+                }
+                let leaves: Vec<&str> = group.iter().map(|m| m.rsplit('.').next().unwrap()).collect();
+                assert!(
+                    fam.packed.iter().any(|(_, members)| leaves.iter().all(|l| members.contains(l))),
+                    "{name}: layer {i} fuses {group:?}, which no packed entry of the loader table covers"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readme_table_is_the_rules_table() {
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let table = markdown_table();
+    assert!(readme.contains(&table), "README.md's loader table differs from the rules; paste this:\n{table}");
+}
