@@ -2,8 +2,18 @@
 //! (`num_experts`, `rope_scaling`, `rope_theta`, flat Qwen2-VL configs) and transformers 5's
 //! (`num_local_experts`, `rope_parameters`, nested `text_config`).
 
+use crate::tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+/// config.json's `torch_dtype` (transformers 5 spells it `dtype`; a VL model may give it in `text_config`
+/// only): the dtype vLLM serves the model in by default.
+pub fn torch_dtype(config: &Value) -> Option<DType> {
+    let read = |c: &Value| -> Option<DType> {
+        DType::from_torch_name(c.get("torch_dtype").or_else(|| c.get("dtype"))?.as_str()?)
+    };
+    read(config).or_else(|| config.get("text_config").and_then(read))
+}
 
 /// A view of a JSON config that looks keys up in a list of objects, first match wins: for the
 /// text model that is `text_config`, then the top level.
