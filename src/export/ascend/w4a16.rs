@@ -24,14 +24,14 @@
 //! W8A16 writes its offsets. vLLM-Ascend's W4A16 method does not read offsets (it builds zeros), so
 //! asymmetric W4A16 serves readers that take per-group offsets (and `lamina eval`).
 //!
-//! Limits of that reader, which lamina does not hide: vLLM-Ascend reads W4A16 only for MoE experts (a dense
-//! linear of type W4A16 is refused there), and it needs `in` to be a multiple of `g`. lamina requires `in` to
-//! be a multiple of 8 (the packing) and lets the last group of a row be shorter when `in` is not a multiple
-//! of `g`, so every shape it accepts has one meaning.
+//! Limits of that reader, which lamina's rules enforce ([`crate::export::rules`]): vLLM-Ascend reads W4A16
+//! only for MoE experts (a dense linear of type W4A16 is refused there; MindIE reads it), and it asserts the
+//! hidden and intermediate sizes divisible by 8 and by `g`. The format itself needs `in` to be a multiple
+//! of 8 (the packing) and lets the last group of a row be shorter when `in` is not a multiple of `g`.
 
-use crate::export::{OutMeta, OutTensor};
+use crate::export::OutTensor;
 use crate::quant::QuantizedWeight;
-use crate::tensor::{DType, Tensor, TensorMeta};
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub const KIND: &str = "W4A16";
@@ -46,20 +46,6 @@ pub fn check(module: &str, cols: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn layout(module: &str, rows: usize, cols: usize, groups: usize, asymmetric: bool) -> Vec<OutMeta> {
-    let m = |suffix: &str, dtype, shape: &[usize]| OutMeta {
-        meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
-        kind: KIND,
-    };
-    let mut out =
-        vec![m("weight_packed", DType::I32, &[rows, cols / PER_WORD]), m("weight_scale", DType::F32, &[rows, groups])];
-    if asymmetric {
-        out.push(m("weight_offset", DType::F32, &[rows, groups]));
-    }
-    out.push(m("weight_shape", DType::I32, &[2]));
-    out
-}
-
 pub fn tensors(module: &str, w: &QuantizedWeight) -> Vec<OutTensor> {
     let (rows, cols) = (w.rows, w.cols);
     let t = |suffix: &str, tensor| OutTensor { name: format!("{module}.{suffix}"), tensor, kind: KIND };
@@ -67,10 +53,10 @@ pub fn tensors(module: &str, w: &QuantizedWeight) -> Vec<OutTensor> {
         t("weight_packed", Tensor::from_bytes(DType::I32, &[rows, cols / PER_WORD], pack_int32(&w.q))),
         t("weight_scale", Tensor::from_f32(&[rows, w.groups()], &w.scale)),
     ];
+    out.push(t("weight_shape", Tensor::from_i32(&[2], &[rows as i32, cols as i32])));
     if let Some(offset) = &w.offset {
         out.push(t("weight_offset", Tensor::from_f32(&[rows, w.groups()], offset)));
     }
-    out.push(t("weight_shape", Tensor::from_i32(&[2], &[rows as i32, cols as i32])));
     out
 }
 
@@ -114,7 +100,7 @@ mod tests {
         assert_eq!(unpack(&words, rows, cols), qw.q);
         assert_eq!(ts[1].tensor.shape, vec![3, 2]);
         assert_eq!(ts[2].tensor.to_i64().unwrap(), vec![3, 256]);
-        // Asymmetric weights: the offsets come between the scales and the shape.
+        // Asymmetric weights: the offsets come last, as the rules order W4A16's tensors.
         let spec = QuantSpec::from_qconfig(
             &serde_yaml::from_str("weight: {scope: per_group, dtype: int4, symmetric: false, ext: {group_size: 128}}")
                 .unwrap(),
@@ -122,8 +108,8 @@ mod tests {
         .unwrap();
         let aw = rtn::quantize(&w, rows, cols, &spec);
         let ts = tensors("m", &aw);
-        assert!(ts[2].name.ends_with("weight_offset"));
-        assert_eq!(ts[2].tensor.to_f32().unwrap(), aw.offset.clone().unwrap());
+        assert!(ts[3].name.ends_with("weight_offset"));
+        assert_eq!(ts[3].tensor.to_f32().unwrap(), aw.offset.clone().unwrap());
         let words: Vec<i32> = ts[0].tensor.to_i64().unwrap().iter().map(|&x| x as i32).collect();
         assert_eq!(unpack(&words, rows, cols), aw.q);
         // The whole int4 range, including -8, survives.
