@@ -22,24 +22,39 @@ const SEQ_LEN: usize = 32;
 
 /// `lamina quant --config_path RECIPE` with pre-tokenized calibration data.
 fn quant_with(model: &Path, save: &Path, recipe: &str, calib: &Path) -> Run {
-    run(
-        &[
-            "quant",
-            "--model_path",
-            model.to_str().unwrap(),
-            "--save_path",
-            save.to_str().unwrap(),
-            "--config_path",
-            recipe,
-            "--calib_data",
-            calib.to_str().unwrap(),
-            "--calib_samples",
-            &SAMPLES.to_string(),
-            "--calib_seq_len",
-            &SEQ_LEN.to_string(),
-        ],
-        &[],
-    )
+    quant_with_args(model, save, recipe, calib, &[])
+}
+
+fn quant_with_args(model: &Path, save: &Path, recipe: &str, calib: &Path, extra: &[&str]) -> Run {
+    let (samples, seq_len) = (SAMPLES.to_string(), SEQ_LEN.to_string());
+    let mut args = vec![
+        "quant",
+        "--model_path",
+        model.to_str().unwrap(),
+        "--save_path",
+        save.to_str().unwrap(),
+        "--config_path",
+        recipe,
+        "--calib_data",
+        calib.to_str().unwrap(),
+        "--calib_samples",
+        &samples,
+        "--calib_seq_len",
+        &seq_len,
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+/// A bundled recipe with its int4 groups shortened to `group` (the fixtures' linears are 48 to 128
+/// wide; the loaders need the group to divide them).
+fn bundled_with_group(dir: &Path, name: &str, group: usize) -> PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("pipelines/{name}.yaml"))).unwrap();
+    assert!(text.contains("group_size: 128"), "{name} has no groups of 128");
+    let path = dir.join(format!("{name}-g{group}.yaml"));
+    std::fs::write(&path, text.replace("group_size: 128", &format!("group_size: {group}"))).unwrap();
+    path
 }
 
 /// A recipe file with the given steps before a `linear_quant` that matches nothing.
@@ -144,6 +159,7 @@ fn quarot_keeps_the_float_model_of_every_text_family() {
                 assert!((d - if i == j { 1.0 } else { 0.0 }).abs() < 1e-4, "{name}: QᵀQ[{i}][{j}] = {d}");
             }
         }
+        check(&save, &[]).assert_ok();
         // Tied embeddings are untied: the rotated head is its own tensor.
         let config = read_json(&save.join("config.json"));
         if name == "llama" {
@@ -187,7 +203,10 @@ fn quarot_rotates_the_vision_outputs_into_the_stream() {
     for k in ["model.visual.merger.linear_fc2.weight", "model.visual.deepstack_merger_list.0.linear_fc2.weight"] {
         assert_ne!(tensors[k].data, source[k].data, "{k} was not rotated");
     }
-    assert_eq!(tensors["model.visual.merger.linear_fc1.weight"].data, source["model.visual.merger.linear_fc1.weight"].data);
+    assert_eq!(
+        tensors["model.visual.merger.linear_fc1.weight"].data,
+        source["model.visual.merger.linear_fc1.weight"].data
+    );
 }
 
 #[test]
@@ -210,26 +229,36 @@ fn logit_quality(name: &str, save: &Path) -> (f64, f64) {
     let vocab = want.len() / inputs["input_ids"].shape.iter().product::<usize>();
     let argmax = |v: &[f32]| v.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
     let tokens = want.len() / vocab;
-    let agree =
-        (0..tokens).filter(|&t| argmax(&got[t * vocab..(t + 1) * vocab]) == argmax(&want[t * vocab..(t + 1) * vocab])).count();
+    let agree = (0..tokens)
+        .filter(|&t| argmax(&got[t * vocab..(t + 1) * vocab]) == argmax(&want[t * vocab..(t + 1) * vocab]))
+        .count();
     (rel_l2(&got, &want), agree as f64 / tokens as f64)
 }
 
 #[test]
 fn four_bit_awq_and_gptq_write_asymmetric_groups_and_stay_close() {
-    for name in ["qwen3", "qwen2", "qwen3_moe"] {
-        let tmp = TempDir::new(&format!("w4-{name}"));
-        let model = fixture(name);
+    for model_name in ["qwen3", "qwen2", "qwen3_moe"] {
+        let tmp = TempDir::new(&format!("w4-{model_name}"));
+        let model = fixture(model_name);
         let calib = tmp.join("calib.jsonl");
         write_calib_ids(&model, &calib, SAMPLES, SEQ_LEN, 900, 5);
         let mut errors = Vec::new();
-        for recipe in ["w4a16-awq", "w4a16-gptq"] {
-            let save = tmp.join(recipe);
-            quant_with(&model, &save, recipe, &calib).assert_ok();
+        for name in ["w4a16-awq", "w4a16-gptq"] {
+            let recipe = bundled_with_group(tmp.path(), name, 16);
+            let recipe = recipe.to_str().unwrap();
+            if name == "w4a16-awq" && model_name == "qwen3" {
+                // Dense asymmetric W4A16 loads in MindIE only: vLLM-Ascend is refused, clearly.
+                let save = tmp.join("refused");
+                quant_with(&model, &save, recipe, &calib).assert_fails_with(&["weight_offset", "mindie"]);
+                assert_no_complete_output(&save);
+            }
+            let save = tmp.join(name);
+            quant_with_args(&model, &save, recipe, &calib, &["--target", "mindie"]).assert_ok();
+            check(&save, &["--target", "mindie"]).assert_ok();
             let desc = description(&save);
             let tensors = output_tensors(&save);
             let linears: Vec<&String> = desc.keys().filter(|k| k.ends_with(".weight_packed")).collect();
-            assert!(!linears.is_empty(), "{name} {recipe}: no W4A16 linear");
+            assert!(!linears.is_empty(), "{model_name} {name}: no W4A16 linear");
             for k in linears {
                 let m = k.strip_suffix(".weight_packed").unwrap();
                 assert_eq!(desc[k], "W4A16");
@@ -238,15 +267,15 @@ fn four_bit_awq_and_gptq_write_asymmetric_groups_and_stay_close() {
                 assert!(scale.f32s().iter().all(|s| s.is_finite() && *s > 0.0), "{m}: scales");
                 assert!(offset.f32s().iter().all(|z| z.fract() == 0.0 && (-8.0..=7.0).contains(z)), "{m}: zero points");
             }
-            assert_eq!(desc["group_size"], 128);
-            let (e, agree) = logit_quality(name, &save);
-            eprintln!("{name} {recipe}: logits relative error {e:.3}, top-1 agreement {agree:.2}");
+            assert_eq!(desc["group_size"], 16);
+            let (e, agree) = logit_quality(model_name, &save);
+            eprintln!("{model_name} {name}: logits relative error {e:.3}, top-1 agreement {agree:.2}");
             errors.push(e);
         }
         // The fixtures' random weights have no salient channels to protect; the bound only tells a
         // working 4-bit model (measured 10–20%) from a broken one (a wrong zero point or scale
         // is 60% or more).
-        assert!(errors.iter().all(|&e| e < 0.4), "{name}: {errors:?}");
+        assert!(errors.iter().all(|&e| e < 0.4), "{model_name}: {errors:?}");
     }
 }
 
@@ -260,6 +289,7 @@ fn sparse_w8a8s_and_w4a4_write_what_their_loaders_read() {
 
     let save = tmp.join("w8a8s");
     quant_with(&model, &save, "w8a8s", &calib).assert_ok();
+    check(&save, &[]).assert_ok();
     let (desc, tensors) = (description(&save), output_tensors(&save));
     let mut small = (0usize, 0usize);
     for k in desc.keys().filter(|k| k.ends_with("q_proj.weight") || k.ends_with("up_proj.weight")) {
@@ -278,10 +308,14 @@ fn sparse_w8a8s_and_w4a4_write_what_their_loaders_read() {
     assert_eq!(desc["model_quant_type"], "W8A8S");
     let (e, _) = logit_quality(name, &save);
     eprintln!("{name} w8a8s: logits relative error {e:.3}");
-    assert!(e < 0.4, "{name} w8a8s: {e}");
+    // Weights at 4-bit precision per channel with static int8 activations: measured 0.31 on this
+    // fixture (W4A4 with rotation is about the same; static W8A8 is 0.04). A wrong deq_scale,
+    // quant_bias or outlier rule moves the logits by 0.6 or more.
+    assert!(e < 0.45, "{name} w8a8s: {e}");
 
     let save = tmp.join("w4a4");
     quant_with(&model, &save, "w4a4-quarot", &calib).assert_ok();
+    check(&save, &[]).assert_ok();
     let (desc, tensors) = (description(&save), output_tensors(&save));
     for k in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"] {
         assert_eq!(desc[&format!("{k}.weight")], "W4A4_DYNAMIC");
@@ -296,4 +330,46 @@ fn sparse_w8a8s_and_w4a4_write_what_their_loaders_read() {
     let (e, _) = logit_quality(name, &save);
     eprintln!("{name} w4a4-quarot: logits relative error {e:.3}");
     assert!(e < 0.6, "{name} w4a4-quarot: {e}");
+}
+
+#[test]
+fn quarot_recipes_load_and_stay_close() {
+    // The bundled rotation recipes end to end: what they write passes the target's loader rules,
+    // and the quantized logits stay near the float ones. Static W8A8 on every linear after the
+    // rotation (w8a8-quarot) must be about as close as the unrotated all-static recipe.
+    let tmp = TempDir::new("quarot-recipes");
+    // The Qwen3-VL-MoE recipe with the vision tower float, so that the text decoder calibrates on
+    // text ids (the fixture has no tokenizer for image prompts).
+    let bundled =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/qwen3_vl_moe-w8a8-quarot.yaml"))
+            .unwrap();
+    let text_only = bundled.replace("        - \"*mlp.gate\"\n", "        - \"*mlp.gate\"\n        - \"*visual*\"\n");
+    assert_ne!(text_only, bundled);
+    let vl_moe = tmp.join("qwen3_vl_moe-text.yaml");
+    std::fs::write(&vl_moe, text_only).unwrap();
+    let cases: [(&str, &str, &[&str], f64); 4] = [
+        ("qwen3", "w8a8-all-static", &[], 0.15),
+        ("qwen3", "w8a8-quarot", &[], 0.15),
+        ("qwen3", "w4a8-quarot", &["--target", "mindie"], 0.45),
+        ("qwen3_vl_moe", vl_moe.to_str().unwrap(), &[], 0.15),
+    ];
+    let mut errors = Vec::new();
+    for (k, (name, recipe, extra, bound)) in cases.into_iter().enumerate() {
+        let model = fixture(name);
+        let calib = tmp.join(&format!("{name}.jsonl"));
+        write_calib_ids(&model, &calib, SAMPLES, SEQ_LEN, 900, 7);
+        let save = tmp.join(&format!("{name}-{k}"));
+        quant_with_args(&model, &save, recipe, &calib, extra).assert_ok();
+        check(&save, extra).assert_ok();
+        let (e, agree) = logit_quality(name, &save);
+        eprintln!("{name} {recipe}: logits relative error {e:.3}, top-1 agreement {agree:.2}");
+        assert!(e < bound, "{name} {recipe}: {e}");
+        errors.push(e);
+        if recipe.contains("quarot") {
+            assert!(save.join("optional/quarot.safetensors").exists(), "{recipe}: no exported rotation");
+        }
+    }
+    // The fixtures' random weights have no outlier channels for the rotation to spread, so it
+    // need not help here, but it must not hurt (SmolLM2's figures are in benches/ALGORITHMS.md).
+    assert!(errors[1] <= 1.25 * errors[0], "w8a8-quarot {} against w8a8-all-static {}", errors[1], errors[0]);
 }

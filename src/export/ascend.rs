@@ -119,8 +119,14 @@ impl Exporter for AscendExporter {
     fn linear_layout(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize, has_bias: bool) -> Vec<OutMeta> {
         let groups = cols.div_ceil(spec.group_len(cols));
         // Asymmetric 4-bit weights carry their zero points in W4A16's optional `weight_offset`.
-        let optional: &[&str] = if Scheme::of(spec) == Scheme::W4A16 && !spec.weight_symmetric { &["weight_offset"] } else { &[] };
-        rules::linear_layout(spec.ascend_type(), module, rows, cols, groups, has_bias, self.serving, optional)
+        let mut optional = Vec::new();
+        if Scheme::of(spec) == Scheme::W4A16 && !spec.weight_symmetric {
+            optional.push("weight_offset");
+        }
+        if has_bias {
+            optional.push("bias");
+        }
+        rules::linear_layout(spec.ascend_type(), module, rows, cols, groups, self.serving, &optional)
     }
 
     fn linear_tensors(&self, module: &str, ql: &QuantizedLinear) -> Vec<OutTensor> {
@@ -142,7 +148,8 @@ impl Exporter for AscendExporter {
                     .collect();
                 // msModelSlim's deqscale2int64: the f32 bits read as int32, widened to int64.
                 let deq_rule = rules::rule(kind).and_then(|r| r.tensors.iter().find(|t| t.suffix == "deq_scale"));
-                let deq_dtype = deq_rule.map_or(self.deq_scale_dtype(), |t| rules::written_dtype(t.dtype, self.serving));
+                let deq_dtype =
+                    deq_rule.map_or(self.deq_scale_dtype(), |t| rules::written_dtype(t.dtype, self.serving));
                 let deq_t = match deq_dtype {
                     DType::I64 => {
                         Tensor::from_i64(&[rows], &deq.iter().map(|d| d.to_bits() as i32 as i64).collect::<Vec<_>>())
@@ -205,7 +212,10 @@ impl Exporter for AscendExporter {
             desc.insert("optional".into(), json!({"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}}));
             let q = q.as_standard_layout();
             let t = Tensor::from_f32(&[q.nrows(), q.ncols()], q.as_slice().expect("standard layout"));
-            files.push((QUAROT_FILE.to_string(), crate::io::safetensors::serialize(&[("global_rotation".to_string(), t)])?));
+            files.push((
+                QUAROT_FILE.to_string(),
+                crate::io::safetensors::serialize(&[("global_rotation".to_string(), t)])?,
+            ));
         }
         let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
         bytes.push(b'\n');

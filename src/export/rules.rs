@@ -434,15 +434,14 @@ pub fn written_dtype(rule: DTypeRule, serving: DType) -> DType {
 
 /// The tensors lamina writes for a linear `module` (`out × in`) of description type `kind`, with `groups`
 /// scale columns, served in `serving`: the required tensors of the type's rule and the optional ones named in
-/// `optional` (in the rule's order), then `X.bias` (f32, FLOAT) when the linear has one. The exporter fills
-/// them ([`crate::export::ascend`]).
+/// `optional` (in the rule's order), then `X.bias` (f32, FLOAT) when `optional` names `bias` (the linear has
+/// one). The exporter fills them ([`crate::export::ascend`]).
 pub fn linear_layout(
     kind: &'static str,
     module: &str,
     out: usize,
     inp: usize,
     groups: usize,
-    has_bias: bool,
     serving: DType,
     optional: &[&str],
 ) -> Vec<OutMeta> {
@@ -457,7 +456,7 @@ pub fn linear_layout(
             OutMeta { meta: TensorMeta::new(format!("{module}.{}", t.suffix), dtype, &shape), kind: r.name }
         })
         .collect();
-    if has_bias {
+    if optional.contains(&"bias") {
         v.push(OutMeta { meta: TensorMeta::new(format!("{module}.bias"), DType::F32, &[out]), kind: FLOAT });
     }
     v

@@ -19,7 +19,7 @@ fn output(linears: &[(&str, &'static str, usize, usize)], group: usize) -> Descr
         // Per-group types in groups of `group` (the last one shorter, as lamina can write it).
         let per_group = rule(kind).unwrap().grouping == Grouping::PerGroup && group > 0;
         let groups = if per_group { i.div_ceil(group) } else { 1 };
-        outs.extend(linear_layout(kind, m, o, i, groups, false, DType::BF16, &[]));
+        outs.extend(linear_layout(kind, m, o, i, groups, DType::BF16, &[]));
     }
     outs.push(OutMeta { meta: TensorMeta::new("model.norm.weight", DType::BF16, &[2048]), kind: FLOAT });
     let strongest = linears.iter().filter_map(|l| PRIORITY.iter().position(|p| *p == l.1)).max().unwrap_or(0);
@@ -224,7 +224,7 @@ fn deq_scale_follows_the_serving_dtype() {
     s.serving = None;
     assert_eq!(check(&d, &s), vec![]);
     // Built for float16 serving: int64.
-    let l = linear_layout("W8A8", "m.q_proj", 8, 16, 1, false, DType::F16, &[]);
+    let l = linear_layout("W8A8", "m.q_proj", 8, 16, 1, DType::F16, &[]);
     assert_eq!(l.iter().find(|o| o.meta.name == "m.q_proj.deq_scale").unwrap().meta.dtype, DType::I64);
 }
 
@@ -481,4 +481,43 @@ fn the_readme_table_is_the_rules_table() {
     let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let table = markdown_table();
     assert!(readme.contains(&table), "README.md's loader table differs from the rules; paste this:\n{table}");
+}
+
+#[test]
+fn asymmetric_w4a16_loads_in_mindie_only() {
+    // vLLM-Ascend's W4A16 experts build zero offsets (methods/w4a16.py): a written weight_offset
+    // would be dropped. MindIE takes it.
+    let linears: Vec<(String, &'static str, usize, usize)> = experts("W4A16", 1);
+    let mut outs = Vec::new();
+    for (m, kind, o, i) in &linears {
+        outs.extend(linear_layout(kind, m, *o, *i, i / 128, DType::BF16, &["weight_offset"]));
+    }
+    let offsets: Vec<&str> =
+        outs.iter().map(|o| o.meta.name.as_str()).filter(|n| n.ends_with("weight_offset")).collect();
+    assert_eq!(offsets.len(), 3, "the optional offset is laid out when asked for");
+    let mut g = Map::new();
+    g.insert("model_quant_type".into(), json!("W4A16"));
+    g.insert("version".into(), json!("1.0.0"));
+    g.insert("group_size".into(), json!(128));
+    let d = Described::planned(&outs, g);
+    let p = check(&d, &setting(Target::VllmAscend, "qwen3_moe"));
+    assert_eq!(rules_broken(&p), ["asymmetric"], "{}", report(&p));
+    assert!(find(&p, "asymmetric", &format!("{L}.mlp.experts.0.down_proj.weight_offset")).detail.contains("w4a16.py"));
+    assert_eq!(check(&d, &setting(Target::MindIe, "qwen3_moe")), vec![]);
+}
+
+#[test]
+fn w8a8s_is_static_w8a8_with_an_int64_deq_scale() {
+    // 310P's W8A8S scheme creates deq_scale as int64 whatever the serving dtype (310P serves float16).
+    let d = build(&[attention("W8A8S")], 0);
+    let name = format!("{L}.self_attn.q_proj.deq_scale");
+    assert_eq!(d.tensors[&name].dtype, DType::I64);
+    assert_eq!(check(&d, &setting(Target::VllmAscend, "qwen3")), vec![]);
+    assert_eq!(d.globals["model_quant_type"], "W8A8S");
+    let mut f32_deq = d.clone();
+    f32_deq.tensors.get_mut(&name).unwrap().dtype = DType::F32;
+    assert!(find(&check(&f32_deq, &setting(Target::VllmAscend, "qwen3")), "dtypes", &name).detail.contains("I64"));
+    // W8A8S has no MoE scheme.
+    let p = check(&build(&[experts("W8A8S", 1)], 0), &setting(Target::VllmAscend, "qwen3_moe"));
+    assert!(rules_broken(&p).contains(&"layer kind"), "{}", report(&p));
 }

@@ -95,7 +95,7 @@ impl Rotations {
     /// A line for the log: which construction each rotation used.
     pub fn describe(&self) -> String {
         let k = |r: &Rotation| match r.kind() {
-            Kind::Hadamard { m, pow2 } if m == 1 => format!("Hadamard {pow2}"),
+            Kind::Hadamard { m: 1, pow2 } => format!("Hadamard {pow2}"),
             Kind::Hadamard { m, pow2 } => format!("Hadamard {m}·{pow2}"),
             Kind::RandomOrthogonal => "random orthogonal (no Hadamard matrix of this order)".into(),
         };
