@@ -127,6 +127,10 @@ fn llava() {
 fn qwen3_vl_realvocab() {
     quantize_every_scheme("qwen3_vl_realvocab");
 }
+#[test]
+fn glm4() {
+    quantize_every_scheme("glm4");
+}
 
 /// Rewrites a Qwen3-VL-MoE copy's fused experts in the transformers-5 layout
 /// (`gate_up [E, 2*inter, hidden]`, `down [E, hidden, inter]`).

@@ -77,10 +77,23 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
+    // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
+    let fused_rows = config["model_type"] == "glm4";
     let stored = read_checkpoint(dir);
     let mut out = BTreeMap::new();
     for (name, t) in &stored {
-        if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
+        if let Some(prefix) = name.strip_suffix("mlp.gate_up_proj.weight").filter(|_| fused_rows) {
+            let half = t.data.len() / 2;
+            let shape = vec![t.shape[0] / 2, t.shape[1]];
+            for (k, part) in ["gate_proj", "up_proj"].iter().enumerate() {
+                let st = St {
+                    dtype: t.dtype.clone(),
+                    shape: shape.clone(),
+                    data: t.data[k * half..(k + 1) * half].to_vec(),
+                };
+                out.insert(format!("{prefix}mlp.{part}.weight"), Logical { st, from_fused: true });
+            }
+        } else if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
             let down = &stored[&format!("{prefix}mlp.experts.down_proj")];
             let inter = inter.expect("fused experts need moe_intermediate_size");
             for (j, [gate, up, d]) in split_fused(t, down, hidden, inter).into_iter().enumerate() {
