@@ -80,6 +80,12 @@ def main():
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which
+        # fails without a CUDA driver; pinning changes no value, so on a CPU-only machine it is skipped.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     with open(a.calib_ids) as f:
         samples = [json.loads(line)["input_ids"] for line in f if line.strip()]
     seq_len = max(len(s) for s in samples)

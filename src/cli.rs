@@ -56,9 +56,10 @@ struct EvalCli {
     /// The float checkpoint folder (its tokenizer.json tokenizes the text).
     #[arg(long = "model_path", alias = "model-path")]
     model_path: PathBuf,
-    /// A lamina output folder of the same model to evaluate too.
+    /// A lamina output folder of the same model to evaluate too; repeat it to evaluate several on the
+    /// same windows (the float model runs once).
     #[arg(long)]
-    quantized: Option<PathBuf>,
+    quantized: Vec<PathBuf>,
     /// A UTF-8 text file for perplexity.
     #[arg(long, required_unless_present_any = ["image", "inputs"])]
     text: Option<PathBuf>,
@@ -279,7 +280,10 @@ fn eval(e: &EvalCli) -> anyhow::Result<i32> {
     let Some(text) = &e.text else {
         let r = pipeline::eval::compare_on_prompt(&pipeline::eval::PromptArgs {
             model_path: e.model_path.clone(),
-            quantized: e.quantized.clone().expect("clap requires --quantized"),
+            quantized: match e.quantized.as_slice() {
+                [one] => one.clone(),
+                _ => anyhow::bail!("--image and --inputs compare one --quantized output"),
+            },
             inputs: e.inputs.clone(),
             image: e.image.clone(),
             prompt: e.prompt.clone(),
@@ -304,12 +308,17 @@ fn eval(e: &EvalCli) -> anyhow::Result<i32> {
     })?;
     println!("windows: {} x {} tokens ({:.1} s)", r.windows, e.seq_len, started.elapsed().as_secs_f64());
     println!("float perplexity: {:.4}", r.float_perplexity);
-    match r.quantized_perplexity {
-        Some(q) => {
-            println!("quantized perplexity: {q:.4} ({:+.2}% vs float)", 100.0 * (q / r.float_perplexity - 1.0));
-            println!("perplexity: {q:.4}");
+    for (q, dir) in r.quantized_perplexity.iter().zip(&e.quantized) {
+        let delta = 100.0 * (q / r.float_perplexity - 1.0);
+        match e.quantized.len() {
+            1 => println!("quantized perplexity: {q:.4} ({delta:+.2}% vs float)"),
+            _ => println!("quantized perplexity: {q:.4} ({delta:+.2}% vs float) {}", dir.display()),
         }
-        None => println!("perplexity: {:.4}", r.float_perplexity),
+    }
+    match r.quantized_perplexity.as_slice() {
+        [q] => println!("perplexity: {q:.4}"),
+        [] => println!("perplexity: {:.4}", r.float_perplexity),
+        _ => {}
     }
     Ok(0)
 }

@@ -283,7 +283,7 @@ fn real_model_sizes_decide_what_loads() {
         "[divisibility]",
         "linear layer of 576 × 576",
         "divisible by group_size 128",
-        "types that load here: W8A16, W8A8_DYNAMIC, W8A8, W4A8_DYNAMIC",
+        "types that load here: W8A16, W8A8_DYNAMIC, W8A8, W8A8S, W4A8_DYNAMIC, W4A4_DYNAMIC",
     ]);
     plan(&smol, "w4a8_dynamic", "mindie").assert_ok();
     // A user recipe typing experts W8A16 is refused for the layer kind, naming what loads there.

@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct EvalArgs {
     pub model_path: PathBuf,
-    pub quantized: Option<PathBuf>,
+    /// lamina output folders of the same model, each evaluated on the same windows (the float model
+    /// once for all).
+    pub quantized: Vec<PathBuf>,
     pub text: PathBuf,
     pub seq_len: usize,
     /// Evaluate at most this many windows (all by default).
@@ -42,7 +44,8 @@ pub struct EvalReport {
     pub windows: usize,
     pub tokens: usize,
     pub float_perplexity: f64,
-    pub quantized_perplexity: Option<f64>,
+    /// One per `EvalArgs::quantized`, in order.
+    pub quantized_perplexity: Vec<f64>,
 }
 
 pub fn run(args: &EvalArgs) -> Result<EvalReport> {
@@ -61,18 +64,17 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         bail!("{} has {} tokens, fewer than one window of {}", args.text.display(), ids.len(), args.seq_len);
     }
     let float_nll = nll(&fm, device.as_ref(), &windows)?;
-    let quantized_nll = match &args.quantized {
-        Some(dir) => {
-            Some(nll(&QuantizedModel { float: &fm, output: AscendModel::open(dir)? }, device.as_ref(), &windows)?)
-        }
-        None => None,
-    };
+    let quantized_nll = args
+        .quantized
+        .iter()
+        .map(|dir| nll(&QuantizedModel { float: &fm, output: AscendModel::open(dir)? }, device.as_ref(), &windows))
+        .collect::<Result<Vec<f64>>>()?;
     let predicted = windows.len() * (args.seq_len - 1);
     Ok(EvalReport {
         windows: windows.len(),
         tokens: windows.len() * args.seq_len,
         float_perplexity: (float_nll / predicted as f64).exp(),
-        quantized_perplexity: quantized_nll.map(|n| (n / predicted as f64).exp()),
+        quantized_perplexity: quantized_nll.iter().map(|n| (n / predicted as f64).exp()).collect(),
     })
 }
 
