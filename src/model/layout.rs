@@ -19,12 +19,16 @@ pub enum Family {
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
+    /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
+    DeepseekV2,
+    /// DeepSeek-V3, R1, V3.1 and Kimi-K2 (MLA, sigmoid router, FP8 releases, an MTP layer).
+    DeepseekV3,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 11] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -34,6 +38,8 @@ impl Family {
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
+        Family::DeepseekV2,
+        Family::DeepseekV3,
     ];
 
     /// The `model_type` of config.json.
@@ -48,6 +54,8 @@ impl Family {
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
             Family::Generic => "generic",
         }
     }
@@ -77,6 +85,8 @@ impl Family {
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
+            ("DeepseekV2ForCausalLM", Family::DeepseekV2),
+            ("DeepseekV3ForCausalLM", Family::DeepseekV3),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -117,7 +127,13 @@ const DECODER: Rules = Rules {
 
 fn rules(family: Family) -> Rules {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Generic => DECODER,
+        Family::Llama
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Qwen3Moe
+        | Family::DeepseekV2
+        | Family::DeepseekV3
+        | Family::Generic => DECODER,
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -148,6 +164,29 @@ fn rules(family: Family) -> Rules {
     }
 }
 
+/// Where a family keeps its multi-token-prediction (MTP) layers, which the decoder's forward does not
+/// run: each is a unit of its own ([`UnitKind::Mtp`]), processed after the head and written with the
+/// rest (see `crate::model::mtp` for what their linears become).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MtpLayout {
+    /// DeepSeek-V3: `{text}.layers.{first + k}.*`, after the `first` decoder layers
+    /// (`num_hidden_layers`): enorm, hnorm, eh_proj, a full decoder layer, shared_head, embed_tokens.
+    AfterDecoder { first: usize },
+    /// Everything under one prefix (Qwen3-Next's `mtp.*`), one unit.
+    Prefix(String),
+}
+
+impl MtpLayout {
+    /// The MTP layers of a family, given its config.
+    pub fn of(family: Family, text: &TextConfig) -> Option<MtpLayout> {
+        match family {
+            // Any layer past num_hidden_layers is an MTP layer, whether or not the config counts it.
+            Family::DeepseekV2 | Family::DeepseekV3 => Some(MtpLayout::AfterDecoder { first: text.num_layers }),
+            _ => None,
+        }
+    }
+}
+
 /// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
 const EMBEDDING_MODULES: [&str; 7] =
     ["embed_tokens", "pos_embed", "position_embedding", "wte", "wpe", "word_embeddings", "class_embedding"];
@@ -165,6 +204,8 @@ pub struct Layout {
     vision_pre: Vec<String>,
     vision_post: Vec<String>,
     pub projector: Option<String>,
+    /// Where the MTP layers are, for families that have them ([`Layout::with_mtp`]).
+    pub mtp: Option<MtpLayout>,
 }
 
 impl Layout {
@@ -204,7 +245,14 @@ impl Layout {
             vision_pre: r.vision_pre.iter().map(|s| s.to_string()).collect(),
             vision_post: r.vision_post.iter().map(|s| s.to_string()).collect(),
             projector,
+            mtp: None,
         })
+    }
+
+    /// The same layout with the family's MTP layers placed.
+    pub fn with_mtp(mut self, mtp: Option<MtpLayout>) -> Layout {
+        self.mtp = mtp;
+        self
     }
 
     pub fn text_layer(&self, i: usize) -> String {
@@ -235,6 +283,11 @@ impl Layout {
         let vision_root = || self.vision.as_ref().map(|v| format!("{v}.")).unwrap_or_default();
         match kind {
             UnitKind::TextLayer(i) => format!("{}.", self.text_layer(i)),
+            UnitKind::Mtp(k) => match &self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) => format!("{}.", self.text_layer(first + k)),
+                Some(MtpLayout::Prefix(p)) => format!("{p}."),
+                None => String::new(),
+            },
             UnitKind::VisionBlock(i) => self.vision_block(i).map(|b| format!("{b}.")).unwrap_or_default(),
             UnitKind::VisionPre => vision_root(),
             UnitKind::VisionPost if self.projector.is_none() => vision_root(),
@@ -245,7 +298,15 @@ impl Layout {
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
         if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
-            return UnitKind::TextLayer(i);
+            return match self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) if i >= first => UnitKind::Mtp(i - first),
+                _ => UnitKind::TextLayer(i),
+            };
+        }
+        if let Some(MtpLayout::Prefix(p)) = &self.mtp {
+            if name.starts_with(&format!("{p}.")) {
+                return UnitKind::Mtp(0);
+            }
         }
         if name == self.embed_tokens() {
             return UnitKind::Embed;
@@ -282,6 +343,7 @@ impl Layout {
             UnitKind::Embed => format!("{}.embed_tokens", self.text),
             UnitKind::TextLayer(i) => self.text_layer(i),
             UnitKind::Head => format!("{}.norm, {}", self.text, self.lm_head),
+            UnitKind::Mtp(k) => format!("{} (MTP)", self.unit_prefix(UnitKind::Mtp(k)).trim_end_matches('.')),
             UnitKind::Other => "other tensors".into(),
         }
     }
@@ -289,7 +351,7 @@ impl Layout {
 
 /// A checkpoint is processed in units, in this order: the vision tower's embeddings, its blocks,
 /// its mergers and projector, the token embeddings, the text layers, the final norm and head,
-/// then anything unclaimed.
+/// the multi-token-prediction layers, then anything unclaimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum UnitKind {
     VisionPre,
@@ -298,6 +360,8 @@ pub enum UnitKind {
     Embed,
     TextLayer(usize),
     Head,
+    /// MTP layer `k` (see [`MtpLayout`]).
+    Mtp(usize),
     Other,
 }
 

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod fp8;
 pub mod layout;
 pub mod moe;
 pub mod nn;
@@ -24,6 +25,8 @@ pub struct Model {
     pub layout: Layout,
     pub text: TextConfig,
     pub config: Value,
+    /// `quantization_config.weight_block_size` of an FP8 block-quantized checkpoint.
+    pub fp8: Option<fp8::BlockSize>,
 }
 
 impl Model {
@@ -49,9 +52,10 @@ impl Model {
                 }
             }
         };
-        let layout = Layout::resolve(family, names)?;
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
-        Ok(Model { family, layout, text, config: config.clone() })
+        let layout = Layout::resolve(family, names)?.with_mtp(layout::MtpLayout::of(family, &text));
+        let fp8 = fp8::Fp8Config::from_config(config)?;
+        Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
 }
 
@@ -65,6 +69,9 @@ pub enum Source {
     Computed(String),
     /// One expert's linear cut out of a fused 3D tensor.
     Expert { fused: String, fused_shape: Vec<usize>, layout: FusedLayout, part: ExpertPart, expert: usize },
+    /// A linear stored in FP8 (`weight`, `F8_E4M3`) with its block scale `scale`
+    /// (`weight_scale_inv`), dequantized as it is read (see [`fp8`]).
+    BlockFp8 { weight: String, scale: String, block: [usize; 2] },
 }
 
 impl Source {
@@ -72,6 +79,7 @@ impl Source {
         match self {
             Source::Stored(n) | Source::Computed(n) => n,
             Source::Expert { fused, .. } => fused,
+            Source::BlockFp8 { weight, .. } => weight,
         }
     }
 }
@@ -109,8 +117,11 @@ pub struct Unit {
     pub stored_bytes: u64,
 }
 
-/// Groups a checkpoint's tensors into units, splitting fused MoE experts.
+/// Groups a checkpoint's tensors into units, splitting fused MoE experts and pairing FP8 weights
+/// with their block scales (a scale is read with its weight, never a tensor of its own).
 pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>> {
+    let fp8 = fp8::pair_scales(model.fp8.as_ref(), inventory)?;
+    let float_dtype = fp8::float_dtype(&model.config);
     let mut groups: BTreeMap<UnitKind, Vec<&TensorMeta>> = BTreeMap::new();
     for t in inventory {
         groups.entry(model.layout.classify(&t.name)).or_default().push(t);
@@ -126,6 +137,13 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
                 && by_name.contains_key(format!("{}{}", m.name.strip_suffix(moe::DOWN).unwrap(), moe::GATE_UP).as_str())
             {
                 // Split together with its gate_up partner.
+            } else if fp8.scales.contains(&m.name) {
+                // Read with its FP8 weight.
+            } else if let Some(f) = fp8.weights.get(&m.name) {
+                tensors.push(LogicalTensor {
+                    meta: TensorMeta::new(m.name.clone(), float_dtype, &m.shape),
+                    source: Source::BlockFp8 { weight: m.name.clone(), scale: f.scale.clone(), block: f.block },
+                });
             } else {
                 tensors.push(LogicalTensor { meta: (*m).clone(), source: Source::Stored(m.name.clone()) });
             }

@@ -5,13 +5,21 @@
 //! - Qwen2-VL / Qwen2.5-VL M-RoPE: each frequency takes its angle from the temporal, height or
 //!   width position id, the frequencies split into consecutive `mrope_section` blocks (t, h, w);
 //! - Qwen3-VL interleaved M-RoPE (`mrope_interleaved`): frequencies cycle t, h, w, t, h, w, ...
-//!   while each axis has sections left, the rest use t.
+//!   while each axis has sections left, the rest use t;
+//! - YaRN (`rope_type: yarn`, DeepSeek-V2/V3 and long-context releases): each frequency blends its
+//!   original value and the value `factor` times slower, by a linear ramp between the dims that turn
+//!   `beta_fast` and `beta_slow` times over `original_max_position_embeddings` (transformers'
+//!   `_compute_yarn_parameters`), and cos/sin are multiplied by the attention factor;
+//! - DeepSeek's interleaved pairs (`rope_interleave`): dims `(2j, 2j+1)` share frequency `j`, and
+//!   the rotated head comes out de-interleaved (evens' results, then odds'), as transformers'
+//!   `apply_rotary_pos_emb_interleave` writes it. Queries and keys get the same layout, so their
+//!   products are those of DeepSeek's complex-number form (transformers' DeepSeek-V2).
 //!
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
 
-use super::config::RopeConfig;
-use anyhow::{bail, ensure, Result};
+use super::config::{RopeConfig, YarnConfig};
+use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array2;
 
 /// Position ids of one sequence: one row (text) or three rows (M-RoPE temporal, height, width).
@@ -65,15 +73,19 @@ pub struct Rope {
     axis: Vec<usize>,
     /// Whether the model reads three position axes.
     multimodal: bool,
+    /// YaRN's factor on cos and sin (1 otherwise).
+    attention_factor: f32,
+    /// DeepSeek's interleaved pairs instead of halves.
+    interleaved_pairs: bool,
 }
 
 impl Rope {
-    /// Refuses the rope types lamina does not implement (llama3, yarn, linear, dynamic, ...).
+    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
-        if !matches!(cfg.kind.as_str(), "default" | "mrope") {
+        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE and the Qwen VL M-RoPE); data-free quantization does not need it",
+                 (supported: default RoPE, YaRN and the Qwen VL M-RoPE); data-free quantization does not need it",
                 cfg.kind
             );
         }
@@ -85,13 +97,21 @@ impl Rope {
         );
         ensure!(cfg.theta > 0.0 && cfg.theta.is_finite(), "rope_theta is {}, expected a positive number", cfg.theta);
         let half = rotary_dim / 2;
-        let inv_freq = (0..half).map(|i| (1.0 / cfg.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+        let mut inv_freq: Vec<f32> =
+            (0..half).map(|i| (1.0 / cfg.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+        let mut attention_factor = 1.0;
+        if cfg.kind == "yarn" {
+            let y = cfg.yarn.as_ref().context("config.json: rope type yarn without its settings")?;
+            ensure!(y.factor > 0.0 && y.factor.is_finite(), "yarn factor is {}, expected a positive number", y.factor);
+            inv_freq = yarn_inv_freq(y, cfg.theta, rotary_dim);
+            attention_factor = y.attention_factor() as f32;
+        }
         let (axis, multimodal) = match &cfg.mrope_section {
             None => (vec![0; half], false),
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, inv_freq, axis, multimodal })
+        Ok(Rope { head_dim, inv_freq, axis, multimodal, attention_factor, interleaved_pairs: cfg.interleaved_pairs })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -114,12 +134,40 @@ impl Rope {
             for j in 0..half {
                 // transformers multiplies in f32 (`inv_freq @ position_ids`), then takes cos and sin.
                 let angle = pos.id(self.axis[j], t) as f32 * self.inv_freq[j];
-                cos[[t, j]] = (angle as f64).cos() as f32;
-                sin[[t, j]] = (angle as f64).sin() as f32;
+                cos[[t, j]] = (angle as f64).cos() as f32 * self.attention_factor;
+                sin[[t, j]] = (angle as f64).sin() as f32 * self.attention_factor;
             }
         }
-        Ok(RopeAngles { cos, sin, head_dim: self.head_dim })
+        Ok(RopeAngles { cos, sin, head_dim: self.head_dim, interleaved_pairs: self.interleaved_pairs })
     }
+}
+
+/// YaRN's inverse frequencies: `interpolated · ramp + original · (1 − ramp)`, where the original
+/// frequency of dim pair `i` is `theta^(-2i/dim)`, the interpolated one that divided by `factor`,
+/// and the ramp rises linearly from 0 to 1 between the correction dims of `beta_fast` and
+/// `beta_slow` rotations (`dim · ln(L / (2π·β)) / (2 ln theta)` for the original context `L`,
+/// rounded outward when `truncate`).
+fn yarn_inv_freq(y: &YarnConfig, theta: f64, dim: usize) -> Vec<f32> {
+    let d = dim as f64;
+    let correction = |rot: f64| {
+        d * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (correction(y.beta_fast), correction(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dim / 2)
+        .map(|i| {
+            let original = 1.0 / theta.powf(2.0 * i as f64 / d);
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            (original / y.factor * ramp + original * (1.0 - ramp)) as f32
+        })
+        .collect()
 }
 
 /// Qwen2-VL: `freq.split(mrope_section)`, block `i` takes axis `i % 3`.
@@ -156,6 +204,7 @@ pub struct RopeAngles {
     cos: Array2<f32>,
     sin: Array2<f32>,
     head_dim: usize,
+    interleaved_pairs: bool,
 }
 
 impl RopeAngles {
@@ -172,10 +221,28 @@ impl RopeAngles {
     }
 
     /// Rotates one head's vector of token `t` in place: `x·cos + rotate_half(x)·sin` on the
-    /// rotated dims; dims past them (partial rotary) pass through.
+    /// rotated dims; dims past them (partial rotary) pass through. With interleaved pairs, pair
+    /// `(x[2j], x[2j+1])` turns by angle `j` and the results are written de-interleaved.
     pub fn rotate(&self, t: usize, x: &mut [f32]) {
         let half = self.cos.ncols();
         let (cos, sin) = (self.cos.row(t), self.sin.row(t));
+        if self.interleaved_pairs {
+            let mut buf = [0f32; 256];
+            let mut heap;
+            let pairs: &mut [f32] = if 2 * half <= buf.len() {
+                &mut buf[..2 * half]
+            } else {
+                heap = vec![0f32; 2 * half];
+                &mut heap
+            };
+            pairs.copy_from_slice(&x[..2 * half]);
+            for j in 0..half {
+                let (a, b) = (pairs[2 * j], pairs[2 * j + 1]);
+                x[j] = a * cos[j] - b * sin[j];
+                x[j + half] = b * cos[j] + a * sin[j];
+            }
+            return;
+        }
         for j in 0..half {
             let (a, b) = (x[j], x[j + half]);
             x[j] = a * cos[j] - b * sin[j];
@@ -193,6 +260,8 @@ mod tests {
         RopeConfig {
             theta,
             kind: kind.into(),
+            yarn: None,
+            interleaved_pairs: false,
             mrope_section: section,
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
@@ -286,9 +355,65 @@ mod tests {
         }
     }
 
+    /// DeepSeek-V3's YaRN (factor 40, β 32/1, original context 4096, rotary dim 64, theta 10000)
+    /// against the formula worked by hand: the correction dims are
+    /// `64·ln(4096/(2π·β))/(2·ln 10000)` = 10.47 for β = 32 and 22.51 for β = 1, rounded out to 10
+    /// and 23, so pairs below 10 keep their frequency, pairs from 23 on are 40 times slower, and pair
+    /// 16 is blended with ramp (16 − 10)/13.
+    #[test]
+    fn yarn_frequencies_and_attention_factor() {
+        let y = YarnConfig {
+            factor: 40.0,
+            original_max_position_embeddings: 4096.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(1.0),
+            mscale_all_dim: Some(0.707),
+            attention_factor: None,
+            truncate: true,
+        };
+        let mut c = cfg(10000.0, "yarn", None, false);
+        c.yarn = Some(y.clone());
+        let rope = Rope::new(&c, 64).unwrap();
+        let orig = |i: usize| 10000f64.powf(-((2 * i) as f64) / 64.0);
+        for i in [0, 5, 9] {
+            assert!((rope.inv_freq[i] as f64 - orig(i)).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        for i in [23, 31] {
+            assert!((rope.inv_freq[i] as f64 - orig(i) / 40.0).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        let r = 6.0 / 13.0;
+        let want = orig(16) / 40.0 * r + orig(16) * (1.0 - r);
+        assert!((rope.inv_freq[16] as f64 - want).abs() <= 1e-7 * want);
+        // mscale 1 over mscale_all_dim 0.707: (0.1 ln 40 + 1) / (0.0707 ln 40 + 1).
+        let m = |k: f64| 0.1 * k * 40f64.ln() + 1.0;
+        assert!((y.attention_factor() - m(1.0) / m(0.707)).abs() < 1e-12);
+        assert!((y.softmax_mscale() - m(0.707) * m(0.707)).abs() < 1e-12);
+        let a = rope.angles(&Positions::sequential(2)).unwrap();
+        assert!((a.cos[[0, 0]] as f64 - m(1.0) / m(0.707)).abs() < 1e-6, "cos and sin carry the factor");
+    }
+
+    /// DeepSeek's interleaved pairs: (x0, x1) and (x2, x3) turn by their angles and come out as
+    /// (x0', x2', x1'', x3'').
+    #[test]
+    fn interleaved_pairs_rotate_adjacent_dims() {
+        let mut c = cfg(100.0, "default", None, false);
+        c.interleaved_pairs = true;
+        // head_dim 4: frequencies 1 and 0.1.
+        let rope = Rope::new(&c, 4).unwrap();
+        let a = rope.angles(&Positions::sequential(2)).unwrap();
+        let mut x = [1.0f32, 2.0, 3.0, 4.0];
+        a.rotate(1, &mut x);
+        let (c0, s0, c1, s1) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
+        let want = [1.0 * c0 - 2.0 * s0, 3.0 * c1 - 4.0 * s1, 2.0 * c0 + 1.0 * s0, 4.0 * c1 + 3.0 * s1];
+        for (a, b) in x.iter().zip(want) {
+            assert!(close(*a, b), "{x:?} vs {want:?}");
+        }
+    }
+
     #[test]
     fn unsupported_rope_types_are_refused() {
-        for kind in ["llama3", "yarn", "linear", "dynamic"] {
+        for kind in ["llama3", "linear", "dynamic"] {
             let e = Rope::new(&cfg(1e4, kind, None, false), 16).unwrap_err().to_string();
             assert!(e.contains(kind), "{e}");
         }

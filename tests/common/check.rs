@@ -62,6 +62,9 @@ impl Scheme {
 pub struct Logical {
     pub st: St,
     pub from_fused: bool,
+    /// Dequantized here from an FP8 weight and its block scale (`st` is F32): kept float, the
+    /// output holds it in bf16.
+    pub from_fp8: bool,
 }
 
 /// Reads a checkpoint folder (single file or index + shards) with the `safetensors` crate.
@@ -86,21 +89,61 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
     let stored = read_checkpoint(dir);
+    let block = config["quantization_config"]["weight_block_size"]
+        .as_array()
+        .map(|b| [b[0].as_u64().unwrap() as usize, b[1].as_u64().unwrap() as usize]);
     let mut out = BTreeMap::new();
     for (name, t) in &stored {
-        if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
+        if name.ends_with(".weight_scale_inv") {
+            continue;
+        }
+        if t.dtype == "F8_E4M3" {
+            let scale = &stored[&name.replace(".weight", ".weight_scale_inv")];
+            let st = dequantize_fp8(t, scale, block.expect("FP8 weights need weight_block_size"));
+            out.insert(name.clone(), Logical { st, from_fused: false, from_fp8: true });
+        } else if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
             let down = &stored[&format!("{prefix}mlp.experts.down_proj")];
             let inter = inter.expect("fused experts need moe_intermediate_size");
             for (j, [gate, up, d]) in split_fused(t, down, hidden, inter).into_iter().enumerate() {
                 for (part, st) in [("gate_proj", gate), ("up_proj", up), ("down_proj", d)] {
-                    out.insert(format!("{prefix}mlp.experts.{j}.{part}.weight"), Logical { st, from_fused: true });
+                    out.insert(
+                        format!("{prefix}mlp.experts.{j}.{part}.weight"),
+                        Logical { st, from_fused: true, from_fp8: false },
+                    );
                 }
             }
         } else if !name.ends_with("mlp.experts.down_proj") {
-            out.insert(name.clone(), Logical { st: t.clone(), from_fused: false });
+            out.insert(name.clone(), Logical { st: t.clone(), from_fused: false, from_fp8: false });
         }
     }
     out
+}
+
+/// `float8_e4m3fn` by its definition: sign, 4 exponent bits of bias 7, 3 mantissa bits, subnormals
+/// below exponent 1, NaN at exponent and mantissa all ones.
+pub fn e4m3(b: u8) -> f32 {
+    let (s, e, m) = (if b >> 7 == 1 { -1.0 } else { 1.0 }, ((b >> 3) & 15) as i32, (b & 7) as f32);
+    if e == 15 && m == 7.0 {
+        f32::NAN
+    } else if e == 0 {
+        s * m / 8.0 * 2f32.powi(-6)
+    } else {
+        s * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// An FP8 weight times its block scale (`[ceil(rows / b0), ceil(cols / b1)]`), as F32.
+pub fn dequantize_fp8(w: &St, scale: &St, block: [usize; 2]) -> St {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    assert_eq!(scale.shape, vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])], "test fixture: scale grid");
+    let s = scale.f32s();
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|k| {
+            let (r, c) = (k / cols, k % cols);
+            e4m3(w.data[k]) * s[(r / block[0]) * scale.shape[1] + c / block[1]]
+        })
+        .collect();
+    St { dtype: "F32".into(), shape: w.shape.clone(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
 }
 
 /// Per expert `[gate, up, down]` as `[out, in]` bf16 matrices, from the release layout
@@ -150,8 +193,9 @@ pub fn should_quantize(name: &str, shape: &[usize]) -> bool {
     };
     let last = module.rsplit('.').next().unwrap();
     shape.len() == 2
-        && !["embed_tokens", "pos_embed", "position_embedding", "lm_head"].contains(&last)
+        && !["embed_tokens", "pos_embed", "position_embedding", "lm_head", "kv_b_proj", "eh_proj"].contains(&last)
         && !module.ends_with("mlp.gate")
+        && !module.ends_with("shared_head.head")
         && !module.contains("linear_fc2")
         && !module.contains("merger")
 }
@@ -266,7 +310,12 @@ pub fn check_output(input: &Path, out: &Path, scheme: Scheme, limit: Option<u64>
             assert_eq!(b.f32s(), l.st.f32s(), "bias {name} of {module} must be the input's values");
         } else {
             let o = outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
-            assert!(o == &l.st, "float tensor {name} is not bit-identical to the input");
+            if l.from_fp8 {
+                let want = St::bf16(&l.st.shape, &l.st.f32s());
+                assert!(o == &want, "FP8 tensor {name} kept float must be written dequantized in bf16");
+            } else {
+                assert!(o == &l.st, "float tensor {name} is not bit-identical to the input");
+            }
             assert!(!l.from_fused, "{name} is an expert linear and should be quantized");
             seen.float.insert(name.clone());
             accounted.insert(name.clone());

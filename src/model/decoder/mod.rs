@@ -4,6 +4,7 @@
 //! | architecture | file | families |
 //! |---|---|---|
 //! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -19,6 +20,7 @@
 //! graph, a variant of [`Arch`], and the families that use it in [`Arch::of`]. Weights come from
 //! [`Weights`]; which checkpoint names they have is [`crate::model::layout::Layout`]'s business.
 
+pub mod mla;
 pub mod parts;
 pub mod standard;
 
@@ -60,6 +62,8 @@ pub trait DecoderBlock: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Standard,
+    /// DeepSeek's multi-head latent attention.
+    Mla,
 }
 
 impl Arch {
@@ -75,6 +79,7 @@ impl Arch {
             | Family::Qwen3VlMoe
             | Family::Llava
             | Family::Generic => Arch::Standard,
+            Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
         }
     }
 }
@@ -84,6 +89,7 @@ impl Arch {
 pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn DecoderBlock>> {
     Ok(match Arch::of(model.family) {
         Arch::Standard => Box::new(standard::Layer::new(&model.text, index, weights)?),
+        Arch::Mla => Box::new(mla::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -91,6 +97,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
 pub fn graph(model: &Model, index: usize) -> LayerGraph {
     match Arch::of(model.family) {
         Arch::Standard => standard::Layer::graph(&model.text, index),
+        Arch::Mla => mla::Layer::graph(&model.text, index),
     }
 }
 
@@ -109,6 +116,9 @@ pub enum LinearPath {
     ValueOutput,
     /// The up projection through the gated product (SwiGLU) to the down projection.
     GatedProduct,
+    /// MLA's `kv_b_proj` to `o_proj`: the value rows of each head's `[k_nope | v]` block of
+    /// `kv_b_proj` reach that head's columns of `o_proj` (the no-rope key rows do not).
+    LatentValueOutput,
 }
 
 /// How a decoder layer's linears connect, names relative to the layer.
@@ -126,7 +136,8 @@ pub struct LayerGraph {
     /// gate/up, all the experts of a MoE layer.
     pub fused: Vec<Vec<String>>,
     /// Attention modules whose keys and values are cached (`self_attn`): they call
-    /// [`LinearHook::kv_cache`].
+    /// [`LinearHook::kv_cache`] (MLA caches its latent as the values and its one rotated key head
+    /// as the keys).
     pub kv_cache: Vec<String>,
 }
 
@@ -406,6 +417,28 @@ mod tests {
     #[test]
     fn parity_qwen3_vl_realvocab() {
         parity("qwen3_vl_realvocab");
+    }
+    /// FP8 block-scaled linears (dequantized as they load), MLA with q_lora_rank, interleaved
+    /// rotary pairs, YaRN, sigmoid routing limited to groups, a shared expert.
+    #[test]
+    fn parity_deepseek_v3() {
+        parity("deepseek_v3");
+    }
+    /// bf16, rope_interleave false, a non-zero correction bias, 2 of 4 groups eligible.
+    #[test]
+    fn parity_deepseek_v3_bf16() {
+        parity("deepseek_v3_bf16");
+    }
+    /// MLA without q_lora_rank, softmax group-limited greedy routing, two shared experts, YaRN with
+    /// mscale != mscale_all_dim.
+    #[test]
+    fn parity_deepseek_v2() {
+        parity("deepseek_v2");
+    }
+    /// A Qwen3 FP8 release: block scales of 32 × 48, ragged on both axes.
+    #[test]
+    fn parity_qwen3_fp8() {
+        parity("qwen3_fp8");
     }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
