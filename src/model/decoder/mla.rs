@@ -235,3 +235,67 @@ impl Attention {
         Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+    use crate::model::decoder::tests::fixture;
+
+    #[test]
+    fn graph_of_both_query_forms() {
+        let v3 = fixture("deepseek_v3");
+        let g = Layer::graph(&v3.model.text, 1);
+        let norm = |n: &str| g.norm_linears.iter().find(|nl| nl.norm == n).map(|nl| nl.consumers.clone());
+        assert_eq!(norm("input_layernorm").unwrap(), ["self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"]);
+        assert_eq!(norm("self_attn.q_a_layernorm").unwrap(), ["self_attn.q_b_proj"]);
+        assert_eq!(norm("self_attn.kv_a_layernorm").unwrap(), ["self_attn.kv_b_proj"]);
+        let post = norm("post_attention_layernorm").unwrap();
+        assert!(post.contains(&"mlp.gate".into()) && post.contains(&"mlp.shared_experts.up_proj".into()));
+        assert!(g.fused.contains(&vec!["self_attn.q_a_proj".into(), "self_attn.kv_a_proj_with_mqa".into()]));
+        assert!(g.fused.contains(&vec!["mlp.shared_experts.gate_proj".into(), "mlp.shared_experts.up_proj".into()]));
+        assert!(g.residual_writers.contains(&"mlp.shared_experts.down_proj".into()));
+        assert_eq!(g.kv_cache, ["self_attn"]);
+        // Layer 0 is dense (first_k_dense_replace 1).
+        let g0 = Layer::graph(&v3.model.text, 0);
+        assert!(g0.fused.contains(&vec!["mlp.gate_proj".into(), "mlp.up_proj".into()]));
+
+        let v2 = fixture("deepseek_v2");
+        let g = Layer::graph(&v2.model.text, 1);
+        assert_eq!(g.norm_linears[0].consumers, ["self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"]);
+        assert!(!g.norm_linears.iter().any(|nl| nl.norm == "self_attn.q_a_layernorm"));
+        assert!(!g.fused.iter().any(|f| f.contains(&"self_attn.q_proj".into())), "q_proj is not fused in V2-Lite");
+    }
+
+    /// What the attention caches: the normalised latent as values and the one rotated key head as
+    /// keys, for every token; a hook that changes them changes the layer's output.
+    #[test]
+    fn the_cache_holds_the_latent_and_the_rotated_key() {
+        struct Cache(Vec<(usize, usize, usize, usize)>, bool);
+        impl LinearHook for Cache {
+            fn linear(&mut self, d: &dyn Device, _: &str, l: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+                l.forward(d, x)
+            }
+            fn kv_cache(&mut self, _: &str, k: &mut Array2<f32>, v: &mut Array2<f32>) {
+                self.0.push((k.nrows(), k.ncols(), v.nrows(), v.ncols()));
+                if self.1 {
+                    v.fill(0.0);
+                }
+            }
+        }
+        let f = fixture("deepseek_v2");
+        let x = f.reference["model.layers.1.in"].to_f32().unwrap();
+        let x = Array2::from_shape_vec((x.len() / 64, 64), x).unwrap();
+        let pos = Positions::sequential(x.nrows());
+        let layer = crate::model::decoder::layer(&f.model, 1, f.weights(1)).unwrap();
+        let (mut plain, mut zero) = (Cache(vec![], false), Cache(vec![], true));
+        let a = layer.forward(&Cpu, x.view(), &pos, &mut plain, ForwardOptions::default()).unwrap();
+        let b = layer.forward(&Cpu, x.view(), &pos, &mut zero, ForwardOptions::default()).unwrap();
+        assert_eq!(
+            plain.0,
+            [(x.nrows(), 8, x.nrows(), 32)],
+            "k_pe [seq, qk_rope_head_dim], latent [seq, kv_lora_rank]"
+        );
+        assert!(a.iter().zip(&b).any(|(p, q)| (p - q).abs() > 1e-3), "the cached latent is what the attention reads");
+    }
+}

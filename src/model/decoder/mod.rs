@@ -248,7 +248,7 @@ impl Head {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::Cpu;
     use crate::io::checkpoint::Checkpoint;
@@ -302,7 +302,7 @@ mod tests {
                 None => Positions::sequential(self.ids().len()),
             }
         }
-        fn weights(&self, i: usize) -> Weights {
+        pub(crate) fn weights(&self, i: usize) -> Weights {
             let prefix = format!("{}.", self.model.layout.text_layer(i));
             Weights::load(&self.ckpt, self.unit(UnitKind::TextLayer(i)), &prefix).unwrap()
         }
@@ -456,12 +456,12 @@ mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for name in ["qwen3_moe", "qwen3_vl_moe"] {
+        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("deepseek_v3", 1), ("deepseek_v2", 2)] {
             let f = fixture(name);
             let text = &f.model.layout.text;
             let positions = f.positions();
-            let x = f.states(&format!("{text}.layers.0.in"));
-            let layer = f.layer(0);
+            let x = f.states(&format!("{text}.layers.{i}.in"));
+            let layer = f.layer(i);
             let (mut routed, mut all) = (Recorder(BTreeMap::new()), Recorder(BTreeMap::new()));
             let a = layer
                 .forward(&Cpu, x.view(), &positions, &mut routed, ForwardOptions { moe_all_experts: false })
@@ -480,8 +480,18 @@ mod tests {
             }
             assert_eq!(routed_tokens, seq * moe.top_k);
             assert_eq!(routed.0["mlp.gate"], seq);
-            assert_eq!(all.0["self_attn.q_proj"], seq);
+            let first = if f.model.text.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()) { "q_a" } else { "q" };
+            assert_eq!(all.0[&format!("self_attn.{first}_proj")], seq);
             assert_eq!(all.0["self_attn.kv_cache"], seq);
+            if moe.n_shared_experts > 0 {
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    assert_eq!(
+                        routed.0[&format!("mlp.shared_experts.{p}")],
+                        seq,
+                        "{name}: shared experts see every token"
+                    );
+                }
+            }
         }
     }
 
@@ -489,7 +499,7 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "deepseek_v3", "deepseek_v2"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
