@@ -94,7 +94,9 @@ fn a_checkpoint_quantized_otherwise_is_refused() {
 #[test]
 fn deepseek_v2_data_free_schemes() {
     let model = fixture("deepseek_v2");
-    for scheme in [Scheme::W8A8Dynamic, Scheme::W8A16, Scheme::W4A16] {
+    // W4A16 is left out: its groups of 128 do not divide the fixture's 32 × 64 experts, which every
+    // loader refuses (tests/quantize_fixtures.rs covers that refusal).
+    for scheme in [Scheme::W8A8Dynamic, Scheme::W8A16, Scheme::W4A8Dynamic] {
         let tmp = TempDir::new(&format!("dsv2-{}", scheme.cli()));
         let save = tmp.join("out");
         quant(&model, &save, scheme.cli(), &[], &[]).assert_ok();

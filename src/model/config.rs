@@ -2,8 +2,18 @@
 //! (`num_experts`, `rope_scaling`, `rope_theta`, flat Qwen2-VL configs) and transformers 5's
 //! (`num_local_experts`, `rope_parameters`, nested `text_config`).
 
+use crate::tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+/// config.json's `torch_dtype` (transformers 5 spells it `dtype`; a VL model may give it in `text_config`
+/// only): the dtype vLLM serves the model in by default.
+pub fn torch_dtype(config: &Value) -> Option<DType> {
+    let read = |c: &Value| -> Option<DType> {
+        DType::from_torch_name(c.get("torch_dtype").or_else(|| c.get("dtype"))?.as_str()?)
+    };
+    read(config).or_else(|| config.get("text_config").and_then(read))
+}
 
 /// A view of a JSON config that looks keys up in a list of objects, first match wins: for the
 /// text model that is `text_config`, then the top level.
@@ -90,15 +100,14 @@ pub struct RopeConfig {
     pub kind: String,
     /// YaRN's settings when `kind` is `yarn` (DeepSeek-V2/V3 and long-context releases).
     pub yarn: Option<YarnConfig>,
-    /// DeepSeek's layout of the rotated dims: pairs `(x0, x1), (x2, x3), ...` share a frequency
-    /// (`rope_interleave`, on for DeepSeek-V2 and by default for V3) instead of the two halves.
-    pub interleaved_pairs: bool,
     /// M-RoPE sections (temporal, height, width) in frequency pairs, for Qwen VL models.
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
     pub mrope_interleaved: bool,
-    /// Fraction of head_dim that is rotated (1.0 for every supported family).
+    /// Fraction of head_dim that is rotated (GLM-4 0.5, Qwen3-Next 0.25, else 1).
     pub partial_rotary_factor: f64,
+    /// HunYuan's NTK-alpha (`rope_scaling: {type: dynamic, alpha}`).
+    pub alpha: Option<f64>,
 }
 
 /// YaRN (`rope_type: yarn`): frequencies interpolated between the original and the `factor`-times
@@ -163,6 +172,9 @@ pub struct MlaConfig {
     pub qk_nope_head_dim: usize,
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
+    /// Whether the rotary dims turn in adjacent pairs `(x0, x1), (x2, x3), ...` (DeepSeek's layout:
+    /// always in transformers' DeepSeek-V2, unless `rope_interleave` is false in V3) rather than halves.
+    pub rope_interleave: bool,
 }
 
 impl MlaConfig {
@@ -270,6 +282,8 @@ impl TextConfig {
                 qk_nope_head_dim: c.usize(&["qk_nope_head_dim"])?,
                 qk_rope_head_dim: c.usize(&["qk_rope_head_dim"])?,
                 v_head_dim: c.usize(&["v_head_dim"])?,
+                rope_interleave: c.bool(&["rope_interleave"]).unwrap_or(true)
+                    || c.str(&["model_type"]) == Some("deepseek_v2"),
             }),
             None => None,
         };
@@ -379,7 +393,11 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
     // vLLM and older transformers spell DeepSeek's YaRN `deepseek_yarn`.
     let kind = if kind == "deepseek_yarn" { "yarn".to_string() } else { kind };
-    let partial_rotary_factor = c.f64(&["partial_rotary_factor"])?.unwrap_or(1.0);
+    let partial_rotary_factor = match c.f64(&["partial_rotary_factor"])? {
+        Some(f) => f,
+        None => params.as_ref().map(|p| p.f64(&["partial_rotary_factor"])).transpose()?.flatten().unwrap_or(1.0),
+    };
+    let alpha = params.as_ref().map(|p| p.f64(&["alpha"])).transpose()?.flatten();
     let yarn = match (&params, kind.as_str()) {
         (Some(p), "yarn") => {
             let max_pos = c.f64(&["max_position_embeddings"])?;
@@ -404,12 +422,7 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         }
         _ => None,
     };
-    // DeepSeek's MLA rotates interleaved pairs unless rope_interleave says otherwise (transformers'
-    // DeepSeek-V3 honours it, its DeepSeek-V2 always interleaves).
-    let mla = c.get(&["kv_lora_rank"]).is_some();
-    let interleaved_pairs =
-        c.bool(&["rope_interleave"]).unwrap_or(mla) || (mla && c.str(&["model_type"]) == Some("deepseek_v2"));
-    Ok(RopeConfig { theta, kind, yarn, interleaved_pairs, mrope_section, mrope_interleaved, partial_rotary_factor })
+    Ok(RopeConfig { theta, kind, yarn, mrope_section, mrope_interleaved, partial_rotary_factor, alpha })
 }
 
 /// The `vision_config` object, if the model has one.

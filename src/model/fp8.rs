@@ -21,6 +21,7 @@
 //! float is written dequantized in the model's float dtype, so the output's `config.json` carries no
 //! `quantization_config`.
 
+use super::TensorError;
 use crate::tensor::{DType, TensorMeta};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -105,61 +106,65 @@ pub fn pair_scales(config: Option<&BlockSize>, inventory: &[TensorMeta]) -> Resu
     let by_name: BTreeMap<&str, &TensorMeta> = inventory.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut pairs = Fp8Pairs::default();
     for t in inventory.iter().filter(|t| t.dtype == DType::F8E4M3) {
-        let module = t.name.strip_suffix(".weight").filter(|_| t.shape.len() == 2).with_context(|| {
-            format!(
-                "tensor {} is FP8 (F8_E4M3) with shape {:?}; lamina reads FP8 only as the 2D weights of \
-                 linear layers with block scales",
-                t.name, t.shape
-            )
-        })?;
-        let cfg = match config {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => bail!("tensor {} is FP8 (F8_E4M3): {e}", t.name),
-            None => bail!(
-                "tensor {} is FP8 (F8_E4M3) but config.json has no quantization_config with a \
-                 weight_block_size, so its block scales cannot be placed",
-                t.name
-            ),
-        };
-        let scale_name = format!("{module}.{SCALE_SUFFIX}");
-        let scale = by_name.get(scale_name.as_str()).with_context(|| {
-            format!(
-                "tensor {} is FP8 (F8_E4M3) but its block scale {scale_name} is missing from the checkpoint",
-                t.name
-            )
-        })?;
-        let grid = cfg.grid(t.shape[0], t.shape[1]);
-        ensure!(
-            matches!(scale.dtype, DType::F32 | DType::BF16 | DType::F16),
-            "tensor {scale_name} (the block scale of {}) has dtype {}, expected F32",
-            t.name,
-            scale.dtype.name()
-        );
-        ensure!(
-            scale.shape == grid,
-            "tensor {scale_name} has shape {:?}, but the FP8 weight {} {:?} in blocks of {:?} \
-             (quantization_config.weight_block_size) needs a scale grid of {:?}",
-            scale.shape,
-            t.name,
-            t.shape,
-            cfg.block,
-            grid
-        );
-        pairs.scales.insert(scale_name.clone());
-        pairs.weights.insert(t.name.clone(), Fp8Weight { scale: scale_name, block: cfg.block });
+        let w = pair_one(config, t, &by_name).map_err(|e| TensorError::new(&t.name, e))?;
+        pairs.scales.insert(w.scale.clone());
+        pairs.weights.insert(t.name.clone(), w);
     }
     for t in inventory.iter().filter(|t| t.name.ends_with(&format!(".{SCALE_SUFFIX}"))) {
         if !pairs.scales.contains(&t.name) {
             let weight = format!("{}weight", t.name.strip_suffix(SCALE_SUFFIX).unwrap());
-            bail!(
+            let msg = format!(
                 "tensor {} is a block scale, but {weight} is not an FP8 (F8_E4M3) weight{}; a checkpoint \
                  converted to bf16 should not keep its scales",
                 t.name,
                 by_name.get(weight.as_str()).map(|w| format!(" (it is {})", w.dtype.name())).unwrap_or_default()
             );
+            return Err(TensorError::new(&t.name, anyhow::anyhow!(msg)).into());
         }
     }
     Ok(pairs)
+}
+
+/// Pairs one FP8 weight with its scale and checks the scale's grid and dtype.
+fn pair_one(config: Option<&BlockSize>, t: &TensorMeta, by_name: &BTreeMap<&str, &TensorMeta>) -> Result<Fp8Weight> {
+    let module = t.name.strip_suffix(".weight").filter(|_| t.shape.len() == 2).with_context(|| {
+        format!(
+            "tensor {} is FP8 (F8_E4M3) with shape {:?}; lamina reads FP8 only as the 2D weights of \
+             linear layers with block scales",
+            t.name, t.shape
+        )
+    })?;
+    let cfg = match config {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => bail!("tensor {} is FP8 (F8_E4M3): {e}", t.name),
+        None => bail!(
+            "tensor {} is FP8 (F8_E4M3) but config.json has no quantization_config with a \
+             weight_block_size, so its block scales cannot be placed",
+            t.name
+        ),
+    };
+    let scale_name = format!("{module}.{SCALE_SUFFIX}");
+    let scale = by_name.get(scale_name.as_str()).with_context(|| {
+        format!("tensor {} is FP8 (F8_E4M3) but its block scale {scale_name} is missing from the checkpoint", t.name)
+    })?;
+    let grid = cfg.grid(t.shape[0], t.shape[1]);
+    ensure!(
+        matches!(scale.dtype, DType::F32 | DType::BF16 | DType::F16),
+        "tensor {scale_name} (the block scale of {}) has dtype {}, expected F32",
+        t.name,
+        scale.dtype.name()
+    );
+    ensure!(
+        scale.shape == grid,
+        "tensor {scale_name} has shape {:?}, but the FP8 weight {} {:?} in blocks of {:?} \
+         (quantization_config.weight_block_size) needs a scale grid of {:?}",
+        scale.shape,
+        t.name,
+        t.shape,
+        cfg.block,
+        grid
+    );
+    Ok(Fp8Weight { scale: scale_name, block: cfg.block })
 }
 
 /// The dtype a dequantized FP8 weight takes: config.json's `torch_dtype` (or `dtype`) when it is a

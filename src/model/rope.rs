@@ -6,14 +6,15 @@
 //!   width position id, the frequencies split into consecutive `mrope_section` blocks (t, h, w);
 //! - Qwen3-VL interleaved M-RoPE (`mrope_interleaved`): frequencies cycle t, h, w, t, h, w, ...
 //!   while each axis has sections left, the rest use t;
+//! - GLM-4's rotation of adjacent pairs (`x[2i]`, `x[2i+1]`; vLLM's `is_neox_style=False`), chosen
+//!   by the architecture with [`Rope::with_adjacent_pairs`];
 //! - YaRN (`rope_type: yarn`, DeepSeek-V2/V3 and long-context releases): each frequency blends its
 //!   original value and the value `factor` times slower, by a linear ramp between the dims that turn
 //!   `beta_fast` and `beta_slow` times over `original_max_position_embeddings` (transformers'
-//!   `_compute_yarn_parameters`), and cos/sin are multiplied by the attention factor;
-//! - DeepSeek's interleaved pairs (`rope_interleave`): dims `(2j, 2j+1)` share frequency `j`, and
-//!   the rotated head comes out de-interleaved (evens' results, then odds'), as transformers'
-//!   `apply_rotary_pos_emb_interleave` writes it. Queries and keys get the same layout, so their
-//!   products are those of DeepSeek's complex-number form (transformers' DeepSeek-V2).
+//!   `_compute_yarn_parameters`), and cos/sin are multiplied by the attention factor (DeepSeek's
+//!   MLA turns adjacent pairs, as GLM-4 does; its softmax mscale is the attention's business);
+//! - HunYuan's NTK-alpha base (`rope_scaling: {type: dynamic, alpha}`): the base becomes
+//!   `theta · alpha^(d / (d − 2))` for every length up to `max_position_embeddings`.
 //!
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
@@ -73,19 +74,29 @@ pub struct Rope {
     axis: Vec<usize>,
     /// Whether the model reads three position axes.
     multimodal: bool,
+    pairs: Pairs,
     /// YaRN's factor on cos and sin (1 otherwise).
     attention_factor: f32,
-    /// DeepSeek's interleaved pairs instead of halves.
-    interleaved_pairs: bool,
+}
+
+/// Which dims of a head rotate together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairs {
+    /// `x[i]` with `x[i + rotary_dim/2]` (`rotate_half`; Llama, Qwen, most families).
+    Halves,
+    /// `x[2i]` with `x[2i + 1]` (GLM-4).
+    Adjacent,
 }
 
 impl Rope {
-    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic, ...).
+    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic without alpha, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
-        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") {
+        let alpha = cfg.alpha.filter(|_| cfg.kind == "dynamic");
+        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") && alpha.is_none() {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE, YaRN and the Qwen VL M-RoPE); data-free quantization does not need it",
+                 (supported: default RoPE, YaRN, the Qwen VL M-RoPE and HunYuan's dynamic NTK-alpha); \
+                 data-free quantization does not need it",
                 cfg.kind
             );
         }
@@ -97,13 +108,23 @@ impl Rope {
         );
         ensure!(cfg.theta > 0.0 && cfg.theta.is_finite(), "rope_theta is {}, expected a positive number", cfg.theta);
         let half = rotary_dim / 2;
+        let theta = match alpha {
+            Some(a) => {
+                ensure!(
+                    a > 0.0 && a.is_finite() && head_dim > 2,
+                    "rope_scaling alpha is {a}, expected a positive number"
+                );
+                cfg.theta * a.powf(head_dim as f64 / (head_dim - 2) as f64)
+            }
+            None => cfg.theta,
+        };
         let mut inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / cfg.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+            (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
         let mut attention_factor = 1.0;
         if cfg.kind == "yarn" {
             let y = cfg.yarn.as_ref().context("config.json: rope type yarn without its settings")?;
             ensure!(y.factor > 0.0 && y.factor.is_finite(), "yarn factor is {}, expected a positive number", y.factor);
-            inv_freq = yarn_inv_freq(y, cfg.theta, rotary_dim);
+            inv_freq = yarn_inv_freq(y, theta, rotary_dim);
             attention_factor = y.attention_factor() as f32;
         }
         let (axis, multimodal) = match &cfg.mrope_section {
@@ -111,7 +132,13 @@ impl Rope {
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, inv_freq, axis, multimodal, attention_factor, interleaved_pairs: cfg.interleaved_pairs })
+        Ok(Rope { head_dim, inv_freq, axis, multimodal, pairs: Pairs::Halves, attention_factor })
+    }
+
+    /// The same frequencies, rotating adjacent pairs (GLM-4, DeepSeek's MLA) instead of halves.
+    pub fn with_adjacent_pairs(mut self) -> Rope {
+        self.pairs = Pairs::Adjacent;
+        self
     }
 
     pub fn head_dim(&self) -> usize {
@@ -138,7 +165,7 @@ impl Rope {
                 sin[[t, j]] = (angle as f64).sin() as f32 * self.attention_factor;
             }
         }
-        Ok(RopeAngles { cos, sin, head_dim: self.head_dim, interleaved_pairs: self.interleaved_pairs })
+        Ok(RopeAngles { cos, sin, head_dim: self.head_dim, pairs: self.pairs })
     }
 }
 
@@ -204,7 +231,7 @@ pub struct RopeAngles {
     cos: Array2<f32>,
     sin: Array2<f32>,
     head_dim: usize,
-    interleaved_pairs: bool,
+    pairs: Pairs,
 }
 
 impl RopeAngles {
@@ -220,33 +247,21 @@ impl RopeAngles {
         self.head_dim
     }
 
-    /// Rotates one head's vector of token `t` in place: `x·cos + rotate_half(x)·sin` on the
-    /// rotated dims; dims past them (partial rotary) pass through. With interleaved pairs, pair
-    /// `(x[2j], x[2j+1])` turns by angle `j` and the results are written de-interleaved.
+    /// Rotates one head's vector of token `t` in place: each pair `(a, b)` of rotated dims
+    /// becomes `(a·cos − b·sin, b·cos + a·sin)` (`x·cos + rotate_half(x)·sin`); dims past the
+    /// rotated ones (partial rotary) pass through.
     pub fn rotate(&self, t: usize, x: &mut [f32]) {
         let half = self.cos.ncols();
         let (cos, sin) = (self.cos.row(t), self.sin.row(t));
-        if self.interleaved_pairs {
-            let mut buf = [0f32; 256];
-            let mut heap;
-            let pairs: &mut [f32] = if 2 * half <= buf.len() {
-                &mut buf[..2 * half]
-            } else {
-                heap = vec![0f32; 2 * half];
-                &mut heap
-            };
-            pairs.copy_from_slice(&x[..2 * half]);
-            for j in 0..half {
-                let (a, b) = (pairs[2 * j], pairs[2 * j + 1]);
-                x[j] = a * cos[j] - b * sin[j];
-                x[j + half] = b * cos[j] + a * sin[j];
-            }
-            return;
-        }
+        let (stride, partner) = match self.pairs {
+            Pairs::Halves => (1, half),
+            Pairs::Adjacent => (2, 1),
+        };
         for j in 0..half {
-            let (a, b) = (x[j], x[j + half]);
-            x[j] = a * cos[j] - b * sin[j];
-            x[j + half] = b * cos[j] + a * sin[j];
+            let (i, k) = (j * stride, j * stride + partner);
+            let (a, b) = (x[i], x[k]);
+            x[i] = a * cos[j] - b * sin[j];
+            x[k] = b * cos[j] + a * sin[j];
         }
     }
 }
@@ -261,15 +276,53 @@ mod tests {
             theta,
             kind: kind.into(),
             yarn: None,
-            interleaved_pairs: false,
             mrope_section: section,
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
+            alpha: None,
         }
     }
 
     fn close(a: f32, b: f64) -> bool {
         (a as f64 - b).abs() <= 1e-6
+    }
+
+    /// DeepSeek-V3's YaRN (factor 40, β 32/1, original context 4096, rotary dim 64, theta 10000)
+    /// against the formula worked by hand: the correction dims are
+    /// `64·ln(4096/(2π·β))/(2·ln 10000)` = 10.47 for β = 32 and 22.51 for β = 1, rounded out to 10
+    /// and 23, so pairs below 10 keep their frequency, pairs from 23 on are 40 times slower, and pair
+    /// 16 is blended with ramp (16 − 10)/13.
+    #[test]
+    fn yarn_frequencies_and_attention_factor() {
+        let y = YarnConfig {
+            factor: 40.0,
+            original_max_position_embeddings: 4096.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(1.0),
+            mscale_all_dim: Some(0.707),
+            attention_factor: None,
+            truncate: true,
+        };
+        let mut c = cfg(10000.0, "yarn", None, false);
+        c.yarn = Some(y.clone());
+        let rope = Rope::new(&c, 64).unwrap();
+        let orig = |i: usize| 10000f64.powf(-((2 * i) as f64) / 64.0);
+        for i in [0, 5, 9] {
+            assert!((rope.inv_freq[i] as f64 - orig(i)).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        for i in [23, 31] {
+            assert!((rope.inv_freq[i] as f64 - orig(i) / 40.0).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        let r = 6.0 / 13.0;
+        let want = orig(16) / 40.0 * r + orig(16) * (1.0 - r);
+        assert!((rope.inv_freq[16] as f64 - want).abs() <= 1e-7 * want);
+        // mscale 1 over mscale_all_dim 0.707: (0.1 ln 40 + 1) / (0.0707 ln 40 + 1).
+        let m = |k: f64| 0.1 * k * 40f64.ln() + 1.0;
+        assert!((y.attention_factor() - m(1.0) / m(0.707)).abs() < 1e-12);
+        assert!((y.softmax_mscale() - m(0.707) * m(0.707)).abs() < 1e-12);
+        let a = rope.angles(&Positions::sequential(2)).unwrap();
+        assert!((a.cos[[0, 0]] as f64 - m(1.0) / m(0.707)).abs() < 1e-6, "cos and sin carry the factor");
     }
 
     #[test]
@@ -306,6 +359,34 @@ mod tests {
         for (a, b) in x.iter().zip(want) {
             assert!(close(*a, b), "{x:?}");
         }
+    }
+
+    #[test]
+    fn adjacent_pairs_rotate_neighbours() {
+        // GLM-4: head_dim 8 with partial rotary 0.5 gives rotary_dim 4 and the frequencies 1 and
+        // 100^(-1/2) = 0.1, on pairs (0, 1) and (2, 3).
+        let mut c = cfg(100.0, "default", None, false);
+        c.partial_rotary_factor = 0.5;
+        let rope = Rope::new(&c, 8).unwrap().with_adjacent_pairs();
+        let angles = rope.angles(&Positions::sequential(2)).unwrap();
+        let mut x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        angles.rotate(1, &mut x);
+        let (c1, s1, c2, s2) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
+        let want = [c1 - 2.0 * s1, 2.0 * c1 + s1, 3.0 * c2 - 4.0 * s2, 4.0 * c2 + 3.0 * s2, 5.0, 6.0, 7.0, 8.0];
+        for (a, b) in x.iter().zip(want) {
+            assert!(close(*a, b), "{x:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn ntk_alpha_raises_the_base() {
+        // HunYuan: base 10000 · 1000^(4/2) = 1e10 for head_dim 4, so the second frequency is 1e-5.
+        let mut c = cfg(1e4, "dynamic", None, false);
+        c.alpha = Some(1000.0);
+        let rope = Rope::new(&c, 4).unwrap();
+        assert_eq!(rope.inv_freq, vec![1.0, 1e-5]);
+        c.alpha = None;
+        assert!(Rope::new(&c, 4).unwrap_err().to_string().contains("dynamic"));
     }
 
     #[test]
@@ -352,62 +433,6 @@ mod tests {
             let (a, b, c) = (plain.angles(&seq).unwrap(), m.angles(&seq).unwrap(), m.angles(&three).unwrap());
             assert_eq!(a.cos, b.cos);
             assert_eq!(a.sin, c.sin);
-        }
-    }
-
-    /// DeepSeek-V3's YaRN (factor 40, β 32/1, original context 4096, rotary dim 64, theta 10000)
-    /// against the formula worked by hand: the correction dims are
-    /// `64·ln(4096/(2π·β))/(2·ln 10000)` = 10.47 for β = 32 and 22.51 for β = 1, rounded out to 10
-    /// and 23, so pairs below 10 keep their frequency, pairs from 23 on are 40 times slower, and pair
-    /// 16 is blended with ramp (16 − 10)/13.
-    #[test]
-    fn yarn_frequencies_and_attention_factor() {
-        let y = YarnConfig {
-            factor: 40.0,
-            original_max_position_embeddings: 4096.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            mscale: Some(1.0),
-            mscale_all_dim: Some(0.707),
-            attention_factor: None,
-            truncate: true,
-        };
-        let mut c = cfg(10000.0, "yarn", None, false);
-        c.yarn = Some(y.clone());
-        let rope = Rope::new(&c, 64).unwrap();
-        let orig = |i: usize| 10000f64.powf(-((2 * i) as f64) / 64.0);
-        for i in [0, 5, 9] {
-            assert!((rope.inv_freq[i] as f64 - orig(i)).abs() <= 1e-7 * orig(i), "pair {i}");
-        }
-        for i in [23, 31] {
-            assert!((rope.inv_freq[i] as f64 - orig(i) / 40.0).abs() <= 1e-7 * orig(i), "pair {i}");
-        }
-        let r = 6.0 / 13.0;
-        let want = orig(16) / 40.0 * r + orig(16) * (1.0 - r);
-        assert!((rope.inv_freq[16] as f64 - want).abs() <= 1e-7 * want);
-        // mscale 1 over mscale_all_dim 0.707: (0.1 ln 40 + 1) / (0.0707 ln 40 + 1).
-        let m = |k: f64| 0.1 * k * 40f64.ln() + 1.0;
-        assert!((y.attention_factor() - m(1.0) / m(0.707)).abs() < 1e-12);
-        assert!((y.softmax_mscale() - m(0.707) * m(0.707)).abs() < 1e-12);
-        let a = rope.angles(&Positions::sequential(2)).unwrap();
-        assert!((a.cos[[0, 0]] as f64 - m(1.0) / m(0.707)).abs() < 1e-6, "cos and sin carry the factor");
-    }
-
-    /// DeepSeek's interleaved pairs: (x0, x1) and (x2, x3) turn by their angles and come out as
-    /// (x0', x2', x1'', x3'').
-    #[test]
-    fn interleaved_pairs_rotate_adjacent_dims() {
-        let mut c = cfg(100.0, "default", None, false);
-        c.interleaved_pairs = true;
-        // head_dim 4: frequencies 1 and 0.1.
-        let rope = Rope::new(&c, 4).unwrap();
-        let a = rope.angles(&Positions::sequential(2)).unwrap();
-        let mut x = [1.0f32, 2.0, 3.0, 4.0];
-        a.rotate(1, &mut x);
-        let (c0, s0, c1, s1) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
-        let want = [1.0 * c0 - 2.0 * s0, 3.0 * c1 - 4.0 * s1, 2.0 * c0 + 1.0 * s0, 4.0 * c1 + 3.0 * s1];
-        for (a, b) in x.iter().zip(want) {
-            assert!(close(*a, b), "{x:?} vs {want:?}");
         }
     }
 

@@ -11,8 +11,11 @@
 //! ```
 //!
 //! - The rotary part uses `qk_rope_head_dim` dims, YaRN-scaled in the releases (cos/sin times its
-//!   attention factor) and laid out in interleaved pairs unless `rope_interleave` is false; the
-//!   softmax scale is multiplied by `yarn_get_mscale(factor, mscale_all_dim)²`.
+//!   attention factor) and turned in adjacent pairs `(x0, x1), (x2, x3), ...` unless
+//!   `rope_interleave` is false (transformers' V3 then de-interleaves the pairs, its V2 keeps them
+//!   as complex numbers: both give the same products of queries and keys, and adjacent pairs in
+//!   place are what vLLM computes, `is_neox_style=False`); the softmax scale is multiplied by
+//!   `yarn_get_mscale(factor, mscale_all_dim)²`.
 //! - What a server caches is the normalised latent `[tokens, kv_lora_rank]` and the rotated shared
 //!   key `[tokens, qk_rope_head_dim]`: they go through [`LinearHook::kv_cache`] as `v` and `k`.
 //! - The router scores with a softmax (V2: greedy or group-limited greedy) or a sigmoid plus
@@ -95,6 +98,7 @@ impl Layer {
             None => Query::Direct(w.linear("self_attn.q_proj", nh * qk, hidden)?),
         };
         let rope = Rope::new(&cfg.rope, d.qk_rope_head_dim)?;
+        let rope = if d.rope_interleave { rope.with_adjacent_pairs() } else { rope };
         let mscale = cfg.rope.yarn.as_ref().filter(|_| cfg.rope.kind == "yarn").map_or(1.0, |y| y.softmax_mscale());
         let attn = Attention {
             query,
@@ -139,8 +143,8 @@ impl Layer {
             }],
             linear_linears: vec![(a("kv_b_proj"), a("o_proj"), LinearPath::LatentValueOutput)],
             residual_writers: vec![a("o_proj")],
-            fused: Vec::new(),
             kv_cache: vec!["self_attn".into()],
+            ..LayerGraph::default()
         };
         if lora {
             g.norm_linears.push(NormLinears { norm: a("q_a_layernorm"), consumers: vec![a("q_b_proj")] });
