@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //!
@@ -81,6 +81,7 @@ impl Arch {
             | Family::Qwen3Vl
             | Family::Qwen3VlMoe
             | Family::Llava
+            | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
@@ -455,6 +456,10 @@ pub(crate) mod tests {
     fn parity_qwen3_fp8() {
         parity("qwen3_fp8");
     }
+    #[test]
+    fn parity_glm4_moe() {
+        parity("glm4_moe");
+    }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
     struct Recorder(BTreeMap<String, usize>);
@@ -471,7 +476,9 @@ pub(crate) mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("deepseek_v3", 1), ("deepseek_v2", 2)] {
+        for (name, i) in
+            [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1), ("deepseek_v3", 1), ("deepseek_v2", 2)]
+        {
             let f = fixture(name);
             let text = &f.model.layout.text;
             let positions = f.positions();
@@ -514,7 +521,7 @@ pub(crate) mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "deepseek_v3", "deepseek_v2"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "glm4_moe", "deepseek_v3", "deepseek_v2"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
