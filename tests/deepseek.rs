@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::check::{check_output, Scheme};
+use common::check::{check_output, check_output_for, Scheme};
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -110,4 +110,51 @@ fn deepseek_v2_data_free_schemes() {
         assert!(seen.quantized.contains("model.layers.2.mlp.experts.7.gate_proj"));
         assert!(seen.float.contains("model.layers.2.mlp.gate.weight"));
     }
+}
+
+/// The description's type of a linear (`FLOAT` for a kept one).
+fn described(save: &Path, module: &str) -> String {
+    let d = read_json(&save.join("quant_model_description.json"));
+    d[format!("{module}.weight")].as_str().unwrap_or_else(|| panic!("{module}.weight is not described")).to_string()
+}
+
+/// DeepSeek-V3 as released (FP8 block-scaled linears, an MTP layer `model.layers.2`): the family's
+/// bundled data-free recipes. Every linear is checked against the min-max formula on the test's own
+/// FP8 dequantization (common/check.rs), the MTP layer is written float, the loader rules pass
+/// (`lamina check`), and the types are the ones msModelSlim's DeepSeek practice and vLLM-Ascend's
+/// MLA ask for: kv_b_proj and the router float, W4A8_DYNAMIC only on routed experts.
+#[test]
+fn deepseek_v3_fp8_data_free_recipes() {
+    let model = fixture("deepseek_v3");
+    for (qt, attn, expert, shared) in [
+        ("w8a8_dynamic", "W8A8_DYNAMIC", "W8A8_DYNAMIC", "W8A8_DYNAMIC"),
+        ("w4a8_dynamic", "W8A8_DYNAMIC", "W4A8_DYNAMIC", "W8A8_DYNAMIC"),
+        ("w8a16", "W8A16", "W8A8_DYNAMIC", "W8A16"),
+    ] {
+        let tmp = TempDir::new(&format!("dsv3-{qt}"));
+        let save = tmp.join("out");
+        quant(&model, &save, qt, &[], &[]).assert_ok();
+        let seen = check_output_for(&model, &save, qt, "vllm-ascend", None);
+        assert!(seen.quantized.contains("model.layers.1.mlp.experts.3.down_proj"), "{qt}: {seen:?}");
+        for m in ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj", "o_proj"] {
+            assert_eq!(described(&save, &format!("model.layers.1.self_attn.{m}")), attn, "{qt}: {m}");
+        }
+        assert_eq!(described(&save, "model.layers.1.mlp.experts.0.gate_proj"), expert, "{qt}");
+        assert_eq!(described(&save, "model.layers.1.mlp.shared_experts.up_proj"), shared, "{qt}");
+        assert_eq!(described(&save, "model.layers.0.mlp.down_proj"), shared, "{qt}: the dense layer");
+        for float in ["model.layers.1.self_attn.kv_b_proj", "model.layers.1.mlp.gate", "lm_head"] {
+            assert_eq!(described(&save, float), "FLOAT", "{qt}: {float}");
+        }
+        // The MTP layer, FP8 in the source, is written float (dequantized) with every linear FLOAT.
+        for m in ["self_attn.q_a_proj", "mlp.experts.1.up_proj", "eh_proj", "shared_head.head"] {
+            assert_eq!(described(&save, &format!("model.layers.2.{m}")), "FLOAT", "{qt}: MTP {m}");
+        }
+        let c = check(&save, &[]);
+        c.assert_ok();
+        assert!(c.stdout.contains("ok:"), "{}", c.stdout);
+    }
+    // The w4a8_dynamic recipe is the family's own.
+    let r = run(&["plan", "--model_path", &model.display().to_string(), "--quant_type", "w4a8_dynamic"], &[]);
+    r.assert_ok();
+    assert!(r.stdout.contains("deepseek_v3-w4a8_dynamic"), "{}", r.stdout);
 }

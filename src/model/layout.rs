@@ -482,13 +482,30 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
         push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
     }
-    for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
-        push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
-        if bias {
-            push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+    if let Some(m) = &t.mla {
+        // DeepSeek's MLA (decoder/mla.rs): low-rank queries, a shared latent for keys and values.
+        let nh = t.num_heads;
+        match m.q_lora_rank {
+            Some(r) => {
+                push(format!("{l}.self_attn.q_a_proj.weight"), &[r, h]);
+                push(format!("{l}.self_attn.q_a_layernorm.weight"), &[r]);
+                push(format!("{l}.self_attn.q_b_proj.weight"), &[nh * m.qk_head_dim(), r]);
+            }
+            None => push(format!("{l}.self_attn.q_proj.weight"), &[nh * m.qk_head_dim(), h]),
         }
+        push(format!("{l}.self_attn.kv_a_proj_with_mqa.weight"), &[m.kv_lora_rank + m.qk_rope_head_dim, h]);
+        push(format!("{l}.self_attn.kv_a_layernorm.weight"), &[m.kv_lora_rank]);
+        push(format!("{l}.self_attn.kv_b_proj.weight"), &[nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank]);
+        push(format!("{l}.self_attn.o_proj.weight"), &[h, nh * m.v_head_dim]);
+    } else {
+        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
+            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+            if bias {
+                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+            }
+        }
+        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
     }
-    push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
     if qk_norm {
         push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
         push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
@@ -497,7 +514,7 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         Some(m) if m.is_moe_layer(i) => {
             let inter = m.moe_intermediate_size;
             push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
-            if family == Family::Glm4Moe {
+            if matches!(family, Family::Glm4Moe | Family::DeepseekV3) {
                 push(format!("{l}.mlp.gate.e_score_correction_bias"), &[m.num_experts]);
             }
             if fused_experts {
