@@ -23,7 +23,7 @@
 //!   [`super::parts::Routing`]; `n_shared_experts` shared experts run on every token.
 //!
 //! The multi-token-prediction layer after the decoder layers (`model.layers.{num_hidden_layers}`)
-//! is not part of this forward; it is its own unit (see `crate::model::mtp`).
+//! is not part of this forward; it is its own unit, written float (see `crate::pipeline::plan::plan_unit`).
 
 use super::parts::{causal_attention, ffn_graph, project, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
