@@ -21,6 +21,10 @@ pub enum Family {
     Llava,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
+    /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
+    DeepseekV2,
+    /// DeepSeek-V3, R1, V3.1 and Kimi-K2 (MLA, sigmoid router, FP8 releases, an MTP layer).
+    DeepseekV3,
     /// GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): first layers dense, then sigmoid-routed experts with a
     /// correction bias beside shared experts; a multi-token-prediction layer after the last.
     Glm4Moe,
@@ -29,7 +33,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 13] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -40,6 +44,8 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::Glm4,
+        Family::DeepseekV2,
+        Family::DeepseekV3,
         Family::Glm4Moe,
     ];
 
@@ -56,6 +62,8 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::Glm4 => "glm4",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
             Family::Glm4Moe => "glm4_moe",
             Family::Generic => "generic",
         }
@@ -87,6 +95,8 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("Glm4ForCausalLM", Family::Glm4),
+            ("DeepseekV2ForCausalLM", Family::DeepseekV2),
+            ("DeepseekV3ForCausalLM", Family::DeepseekV3),
             ("Glm4MoeForCausalLM", Family::Glm4Moe),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
@@ -133,6 +143,8 @@ fn rules(family: Family) -> Rules {
         | Family::Qwen3
         | Family::Qwen3Moe
         | Family::Glm4
+        | Family::DeepseekV2
+        | Family::DeepseekV3
         | Family::Glm4Moe
         | Family::Generic => DECODER,
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
@@ -195,7 +207,9 @@ impl MtpLayout {
     pub fn of(family: Family, text: &TextConfig) -> Option<MtpLayout> {
         match family {
             // Any layer past num_hidden_layers is an MTP layer, whether or not the config counts it.
-            Family::Glm4Moe => Some(MtpLayout::AfterDecoder { first: text.num_layers }),
+            Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => {
+                Some(MtpLayout::AfterDecoder { first: text.num_layers })
+            }
             _ => None,
         }
     }
@@ -494,13 +508,30 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
         push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
     }
-    for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
-        push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
-        if bias {
-            push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+    if let Some(m) = &t.mla {
+        // DeepSeek's MLA (decoder/mla.rs): low-rank queries, a shared latent for keys and values.
+        let nh = t.num_heads;
+        match m.q_lora_rank {
+            Some(r) => {
+                push(format!("{l}.self_attn.q_a_proj.weight"), &[r, h]);
+                push(format!("{l}.self_attn.q_a_layernorm.weight"), &[r]);
+                push(format!("{l}.self_attn.q_b_proj.weight"), &[nh * m.qk_head_dim(), r]);
+            }
+            None => push(format!("{l}.self_attn.q_proj.weight"), &[nh * m.qk_head_dim(), h]),
         }
+        push(format!("{l}.self_attn.kv_a_proj_with_mqa.weight"), &[m.kv_lora_rank + m.qk_rope_head_dim, h]);
+        push(format!("{l}.self_attn.kv_a_layernorm.weight"), &[m.kv_lora_rank]);
+        push(format!("{l}.self_attn.kv_b_proj.weight"), &[nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank]);
+        push(format!("{l}.self_attn.o_proj.weight"), &[h, nh * m.v_head_dim]);
+    } else {
+        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
+            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+            if bias {
+                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+            }
+        }
+        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
     }
-    push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
     if qk_norm {
         push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
         push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
@@ -509,7 +540,7 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         Some(m) if m.is_moe_layer(i) => {
             let inter = m.moe_intermediate_size;
             push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
-            if family == Family::Glm4Moe {
+            if matches!(family, Family::Glm4Moe | Family::DeepseekV3) {
                 push(format!("{l}.mlp.gate.e_score_correction_bias"), &[m.num_experts]);
             }
             if fused_experts {

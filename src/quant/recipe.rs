@@ -30,6 +30,8 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen2_5_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_5_vl-w8a8.yaml")),
     ("qwen2_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_vl-w8a8.yaml")),
     ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
+    ("deepseek_v3-w8a8.yaml", include_str!("../../pipelines/deepseek_v3-w8a8.yaml")),
+    ("deepseek_v3-w4a8_dynamic.yaml", include_str!("../../pipelines/deepseek_v3-w4a8_dynamic.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
     ("w8a8-quarot.yaml", include_str!("../../pipelines/w8a8-quarot.yaml")),
