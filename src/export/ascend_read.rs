@@ -6,7 +6,7 @@ use super::ascend::DESCRIPTION;
 use crate::io::safetensors::SafetensorsFile;
 use crate::model::nn::Linear;
 use crate::model::weights::Weights;
-use crate::pipeline::calibrate::hooks::ActSim;
+use crate::quant::act_sim::ActSim;
 use crate::quant::ActRange;
 use crate::tensor::{decode_f32, DType};
 use anyhow::{bail, Context, Result};

@@ -3,6 +3,7 @@
 //! (`observer`), activation ranges (`act_range`) and outlier suppression (`smooth`).
 
 pub mod act_range;
+pub mod act_sim;
 pub mod awq;
 pub mod glob;
 pub mod gptq;

@@ -4,8 +4,8 @@
 use crate::device::Device;
 use crate::model::decoder::InputGroups;
 use crate::model::nn::{Linear, LinearHook};
+pub use crate::quant::act_sim::ActSim;
 use crate::quant::observer::{ChannelStats, Hessian, Histogram};
-use crate::quant::{act_range, ActRange};
 use ndarray::{Array2, ArrayView2, Zip};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -68,40 +68,6 @@ impl LinearHook for Observe<'_> {
     }
 }
 
-/// How a quantized linear's input is quantized at inference.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ActSim {
-    /// Weight-only schemes.
-    None,
-    /// Per token, symmetric, `bits` wide (8, or 4 for W4A4): scale `max|x_t| / (2^(bits-1) - 1)`,
-    /// integers clamped to the signed range.
-    PerToken { bits: u8 },
-    /// int8 per tensor with a calibrated scale and offset.
-    Static(ActRange),
-}
-
-impl ActSim {
-    /// The activations as the quantized kernel sees them.
-    pub fn apply(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        match *self {
-            ActSim::None => x.to_owned(),
-            ActSim::Static(r) => x.mapv(|v| act_range::dequantize(act_range::quantize(v, r), r)),
-            ActSim::PerToken { bits } => {
-                let qmax = ((1i32 << (bits - 1)) - 1) as f32;
-                let mut out = x.to_owned();
-                for mut row in out.rows_mut() {
-                    let absmax = row.fold(0f32, |m, v| m.max(v.abs()));
-                    if absmax > 0.0 {
-                        let s = absmax / qmax;
-                        row.mapv_inplace(|v| (v / s).round_ties_even().clamp(-qmax - 1.0, qmax) * s);
-                    }
-                }
-                out
-            }
-        }
-    }
-}
-
 /// A linear as the quantized model computes it: dequantized weights and simulated activations.
 #[derive(Debug, Clone)]
 pub struct SimLinear {
@@ -144,6 +110,7 @@ pub fn dequantize_weight(w: &crate::quant::QuantizedWeight) -> Array2<f32> {
 mod tests {
     use super::*;
     use crate::device::Cpu;
+    use crate::quant::act_range;
     use ndarray::array;
 
     #[test]
