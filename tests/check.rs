@@ -270,6 +270,17 @@ fn real_model_sizes_decide_what_loads() {
             r.stdout
         );
     }
+    // C8 on real heads (128 channels): the w8a8 / w4a8_dynamic recipes plus the KV cache of every layer.
+    for (q, recipe) in [("w8a8c8", "qwen3_vl_moe-w8a8+c8"), ("w4a8c8", "default-w4a8_dynamic+c8")] {
+        let r = plan(&cfg("qwen3-vl-30b-a3b"), q, "vllm-ascend");
+        r.assert_ok();
+        assert!(
+            r.stdout.contains(&format!("recipe       : {recipe}"))
+                && r.stdout.contains("C8 (int8 per channel, calibrated) in 48 attention layers"),
+            "{q}:\n{}",
+            r.stdout
+        );
+    }
     // SmolLM2-135M (dense, hidden 576): no 4-bit type for vLLM-Ascend; for MindIE W4A16's groups of 128
     // do not divide 576, W4A8_DYNAMIC loads.
     let smol = cfg("smollm2-135m");

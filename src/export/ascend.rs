@@ -13,9 +13,14 @@
 //! - `W4A8_DYNAMIC`: see [`w4a8`]. `W4A16`: see [`w4a16`].
 //! - A bias is written as `X.bias` f32, type `FLOAT`.
 //!
+//! - The int8 KV cache (C8) of an attention module `A`: `A.k_proj.kv_cache_scale`, `A.k_proj.kv_cache_offset`,
+//!   `A.v_proj.kv_cache_scale`, `A.v_proj.kv_cache_offset`, f32 `[kv_heads · head_dim]`, type `C8`
+//!   (msModelSlim's `on_dynamic_cache`; see [`crate::quant::kv_cache`] for what they quantize).
+//!
 //! Global keys: `model_quant_type` (see [`PRIORITY`]), `version` "1.0.0", `group_size` (the group length of
 //! per-group linears, 0 when every linear is per channel, as msModelSlim sets it), `metadata` (lamina records
-//! the serving dtype, the `deq_scale` dtype, the target), `optional`.
+//! the serving dtype, the `deq_scale` dtype, the target), `optional`; with C8, `kv_cache_type` and
+//! `kv_quant_type` "C8".
 //!
 //! The names, dtypes and shapes of every type come from one table, [`rules::TYPES`], which `lamina check`
 //! also checks outputs against; this module fills the tensors with data.
@@ -25,6 +30,7 @@ pub mod w4a8;
 
 use super::rules::{self, Target};
 use super::{Exporter, OutMeta, OutTensor, FLOAT};
+use crate::quant::kv_cache::KvCacheQuant;
 use crate::quant::{ActQuant, QuantSpec, QuantizedLinear};
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
@@ -89,6 +95,11 @@ impl AscendExporter {
             }),
         );
         g.insert("optional".into(), json!({}));
+        // msModelSlim's on_dynamic_cache sets both; vLLM-Ascend reads kv_cache_type.
+        if outputs.iter().any(|o| o.kind == rules::C8) {
+            g.insert("kv_cache_type".into(), json!(rules::C8));
+            g.insert("kv_quant_type".into(), json!(rules::C8));
+        }
         g
     }
 }
@@ -151,6 +162,21 @@ impl Exporter for AscendExporter {
             out.push(t("bias", Tensor::from_f32(&[rows], b), FLOAT));
         }
         out
+    }
+
+    fn kv_cache_layout(&self, module: &str, k_channels: usize, v_channels: usize) -> Vec<OutMeta> {
+        rules::kv_cache_layout(module, k_channels, v_channels)
+    }
+
+    fn kv_cache_tensors(&self, module: &str, q: &KvCacheQuant) -> Vec<OutTensor> {
+        rules::C8_TENSORS
+            .iter()
+            .map(|(sfx, side)| {
+                let c = if *side == rules::KvSide::K { &q.k } else { &q.v };
+                let v = if sfx.ends_with("scale") { &c.scale } else { &c.offset };
+                OutTensor { name: format!("{module}.{sfx}"), tensor: Tensor::from_f32(&[v.len()], v), kind: rules::C8 }
+            })
+            .collect()
     }
 
     fn weights_file(&self, k: usize, n: usize) -> String {

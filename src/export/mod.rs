@@ -7,6 +7,7 @@ pub mod ascend_read;
 pub mod check;
 pub mod rules;
 
+use crate::quant::kv_cache::KvCacheQuant;
 use crate::quant::{QuantSpec, QuantizedLinear};
 use crate::tensor::{Tensor, TensorMeta};
 use anyhow::Result;
@@ -47,6 +48,10 @@ pub trait Exporter: Send + Sync {
     fn linear_layout(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize, has_bias: bool) -> Vec<OutMeta>;
     /// The same tensors, with data.
     fn linear_tensors(&self, module: &str, q: &QuantizedLinear) -> Vec<OutTensor>;
+    /// The tensors the int8 KV cache (C8) of attention module `module` becomes.
+    fn kv_cache_layout(&self, module: &str, k_channels: usize, v_channels: usize) -> Vec<OutMeta>;
+    /// The same tensors, with data.
+    fn kv_cache_tensors(&self, module: &str, q: &KvCacheQuant) -> Vec<OutTensor>;
     /// Name of weights file `k` (0-based) of `n`; `n == 1` is the unsharded name.
     fn weights_file(&self, k: usize, n: usize) -> String;
     /// Name of the shard index.

@@ -155,7 +155,7 @@ impl ModelWeights for QuantizedModel<'_> {
         let layout = &self.float.model.layout;
         let prefix = layout.unit_prefix(kind);
         let (w, acts) = self.output.weights(&prefix, &|name| layout.classify(name) == kind)?;
-        let mut sim = Simulate::default();
+        let mut sim = Simulate { kv: self.output.kv_caches(&prefix)?, ..Simulate::default() };
         for (m, act) in acts {
             let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir.display()))?;
             sim.linears.insert(m, SimLinear { linear, act });

@@ -125,11 +125,9 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     };
     let bundled_quant_type = match &args.config_path {
         Some(_) => None,
-        None => Some(normalize_quant_type(
-            args.quant_type
-                .as_deref()
-                .context("give --quant_type (w8a8, w8a8_dynamic, w8a16, w4a8_dynamic, w4a16) or --config_path")?,
-        )),
+        None => Some(normalize_quant_type(args.quant_type.as_deref().with_context(|| {
+            format!("give --quant_type ({}) or --config_path", crate::quant::recipe::QUANT_TYPES.join(", "))
+        })?)),
     };
     let recipe = match (&args.config_path, &bundled_quant_type) {
         (Some(p), _) => Recipe::from_file(p)?,
@@ -151,6 +149,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         model_type: config_model_type(&config, &model),
         serving: Some(serving),
         kv_channels: Some(model.text.num_kv_heads * model.text.head_dim),
+        head_dim: Some(model.text.head_dim),
     };
     check_loadable(&model, &units, &recipe, &exporter, &setting, bundled_quant_type.as_deref(), &inventory)?;
     let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
@@ -180,7 +179,48 @@ fn plan_units(
             u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
         }
     }
-    units.into_iter().map(|u| plan_unit(u, recipe, exporter)).collect()
+    let planned: Vec<plan::UnitPlan> = units
+        .into_iter()
+        .map(|u| {
+            let kv = kv_cache_jobs(model, &u, recipe)?;
+            plan_unit(u, recipe, exporter, kv)
+        })
+        .collect::<Result<_>>()?;
+    let kv_jobs = planned.iter().flat_map(|u| u.jobs.iter()).filter(|j| matches!(j, plan::Job::KvCache { .. }));
+    if recipe.has_kv_cache() && kv_jobs.count() == 0 {
+        bail!(
+            "recipe {} quantizes the KV cache (dynamic_cache), but no attention module of this {} model matches its include patterns or has a key/value cache C8 can describe",
+            recipe.name,
+            model.family.model_type()
+        );
+    }
+    Ok(planned)
+}
+
+/// The KV-cache jobs of a decoder layer: one per attention module of its graph (`self_attn`) whose cache a
+/// `dynamic_cache` step of the recipe quantizes. C8 names its scales after `k_proj` and `v_proj`, so an
+/// attention without them (MLA caches one compressed latent, which vLLM-Ascend quantizes as FAKQuant) is
+/// refused.
+fn kv_cache_jobs(model: &Model, unit: &crate::model::Unit, recipe: &Recipe) -> Result<Vec<plan::Job>> {
+    let crate::model::layout::UnitKind::TextLayer(i) = unit.kind else { return Ok(Vec::new()) };
+    let prefix = model.layout.unit_prefix(unit.kind);
+    let mut jobs = Vec::new();
+    for m in crate::model::decoder::graph(model, i).kv_cache {
+        let module = format!("{prefix}{m}");
+        let Some(spec) = recipe.kv_cache(&module) else { continue };
+        let rows = |proj: &str| {
+            let name = format!("{module}.{proj}.weight");
+            unit.tensors.iter().find(|t| t.name() == name).map(|t| t.meta.shape[0])
+        };
+        let (Some(k_channels), Some(v_channels)) = (rows("k_proj"), rows("v_proj")) else {
+            bail!(
+                "{module}: recipe {} quantizes its KV cache (dynamic_cache), but C8 stores the scales of k_proj and v_proj and this attention has none (MLA caches a compressed latent: vLLM-Ascend quantizes it as FAKQuant, which lamina does not write)",
+                recipe.name
+            );
+        };
+        jobs.push(plan::Job::KvCache { module, k_channels, v_channels, spec });
+    }
+    Ok(jobs)
 }
 
 /// config.json's `model_type` as the server sees it (the top-level one of a VL model).
@@ -201,6 +241,18 @@ fn check_loadable(
     inventory: &[TensorMeta],
 ) -> Result<()> {
     let target = setting.target;
+    if target == Target::VllmAscend {
+        let asymmetric = units.iter().flat_map(|u| u.jobs.iter()).find_map(|j| match j {
+            plan::Job::KvCache { module, spec, .. } if !spec.symmetric => Some(module),
+            _ => None,
+        });
+        if let Some(m) = asymmetric {
+            bail!(
+                "{m}: recipe {} quantizes the KV cache asymmetrically, but vLLM-Ascend's C8 decode dequantizes with the scale alone (attention_v1.py, \"Scale-only dequant\"), so nothing was written: use symmetric: true, or --target mindie",
+                recipe.name
+            );
+        }
+    }
     let outputs: Vec<crate::export::OutMeta> = units.iter().flat_map(|u| u.outputs.iter().cloned()).collect();
     let specs: Vec<crate::quant::QuantSpec> = units
         .iter()
@@ -210,7 +262,7 @@ fn check_loadable(
     let problems = rules::check(&Described::planned(&outputs, exporter.globals(&outputs, &specs)), setting);
     let mut why = if problems.is_empty() { None } else { Some(rules::report(&problems)) };
     if let (None, Some(qt)) = (&why, bundled_quant_type) {
-        let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+        let headline = headline_type(qt);
         if let Some(h) = headline.filter(|h| !outputs.iter().any(|o| o.kind == *h)) {
             let r = rules::rule(h).expect("every preset type has a rule");
             let kinds: Vec<&str> = [rules::LayerKind::Linear, rules::LayerKind::Expert]
@@ -260,6 +312,12 @@ fn check_loadable(
     )
 }
 
+/// The type a bundled `--quant_type` is named after (`w8a8c8`: W8A8), which the output must hold.
+fn headline_type(quant_type: &str) -> Option<&'static str> {
+    let base = crate::quant::recipe::c8_base(quant_type).unwrap_or(quant_type);
+    crate::quant::QuantSpec::preset(base).map(|s| s.ascend_type())
+}
+
 /// The bundled `--quant_type` values whose recipe plans an output the target loads, for messages.
 fn bundled_quant_types_that_load(
     model: &Model,
@@ -280,7 +338,7 @@ fn bundled_quant_types_that_load(
                 .flat_map(|u| u.jobs.iter())
                 .filter_map(|j| if let plan::Job::Quantize { spec, .. } = j { Some(*spec) } else { None })
                 .collect();
-            let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+            let headline = headline_type(qt);
             let present = headline.is_none_or(|h| outputs.iter().any(|o| o.kind == h));
             let described = Described::planned(&outputs, exporter.globals(&outputs, &specs));
             Ok(present && rules::check(&described, setting).is_empty())
@@ -292,9 +350,12 @@ fn bundled_quant_types_that_load(
     ok
 }
 
-/// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a
-/// static activation range or GPTQ weights.
+/// Whether the recipe needs calibration data: a smoothing step, a KV-cache step, or a linear whose scheme
+/// has a static activation range or GPTQ weights.
 fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bool> {
+    if recipe.has_kv_cache() {
+        return Ok(true);
+    }
     if calibrate::smoothing::Smoothing::from_recipe(recipe)?.is_some() {
         return Ok(true);
     }
@@ -416,6 +477,10 @@ pub fn print_plan(p: &Prepared) -> bool {
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
     println!("weights      : {}", kinds.join(", "));
+    let c8 = plan.units.iter().flat_map(|u| u.jobs.iter()).filter(|j| matches!(j, plan::Job::KvCache { .. })).count();
+    if c8 > 0 {
+        println!("kv cache     : C8 (int8 per channel, calibrated) in {c8} attention layers");
+    }
     println!("units        : {}", plan.units.len());
     for (i, u) in plan.units.iter().enumerate() {
         if plan.units.len() <= 12 || i < 4 || i + 3 >= plan.units.len() || i == m.largest_unit {

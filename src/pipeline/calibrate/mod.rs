@@ -12,9 +12,11 @@
 //!    to fill the histograms;
 //! 4. quantize every linear (GPTQ or round-to-nearest; static activation ranges) and hand the
 //!    tensors to the writer;
-//! 5. run the layer as the quantized model computes it; its outputs are the next layer's inputs
-//!    (errors propagate as at inference) and are saved as the unit's activation snapshot, so a
-//!    resumed run continues from exactly here.
+//! 5. with a KV-cache step, run the quantized layer once more and take the per-channel ranges of
+//!    what its attention caches (keys after their norm and RoPE, values): the C8 scales;
+//! 6. run the layer as the quantized model computes it (its KV cache rounded to C8 too); its
+//!    outputs are the next layer's inputs (errors propagate as at inference) and are saved as the
+//!    unit's activation snapshot, so a resumed run continues from exactly here.
 
 pub mod hooks;
 pub mod smoothing;
@@ -37,6 +39,7 @@ use crate::model::weights::Weights;
 use crate::model::{LogicalTensor, Model, Source};
 use crate::quant::gptq::{self, GptqConfig, HessianFactor};
 use crate::quant::observer::{Histogram, HISTOGRAM_BINS};
+use crate::quant::recipe::KvCacheSpec;
 use crate::quant::smooth::{smooth_linear_linear, smooth_norm_linears, smooth_ov, Heads};
 use crate::quant::spec::{ActMethod, WeightMethod};
 use crate::quant::{act_range, rtn, ActQuant, QuantSpec, QuantizedLinear, Recipe};
@@ -348,9 +351,10 @@ impl<'a> Calibrator<'a> {
             Ok(())
         };
         let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &graph.input_groups(), &pass, emit)?;
+        let layer = decoder::layer(model, i, w)?;
+        self.calibrate_kv_caches(up, &prefix, layer.as_ref(), &mut sim, emit)?;
 
         // The quantized layer's outputs are the next layer's inputs.
-        let layer = decoder::layer(model, i, w)?;
         self.commit_state(index, |this, s| {
             let mut d = this.sample(s)?;
             d.embeds =
@@ -361,6 +365,44 @@ impl<'a> Calibrator<'a> {
             d.injections = later;
             Ok(d)
         })
+    }
+
+    /// The C8 KV caches of a decoder layer (its `KvCache` jobs): run the layer as quantized (`sim`: its
+    /// linears quantized, so the keys and values are those the served model caches) over every sample,
+    /// take each cached channel's range, hand the scales and offsets to `emit`, and make `sim` round the
+    /// caches from then on (the next layer's inputs see the quantized cache).
+    fn calibrate_kv_caches(
+        &self,
+        up: &UnitPlan,
+        prefix: &str,
+        layer: &dyn decoder::DecoderBlock,
+        sim: &mut Simulate,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
+        let jobs: Vec<(&String, &KvCacheSpec)> = up
+            .jobs
+            .iter()
+            .filter_map(|j| if let Job::KvCache { module, spec, .. } = j { Some((module, spec)) } else { None })
+            .collect();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        sim.kv_stats = Some(BTreeMap::new());
+        for s in 0..self.samples.len() {
+            let d = self.sample(s)?;
+            layer.forward(self.device, d.embeds.view(), &d.positions, sim, ForwardOptions::default())?;
+        }
+        let stats = sim.kv_stats.take().unwrap_or_default();
+        for (module, spec) in jobs {
+            let rel = module.strip_prefix(prefix).unwrap_or(module);
+            let st = stats.get(rel).with_context(|| format!("{module}: the layer cached no keys and values"))?;
+            let bad = st.k.nonfinite + st.v.nonfinite;
+            ensure!(bad == 0, "{module}: the cached keys and values hold {bad} NaN/Inf values");
+            let q = st.quantizer(spec.symmetric);
+            emit(self.exporter.kv_cache_tensors(module, &q))?;
+            sim.kv.insert(rel.to_string(), q);
+        }
+        Ok(())
     }
 
     /// Steps 1–4 for one unit whose weights are `w`: observe the float unit (`pass` runs it over
@@ -386,7 +428,7 @@ impl<'a> Calibrator<'a> {
             .iter()
             .filter_map(|j| match j {
                 Job::Quantize { module, spec, .. } => Some((rel(module), *spec)),
-                Job::Keep(_) => None,
+                Job::Keep(_) | Job::KvCache { .. } => None,
             })
             .collect();
 
@@ -455,6 +497,8 @@ impl<'a> Calibrator<'a> {
         let mut sim = Simulate::default();
         for job in &up.jobs {
             let out = match job {
+                // Measured on the quantized layer, once its linears are done (calibrate_kv_caches).
+                Job::KvCache { .. } => continue,
                 Job::Keep(t) => vec![self.keep(t, w, &prefix, &modified)?],
                 Job::Quantize { module, spec, .. } => {
                     let m = rel(module);
