@@ -448,6 +448,11 @@ pub const C8_TENSORS: [(&str, KvSide); 4] = [
     ("v_proj.kv_cache_offset", KvSide::V),
 ];
 
+/// Whether a tensor is one of an attention's C8 tensors (by name).
+pub fn is_c8_tensor(name: &str) -> bool {
+    C8_TENSORS.iter().any(|(sfx, _)| name.strip_suffix(sfx).is_some_and(|m| m.ends_with('.')))
+}
+
 /// The key or the value cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvSide {

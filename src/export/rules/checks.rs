@@ -150,7 +150,8 @@ fn modules<'a>(d: &'a Described, out: &mut Vec<Problem>) -> BTreeMap<String, Mod
     let mut mods: BTreeMap<String, Module<'a>> = BTreeMap::new();
     let mut unknown: BTreeSet<(String, &str)> = BTreeSet::new();
     for (name, kind) in &d.types {
-        if kind == FLOAT || kind == "C8" {
+        // C8 tensors belong to the attention, whatever type names them (msModelSlim v0 used the linear's).
+        if kind == FLOAT || kind == C8 || is_c8_tensor(name) {
             continue;
         }
         let Some(r) = rule(kind) else {
@@ -560,8 +561,9 @@ fn check_c8(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
             let float = matches!(meta.dtype, DType::F32 | DType::F16 | DType::BF16);
             let int = matches!(meta.dtype, DType::I8 | DType::I32 | DType::I64);
             if !(float || (int && sfx.ends_with("offset"))) {
-                let want = if sfx.ends_with("offset") { "float or integer" } else { "float" };
-                out.push(problem("C8", &name, format!("is {}; a C8 {} is {want}", meta.dtype.name(), &sfx[7..])));
+                let (what, want) =
+                    if sfx.ends_with("offset") { ("offset", "float or integer") } else { ("scale", "float") };
+                out.push(problem("C8", &name, format!("is {}; a C8 {what} is {want}", meta.dtype.name())));
             }
             let numel: usize = meta.shape.iter().product();
             if let Some(ch) = s.kv_channels {
@@ -686,7 +688,7 @@ pub fn check_values(d: &Described, s: &Setting, v: &dyn Values) -> Vec<Problem> 
         }
     }
     for name in d.types.keys() {
-        if !C8_TENSORS.iter().any(|(sfx, _)| name.ends_with(&format!(".{sfx}"))) || !d.tensors.contains_key(name) {
+        if !is_c8_tensor(name) || !d.tensors.contains_key(name) {
             continue;
         }
         let Some(x) = read(name, &mut out) else { continue };
