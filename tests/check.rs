@@ -54,8 +54,8 @@ fn msmodelslim_folder(dir: &Path) {
     let mut rng = Rng::new(11);
     let config = json!({
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "float16",
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "rms_norm_eps": 1e-6,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 100, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false
     });
     write_json(&dir.join("config.json"), &config);
