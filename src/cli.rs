@@ -1,6 +1,7 @@
 //! The command line, spelled as msModelSlim spells it (`--model_path`), with kebab-case aliases.
 
 use crate::export::rules::Target;
+use crate::export::SaveFormat;
 use crate::pipeline::{self, memory::human, QuantArgs};
 use crate::tensor::DType;
 use clap::{Args, Parser, Subcommand};
@@ -163,6 +164,16 @@ struct QuantCli {
     /// Default: config.json's torch_dtype.
     #[arg(long = "serving_dtype", alias = "serving-dtype", value_parser = parse_serving_dtype)]
     serving_dtype: Option<DType>,
+    /// The output format: ascend (msModelSlim's, for vLLM-Ascend and MindIE; default) or compressed-tensors
+    /// (for vLLM on GPUs and transformers: int8 W8A8 static and dynamic, W8A16, W4A16 in groups of 128;
+    /// config.json carries the quantization_config). `--quant_type w8a8` then picks a recipe without
+    /// m2's shift, whose biases compressed-tensors cannot hold.
+    #[arg(long = "save_format", alias = "save-format", default_value = "ascend", value_parser = parse_save_format)]
+    save_format: SaveFormat,
+}
+
+fn parse_save_format(s: &str) -> Result<SaveFormat, String> {
+    SaveFormat::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -204,6 +215,7 @@ impl QuantCli {
             calib_seq_len: self.calib_seq_len,
             target: self.target,
             serving_dtype: self.serving_dtype,
+            save_format: self.save_format,
         }
     }
 }

@@ -10,7 +10,7 @@
 use super::calibrate::hooks::{SimLinear, Simulate};
 use super::load;
 use crate::device::{self, Device};
-use crate::export::ascend_read::AscendModel;
+use crate::export::read::QuantizedOutput;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
 use crate::model::decoder::{self, embed, DecoderBlock, ForwardOptions, Head};
@@ -143,7 +143,7 @@ impl ModelWeights for FloatModel {
 /// quantization, the static kernel's effective bias. Its architecture is the float model's.
 pub struct QuantizedModel<'a> {
     pub float: &'a FloatModel,
-    pub output: AscendModel,
+    pub output: Box<dyn QuantizedOutput>,
 }
 
 impl ModelWeights for QuantizedModel<'_> {
@@ -157,7 +157,7 @@ impl ModelWeights for QuantizedModel<'_> {
         let (w, acts) = self.output.weights(&prefix, &|name| layout.classify(name) == kind)?;
         let mut sim = Simulate::default();
         for (m, act) in acts {
-            let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir.display()))?;
+            let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir().display()))?;
             sim.linears.insert(m, SimLinear { linear, act });
         }
         Ok((w, sim))
