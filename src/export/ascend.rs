@@ -191,26 +191,33 @@ impl Exporter for AscendExporter {
         "quant_model_weights.safetensors.index.json"
     }
 
-    fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>> {
+    fn is_output_file(&self, name: &str) -> bool {
+        name == DESCRIPTION
+            || name == self.index_file()
+            || (name.starts_with(WEIGHTS) && name.ends_with(".safetensors"))
+    }
+
+    fn metadata_files(
+        &self,
+        config: &Value,
+        outputs: &[OutMeta],
+        linears: &[(String, QuantSpec)],
+        _float_linears: &[String],
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let specs: Vec<QuantSpec> = linears.iter().map(|(_, s)| *s).collect();
         let mut desc = Map::new();
         for o in outputs {
             desc.insert(o.meta.name.clone(), Value::String(o.kind.to_string()));
         }
-        desc.extend(self.globals(outputs, specs));
-        let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
-        bytes.push(b'\n');
-        Ok(vec![(DESCRIPTION.to_string(), bytes)])
+        desc.extend(self.globals(outputs, &specs));
+        Ok(vec![
+            ("config.json".to_string(), super::json_bytes(&super::config_without_quantization(config))?),
+            (DESCRIPTION.to_string(), super::json_bytes(&Value::Object(desc))?),
+        ])
     }
 
-    fn output_config(&self, config: &Value) -> Value {
-        let mut c = config.clone();
-        if let Some(o) = c.as_object_mut() {
-            o.remove("quantization_config");
-            if let Some(t) = o.get_mut("text_config").and_then(|t| t.as_object_mut()) {
-                t.remove("quantization_config");
-            }
-        }
-        c
+    fn format_name(&self) -> &'static str {
+        "ascend_v1"
     }
 }
 
@@ -284,7 +291,9 @@ mod tests {
                 outputs.extend(ex.linear_layout(&format!("l{i}.down_proj"), &spec, 8, 256, false));
                 specs.push(spec);
             }
-            serde_json::from_slice(&ex.metadata_files(&outputs, &specs).unwrap()[0].1).unwrap()
+            let linears: Vec<(String, QuantSpec)> =
+                specs.iter().enumerate().map(|(i, s)| (format!("l{i}.down_proj"), *s)).collect();
+            serde_json::from_slice(&ex.metadata_files(&json!({}), &outputs, &linears, &[]).unwrap()[1].1).unwrap()
         };
         let d = describe(&["w4a8_dynamic", "w8a8_dynamic"]);
         assert_eq!((d["model_quant_type"].as_str(), d["group_size"].as_u64()), (Some("W8A8_DYNAMIC"), Some(0)));

@@ -96,8 +96,20 @@ impl Plan {
     }
     /// The scheme of every quantized linear, in plan order.
     pub fn specs(&self) -> Vec<QuantSpec> {
+        self.linears().into_iter().map(|(_, s)| s).collect()
+    }
+    /// Every quantized linear and its scheme, in plan order.
+    pub fn linears(&self) -> Vec<(String, QuantSpec)> {
         let jobs = self.units.iter().flat_map(|u| u.jobs.iter());
-        jobs.filter_map(|j| if let Job::Quantize { spec, .. } = j { Some(*spec) } else { None }).collect()
+        jobs.filter_map(
+            |j| if let Job::Quantize { module, spec, .. } = j { Some((module.clone(), *spec)) } else { None },
+        )
+        .collect()
+    }
+    /// The linears kept float (their weights are written unchanged).
+    pub fn float_linears(&self) -> Vec<String> {
+        let jobs = self.units.iter().flat_map(|u| u.jobs.iter());
+        jobs.filter_map(|j| if let Job::Keep(t) = j { t.linear_module().map(String::from) } else { None }).collect()
     }
 }
 

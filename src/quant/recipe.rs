@@ -4,8 +4,9 @@
 //! The bundled best practices live in `pipelines/` and are compiled into the binary, so the tool
 //! works from any folder. `--quant_type Q` picks the bundled recipe of quant type Q whose
 //! `metadata.model_types` names the model's family, else the one naming none (`default-Q`); among
-//! those, one whose `metadata.targets` names the `--target` server comes first (`mindie-w4a16`: MindIE
-//! reads dense 4-bit linears that vLLM-Ascend does not).
+//! those, one whose `metadata.targets` names the server comes first: the `--target` (`dense-w4a16` for
+//! MindIE, which reads dense 4-bit linears that vLLM-Ascend does not), or `compressed-tensors` for that
+//! `--save_format` (`smoothquant-w8a8`: no m2 shift, whose biases the format cannot hold).
 //! `--config_path` reads a user's file, or a bundled recipe by name (`w8a8-fast`): named
 //! variants carry no `quant_type`, so `--quant_type` never picks them.
 
@@ -21,8 +22,9 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("default-w8a8_dynamic.yaml", include_str!("../../pipelines/default-w8a8_dynamic.yaml")),
     ("default-w4a8_dynamic.yaml", include_str!("../../pipelines/default-w4a8_dynamic.yaml")),
     ("default-w4a16.yaml", include_str!("../../pipelines/default-w4a16.yaml")),
-    ("mindie-w4a8_dynamic.yaml", include_str!("../../pipelines/mindie-w4a8_dynamic.yaml")),
-    ("mindie-w4a16.yaml", include_str!("../../pipelines/mindie-w4a16.yaml")),
+    ("dense-w4a8_dynamic.yaml", include_str!("../../pipelines/dense-w4a8_dynamic.yaml")),
+    ("dense-w4a16.yaml", include_str!("../../pipelines/dense-w4a16.yaml")),
+    ("smoothquant-w8a8.yaml", include_str!("../../pipelines/smoothquant-w8a8.yaml")),
     ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
     ("qwen3_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_moe-w8a8.yaml")),
     ("qwen3_vl-w8a8.yaml", include_str!("../../pipelines/qwen3_vl-w8a8.yaml")),
@@ -398,12 +400,14 @@ mod tests {
                     assert!(seen.insert((q.clone(), m.clone(), t.clone())), "two bundled {q} recipes for {m:?} {t:?}");
                 }
             }
-            let selector = match (r.model_types.first(), r.targets.first()) {
-                (Some(m), _) => m.clone(),
-                (None, Some(t)) => t.clone(),
-                (None, None) => "default".to_string(),
-            };
-            assert_eq!(r.name, format!("{selector}-{q}"), "a selectable recipe is named after what selects it");
+            // Named after what selects it: the model type, else (for server-specific recipes) what they are.
+            match (r.model_types.first(), r.targets.is_empty()) {
+                (Some(m), _) => assert_eq!(r.name, format!("{m}-{q}")),
+                (None, true) => assert_eq!(r.name, format!("default-{q}")),
+                (None, false) => {
+                    assert!(r.name.ends_with(&format!("-{q}")) && !r.name.starts_with("default"), "{}", r.name)
+                }
+            }
         }
         for q in QUANT_TYPES {
             let base = c8_base(q).unwrap_or(q);
@@ -421,13 +425,21 @@ mod tests {
         assert_eq!(r.name, "default-w4a8_dynamic+c8");
         assert!(r.text.contains("dynamic_cache") && r.has_kv_cache() && r.algorithm_steps().next().is_none());
         // MindIE reads dense 4-bit linears: its own recipes for those; the others are shared.
-        for (q, want) in
-            [("w4a16", "mindie-w4a16"), ("w4a8_dynamic", "mindie-w4a8_dynamic"), ("w8a16", "default-w8a16")]
+        for (q, want) in [("w4a16", "dense-w4a16"), ("w4a8_dynamic", "dense-w4a8_dynamic"), ("w8a16", "default-w8a16")]
         {
             assert_eq!(Recipe::bundled("llama", q, "mindie").unwrap().name, want);
             assert_eq!(Recipe::bundled("llama", q, "vllm-ascend").unwrap().name, format!("default-{q}"));
         }
         assert_eq!(Recipe::bundled("qwen3_moe", "w8a8", "mindie").unwrap().name, "qwen3_moe-w8a8");
+        // compressed-tensors: the recipes without m2's shift.
+        for (model, q, want) in [
+            ("llama", "w8a8", "smoothquant-w8a8"),
+            ("qwen2_vl", "w8a8", "qwen2_vl-w8a8"),
+            ("qwen3", "w4a16", "dense-w4a16"),
+            ("qwen3", "w8a8_dynamic", "default-w8a8_dynamic"),
+        ] {
+            assert_eq!(Recipe::bundled(model, q, "compressed-tensors").unwrap().name, want);
+        }
         // Every file in pipelines/ is compiled in.
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         let mut files: Vec<String> =

@@ -786,7 +786,7 @@ mod tests {
                 ckpt,
                 &plan.model,
                 &plan.recipe,
-                &p.exporter,
+                p.exporter.as_ref(),
                 device.as_ref(),
                 samples,
                 scratch.clone(),
