@@ -1,6 +1,7 @@
 //! The command line, spelled as msModelSlim spells it (`--model_path`), with kebab-case aliases.
 
 use crate::export::rules::Target;
+use crate::export::SaveFormat;
 use crate::pipeline::{self, memory::human, QuantArgs};
 use crate::tensor::DType;
 use clap::{Args, Parser, Subcommand};
@@ -98,6 +99,10 @@ struct ForwardCli {
     /// The safetensors file to write.
     #[arg(long)]
     out: PathBuf,
+    /// A quantized output of this model (either format): run it as its server computes it (dequantized
+    /// weights, quantized activations and KV cache), as `lamina eval` does, instead of the float model.
+    #[arg(long)]
+    quantized: Option<PathBuf>,
     /// The model family; default: config.json's model_type.
     #[arg(long = "model_type", alias = "model-type")]
     model_type: Option<String>,
@@ -164,6 +169,16 @@ struct QuantCli {
     /// Default: config.json's torch_dtype.
     #[arg(long = "serving_dtype", alias = "serving-dtype", value_parser = parse_serving_dtype)]
     serving_dtype: Option<DType>,
+    /// The output format: ascend (msModelSlim's, for vLLM-Ascend and MindIE; default) or compressed-tensors
+    /// (for vLLM on GPUs and transformers: int8 W8A8 static and dynamic, W8A16, W4A16 in groups of 128;
+    /// config.json carries the quantization_config). `--quant_type w8a8` then picks a recipe without
+    /// m2's shift, whose biases compressed-tensors cannot hold.
+    #[arg(long = "save_format", alias = "save-format", default_value = "ascend", value_parser = parse_save_format)]
+    save_format: SaveFormat,
+}
+
+fn parse_save_format(s: &str) -> Result<SaveFormat, String> {
+    SaveFormat::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -205,6 +220,7 @@ impl QuantCli {
             calib_seq_len: self.calib_seq_len,
             target: self.target,
             serving_dtype: self.serving_dtype,
+            save_format: self.save_format,
         }
     }
 }
@@ -263,6 +279,7 @@ fn forward(f: &ForwardCli) -> anyhow::Result<i32> {
         out: f.out.clone(),
         device: f.device.clone(),
         model_type: f.model_type.clone(),
+        quantized: f.quantized.clone(),
     })?;
     eprintln!(
         "wrote {} tensors to {} ({} sequence(s), {} tokens) in {:.2} s",

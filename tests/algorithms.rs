@@ -80,7 +80,7 @@ fn logits(model: &Path, quantized: Option<&Path>, inputs: &BTreeMap<String, lami
     let l = match quantized {
         None => lamina::pipeline::eval::logits(&fm, device.as_ref(), inputs, file),
         Some(d) => {
-            let q = QuantizedModel { float: &fm, output: lamina::export::ascend_read::AscendModel::open(d).unwrap() };
+            let q = QuantizedModel { float: &fm, output: lamina::export::read::open(d).unwrap() };
             lamina::pipeline::eval::logits(&q, device.as_ref(), inputs, file)
         }
     };

@@ -71,7 +71,10 @@ fn logits(model: &Path, quantized: Option<&Path>, ids: &[i64]) -> Vec<f32> {
     let l = match quantized {
         None => lamina::pipeline::eval::logits(&fm, device.as_ref(), &inputs, file),
         Some(d) => {
-            let q = QuantizedModel { float: &fm, output: lamina::export::ascend_read::AscendModel::open(d).unwrap() };
+            let q = QuantizedModel {
+                float: &fm,
+                output: Box::new(lamina::export::ascend_read::AscendModel::open(d).unwrap()),
+            };
             lamina::pipeline::eval::logits(&q, device.as_ref(), &inputs, file)
         }
     };

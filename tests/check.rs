@@ -54,8 +54,8 @@ fn msmodelslim_folder(dir: &Path) {
     let mut rng = Rng::new(11);
     let config = json!({
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "float16",
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100, "rms_norm_eps": 1e-6,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 100, "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false
     });
     write_json(&dir.join("config.json"), &config);
@@ -259,7 +259,7 @@ fn real_model_sizes_decide_what_loads() {
     for (q, target, recipe, types) in [
         ("w4a16", "vllm-ascend", "default-w4a16", "18432 W4A16"),
         ("w4a8_dynamic", "vllm-ascend", "default-w4a8_dynamic", "18432 W4A8_DYNAMIC"),
-        ("w4a16", "mindie", "mindie-w4a16", "W4A16"),
+        ("w4a16", "mindie", "dense-w4a16", "W4A16"),
         ("w8a16", "vllm-ascend", "default-w8a16", "18432 W8A8_DYNAMIC"),
     ] {
         let r = plan(&cfg("qwen3-vl-30b-a3b"), q, target);
@@ -267,6 +267,17 @@ fn real_model_sizes_decide_what_loads() {
         assert!(
             r.stdout.contains(&format!("recipe       : {recipe}")) && r.stdout.contains(types),
             "{q} {target}:\n{}",
+            r.stdout
+        );
+    }
+    // C8 on real heads (128 channels): the w8a8 / w4a8_dynamic recipes plus the KV cache of every layer.
+    for (q, recipe) in [("w8a8c8", "qwen3_vl_moe-w8a8+c8"), ("w4a8c8", "default-w4a8_dynamic+c8")] {
+        let r = plan(&cfg("qwen3-vl-30b-a3b"), q, "vllm-ascend");
+        r.assert_ok();
+        assert!(
+            r.stdout.contains(&format!("recipe       : {recipe}"))
+                && r.stdout.contains("C8 (int8 per channel, calibrated) in 48 attention layers"),
+            "{q}:\n{}",
             r.stdout
         );
     }

@@ -22,9 +22,14 @@
 //!   (`npu_convert_weight_to_int4pack`) and quantizes activations per token to int4.
 //! - A bias is written as `X.bias` f32, type `FLOAT`.
 //!
+//! - The int8 KV cache (C8) of an attention module `A`: `A.k_proj.kv_cache_scale`, `A.k_proj.kv_cache_offset`,
+//!   `A.v_proj.kv_cache_scale`, `A.v_proj.kv_cache_offset`, f32 `[kv_heads · head_dim]`, type `C8`
+//!   (msModelSlim's `on_dynamic_cache`; see [`crate::quant::kv_cache`] for what they quantize).
+//!
 //! Global keys: `model_quant_type` (see [`PRIORITY`]), `version` "1.0.0", `group_size` (the group length of
 //! per-group linears, 0 when every linear is per channel, as msModelSlim sets it), `metadata` (lamina records
-//! the serving dtype, the `deq_scale` dtype, the target), `optional`.
+//! the serving dtype, the `deq_scale` dtype, the target), `optional`; with C8, `kv_cache_type` and
+//! `kv_quant_type` "C8".
 //!
 //! The names, dtypes and shapes of every type come from one table, [`rules::TYPES`], which `lamina check`
 //! also checks outputs against; this module fills the tensors with data.
@@ -34,6 +39,7 @@ pub mod w4a8;
 
 use super::rules::{self, Target};
 use super::{Exporter, OutMeta, OutTensor, FLOAT};
+use crate::quant::kv_cache::KvCacheQuant;
 use crate::quant::{ActQuant, QuantSpec, QuantizedLinear};
 use crate::tensor::{DType, Tensor};
 use anyhow::Result;
@@ -103,6 +109,11 @@ impl AscendExporter {
             }),
         );
         g.insert("optional".into(), json!({}));
+        // msModelSlim's on_dynamic_cache sets both; vLLM-Ascend reads kv_cache_type.
+        if outputs.iter().any(|o| o.kind == rules::C8) {
+            g.insert("kv_cache_type".into(), json!(rules::C8));
+            g.insert("kv_quant_type".into(), json!(rules::C8));
+        }
         g
     }
 }
@@ -182,6 +193,21 @@ impl Exporter for AscendExporter {
         out
     }
 
+    fn kv_cache_layout(&self, module: &str, k_channels: usize, v_channels: usize) -> Vec<OutMeta> {
+        rules::kv_cache_layout(module, k_channels, v_channels)
+    }
+
+    fn kv_cache_tensors(&self, module: &str, q: &KvCacheQuant) -> Vec<OutTensor> {
+        rules::C8_TENSORS
+            .iter()
+            .map(|(sfx, side)| {
+                let c = if *side == rules::KvSide::K { &q.k } else { &q.v };
+                let v = if sfx.ends_with("scale") { &c.scale } else { &c.offset };
+                OutTensor { name: format!("{module}.{sfx}"), tensor: Tensor::from_f32(&[v.len()], v), kind: rules::C8 }
+            })
+            .collect()
+    }
+
     fn weights_file(&self, k: usize, n: usize) -> String {
         if n == 1 {
             format!("{WEIGHTS}.safetensors")
@@ -194,18 +220,29 @@ impl Exporter for AscendExporter {
         "quant_model_weights.safetensors.index.json"
     }
 
+    fn is_output_file(&self, name: &str) -> bool {
+        name == DESCRIPTION
+            || name == QUAROT_FILE
+            || name == self.index_file()
+            || (name.starts_with(WEIGHTS) && name.ends_with(".safetensors"))
+    }
+
     fn metadata_files(
         &self,
+        config: &Value,
         outputs: &[OutMeta],
-        specs: &[QuantSpec],
+        linears: &[(String, QuantSpec)],
+        _float_linears: &[String],
         rotation: Option<ArrayView2<f32>>,
     ) -> Result<Vec<(String, Vec<u8>)>> {
+        let specs: Vec<QuantSpec> = linears.iter().map(|(_, s)| *s).collect();
         let mut desc = Map::new();
         for o in outputs {
             desc.insert(o.meta.name.clone(), Value::String(o.kind.to_string()));
         }
-        desc.extend(self.globals(outputs, specs));
-        let mut files = Vec::new();
+        desc.extend(self.globals(outputs, &specs));
+        let mut files =
+            vec![("config.json".to_string(), super::json_bytes(&super::config_without_quantization(config))?)];
         // msModelSlim's QuaRot export (`export_extra_info`), read by vLLM-Ascend's EAGLE-3 drafter
         // (`optional.quarot.rotation_map.global_rotation`, a safetensors file with `global_rotation`).
         if let Some(q) = rotation {
@@ -217,21 +254,13 @@ impl Exporter for AscendExporter {
                 crate::io::safetensors::serialize(&[("global_rotation".to_string(), t)])?,
             ));
         }
-        let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
-        bytes.push(b'\n');
-        files.insert(0, (DESCRIPTION.to_string(), bytes));
+        // The description last: it marks the output complete.
+        files.push((DESCRIPTION.to_string(), super::json_bytes(&Value::Object(desc))?));
         Ok(files)
     }
 
-    fn output_config(&self, config: &Value) -> Value {
-        let mut c = config.clone();
-        if let Some(o) = c.as_object_mut() {
-            o.remove("quantization_config");
-            if let Some(t) = o.get_mut("text_config").and_then(|t| t.as_object_mut()) {
-                t.remove("quantization_config");
-            }
-        }
-        c
+    fn format_name(&self) -> &'static str {
+        "ascend_v1"
     }
 }
 
@@ -325,7 +354,10 @@ mod tests {
                 outputs.extend(ex.linear_layout(&format!("l{i}.down_proj"), &spec, 8, 256, false));
                 specs.push(spec);
             }
-            serde_json::from_slice(&ex.metadata_files(&outputs, &specs, None).unwrap()[0].1).unwrap()
+            let linears: Vec<(String, QuantSpec)> =
+                specs.iter().enumerate().map(|(i, s)| (format!("l{i}.down_proj"), *s)).collect();
+            let files = ex.metadata_files(&json!({}), &outputs, &linears, &[], None).unwrap();
+            serde_json::from_slice(&files.last().unwrap().1).unwrap()
         };
         let d = describe(&["w4a8_dynamic", "w8a8_dynamic"]);
         assert_eq!((d["model_quant_type"].as_str(), d["group_size"].as_u64()), (Some("W8A8_DYNAMIC"), Some(0)));

@@ -1,12 +1,15 @@
 //! Reading an Ascend-format output back as the NPU will compute it: every quantized linear
 //! becomes its dequantized weight, the bias the kernel effectively adds, and the activation
-//! quantizer it applies. `lamina eval` runs the model this way.
+//! quantizer it applies; with C8, what each attention caches is rounded to its int8 grid. `lamina
+//! eval` runs the model this way.
 
 use super::ascend::DESCRIPTION;
+use super::rules;
 use crate::io::safetensors::SafetensorsFile;
 use crate::model::nn::Linear;
 use crate::model::weights::Weights;
 use crate::quant::act_sim::ActSim;
+use crate::quant::kv_cache::{ChannelQuant, KvCacheQuant};
 use crate::quant::ActRange;
 use crate::tensor::{decode_f32, DType};
 use anyhow::{bail, Context, Result};
@@ -20,6 +23,8 @@ pub struct AscendModel {
     pub group_size: usize,
     /// Tensor name → quantization type.
     pub description: BTreeMap<String, String>,
+    /// The description's `kv_cache_type` is "C8": the KV caches are int8.
+    pub c8: bool,
     files: Vec<SafetensorsFile>,
     where_: BTreeMap<String, usize>,
 }
@@ -40,6 +45,7 @@ impl AscendModel {
         )
         .with_context(|| format!("{} is not valid JSON", desc_path.display()))?;
         let group_size = desc.get("group_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        let c8 = desc.get("kv_cache_type").and_then(|v| v.as_str()) == Some(rules::C8);
         let description = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -59,7 +65,7 @@ impl AscendModel {
                 where_.insert(t.name.clone(), i);
             }
         }
-        Ok(AscendModel { dir: dir.to_path_buf(), group_size, description, files, where_ })
+        Ok(AscendModel { dir: dir.to_path_buf(), group_size, c8, description, files, where_ })
     }
 
     fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
@@ -77,6 +83,52 @@ impl AscendModel {
     fn ints(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let (dtype, shape, bytes) = self.raw(name)?;
         Ok((shape, crate::tensor::decode_i64(dtype, bytes)?))
+    }
+
+    /// A float or integer tensor's values as f32.
+    fn numbers(&self, name: &str) -> Result<Vec<f32>> {
+        let (dtype, _, bytes) = self.raw(name)?;
+        match dtype {
+            DType::I8 | DType::I32 | DType::I64 => {
+                Ok(crate::tensor::decode_i64(dtype, bytes)?.into_iter().map(|v| v as f32).collect())
+            }
+            _ => decode_f32(dtype, bytes),
+        }
+    }
+
+    /// The C8 quantizers of the attention modules under `prefix` (names relative to it, `self_attn`), when
+    /// the description switches C8 on: every `ATTN.k_proj.kv_cache_scale` it lists, with its three siblings.
+    /// A single scale or offset (per tensor) is broadcast over `channels`.
+    pub fn kv_caches(&self, prefix: &str) -> Result<BTreeMap<String, KvCacheQuant>> {
+        let mut out = BTreeMap::new();
+        if !self.c8 {
+            return Ok(out);
+        }
+        let key = format!(".{}", rules::C8_TENSORS[0].0);
+        for name in self.description.range(prefix.to_string()..).map(|(n, _)| n) {
+            let Some(rel) = name.strip_prefix(prefix) else { break };
+            let Some(attn) = rel.strip_suffix(&key) else { continue };
+            let module = format!("{prefix}{attn}");
+            let get = |sfx: &str| -> Result<Vec<f32>> {
+                self.numbers(&format!("{module}.{sfx}")).with_context(|| format!("the C8 scales of {module}"))
+            };
+            let side = |proj: &str| -> Result<ChannelQuant> {
+                let (mut scale, mut offset) =
+                    (get(&format!("{proj}.kv_cache_scale"))?, get(&format!("{proj}.kv_cache_offset"))?);
+                let n = scale.len().max(offset.len());
+                for v in [&mut scale, &mut offset] {
+                    if v.len() == 1 {
+                        *v = vec![v[0]; n];
+                    }
+                }
+                if scale.len() != offset.len() {
+                    bail!("{module}.{proj}: {} C8 scales but {} offsets", scale.len(), offset.len());
+                }
+                Ok(ChannelQuant { scale, offset })
+            };
+            out.insert(attn.to_string(), KvCacheQuant { k: side("k_proj")?, v: side("v_proj")? });
+        }
+        Ok(out)
     }
 
     /// The tensors under `prefix` that `keep` accepts, as a float forward reads them, names

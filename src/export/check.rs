@@ -148,7 +148,8 @@ pub fn check_folder(dir: &Path, target: Target, serving: Option<DType>) -> Resul
             .unwrap_or("")
             .to_string(),
         serving,
-        kv_channels: text.map(|t| t.num_kv_heads * t.head_dim),
+        kv_channels: text.as_ref().map(|t| t.num_kv_heads * t.head_dim),
+        head_dim: text.map(|t| t.head_dim),
     };
     problems.extend(rules::check(&described, &setting));
     let values = FolderValues { files: &opened, where_: &where_ };

@@ -462,6 +462,54 @@ pub fn linear_layout(
     v
 }
 
+/// The description kind msModelSlim gives the C8 tensors (`save/ascendv1.py` `on_dynamic_cache`).
+pub const C8: &str = "C8";
+
+/// The four C8 tensors of an attention module `ATTN`, named `ATTN.{k,v}_proj.kv_cache_{scale,offset}` as
+/// msModelSlim writes them and vLLM-Ascend maps them (`get_cache_scale_mapper`: `.k_proj.kv_cache_scale` →
+/// `.attn.k_cache_scale`, …): (suffix, which cache).
+pub const C8_TENSORS: [(&str, KvSide); 4] = [
+    ("k_proj.kv_cache_scale", KvSide::K),
+    ("k_proj.kv_cache_offset", KvSide::K),
+    ("v_proj.kv_cache_scale", KvSide::V),
+    ("v_proj.kv_cache_offset", KvSide::V),
+];
+
+/// Whether a tensor is one of an attention's C8 tensors (by name).
+pub fn is_c8_tensor(name: &str) -> bool {
+    C8_TENSORS.iter().any(|(sfx, _)| name.strip_suffix(sfx).is_some_and(|m| m.ends_with('.')))
+}
+
+/// The key or the value cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSide {
+    K,
+    V,
+}
+
+/// The C8 tensors lamina writes for attention module `module`: F32, one value per cached channel (the loader
+/// squeezes them and casts to the serving dtype, `kv_c8.py` `_c8_kv_scale_weight_loader`).
+pub fn kv_cache_layout(module: &str, k_channels: usize, v_channels: usize) -> Vec<OutMeta> {
+    C8_TENSORS
+        .iter()
+        .map(|(sfx, side)| {
+            let n = if *side == KvSide::K { k_channels } else { v_channels };
+            OutMeta { meta: TensorMeta::new(format!("{module}.{sfx}"), DType::F32, &[n]), kind: C8 }
+        })
+        .collect()
+}
+
+/// Why C8 cannot load for attention with heads of `head_dim` channels on `target`, if it cannot: vLLM-Ascend's
+/// C8 decode views each cached head in the NZ layout of 32-channel blocks (`attention_v1.py` `_nz_5d_view`:
+/// `head_size // 32`), so the head size must divide by 32.
+pub fn c8_head_limit(target: Target, head_dim: usize) -> Option<String> {
+    (target == Target::VllmAscend && head_dim % 32 != 0).then(|| {
+        format!(
+            "head_dim {head_dim} does not divide by 32: vLLM-Ascend's C8 decode views every cached head as blocks of 32 channels (attention_v1.py _nz_5d_view); MindIE (--target mindie) has no such limit"
+        )
+    })
+}
+
 /// A shape a type cannot hold for this linear on this target (the loader's assertion, or the packing),
 /// `group` being the description's group size.
 pub fn shape_limit(r: &TypeRule, target: Target, module: &str, out: usize, inp: usize, group: usize) -> Option<String> {

@@ -283,6 +283,28 @@ impl Layout {
         self
     }
 
+    /// The roots of this checkpoint's names (the text model, the vision tower, the projector, the head),
+    /// each with every spelling the family's layouts give it (the release layout's and transformers 5's,
+    /// `model` and `model.language_model`): formats that name modules by pattern match them all.
+    pub fn roots(&self) -> Vec<(String, Vec<String>)> {
+        let r = rules(self.family);
+        let spell = |resolved: &str, cands: &[&str]| {
+            let mut v: Vec<String> = cands.iter().map(|s| s.to_string()).collect();
+            if !v.iter().any(|c| c == resolved) {
+                v.push(resolved.to_string());
+            }
+            (resolved.to_string(), v)
+        };
+        let mut out = vec![spell(&self.text, r.text), spell(&self.lm_head, r.lm_head)];
+        if let Some(v) = &self.vision {
+            out.push(spell(v, r.vision));
+        }
+        if let Some(p) = &self.projector {
+            out.push(spell(p, r.projector));
+        }
+        out
+    }
+
     pub fn text_layer(&self, i: usize) -> String {
         format!("{}.layers.{i}", self.text)
     }

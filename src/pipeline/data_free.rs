@@ -9,7 +9,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::model::LogicalTensor;
 use crate::quant::{rtn, QuantizedLinear};
 use crate::tensor::Tensor;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::collections::HashMap;
 
 pub struct DataFree<'a> {
@@ -55,6 +55,7 @@ fn inputs(job: &Job) -> Vec<&LogicalTensor> {
     match job {
         Job::Keep(t) => vec![t],
         Job::Quantize { weight, bias, .. } => std::iter::once(weight).chain(bias.as_ref()).collect(),
+        Job::KvCache { .. } => Vec::new(),
     }
 }
 
@@ -76,6 +77,9 @@ pub fn run_job(ckpt: &Checkpoint, exporter: &dyn Exporter, job: &Job) -> Result<
                 input: None,
             };
             Ok(exporter.linear_tensors(module, &q))
+        }
+        Job::KvCache { module, .. } => {
+            bail!("{module}: the KV-cache scales are measured on calibration data; only a calibrated run computes them")
         }
     }
 }

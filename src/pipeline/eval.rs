@@ -13,7 +13,7 @@ use super::forward::{self, decoder_layer, embedding_table, head, FloatModel, Mod
 use crate::data::calib::{Prompt, VisionModel};
 use crate::data::prompt::TextTokenizer;
 use crate::device::{self, Device};
-use crate::export::ascend_read::AscendModel;
+use crate::export::read;
 use crate::io::safetensors::load_all;
 use crate::model::decoder::{embed, ForwardOptions};
 use crate::model::layout::UnitKind;
@@ -67,7 +67,7 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
     let quantized_nll = args
         .quantized
         .iter()
-        .map(|dir| nll(&QuantizedModel { float: &fm, output: AscendModel::open(dir)? }, device.as_ref(), &windows))
+        .map(|dir| nll(&QuantizedModel { float: &fm, output: read::open(dir)? }, device.as_ref(), &windows))
         .collect::<Result<Vec<f64>>>()?;
     let predicted = windows.len() * (args.seq_len - 1);
     Ok(EvalReport {
@@ -143,7 +143,7 @@ pub fn compare_on_prompt(args: &PromptArgs) -> Result<LogitError> {
         }
         _ => bail!("give either --inputs or --image"),
     };
-    let q = QuantizedModel { float: &fm, output: AscendModel::open(&args.quantized)? };
+    let q = QuantizedModel { float: &fm, output: read::open(&args.quantized)? };
     let float = logits(&fm, device.as_ref(), &inputs, &origin)?;
     let quant = logits(&q, device.as_ref(), &inputs, &origin)?;
     Ok(logit_error(&float, &quant))

@@ -10,7 +10,7 @@
 use super::calibrate::hooks::{SimLinear, Simulate};
 use super::load;
 use crate::device::{self, Device};
-use crate::export::ascend_read::AscendModel;
+use crate::export::read::QuantizedOutput;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
 use crate::model::decoder::{self, embed, DecoderBlock, ForwardOptions, Head};
@@ -38,6 +38,8 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     pub device: String,
     pub model_type: Option<String>,
+    /// A quantized output to run instead of the float model.
+    pub quantized: Option<PathBuf>,
 }
 
 /// What a finished forward reports.
@@ -150,7 +152,7 @@ impl ModelWeights for FloatModel {
 /// quantization, the static kernel's effective bias. Its architecture is the float model's.
 pub struct QuantizedModel<'a> {
     pub float: &'a FloatModel,
-    pub output: AscendModel,
+    pub output: Box<dyn QuantizedOutput>,
 }
 
 impl ModelWeights for QuantizedModel<'_> {
@@ -159,7 +161,7 @@ impl ModelWeights for QuantizedModel<'_> {
     }
 
     fn untied(&self) -> bool {
-        let config = crate::io::checkpoint::read_config(&self.output.dir).ok();
+        let config = crate::io::checkpoint::read_config(self.output.dir()).ok();
         let tied = |c: &serde_json::Value| c.get("tie_word_embeddings").and_then(|v| v.as_bool());
         let flag = config.as_ref().and_then(|c| tied(c).or_else(|| c.get("text_config").and_then(tied)));
         flag == Some(false) && self.float.model.text.tie_word_embeddings
@@ -169,9 +171,9 @@ impl ModelWeights for QuantizedModel<'_> {
         let layout = &self.float.model.layout;
         let prefix = layout.unit_prefix(kind);
         let (w, acts) = self.output.weights(&prefix, &|name| layout.classify(name) == kind)?;
-        let mut sim = Simulate::default();
+        let mut sim = Simulate { kv: self.output.kv_caches(&prefix)?, ..Simulate::default() };
         for (m, act) in acts {
-            let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir.display()))?;
+            let linear = w.linear(&m).with_context(|| format!("{prefix}{m} in {}", self.output.dir().display()))?;
             sim.linears.insert(m, SimLinear { linear, act });
         }
         Ok((w, sim))
@@ -214,9 +216,17 @@ pub fn run(args: &ForwardArgs) -> Result<ForwardSummary> {
     let inputs =
         load_all(&args.inputs).with_context(|| format!("reading the inputs file {}", args.inputs.display()))?;
     let batch = input_ids(&inputs, &args.inputs)?;
+    let quantized = match &args.quantized {
+        Some(dir) => Some(QuantizedModel { float: &fm, output: crate::export::read::open(dir)? }),
+        None => None,
+    };
+    let src: &dyn ModelWeights = match &quantized {
+        Some(q) => q,
+        None => &fm,
+    };
     let mut outputs = Vec::new();
-    let seqs = decoder_inputs(&fm, device.as_ref(), &inputs, &args.inputs, &batch, &mut outputs)?;
-    outputs.extend(forward(&fm, device.as_ref(), seqs)?);
+    let seqs = decoder_inputs(src, device.as_ref(), &inputs, &args.inputs, &batch, &mut outputs)?;
+    outputs.extend(forward(src, device.as_ref(), seqs)?);
     let tensors = outputs.len();
     save(&args.out, &outputs).with_context(|| format!("writing {}", args.out.display()))?;
     Ok(ForwardSummary {

@@ -13,8 +13,9 @@ pub mod progress;
 pub mod stages;
 
 use crate::export::ascend::AscendExporter;
+use crate::export::compressed_tensors::CtExporter;
 use crate::export::rules::{self, Described, Setting, Target};
-use crate::export::{write_atomically, Exporter};
+use crate::export::{write_atomically, Exporter, SaveFormat};
 use crate::io::checkpoint::{self, Checkpoint};
 use crate::io::journal::{fingerprint_diff, Event, History, Journal, JOURNAL};
 use crate::io::shards::{file_crc32, partial_path, ShardLayout, ShardWriter};
@@ -49,6 +50,7 @@ pub struct QuantArgs {
     pub target: Target,
     /// The dtype the server computes in; `None` is the checkpoint's `torch_dtype`.
     pub serving_dtype: Option<DType>,
+    pub save_format: SaveFormat,
 }
 
 impl Default for QuantArgs {
@@ -68,6 +70,7 @@ impl Default for QuantArgs {
             calib_seq_len: 512,
             target: Target::VllmAscend,
             serving_dtype: None,
+            save_format: SaveFormat::Ascend,
         }
     }
 }
@@ -76,7 +79,10 @@ impl Default for QuantArgs {
 pub struct Prepared {
     pub plan: Plan,
     pub ckpt: Option<Checkpoint>,
-    pub exporter: AscendExporter,
+    pub exporter: Box<dyn Exporter>,
+    pub save_format: SaveFormat,
+    pub target: Target,
+    pub serving: DType,
     /// The recipe calibrates: calibration data flows through the model layer by layer.
     pub calibrated: bool,
     /// Bytes of one activation snapshot that may stay in memory.
@@ -87,17 +93,19 @@ impl Prepared {
     /// The target server and serving dtype, and the `deq_scale` dtype they decided when the plan has static
     /// W8A8 linears: `lamina plan` and `lamina quant` say it.
     pub fn serving_note(&self) -> String {
-        let e = &self.exporter;
+        if self.save_format == SaveFormat::CompressedTensors {
+            return "vLLM and transformers (--save_format compressed-tensors)".into();
+        }
         let statics = self.plan.outputs().any(|o| o.meta.name.ends_with(".deq_scale"));
-        let deq = match rules::deq_scale_dtype(e.serving) {
+        let deq = match rules::deq_scale_dtype(self.serving) {
             Some(d) if statics => format!("; static W8A8 deq_scale stored as {}", d.name()),
             _ => String::new(),
         };
         format!(
             "{} (--target {}), served in {} (--serving_dtype){deq}",
-            e.target.server(),
-            e.target.name(),
-            e.serving.torch_name()
+            self.target.server(),
+            self.target.name(),
+            self.serving.torch_name()
         )
     }
 }
@@ -125,15 +133,18 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     };
     let bundled_quant_type = match &args.config_path {
         Some(_) => None,
-        None => Some(normalize_quant_type(
-            args.quant_type
-                .as_deref()
-                .context("give --quant_type (w8a8, w8a8_dynamic, w8a16, w4a8_dynamic, w4a16) or --config_path")?,
-        )),
+        None => Some(normalize_quant_type(args.quant_type.as_deref().with_context(|| {
+            format!("give --quant_type ({}) or --config_path", crate::quant::recipe::QUANT_TYPES.join(", "))
+        })?)),
+    };
+    // Recipes are chosen per server: the Ascend target's name, or the format's for compressed-tensors.
+    let server = match args.save_format {
+        SaveFormat::Ascend => args.target.name(),
+        SaveFormat::CompressedTensors => SaveFormat::CompressedTensors.name(),
     };
     let recipe = match (&args.config_path, &bundled_quant_type) {
         (Some(p), _) => Recipe::from_file(p)?,
-        (None, Some(qt)) => Recipe::bundled(model.family.model_type(), qt, args.target.name())?,
+        (None, Some(qt)) => Recipe::bundled(model.family.model_type(), qt, server)?,
         (None, None) => unreachable!(),
     };
     let source_dtype = match &ckpt {
@@ -141,19 +152,32 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         None => crate::model::config::torch_dtype(&config).unwrap_or(DType::BF16),
     };
     let serving = args.serving_dtype.unwrap_or(source_dtype);
-    let exporter = AscendExporter { serving, target: args.target };
     let units = build_units(&model, &inventory)
         .map_err(|e| in_its_file(e, ckpt.as_ref()))
         .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
     let calibrated = needs_calibration(&recipe, &units)?;
-    let mut units = plan_units(&model, units, &recipe, &exporter, calibrated)?;
-    let setting = Setting {
-        target: args.target,
-        model_type: config_model_type(&config, &model),
-        serving: Some(serving),
-        kv_channels: Some(model.text.num_kv_heads * model.text.head_dim),
+    let (exporter, mut units): (Box<dyn Exporter>, _) = match args.save_format {
+        SaveFormat::Ascend => {
+            let exporter = AscendExporter { serving, target: args.target };
+            let units = plan_units(&model, units, &recipe, &exporter, calibrated)?;
+            let setting = Setting {
+                target: args.target,
+                model_type: config_model_type(&config, &model),
+                serving: Some(serving),
+                kv_channels: Some(model.text.num_kv_heads * model.text.head_dim),
+                head_dim: Some(model.text.head_dim),
+            };
+            check_loadable(&model, &units, &recipe, &exporter, &setting, bundled_quant_type.as_deref(), &inventory)?;
+            (Box::new(exporter), units)
+        }
+        SaveFormat::CompressedTensors => {
+            let exporter = CtExporter { roots: model.layout.roots() };
+            let units = plan_units(&model, units, &recipe, &exporter, calibrated)
+                .context("planning the compressed-tensors output")?;
+            check_compressed_tensors(&model, &units, &recipe)?;
+            (Box::new(exporter), units)
+        }
     };
-    check_loadable(&model, &units, &recipe, &exporter, &setting, bundled_quant_type.as_deref(), &inventory)?;
     let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
     let activation_budget = if calibrated { calibration_memory(&model, &mut units, args, budget) } else { 0 };
     let part = part_file_size(args, &recipe);
@@ -164,7 +188,16 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let outputs: Vec<TensorMeta> = units.iter().flat_map(|u| u.outputs.iter().map(|o| o.meta.clone())).collect();
     let shards = ShardLayout::plan(&outputs, limit, &|k, n| exporter.weights_file(k, n))?;
     let memory = plan_memory(&units, budget);
-    Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter, calibrated, activation_budget })
+    Ok(Prepared {
+        plan: Plan { model, recipe, units, shards, memory },
+        ckpt,
+        exporter,
+        save_format: args.save_format,
+        target: args.target,
+        serving,
+        calibrated,
+        activation_budget,
+    })
 }
 
 /// Decides every unit's jobs and outputs (calibrating recipes add the tensors calibration computes).
@@ -183,7 +216,48 @@ fn plan_units(
             u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
         }
     }
-    units.into_iter().map(|u| plan_unit(u, recipe, exporter)).collect()
+    let planned: Vec<plan::UnitPlan> = units
+        .into_iter()
+        .map(|u| {
+            let kv = kv_cache_jobs(model, &u, recipe)?;
+            plan_unit(u, recipe, exporter, kv)
+        })
+        .collect::<Result<_>>()?;
+    let kv_jobs = planned.iter().flat_map(|u| u.jobs.iter()).filter(|j| matches!(j, plan::Job::KvCache { .. }));
+    if recipe.has_kv_cache() && kv_jobs.count() == 0 {
+        bail!(
+            "recipe {} quantizes the KV cache (dynamic_cache), but no attention module of this {} model matches its include patterns or has a key/value cache C8 can describe",
+            recipe.name,
+            model.family.model_type()
+        );
+    }
+    Ok(planned)
+}
+
+/// The KV-cache jobs of a decoder layer: one per attention module of its graph (`self_attn`) whose cache a
+/// `dynamic_cache` step of the recipe quantizes. C8 names its scales after `k_proj` and `v_proj`, so an
+/// attention without them (MLA caches one compressed latent, which vLLM-Ascend quantizes as FAKQuant) is
+/// refused.
+fn kv_cache_jobs(model: &Model, unit: &crate::model::Unit, recipe: &Recipe) -> Result<Vec<plan::Job>> {
+    let crate::model::layout::UnitKind::TextLayer(i) = unit.kind else { return Ok(Vec::new()) };
+    let prefix = model.layout.unit_prefix(unit.kind);
+    let mut jobs = Vec::new();
+    for m in crate::model::decoder::graph(model, i).kv_cache {
+        let module = format!("{prefix}{m}");
+        let Some(spec) = recipe.kv_cache(&module) else { continue };
+        let rows = |proj: &str| {
+            let name = format!("{module}.{proj}.weight");
+            unit.tensors.iter().find(|t| t.name() == name).map(|t| t.meta.shape[0])
+        };
+        let (Some(k_channels), Some(v_channels)) = (rows("k_proj"), rows("v_proj")) else {
+            bail!(
+                "{module}: recipe {} quantizes its KV cache (dynamic_cache), but C8 stores the scales of k_proj and v_proj and this attention has none (MLA caches a compressed latent: vLLM-Ascend quantizes it as FAKQuant, which lamina does not write)",
+                recipe.name
+            );
+        };
+        jobs.push(plan::Job::KvCache { module, k_channels, v_channels, spec });
+    }
+    Ok(jobs)
 }
 
 /// config.json's `model_type` as the server sees it (the top-level one of a VL model).
@@ -204,6 +278,18 @@ fn check_loadable(
     inventory: &[TensorMeta],
 ) -> Result<()> {
     let target = setting.target;
+    if target == Target::VllmAscend {
+        let asymmetric = units.iter().flat_map(|u| u.jobs.iter()).find_map(|j| match j {
+            plan::Job::KvCache { module, spec, .. } if !spec.symmetric => Some(module),
+            _ => None,
+        });
+        if let Some(m) = asymmetric {
+            bail!(
+                "{m}: recipe {} quantizes the KV cache asymmetrically, but vLLM-Ascend's C8 decode dequantizes with the scale alone (attention_v1.py, \"Scale-only dequant\"), so nothing was written: use symmetric: true, or --target mindie",
+                recipe.name
+            );
+        }
+    }
     let outputs: Vec<crate::export::OutMeta> = units.iter().flat_map(|u| u.outputs.iter().cloned()).collect();
     let specs: Vec<crate::quant::QuantSpec> = units
         .iter()
@@ -213,7 +299,7 @@ fn check_loadable(
     let problems = rules::check(&Described::planned(&outputs, exporter.globals(&outputs, &specs)), setting);
     let mut why = if problems.is_empty() { None } else { Some(rules::report(&problems)) };
     if let (None, Some(qt)) = (&why, bundled_quant_type) {
-        let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+        let headline = headline_type(qt);
         if let Some(h) = headline.filter(|h| !outputs.iter().any(|o| o.kind == *h)) {
             let r = rules::rule(h).expect("every preset type has a rule");
             let kinds: Vec<&str> = [rules::LayerKind::Linear, rules::LayerKind::Expert]
@@ -263,6 +349,12 @@ fn check_loadable(
     )
 }
 
+/// The type a bundled `--quant_type` is named after (`w8a8c8`: W8A8), which the output must hold.
+fn headline_type(quant_type: &str) -> Option<&'static str> {
+    let base = crate::quant::recipe::c8_base(quant_type).unwrap_or(quant_type);
+    crate::quant::QuantSpec::preset(base).map(|s| s.ascend_type())
+}
+
 /// The bundled `--quant_type` values whose recipe plans an output the target loads, for messages.
 fn bundled_quant_types_that_load(
     model: &Model,
@@ -283,7 +375,7 @@ fn bundled_quant_types_that_load(
                 .flat_map(|u| u.jobs.iter())
                 .filter_map(|j| if let plan::Job::Quantize { spec, .. } = j { Some(*spec) } else { None })
                 .collect();
-            let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+            let headline = headline_type(qt);
             let present = headline.is_none_or(|h| outputs.iter().any(|o| o.kind == h));
             let described = Described::planned(&outputs, exporter.globals(&outputs, &specs));
             Ok(present && rules::check(&described, setting).is_empty())
@@ -293,6 +385,39 @@ fn bundled_quant_types_that_load(
         }
     }
     ok
+}
+
+/// Refuses a compressed-tensors plan the format cannot hold (see [`crate::export::compressed_tensors`]).
+fn check_compressed_tensors(model: &Model, units: &[plan::UnitPlan], recipe: &Recipe) -> Result<()> {
+    let linears: Vec<(String, crate::quant::QuantSpec)> = units
+        .iter()
+        .flat_map(|u| u.jobs.iter())
+        .filter_map(
+            |j| if let plan::Job::Quantize { module, spec, .. } = j { Some((module.clone(), *spec)) } else { None },
+        )
+        .collect();
+    let computed: Vec<String> = units
+        .iter()
+        .flat_map(|u| u.unit.tensors.iter())
+        .filter(|t| matches!(t.source, crate::model::Source::Computed(_)))
+        .map(|t| t.name().to_string())
+        .collect();
+    let shift = calibrate::smoothing::Smoothing::from_recipe(recipe)?.is_some_and(|s| s.cfg.shift);
+    let mut problems = crate::export::compressed_tensors::plan_problems(&linears, &computed, shift);
+    if units.iter().flat_map(|u| u.jobs.iter()).any(|j| matches!(j, plan::Job::KvCache { .. })) {
+        problems.push(
+            "the recipe quantizes the KV cache (dynamic_cache, C8): compressed-tensors describes KV-cache quantization as per-tensor k_scale / v_scale of the attention (kv_cache_scheme), which lamina does not write; use the Ascend format".to_string(),
+        );
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} quantized with recipe {} cannot be written as compressed-tensors, so nothing was written:\n- {}",
+            model.family.model_type(),
+            recipe.name,
+            problems.join("\n- ")
+        );
+    }
+    Ok(())
 }
 
 /// Names the file of the tensor an error is about ([`crate::model::TensorError`]).
@@ -307,9 +432,12 @@ fn in_its_file(e: anyhow::Error, ckpt: Option<&Checkpoint>) -> anyhow::Error {
     }
 }
 
-/// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a
-/// static activation range or GPTQ weights.
+/// Whether the recipe needs calibration data: a smoothing step, a KV-cache step, or a linear whose scheme
+/// has a static activation range or GPTQ weights.
 fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bool> {
+    if recipe.has_kv_cache() {
+        return Ok(true);
+    }
     if calibrate::smoothing::Algorithms::from_recipe(recipe)?.any() {
         return Ok(true);
     }
@@ -431,6 +559,10 @@ pub fn print_plan(p: &Prepared) -> bool {
     }
     let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
     println!("weights      : {}", kinds.join(", "));
+    let c8 = plan.units.iter().flat_map(|u| u.jobs.iter()).filter(|j| matches!(j, plan::Job::KvCache { .. })).count();
+    if c8 > 0 {
+        println!("kv cache     : C8 (int8 per channel, calibrated) in {c8} attention layers");
+    }
     println!("units        : {}", plan.units.len());
     for (i, u) in plan.units.iter().enumerate() {
         if plan.units.len() <= 12 || i < 4 || i + 3 >= plan.units.len() || i == m.largest_unit {
@@ -509,8 +641,9 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };
     let mut fingerprint = fingerprint(args, ckpt, plan)?;
     // The description records them: another target or serving dtype is another output.
-    fingerprint["target"] = serde_json::json!(p.exporter.target.name());
-    fingerprint["serving_dtype"] = serde_json::json!(p.exporter.serving.torch_name());
+    fingerprint["target"] = serde_json::json!(p.target.name());
+    fingerprint["serving_dtype"] = serde_json::json!(p.serving.torch_name());
+    fingerprint["format"] = serde_json::json!(p.exporter.format_name());
     if let Some(samples) = &calibration {
         let mut h = crc32fast::Hasher::new();
         for s in samples {
@@ -522,7 +655,8 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         }
         fingerprint["calibration"] = serde_json::json!({"samples": samples.len(), "tokens_crc32": h.finalize()});
     }
-    let (history, _lock) = open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, &p.exporter, plan)?;
+    let (history, _lock) =
+        open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, p.exporter.as_ref(), plan)?;
     if history.as_ref().is_some_and(|h| h.complete) {
         return Ok(Summary {
             seconds: started.elapsed().as_secs_f64(),
@@ -562,7 +696,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     }
     let mut progress = progress::Progress::new(plan.units.len() as u64, start as u64, "units");
     let device = crate::device::open(&args.device)?;
-    let mut data_free = data_free::DataFree { ckpt, exporter: &p.exporter };
+    let mut data_free = data_free::DataFree { ckpt, exporter: p.exporter.as_ref() };
     let mut calibrator;
     let processor: &mut dyn stages::UnitProcessor = match calibration {
         None => &mut data_free,
@@ -571,7 +705,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
                 ckpt,
                 &plan.model,
                 &plan.recipe,
-                &p.exporter,
+                p.exporter.as_ref(),
                 device.as_ref(),
                 samples,
                 save.clone(),
@@ -588,7 +722,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         state.writer.publish(&plan.shards, k)?;
     }
     state.writer.sync_dir();
-    write_metadata(&save, ckpt, plan, &p.exporter)?;
+    write_metadata(&save, ckpt, plan, p.exporter.as_ref())?;
     state.journal.record(&Event::Complete)?;
     let _ = std::fs::remove_dir_all(save.join(activations::DIR));
     Ok(Summary {
@@ -697,16 +831,18 @@ fn fingerprint(args: &QuantArgs, ckpt: &Checkpoint, plan: &Plan) -> Result<serde
             h.update(&f.header);
             h
         }).finalize(),
-        "format": "ascend_v1",
     }))
 }
 
 /// The files lamina writes into a save folder (besides the model's companion files).
+/// Both formats' files count: `--overwrite` with another `--save_format` leaves no mix of the two.
 fn is_lamina_output(name: &str, exporter: &dyn Exporter) -> bool {
+    let ascend = AscendExporter { serving: DType::BF16, target: Target::VllmAscend };
+    let ct = CtExporter { roots: Vec::new() };
     name == JOURNAL
-        || name == crate::export::ascend::DESCRIPTION
-        || name == exporter.index_file()
-        || name.starts_with(crate::export::ascend::WEIGHTS)
+        || exporter.is_output_file(name)
+        || ascend.is_output_file(name)
+        || ct.is_output_file(name)
         || (name.starts_with('.') && name.ends_with(".partial"))
 }
 
@@ -885,7 +1021,12 @@ fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Ex
     if plan.shards.files.len() > 1 {
         write_atomically(&save.join(exporter.index_file()), &plan.shards.index_json()?)?;
     }
-    let mut config = exporter.output_config(&ckpt.config);
+    for f in ckpt.companion_files()? {
+        let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        write_atomically(&save.join(f.file_name().unwrap()), &bytes)?;
+    }
+    let outputs: Vec<_> = plan.outputs().cloned().collect();
+    let mut config = ckpt.config.clone();
     if calibrate::unties_embeddings(&plan.model, &plan.recipe)? {
         // The rotated head is its own tensor now (see calibrate::quarot).
         if let Some(o) = config.as_object_mut() {
@@ -895,19 +1036,18 @@ fn write_metadata(save: &Path, ckpt: &Checkpoint, plan: &Plan, exporter: &dyn Ex
             }
         }
     }
-    let mut config = serde_json::to_vec_pretty(&config)?;
-    config.push(b'\n');
-    write_atomically(&save.join(checkpoint::CONFIG), &config)?;
-    for f in ckpt.companion_files()? {
-        let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
-        write_atomically(&save.join(f.file_name().unwrap()), &bytes)?;
-    }
-    let outputs: Vec<_> = plan.outputs().cloned().collect();
     let rotation = match calibrate::smoothing::Algorithms::from_recipe(&plan.recipe)?.quarot {
         Some(q) if q.export => Some(q.rotations(&plan.model)?.residual.matrix()),
         _ => None,
     };
-    for (name, bytes) in exporter.metadata_files(&outputs, &plan.specs(), rotation.as_ref().map(|q| q.view()))? {
+    let files = exporter.metadata_files(
+        &config,
+        &outputs,
+        &plan.linears(),
+        &plan.float_linears(),
+        rotation.as_ref().map(|q| q.view()),
+    )?;
+    for (name, bytes) in files {
         let path = save.join(&name);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

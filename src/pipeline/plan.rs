@@ -5,6 +5,7 @@ use crate::export::{Exporter, OutMeta, FLOAT};
 use crate::io::shards::ShardLayout;
 use crate::model::layout::UnitKind;
 use crate::model::{LogicalTensor, Model, Source, Unit};
+use crate::quant::recipe::KvCacheSpec;
 use crate::quant::{QuantSpec, Recipe};
 use anyhow::Result;
 
@@ -15,6 +16,10 @@ pub enum Job {
     Keep(LogicalTensor),
     /// A linear quantized by `spec`; its bias, if any, goes with it.
     Quantize { module: String, weight: LogicalTensor, bias: Option<LogicalTensor>, spec: QuantSpec },
+    /// The int8 KV cache (C8) of attention module `module` (`model.layers.0.self_attn`): per-channel
+    /// scales and offsets of its `k_channels` cached key and `v_channels` value channels, which
+    /// calibration measures on what the cache holds.
+    KvCache { module: String, k_channels: usize, v_channels: usize, spec: KvCacheSpec },
 }
 
 impl Job {
@@ -23,6 +28,7 @@ impl Job {
     fn work_bytes(&self, outputs: u64) -> u64 {
         match self {
             Job::Keep(t) => t.meta.nbytes() + outputs,
+            Job::KvCache { .. } => outputs,
             Job::Quantize { weight, .. } => {
                 let n = weight.meta.numel() as u64;
                 let defused = if matches!(weight.source, Source::Expert { .. }) { weight.meta.nbytes() } else { 0 };
@@ -35,6 +41,7 @@ impl Job {
     fn input_bytes(&self) -> u64 {
         match self {
             Job::Keep(t) => t.meta.nbytes(),
+            Job::KvCache { .. } => 0,
             Job::Quantize { weight, bias, .. } => weight.meta.nbytes() + bias.as_ref().map_or(0, |b| b.meta.nbytes()),
         }
     }
@@ -89,14 +96,28 @@ impl Plan {
     }
     /// The scheme of every quantized linear, in plan order.
     pub fn specs(&self) -> Vec<QuantSpec> {
+        self.linears().into_iter().map(|(_, s)| s).collect()
+    }
+    /// Every quantized linear and its scheme, in plan order.
+    pub fn linears(&self) -> Vec<(String, QuantSpec)> {
         let jobs = self.units.iter().flat_map(|u| u.jobs.iter());
-        jobs.filter_map(|j| if let Job::Quantize { spec, .. } = j { Some(*spec) } else { None }).collect()
+        jobs.filter_map(
+            |j| if let Job::Quantize { module, spec, .. } = j { Some((module.clone(), *spec)) } else { None },
+        )
+        .collect()
+    }
+    /// The linears kept float (their weights are written unchanged).
+    pub fn float_linears(&self) -> Vec<String> {
+        let jobs = self.units.iter().flat_map(|u| u.jobs.iter());
+        jobs.filter_map(|j| if let Job::Keep(t) = j { t.linear_module().map(String::from) } else { None }).collect()
     }
 }
 
 /// Decides each unit's jobs from the recipe.
-pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter) -> Result<UnitPlan> {
-    let mut jobs = Vec::new();
+/// Decides a unit's jobs: a `Quantize` for every linear the recipe quantizes, a `Keep` for every other
+/// tensor, and the `extra` jobs (the KV caches of a decoder layer).
+pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter, extra: Vec<Job>) -> Result<UnitPlan> {
+    let mut jobs = extra;
     let mut consumed = std::collections::HashSet::new();
     for t in &unit.tensors {
         let Some(module) = t.linear_module() else {
@@ -142,6 +163,7 @@ fn job_key(j: &Job) -> &str {
     match j {
         Job::Keep(t) => t.name(),
         Job::Quantize { weight, .. } => weight.name(),
+        Job::KvCache { module, .. } => module,
     }
 }
 
@@ -151,6 +173,9 @@ pub fn job_outputs(job: &Job, exporter: &dyn Exporter) -> Vec<OutMeta> {
         Job::Keep(t) => vec![OutMeta { meta: t.meta.clone(), kind: FLOAT }],
         Job::Quantize { module, weight, bias, spec } => {
             exporter.linear_layout(module, spec, weight.meta.shape[0], weight.meta.shape[1], bias.is_some())
+        }
+        Job::KvCache { module, k_channels, v_channels, .. } => {
+            exporter.kv_cache_layout(module, *k_channels, *v_channels)
         }
     }
 }

@@ -1,12 +1,14 @@
 //! Quantization: what a linear becomes (`spec`), the recipes that decide it (`recipe`), the
 //! rounding algorithms (`rtn`, `gptq`), and calibration: statistics at each linear's input
-//! (`observer`), activation ranges (`act_range`) and outlier suppression (`smooth`).
+//! (`observer`), activation ranges (`act_range`), outlier suppression (`smooth`) and the int8 KV cache
+//! (`kv_cache`).
 
 pub mod act_range;
 pub mod act_sim;
 pub mod awq;
 pub mod glob;
 pub mod gptq;
+pub mod kv_cache;
 pub mod observer;
 pub mod recipe;
 pub mod rotation;

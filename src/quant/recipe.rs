@@ -4,13 +4,14 @@
 //! The bundled best practices live in `pipelines/` and are compiled into the binary, so the tool
 //! works from any folder. `--quant_type Q` picks the bundled recipe of quant type Q whose
 //! `metadata.model_types` names the model's family, else the one naming none (`default-Q`); among
-//! those, one whose `metadata.targets` names the `--target` server comes first (`mindie-w4a16`: MindIE
-//! reads dense 4-bit linears that vLLM-Ascend does not).
+//! those, one whose `metadata.targets` names the server comes first: the `--target` (`dense-w4a16` for
+//! MindIE, which reads dense 4-bit linears that vLLM-Ascend does not), or `compressed-tensors` for that
+//! `--save_format` (`smoothquant-w8a8`: no m2 shift, whose biases the format cannot hold).
 //! `--config_path` reads a user's file, or a bundled recipe by name (`w8a8-fast`): named
 //! variants carry no `quant_type`, so `--quant_type` never picks them.
 
 use super::glob::glob_match;
-use super::spec::{QConfig, QuantSpec};
+use super::spec::{QConfig, QuantSpec, TensorQConfig};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -21,8 +22,9 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("default-w8a8_dynamic.yaml", include_str!("../../pipelines/default-w8a8_dynamic.yaml")),
     ("default-w4a8_dynamic.yaml", include_str!("../../pipelines/default-w4a8_dynamic.yaml")),
     ("default-w4a16.yaml", include_str!("../../pipelines/default-w4a16.yaml")),
-    ("mindie-w4a8_dynamic.yaml", include_str!("../../pipelines/mindie-w4a8_dynamic.yaml")),
-    ("mindie-w4a16.yaml", include_str!("../../pipelines/mindie-w4a16.yaml")),
+    ("dense-w4a8_dynamic.yaml", include_str!("../../pipelines/dense-w4a8_dynamic.yaml")),
+    ("dense-w4a16.yaml", include_str!("../../pipelines/dense-w4a16.yaml")),
+    ("smoothquant-w8a8.yaml", include_str!("../../pipelines/smoothquant-w8a8.yaml")),
     ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
     ("qwen3_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_moe-w8a8.yaml")),
     ("qwen3_vl-w8a8.yaml", include_str!("../../pipelines/qwen3_vl-w8a8.yaml")),
@@ -43,8 +45,37 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen3_vl_moe-w8a8-quarot.yaml", include_str!("../../pipelines/qwen3_vl_moe-w8a8-quarot.yaml")),
 ];
 
-/// The `--quant_type` values, each with a bundled default recipe.
-pub const QUANT_TYPES: [&str; 5] = ["w8a8", "w8a8_dynamic", "w8a16", "w4a8_dynamic", "w4a16"];
+/// The `--quant_type` values, each with a bundled default recipe; the `…c8` ones are their base type's
+/// recipe with the KV cache quantized ([`Recipe::with_c8`]).
+pub const QUANT_TYPES: [&str; 7] = ["w8a8", "w8a8_dynamic", "w8a16", "w4a8_dynamic", "w4a16", "w8a8c8", "w4a8c8"];
+
+/// The base quant type of a `…c8` quant type (msModelSlim's w8a8c8 and w4a8c8 rows).
+pub fn c8_base(quant_type: &str) -> Option<&'static str> {
+    match quant_type {
+        "w8a8c8" => Some("w8a8"),
+        "w4a8c8" | "w4a8_dynamicc8" | "w4a8_dynamic_c8" => Some("w4a8_dynamic"),
+        _ => None,
+    }
+}
+
+/// The step type of KV-cache quantization (msModelSlim v1's `DynamicCacheProcessorConfig`).
+pub const KV_CACHE_STEP: &str = "dynamic_cache";
+
+/// What [`Recipe::with_c8`] appends to the recipe's text (part of a run's fingerprint).
+const C8_STEP_TEXT: &str = "
+# added by --quant_type ...c8: the KV cache of every attention layer int8 per channel (C8)
+# - type: dynamic_cache
+#   qconfig: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
+#   include: [\"*\"]
+";
+
+/// A `dynamic_cache` step's scheme: int8 per KV channel, min-max over the calibration data (the only form
+/// msModelSlim's DynamicCacheQuantProcessor and the Ascend servers' C8 take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvCacheSpec {
+    /// Offsets 0 (vLLM-Ascend reads only symmetric C8), else msModelSlim's asymmetric min-max (MindIE).
+    pub symmetric: bool,
+}
 
 /// One step of `spec.process`.
 #[derive(Debug, Clone)]
@@ -55,6 +86,8 @@ pub struct Step {
     pub exclude: Vec<String>,
     /// For `linear_quant`.
     pub spec: Option<QuantSpec>,
+    /// For `dynamic_cache`.
+    pub kv_cache: Option<KvCacheSpec>,
     /// The step's other settings, as written.
     pub params: serde_yaml::Mapping,
 }
@@ -183,6 +216,9 @@ impl Recipe {
     /// The bundled best practice for a model type, quant type and target server: a recipe naming the
     /// model type beats one naming none, and then one naming the target beats one naming none.
     pub fn bundled(model_type: &str, quant_type: &str, target: &str) -> Result<Recipe> {
+        if let Some(base) = c8_base(quant_type) {
+            return Ok(Recipe::bundled(model_type, base, target)?.with_c8());
+        }
         let mut best: Option<(u8, Recipe)> = None;
         for (file, text) in BUNDLED {
             let r = Recipe::parse(text, file)?;
@@ -218,9 +254,40 @@ impl Recipe {
         self.steps.iter().filter(|s| s.kind == "linear_quant").find(|s| s.matches(module)).and_then(|s| s.spec)
     }
 
-    /// The algorithm steps (everything but `linear_quant`).
+    /// The algorithm steps (everything but `linear_quant` and `dynamic_cache`).
     pub fn algorithm_steps(&self) -> impl Iterator<Item = &Step> {
-        self.steps.iter().filter(|s| s.kind != "linear_quant")
+        self.steps.iter().filter(|s| s.kind != "linear_quant" && s.kind != KV_CACHE_STEP)
+    }
+
+    /// How the KV cache of attention module `module` (`model.layers.0.self_attn`) is quantized: the first
+    /// `dynamic_cache` step that matches it, if any.
+    pub fn kv_cache(&self, module: &str) -> Option<KvCacheSpec> {
+        self.steps.iter().filter(|s| s.kind == KV_CACHE_STEP).find(|s| s.matches(module)).and_then(|s| s.kv_cache)
+    }
+
+    /// Whether any step quantizes a KV cache.
+    pub fn has_kv_cache(&self) -> bool {
+        self.steps.iter().any(|s| s.kind == KV_CACHE_STEP)
+    }
+
+    /// This recipe with the KV cache of every attention layer quantized C8 (int8 per channel, symmetric,
+    /// min-max): what `--quant_type w8a8c8` / `w4a8c8` add to the family's `w8a8` / `w4a8_dynamic` recipe.
+    pub fn with_c8(mut self) -> Recipe {
+        self.steps.push(Step {
+            kind: KV_CACHE_STEP.to_string(),
+            include: vec!["*".into()],
+            exclude: Vec::new(),
+            spec: None,
+            kv_cache: Some(KvCacheSpec { symmetric: true }),
+            params: serde_yaml::Mapping::new(),
+        });
+        self.text.push_str(C8_STEP_TEXT);
+        self.name.push_str("+c8");
+        if let Some(q) = &mut self.quant_type {
+            let base = q.trim_end_matches("_dynamic").to_string();
+            *q = format!("{base}c8");
+        }
+        self
     }
 }
 
@@ -248,17 +315,65 @@ fn parse_step(v: &serde_yaml::Value, out: &mut Vec<Step>) -> Result<()> {
     } else {
         None
     };
+    let kv_cache = if kind == KV_CACHE_STEP {
+        let q: TensorQConfig =
+            serde_yaml::from_value(map.get("qconfig").cloned().context("`dynamic_cache` needs a `qconfig`")?)
+                .context("unreadable dynamic_cache qconfig")?;
+        Some(kv_cache_spec(&q)?)
+    } else {
+        None
+    };
     let mut params = map.clone();
     for k in ["type", "include", "exclude", "qconfig"] {
         params.remove(k);
     }
-    out.push(Step { kind, include: globs("include")?, exclude: globs("exclude")?, spec, params });
+    out.push(Step { kind, include: globs("include")?, exclude: globs("exclude")?, spec, kv_cache, params });
     Ok(())
+}
+
+/// A `dynamic_cache` qconfig: int8, per channel, min-max (msModelSlim's processor refuses other scopes; the
+/// Ascend servers read one scale and offset per KV channel).
+fn kv_cache_spec(q: &TensorQConfig) -> Result<KvCacheSpec> {
+    if q.scope != "per_channel" {
+        bail!(
+            "dynamic_cache: scope {:?} is not supported (per_channel: one scale per KV channel, as C8 stores it)",
+            q.scope
+        );
+    }
+    if q.dtype != "int8" {
+        bail!("dynamic_cache: dtype {:?} is not supported (int8: C8)", q.dtype);
+    }
+    if let Some(m) = q.method.as_deref().filter(|m| *m != "minmax") {
+        bail!("dynamic_cache: method {m:?} is not supported (minmax)");
+    }
+    Ok(KvCacheSpec { symmetric: q.symmetric.unwrap_or(true) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dynamic_cache_steps_parse_as_msmodelslim_writes_them() {
+        let yaml = |q: &str| {
+            format!(
+                "apiversion: modelslim_v1\nspec:\n  process:\n    - type: dynamic_cache\n      qconfig: {q}\n      include: [\"*layers.1.*\"]\n"
+            )
+        };
+        let r =
+            Recipe::parse(&yaml("{scope: per_channel, dtype: int8, symmetric: false, method: minmax}"), "t").unwrap();
+        assert_eq!(r.kv_cache("model.layers.1.self_attn"), Some(KvCacheSpec { symmetric: false }));
+        assert_eq!(r.kv_cache("model.layers.0.self_attn"), None);
+        assert!(r.algorithm_steps().next().is_none());
+        for (bad, why) in [
+            ("{scope: per_tensor, dtype: int8}", "per_channel"),
+            ("{scope: per_channel, dtype: int4}", "int8"),
+            ("{scope: per_channel, dtype: int8, method: histogram}", "minmax"),
+        ] {
+            let e = format!("{:#}", Recipe::parse(&yaml(bad), "t").unwrap_err());
+            assert!(e.contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn bundled_recipes_parse_and_keep_the_defaults_float() {
@@ -294,24 +409,46 @@ mod tests {
                     assert!(seen.insert((q.clone(), m.clone(), t.clone())), "two bundled {q} recipes for {m:?} {t:?}");
                 }
             }
-            let selector = match (r.model_types.first(), r.targets.first()) {
-                (Some(m), _) => m.clone(),
-                (None, Some(t)) => t.clone(),
-                (None, None) => "default".to_string(),
-            };
-            assert_eq!(r.name, format!("{selector}-{q}"), "a selectable recipe is named after what selects it");
+            // Named after what selects it: the model type, else (for server-specific recipes) what they are.
+            match (r.model_types.first(), r.targets.is_empty()) {
+                (Some(m), _) => assert_eq!(r.name, format!("{m}-{q}")),
+                (None, true) => assert_eq!(r.name, format!("default-{q}")),
+                (None, false) => {
+                    assert!(r.name.ends_with(&format!("-{q}")) && !r.name.starts_with("default"), "{}", r.name)
+                }
+            }
         }
         for q in QUANT_TYPES {
-            assert!(seen.contains(&(q.to_string(), String::new(), String::new())), "no default recipe for {q}");
+            let base = c8_base(q).unwrap_or(q);
+            assert!(seen.contains(&(base.to_string(), String::new(), String::new())), "no default recipe for {q}");
         }
+        // The c8 types: the family's recipe of the base type, plus a dynamic_cache step on every attention.
+        let r = Recipe::bundled("qwen3_vl_moe", "w8a8c8", "vllm-ascend").unwrap();
+        assert_eq!((r.name.as_str(), r.quant_type.as_deref()), ("qwen3_vl_moe-w8a8+c8", Some("w8a8c8")));
+        assert_eq!(r.kv_cache("model.language_model.layers.3.self_attn"), Some(KvCacheSpec { symmetric: true }));
+        assert!(Recipe::bundled("qwen3_vl_moe", "w8a8", "vllm-ascend")
+            .unwrap()
+            .kv_cache("model.layers.0.self_attn")
+            .is_none());
+        let r = Recipe::bundled("qwen3_moe", "w4a8c8", "vllm-ascend").unwrap();
+        assert_eq!(r.name, "default-w4a8_dynamic+c8");
+        assert!(r.text.contains("dynamic_cache") && r.has_kv_cache() && r.algorithm_steps().next().is_none());
         // MindIE reads dense 4-bit linears: its own recipes for those; the others are shared.
-        for (q, want) in
-            [("w4a16", "mindie-w4a16"), ("w4a8_dynamic", "mindie-w4a8_dynamic"), ("w8a16", "default-w8a16")]
+        for (q, want) in [("w4a16", "dense-w4a16"), ("w4a8_dynamic", "dense-w4a8_dynamic"), ("w8a16", "default-w8a16")]
         {
             assert_eq!(Recipe::bundled("llama", q, "mindie").unwrap().name, want);
             assert_eq!(Recipe::bundled("llama", q, "vllm-ascend").unwrap().name, format!("default-{q}"));
         }
         assert_eq!(Recipe::bundled("qwen3_moe", "w8a8", "mindie").unwrap().name, "qwen3_moe-w8a8");
+        // compressed-tensors: the recipes without m2's shift.
+        for (model, q, want) in [
+            ("llama", "w8a8", "smoothquant-w8a8"),
+            ("qwen2_vl", "w8a8", "qwen2_vl-w8a8"),
+            ("qwen3", "w4a16", "dense-w4a16"),
+            ("qwen3", "w8a8_dynamic", "default-w8a8_dynamic"),
+        ] {
+            assert_eq!(Recipe::bundled(model, q, "compressed-tensors").unwrap().name, want);
+        }
         // Every file in pipelines/ is compiled in.
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         let mut files: Vec<String> =

@@ -14,6 +14,8 @@ pub struct Setting {
     pub serving: Option<DType>,
     /// `num_key_value_heads × head_dim`: the channels of a C8 scale.
     pub kv_channels: Option<usize>,
+    /// The attention head size (C8 on vLLM-Ascend needs it to divide by 32, [`c8_head_limit`]).
+    pub head_dim: Option<usize>,
 }
 
 /// An output as the rules see it: every tensor's description type, the description's global keys, and
@@ -148,7 +150,8 @@ fn modules<'a>(d: &'a Described, out: &mut Vec<Problem>) -> BTreeMap<String, Mod
     let mut mods: BTreeMap<String, Module<'a>> = BTreeMap::new();
     let mut unknown: BTreeSet<(String, &str)> = BTreeSet::new();
     for (name, kind) in &d.types {
-        if kind == FLOAT || kind == "C8" {
+        // C8 tensors belong to the attention, whatever type names them (msModelSlim v0 used the linear's).
+        if kind == FLOAT || kind == C8 || is_c8_tensor(name) {
             continue;
         }
         let Some(r) = rule(kind) else {
@@ -521,9 +524,11 @@ fn check_fused(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
 }
 
 /// The C8 KV cache: the global switch, and four tensors per attention layer named as the loader reads them.
+/// The loader reads neither their description type (msModelSlim v1 writes "C8", v0 wrote the linear's type)
+/// nor their dtype (it casts to the serving dtype; msModelSlim v1 stores the offsets as int32): any float
+/// scale and any float or integer offset loads.
 fn check_c8(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
-    const SUFFIXES: [&str; 4] =
-        ["k_proj.kv_cache_scale", "k_proj.kv_cache_offset", "v_proj.kv_cache_scale", "v_proj.kv_cache_offset"];
+    const SUFFIXES: [&str; 4] = [C8_TENSORS[0].0, C8_TENSORS[1].0, C8_TENSORS[2].0, C8_TENSORS[3].0];
     let c8_tensors: Vec<&String> = d.types.keys().filter(|n| n.contains(".kv_cache_")).collect();
     let switched = d.c8();
     if !switched {
@@ -554,6 +559,9 @@ fn check_c8(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
             "is \"C8\" but the model has no k_proj linear to attach the KV-cache scales to (MLA models use FAKQuant, fa_quant_type, instead)",
         ));
     }
+    if let Some(why) = s.head_dim.and_then(|h| c8_head_limit(s.target, h)) {
+        out.push(problem("C8", "kv_cache_type", why));
+    }
     for a in &attn {
         for sfx in SUFFIXES {
             let name = format!("{a}.{sfx}");
@@ -565,11 +573,12 @@ fn check_c8(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
                 ));
                 continue;
             };
-            if d.types.get(&name).is_some_and(|k| k != "C8") {
-                out.push(problem("C8", &name, format!("is described as {}, not C8", d.types[&name])));
-            }
-            if !matches!(meta.dtype, DType::F32 | DType::F16 | DType::BF16) {
-                out.push(problem("C8", &name, format!("is {}; C8 scales and offsets are float", meta.dtype.name())));
+            let float = matches!(meta.dtype, DType::F32 | DType::F16 | DType::BF16);
+            let int = matches!(meta.dtype, DType::I8 | DType::I32 | DType::I64);
+            if !(float || (int && sfx.ends_with("offset"))) {
+                let (what, want) =
+                    if sfx.ends_with("offset") { ("offset", "float or integer") } else { ("scale", "float") };
+                out.push(problem("C8", &name, format!("is {}; a C8 {what} is {want}", meta.dtype.name())));
             }
             let numel: usize = meta.shape.iter().product();
             if let Some(ch) = s.kv_channels {
@@ -693,8 +702,8 @@ pub fn check_values(d: &Described, s: &Setting, v: &dyn Values) -> Vec<Problem> 
             ));
         }
     }
-    for (name, kind) in &d.types {
-        if kind != "C8" || !d.tensors.contains_key(name) {
+    for name in d.types.keys() {
+        if !is_c8_tensor(name) || !d.tensors.contains_key(name) {
             continue;
         }
         let Some(x) = read(name, &mut out) else { continue };

@@ -8,7 +8,7 @@ use serde_json::json;
 const BF16: Option<DType> = Some(DType::BF16);
 
 fn setting(target: Target, model_type: &str) -> Setting {
-    Setting { target, model_type: model_type.into(), serving: BF16, kv_channels: Some(4 * 128) }
+    Setting { target, model_type: model_type.into(), serving: BF16, kv_channels: Some(4 * 128), head_dim: Some(128) }
 }
 
 /// An output holding these linears (module, type, out, in), with msModelSlim's global keys computed the
@@ -399,6 +399,28 @@ fn c8_kv_cache_scales() {
     let mut one = build(&[attention("W8A8")], 0);
     c8(&mut one, 1, 1);
     assert_eq!(check(&one, &s), vec![]);
+    // msModelSlim v1 stores offsets as int32 and v0 described the tensors with the linear's type; the loader
+    // reads neither (it casts to the serving dtype and finds C8 layers by name). An integer scale is refused.
+    let mut v1 = d.clone();
+    let off = "model.layers.0.self_attn.k_proj.kv_cache_offset";
+    v1.tensors.get_mut(off).unwrap().dtype = DType::I32;
+    v1.types.insert(off.into(), "W8A8".into());
+    assert_eq!(check(&v1, &s), vec![]);
+    let scale = "model.layers.0.self_attn.v_proj.kv_cache_scale";
+    v1.tensors.get_mut(scale).unwrap().dtype = DType::I32;
+    assert!(find(&check(&v1, &s), "C8", scale).detail.contains("a C8 scale is float"));
+    // vLLM-Ascend's C8 decode needs heads of a multiple of 32 channels; MindIE does not.
+    let small = Setting { head_dim: Some(16), kv_channels: Some(512), ..s.clone() };
+    assert!(find(&check(&d, &small), "C8", "kv_cache_type").detail.contains("_nz_5d_view"));
+    assert_eq!(check(&d, &Setting { target: Target::MindIe, ..small }), vec![]);
+    // lamina's own layout is what the rules ask.
+    let mut own = build(&[attention("W8A8")], 0);
+    for o in kv_cache_layout("model.layers.0.self_attn", 512, 512) {
+        own.types.insert(o.meta.name.clone(), o.kind.into());
+        own.tensors.insert(o.meta.name.clone(), o.meta);
+    }
+    own.globals.insert("kv_cache_type".into(), json!("C8"));
+    assert_eq!(check(&own, &s), vec![]);
 }
 
 struct Fixed(BTreeMap<String, Vec<f32>>);

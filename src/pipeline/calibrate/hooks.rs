@@ -5,6 +5,7 @@ use crate::device::Device;
 use crate::model::decoder::InputGroups;
 use crate::model::nn::{Linear, LinearHook};
 pub use crate::quant::act_sim::ActSim;
+use crate::quant::kv_cache::{KvCacheQuant, KvCacheStats};
 use crate::quant::observer::{ChannelStats, Hessian, Histogram};
 use ndarray::{Array2, ArrayView2, Zip};
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,13 +84,27 @@ impl SimLinear {
     }
 }
 
-/// Runs the named linears as quantized, the others in float.
+/// Runs the named linears as quantized, the others in float, and the KV caches as C8 stores them.
 #[derive(Default)]
 pub struct Simulate {
     pub linears: BTreeMap<String, SimLinear>,
+    /// The C8 quantizers of attention modules (`self_attn`): what they cache is rounded to its int8 grid.
+    pub kv: BTreeMap<String, KvCacheQuant>,
+    /// When set, the per-channel ranges of what each attention module caches (before any rounding) are
+    /// gathered here: calibration of the KV cache.
+    pub kv_stats: Option<BTreeMap<String, KvCacheStats>>,
 }
 
 impl LinearHook for Simulate {
+    fn kv_cache(&mut self, module: &str, k: &mut Array2<f32>, v: &mut Array2<f32>) {
+        if let Some(stats) = &mut self.kv_stats {
+            stats.entry(module.to_string()).or_insert_with(|| KvCacheStats::new(k.ncols(), v.ncols())).update(k, v);
+        }
+        if let Some(q) = self.kv.get(module) {
+            q.apply(k, v);
+        }
+    }
+
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
         match self.linears.get(name) {
             Some(s) => s.forward(device, x),

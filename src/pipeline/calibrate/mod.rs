@@ -17,9 +17,11 @@
 //!    tensors to the writer. With GPTQ's `true_sequential`, the layer's linears are quantized in
 //!    stages (q/k/v, then o, then gate/up, then down, as the layer graph orders them), each
 //!    stage's Hessians gathered by a pass that computes the earlier stages as quantized;
-//! 5. run the layer as the quantized model computes it; its outputs are the next layer's inputs
-//!    (errors propagate as at inference) and are saved as the unit's activation snapshot, so a
-//!    resumed run continues from exactly here.
+//! 5. with a KV-cache step, run the quantized layer once more and take the per-channel ranges of
+//!    what its attention caches (keys after their norm and RoPE, values): the C8 scales;
+//! 6. run the layer as the quantized model computes it (its KV cache rounded to C8 too); its
+//!    outputs are the next layer's inputs (errors propagate as at inference) and are saved as the
+//!    unit's activation snapshot, so a resumed run continues from exactly here.
 
 pub mod hooks;
 pub mod quarot;
@@ -44,6 +46,7 @@ use crate::model::{LogicalTensor, Model, Source};
 use crate::quant::awq::{self, Consumer};
 use crate::quant::gptq::{self, GptqConfig, HessianFactor};
 use crate::quant::observer::{Histogram, HISTOGRAM_BINS};
+use crate::quant::recipe::KvCacheSpec;
 use crate::quant::rotation::{fuse_norm, rotate_input, rotate_rows};
 use crate::quant::smooth::{self, consumer_map, fold_linear_linear, fold_norm_linears, fold_ov, ConsumerMap, Heads};
 use crate::quant::spec::{ActMethod, WeightMethod};
@@ -263,6 +266,7 @@ impl<'a> Calibrator<'a> {
                     match job {
                         Job::Keep(t) => emit(vec![self.keep(t, &w, "", &modified)?])?,
                         Job::Quantize { module, .. } => bail!("{module}: quantizing the embeddings is not supported"),
+                        Job::KvCache { module, .. } => bail!("{module}: the embeddings have no KV cache"),
                     }
                 }
             }
@@ -374,6 +378,9 @@ impl<'a> Calibrator<'a> {
         for job in &up.jobs {
             let out = match job {
                 Job::Keep(t) => vec![self.keep(t, w, prefix, modified)?],
+                Job::KvCache { module, .. } => {
+                    bail!("{module}: a KV cache of {} cannot be calibrated (only decoder layers')", up.unit.name)
+                }
                 Job::Quantize { module, spec, bias, .. } => {
                     let rel = module.strip_prefix(prefix.as_str()).unwrap_or(module);
                     let linear = w.linear(rel)?;
@@ -460,9 +467,10 @@ impl<'a> Calibrator<'a> {
         };
         let groups = graph.input_groups();
         let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &groups, Some(&graph), rotated, &pass, emit)?;
+        let layer = decoder::layer(model, i, w)?;
+        self.calibrate_kv_caches(up, &prefix, layer.as_ref(), &mut sim, emit)?;
 
         // The quantized layer's outputs are the next layer's inputs.
-        let layer = decoder::layer(model, i, w)?;
         self.commit_state(index, |this, s| {
             let mut d = this.sample(s)?;
             d.embeds =
@@ -473,6 +481,44 @@ impl<'a> Calibrator<'a> {
             d.injections = later;
             Ok(d)
         })
+    }
+
+    /// The C8 KV caches of a decoder layer (its `KvCache` jobs): run the layer as quantized (`sim`: its
+    /// linears quantized, so the keys and values are those the served model caches) over every sample,
+    /// take each cached channel's range, hand the scales and offsets to `emit`, and make `sim` round the
+    /// caches from then on (the next layer's inputs see the quantized cache).
+    fn calibrate_kv_caches(
+        &self,
+        up: &UnitPlan,
+        prefix: &str,
+        layer: &dyn decoder::DecoderBlock,
+        sim: &mut Simulate,
+        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+    ) -> Result<()> {
+        let jobs: Vec<(&String, &KvCacheSpec)> = up
+            .jobs
+            .iter()
+            .filter_map(|j| if let Job::KvCache { module, spec, .. } = j { Some((module, spec)) } else { None })
+            .collect();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        sim.kv_stats = Some(BTreeMap::new());
+        for s in 0..self.samples.len() {
+            let d = self.sample(s)?;
+            layer.forward(self.device, d.embeds.view(), &d.positions, sim, ForwardOptions::default())?;
+        }
+        let stats = sim.kv_stats.take().unwrap_or_default();
+        for (module, spec) in jobs {
+            let rel = module.strip_prefix(prefix).unwrap_or(module);
+            let st = stats.get(rel).with_context(|| format!("{module}: the layer cached no keys and values"))?;
+            let bad = st.k.nonfinite + st.v.nonfinite;
+            ensure!(bad == 0, "{module}: the cached keys and values hold {bad} NaN/Inf values");
+            let q = st.quantizer(spec.symmetric);
+            emit(self.exporter.kv_cache_tensors(module, &q))?;
+            sim.kv.insert(rel.to_string(), q);
+        }
+        Ok(())
     }
 
     /// Steps 1–4 for one unit whose weights are `w`: observe the float unit (`pass` runs it over
@@ -502,7 +548,7 @@ impl<'a> Calibrator<'a> {
             .iter()
             .filter_map(|j| match j {
                 Job::Quantize { module, spec, .. } => Some((rel(module), *spec)),
-                Job::Keep(_) => None,
+                Job::Keep(_) | Job::KvCache { .. } => None,
             })
             .collect();
         let awq = self.smoothing.as_ref().and_then(|s| s.awq.as_ref()).filter(|_| !subgraphs.is_empty());
@@ -979,7 +1025,7 @@ mod tests {
                 ckpt,
                 &plan.model,
                 &plan.recipe,
-                &p.exporter,
+                p.exporter.as_ref(),
                 device.as_ref(),
                 samples,
                 scratch.clone(),
