@@ -44,6 +44,8 @@ pub struct QuantArgs {
     pub calib_data: Option<PathBuf>,
     pub calib_samples: usize,
     pub calib_seq_len: usize,
+    /// Compute threads the run has (for the plan's estimate of its duration).
+    pub threads: usize,
 }
 
 impl Default for QuantArgs {
@@ -61,6 +63,7 @@ impl Default for QuantArgs {
             calib_data: None,
             calib_samples: 32,
             calib_seq_len: 512,
+            threads: crate::device::threads(),
         }
     }
 }
@@ -282,11 +285,12 @@ pub fn print_plan(p: &Prepared) -> bool {
     println!("bytes in     : {}", human(plan.bytes_in()));
     println!("bytes out    : {} in {} file(s)", human(plan.bytes_out()), plan.shards.files.len());
     println!(
-        "memory       : predicted peak {} (largest unit {} + {} base + {} unit(s) read ahead); budget {}",
+        "memory       : predicted peak {} (largest unit {} + {} base + {} of outputs queued for the writer + {} read ahead); budget {}",
         human(m.peak),
         human(m.unit_peak),
         human(m.base),
-        m.prefetch,
+        human(m.in_flight),
+        human(m.read_ahead),
         human(m.budget)
     );
     if m.fits {
@@ -300,7 +304,7 @@ pub fn print_plan(p: &Prepared) -> bool {
 fn shortfall(plan: &Plan) -> String {
     let m = &plan.memory;
     format!(
-        "unit {} needs {} at its peak, {} with the process itself, but the budget is {} (short by {})",
+        "unit {} needs {} at its peak, {} with the process itself and the writer's queue, but the budget is {} (short by {})",
         plan.units[m.largest_unit].unit.name,
         human(m.unit_peak),
         human(m.peak),

@@ -25,7 +25,7 @@ use super::activations::{snapshot_path, Snapshot, SnapshotWriter};
 use super::data_free::run_job;
 use super::forward::{self, text_only, with_image_features, DecoderInput, Injection};
 use super::plan::{Job, UnitPlan};
-use super::stages::UnitProcessor;
+use super::stages::{Emit, UnitProcessor};
 use crate::device::Device;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
@@ -227,7 +227,7 @@ impl<'a> Calibrator<'a> {
         &mut self,
         index: usize,
         up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<()> {
         let name = self.model.layout.embed_tokens();
         let t =
@@ -255,7 +255,7 @@ impl<'a> Calibrator<'a> {
     /// A unit of the vision tower: the patch embeddings start every image's activations; each
     /// block (and the mergers / projector) is calibrated on them like a decoder layer, without
     /// smoothing, then computed as quantized to give the next unit's input.
-    fn vision_unit(&mut self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn vision_unit(&mut self, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let Some(tower) = self.tower.clone() else {
             // No sample has an image: the tower sees no data, and only data-free schemes can go.
             if let Some(module) = needs_data(up) {
@@ -312,12 +312,12 @@ impl<'a> Calibrator<'a> {
         Ok(())
     }
 
-    fn data_free(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn data_free(&self, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         if let Some(module) = needs_data(up) {
             bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
         }
         for job in &up.jobs {
-            emit(run_job(self.ckpt, self.exporter, job)?)?;
+            run_job(self.ckpt, self.exporter, job, emit)?;
         }
         Ok(())
     }
@@ -327,7 +327,7 @@ impl<'a> Calibrator<'a> {
         index: usize,
         i: usize,
         up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<()> {
         let model = self.model;
         let cfg = &model.text;
@@ -375,7 +375,7 @@ impl<'a> Calibrator<'a> {
         w: &mut Weights,
         subgraphs: &[Subgraph],
         pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<Simulate> {
         let prefix = w.prefix.clone();
         let original_bias = bias_modules(w);
@@ -455,7 +455,10 @@ impl<'a> Calibrator<'a> {
         let mut sim = Simulate::default();
         for job in &up.jobs {
             let out = match job {
-                Job::Keep(t) => vec![self.keep(t, w, &prefix, &modified)?],
+                Job::Keep(t) => {
+                    self.keep(t, w, &prefix, &modified, emit)?;
+                    continue;
+                }
                 Job::Quantize { module, spec, .. } => {
                     let m = rel(module);
                     let g = input_group(&m);
@@ -527,21 +530,27 @@ impl<'a> Calibrator<'a> {
                     self.exporter.linear_tensors(module, &ql)
                 }
             };
-            emit(out)?;
+            emit(out.into())?;
         }
         Ok(sim)
     }
 
     /// A float tensor: the checkpoint's bytes, or the smoothed values in the tensor's dtype.
-    fn keep(&self, t: &LogicalTensor, w: &Weights, prefix: &str, modified: &BTreeSet<String>) -> Result<OutTensor> {
+    fn keep(
+        &self,
+        t: &LogicalTensor,
+        w: &Weights,
+        prefix: &str,
+        modified: &BTreeSet<String>,
+        emit: &mut Emit,
+    ) -> Result<()> {
         let r = t.name().strip_prefix(prefix).unwrap_or(t.name());
         if modified.contains(r) || matches!(t.source, Source::Computed(_)) {
             let v = w.get(r)?;
             let tensor = Tensor::from_f32_as(t.meta.dtype, &t.meta.shape, &v.iter().copied().collect::<Vec<_>>())?;
-            return Ok(OutTensor { name: t.name().to_string(), tensor, kind: FLOAT });
+            return emit(vec![OutTensor { name: t.name().to_string(), tensor, kind: FLOAT }].into());
         }
-        let mut out = run_job(self.ckpt, self.exporter, &Job::Keep(t.clone()))?;
-        Ok(out.remove(0))
+        run_job(self.ckpt, self.exporter, &Job::Keep(t.clone()), emit)
     }
 
     /// Folds one subgraph's smoothing into `w`; returns the map its consumers' input went through.
@@ -653,7 +662,7 @@ impl UnitProcessor for Calibrator<'_> {
         &mut self,
         index: usize,
         up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<()> {
         match up.unit.kind {
             UnitKind::Embed => self.embed_unit(index, up, emit),
