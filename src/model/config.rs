@@ -95,6 +95,24 @@ pub struct RopeConfig {
     pub partial_rotary_factor: f64,
 }
 
+/// How a router scores experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Softmax over all experts (Qwen, Mixtral, DeepSeek-V2).
+    Softmax,
+    /// An independent sigmoid per expert (DeepSeek-V3, GLM-4.5).
+    Sigmoid,
+}
+
+/// How groups of experts are ranked when only the best `topk_group` groups are eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The group's best expert (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of the group's two best experts, after the correction bias (DeepSeek-V3 `noaux_tc`).
+    SumTop2,
+}
+
 /// Mixture-of-experts settings of a text decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -105,12 +123,29 @@ pub struct MoeConfig {
     /// Every `decoder_sparse_step`-th layer is MoE, unless listed in `mlp_only_layers`.
     pub decoder_sparse_step: usize,
     pub mlp_only_layers: Vec<usize>,
+    /// DeepSeek / GLM-4.5: layers below `first_k_dense_replace` are dense, then every
+    /// `moe_layer_freq`-th is MoE.
+    pub first_k_dense_replace: usize,
+    pub moe_layer_freq: usize,
+    /// Qwen2-MoE style: one shared expert of this width beside the routed ones.
     pub shared_expert_intermediate_size: Option<usize>,
+    /// DeepSeek style: `n_shared_experts` shared experts fused into one of `n · moe_intermediate_size`.
+    pub n_shared_experts: usize,
+    pub scoring: Scoring,
+    /// Experts in `n_group` groups, of which the `topk_group` best are eligible (1 and 1: all).
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub group_score: GroupScore,
+    /// Multiplies the routing weights (DeepSeek, GLM-4.5); 1 elsewhere.
+    pub routed_scaling_factor: f64,
 }
 
 impl MoeConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)
+            && layer >= self.first_k_dense_replace
+            && self.moe_layer_freq > 0
+            && layer % self.moe_layer_freq == 0
             && self.decoder_sparse_step > 0
             && (layer + 1) % self.decoder_sparse_step == 0
     }
@@ -153,17 +188,52 @@ impl TextConfig {
         }
         let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
         let moe = if num_experts > 0 {
+            let model_type = c.str(&["model_type"]).unwrap_or("");
+            // DeepSeek-V3 and GLM-4.5 score with a sigmoid (their configs may not say so).
+            let sigmoid_family = ["deepseek_v3", "glm4_moe", "kimi_k2"].contains(&model_type);
+            let scoring = match c.str(&["scoring_func"]) {
+                Some("sigmoid") => Scoring::Sigmoid,
+                Some("softmax") => Scoring::Softmax,
+                Some(other) => bail!("config.json: scoring_func {other:?} is not supported (softmax, sigmoid)"),
+                None if sigmoid_family => Scoring::Sigmoid,
+                None => Scoring::Softmax,
+            };
+            let group_score = match c.str(&["topk_method"]) {
+                Some("group_limited_greedy") => GroupScore::Max,
+                Some("noaux_tc") => GroupScore::SumTop2,
+                Some("greedy") => GroupScore::Max,
+                Some(other) => bail!(
+                    "config.json: topk_method {other:?} is not supported (greedy, group_limited_greedy, noaux_tc)"
+                ),
+                None if sigmoid_family => GroupScore::SumTop2,
+                None => GroupScore::Max,
+            };
+            let greedy = c.str(&["topk_method"]) == Some("greedy");
+            let n_group = if greedy { 1 } else { c.opt_usize(&["n_group"])?.unwrap_or(1).max(1) };
+            let topk_group = if greedy { 1 } else { c.opt_usize(&["topk_group"])?.unwrap_or(n_group).max(1) };
+            if num_experts % n_group != 0 || topk_group > n_group {
+                bail!(
+                    "config.json: {num_experts} experts cannot form {n_group} groups of which {topk_group} are chosen"
+                );
+            }
             Some(MoeConfig {
                 num_experts,
                 top_k: c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?,
                 moe_intermediate_size: c.usize(&["moe_intermediate_size", "intermediate_size"])?,
                 // Qwen3-VL-MoE's router always renormalises its top-k (transformers'
                 // Qwen3VLMoeTextTopKRouter), whatever the config says.
-                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false)
-                    || c.str(&["model_type"]).is_some_and(|t| t.starts_with("qwen3_vl_moe")),
+                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false) || model_type.starts_with("qwen3_vl_moe"),
                 decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
                 mlp_only_layers: c.usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
+                first_k_dense_replace: c.opt_usize(&["first_k_dense_replace"])?.unwrap_or(0),
+                moe_layer_freq: c.opt_usize(&["moe_layer_freq"])?.unwrap_or(1),
                 shared_expert_intermediate_size: c.opt_usize(&["shared_expert_intermediate_size"])?,
+                n_shared_experts: c.opt_usize(&["n_shared_experts"])?.unwrap_or(0),
+                scoring,
+                n_group,
+                topk_group,
+                group_score,
+                routed_scaling_factor: c.f64(&["routed_scaling_factor"])?.unwrap_or(1.0),
             })
         } else {
             None

@@ -1,11 +1,11 @@
 //! What a checkpoint is: its family, where its parts live, and the units it is processed in.
 
 pub mod config;
+pub mod decoder;
 pub mod layout;
 pub mod moe;
 pub mod nn;
 pub mod rope;
-pub mod text;
 pub mod vision;
 pub mod weights;
 

@@ -36,6 +36,12 @@ pub trait LinearHook {
     /// `name` is the module's name relative to its unit (`self_attn.q_proj`,
     /// `mlp.experts.3.up_proj`, `attn.qkv`); `x` is `[tokens, in]`.
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32>;
+
+    /// What attention module `module` (`self_attn`) puts in its KV cache for one sequence: the
+    /// keys as cached (after their norm and RoPE) `[tokens, kv_heads · head_dim]` and the values
+    /// `[tokens, kv_heads · v_head_dim]`. Calibration observes them (KV-cache quantization); a
+    /// forward that simulates a quantized cache changes them in place. Default: nothing.
+    fn kv_cache(&mut self, _module: &str, _k: &mut Array2<f32>, _v: &mut Array2<f32>) {}
 }
 
 /// The float forward.

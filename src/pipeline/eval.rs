@@ -15,10 +15,10 @@ use crate::data::prompt::TextTokenizer;
 use crate::device::{self, Device};
 use crate::export::ascend_read::AscendModel;
 use crate::io::safetensors::load_all;
+use crate::model::decoder::{embed, ForwardOptions};
 use crate::model::layout::UnitKind;
 use crate::model::nn::Plain;
-use crate::model::rope::{Positions, Rope};
-use crate::model::text::{embed, ForwardOptions};
+use crate::model::rope::Positions;
 use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayView2};
@@ -82,12 +82,11 @@ fn nll(src: &dyn ModelWeights, device: &dyn Device, windows: &[Vec<i64>]) -> Res
     let table = embedding_table(src)?;
     let mut hidden: Vec<Array2<f32>> = windows.iter().map(|w| embed(table.view(), w)).collect::<Result<_>>()?;
     src.release(UnitKind::Embed);
-    let rope = Rope::new(&cfg.rope, cfg.head_dim)?;
-    let angles = rope.angles(&Positions::sequential(windows[0].len()))?;
+    let positions = Positions::sequential(windows[0].len());
     for i in 0..cfg.num_layers {
         let (layer, mut hook) = decoder_layer(src, i)?;
         for h in hidden.iter_mut() {
-            *h = layer.forward(device, h.view(), &angles, &mut hook, ForwardOptions::default())?;
+            *h = layer.forward(device, h.view(), &positions, &mut hook, ForwardOptions::default())?;
         }
         src.release(UnitKind::TextLayer(i));
     }

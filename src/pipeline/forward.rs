@@ -13,10 +13,10 @@ use crate::device::{self, Device};
 use crate::export::ascend_read::AscendModel;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
+use crate::model::decoder::{self, embed, DecoderBlock, ForwardOptions, Head};
 use crate::model::layout::UnitKind;
 use crate::model::nn::Plain;
-use crate::model::rope::{Positions, Rope, RopeAngles};
-use crate::model::text::{embed, DecoderLayer, ForwardOptions, Head};
+use crate::model::rope::Positions;
 use crate::model::vision::mrope::RopeIndex;
 use crate::model::vision::splice::{image_positions, image_token_id, splice_image_embeds};
 use crate::model::vision::{self, VisionInput, VisionOutput, VisionTower};
@@ -74,11 +74,11 @@ pub fn embedding_table(src: &dyn ModelWeights) -> Result<Array2<f32>> {
 }
 
 /// Decoder layer `i`, and the hook its linears run through.
-pub fn decoder_layer(src: &dyn ModelWeights, i: usize) -> Result<(DecoderLayer, Simulate)> {
+pub fn decoder_layer(src: &dyn ModelWeights, i: usize) -> Result<(Box<dyn DecoderBlock>, Simulate)> {
     let (w, hook) = src.weights(UnitKind::TextLayer(i))?;
     let prefix = w.prefix.clone();
-    let layer = DecoderLayer::from_weights(&src.model().text, i, w)
-        .with_context(|| format!("building {}", prefix.trim_end_matches('.')))?;
+    let layer =
+        decoder::layer(src.model(), i, w).with_context(|| format!("building {}", prefix.trim_end_matches('.')))?;
     Ok((layer, hook))
 }
 
@@ -405,14 +405,12 @@ pub fn forward(src: &dyn ModelWeights, device: &dyn Device, seqs: Vec<DecoderInp
     let model = src.model();
     let cfg = &model.text;
     let layout = &model.layout;
-    let rope = Rope::new(&cfg.rope, cfg.head_dim)?;
-    let angles = seqs.iter().map(|s| rope.angles(&s.positions)).collect::<Result<Vec<RopeAngles>>>()?;
     let mut out = Vec::new();
     let mut hidden: Vec<Array2<f32>> = seqs.iter().map(|s| s.embeds.clone()).collect();
     if model.family.is_vision_language() {
         out.push(("lm.inputs_embeds".to_string(), stack(&hidden)?));
     }
-    if rope.is_multimodal() {
+    if cfg.rope.mrope_section.is_some() {
         out.push(("lm.position_ids".to_string(), position_ids(&seqs)?));
     }
     for i in 0..cfg.num_layers {
@@ -423,7 +421,7 @@ pub fn forward(src: &dyn ModelWeights, device: &dyn Device, seqs: Vec<DecoderInp
         out.push((format!("{name}.in"), stack(&hidden)?));
         for (b, h) in hidden.iter_mut().enumerate() {
             *h = layer
-                .forward(device, h.view(), &angles[b], &mut hook, ForwardOptions::default())
+                .forward(device, h.view(), &seqs[b].positions, &mut hook, ForwardOptions::default())
                 .with_context(|| format!("{name} on sequence {b}"))?;
         }
         out.push((format!("{name}.out"), stack(&hidden)?));

@@ -184,6 +184,11 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
         };
         let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
         // One Hessian (and its factor) per distinct input: q/k/v share one, gate/up another.
+        let prefix = model.layout.unit_prefix(u.unit.kind);
+        let groups = match u.unit.kind {
+            UnitKind::TextLayer(i) => crate::model::decoder::graph(model, i).input_groups(),
+            _ => crate::model::decoder::InputGroups::default(),
+        };
         let hessians: u64 = u
             .jobs
             .iter()
@@ -191,7 +196,7 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
                 plan::Job::Quantize { module, weight, spec, .. }
                     if spec.weight_method == crate::quant::spec::WeightMethod::Gptq =>
                 {
-                    Some((calibrate::smoothing::input_group(module), weight.meta.shape[1] as u64))
+                    Some((groups.of(module.strip_prefix(&prefix).unwrap_or(module)), weight.meta.shape[1] as u64))
                 }
                 _ => None,
             })

@@ -1,8 +1,8 @@
 //! The two ways calibration computes a layer's linears: observing their inputs on the float
 //! weights ([`Observe`]), and running them as the quantized model will ([`Simulate`]).
 
-use super::smoothing::input_group;
 use crate::device::Device;
+use crate::model::decoder::InputGroups;
 use crate::model::nn::{Linear, LinearHook};
 use crate::quant::observer::{ChannelStats, Hessian, Histogram};
 use crate::quant::{act_range, ActRange};
@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Collects statistics of every linear's input, once per distinct input (q/k/v share one).
 #[derive(Default)]
 pub struct Observe {
+    /// Which linears read the same input (observed once, under the group's name).
+    pub groups: InputGroups,
     pub stats: BTreeMap<String, ChannelStats>,
     /// Inputs whose Hessian GPTQ needs.
     pub hessian_groups: BTreeSet<String>,
@@ -22,6 +24,11 @@ pub struct Observe {
 }
 
 impl Observe {
+    /// An observer of the linears' inputs, grouped as `groups` says.
+    pub fn new(groups: InputGroups) -> Observe {
+        Observe { groups, ..Observe::default() }
+    }
+
     /// Call between sequences: each input is observed once per sequence.
     pub fn next_sequence(&mut self) {
         self.seen.clear();
@@ -30,7 +37,7 @@ impl Observe {
 
 impl LinearHook for Observe {
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
-        let group = input_group(name);
+        let group = self.groups.of(name);
         if self.seen.insert(group.clone()) {
             match &mut self.histograms {
                 Some(hs) => {

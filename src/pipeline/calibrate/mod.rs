@@ -29,9 +29,9 @@ use super::stages::{Emit, UnitProcessor};
 use crate::device::Device;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
+use crate::model::decoder::{self, embed, ForwardOptions, InputGroups};
 use crate::model::layout::UnitKind;
-use crate::model::rope::{Positions, Rope};
-use crate::model::text::{embed, DecoderLayer, ForwardOptions};
+use crate::model::rope::Positions;
 use crate::model::vision::{self, VisionInput, VisionOutput, VisionState, VisionTower};
 use crate::model::weights::Weights;
 use crate::model::{LogicalTensor, Model, Source};
@@ -44,7 +44,7 @@ use crate::tensor::{DType, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use hooks::{dequantize_weight, ActSim, Observe, SimLinear, Simulate};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use smoothing::{input_group, text_layer_subgraphs, Kind, Smoothing, Subgraph};
+use smoothing::{layer_subgraphs, Kind, Smoothing, Subgraph};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,7 +75,6 @@ pub struct Calibrator<'a> {
     /// Units the writer has journaled: snapshots older than the last of them are not needed.
     pub committed: Arc<AtomicUsize>,
     state: Option<Snapshot>,
-    rope: Rope,
     /// The vision tower, when some sample has an image.
     tower: Option<VisionTower>,
     /// Each sample's vision activations while the tower's blocks are calibrated.
@@ -113,7 +112,6 @@ impl<'a> Calibrator<'a> {
             activation_budget,
             committed,
             state: None,
-            rope: Rope::new(&model.text.rope, model.text.head_dim)?,
             tower,
             vision: Vec::new(),
             features: Vec::new(),
@@ -295,7 +293,7 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &[], &pass, emit)?;
+        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), &pass, emit)?;
         match kind {
             UnitKind::VisionBlock(i) => {
                 for st in self.vision.iter_mut().flatten() {
@@ -330,33 +328,33 @@ impl<'a> Calibrator<'a> {
         emit: &mut Emit,
     ) -> Result<()> {
         let model = self.model;
-        let cfg = &model.text;
         let prefix = model.layout.unit_prefix(UnitKind::TextLayer(i));
         let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
         let original_bias = bias_modules(&w);
         let full = |r: &str| format!("{prefix}{r}");
+        let graph = decoder::graph(model, i);
         let subgraphs = match &self.smoothing {
-            Some(s) => text_layer_subgraphs(s, cfg, i, self.recipe, &full, &|r| original_bias.contains(r)),
+            Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| original_bias.contains(r)),
             None => Vec::new(),
         };
         let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
-            let layer = DecoderLayer::from_weights(cfg, i, w.clone())?;
+            let layer = decoder::layer(model, i, w.clone())?;
             for s in 0..this.samples.len() {
                 let d = this.sample(s)?;
-                let angles = this.rope.angles(&d.positions)?;
                 obs.next_sequence();
-                layer.forward(this.device, d.embeds.view(), &angles, obs, ForwardOptions { moe_all_experts: true })?;
+                let opts = ForwardOptions { moe_all_experts: true };
+                layer.forward(this.device, d.embeds.view(), &d.positions, obs, opts)?;
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &pass, emit)?;
+        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &graph.input_groups(), &pass, emit)?;
 
         // The quantized layer's outputs are the next layer's inputs.
-        let layer = DecoderLayer::from_weights(cfg, i, w)?;
+        let layer = decoder::layer(model, i, w)?;
         self.commit_state(index, |this, s| {
             let mut d = this.sample(s)?;
-            let angles = this.rope.angles(&d.positions)?;
-            d.embeds = layer.forward(this.device, d.embeds.view(), &angles, &mut sim, ForwardOptions::default())?;
+            d.embeds =
+                layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
             let (now, later): (Vec<Injection>, Vec<Injection>) =
                 d.injections.drain(..).partition(|j| j.after_layer == i);
             now.iter().for_each(|j| j.apply(&mut d.embeds));
@@ -368,12 +366,14 @@ impl<'a> Calibrator<'a> {
     /// Steps 1–4 for one unit whose weights are `w`: observe the float unit (`pass` runs it over
     /// every sample through the hook it is given), fold the smoothing `subgraphs` into `w`, fill
     /// histograms, quantize every linear and hand each job's tensors to `emit`. Returns the hook
-    /// that computes the unit as the quantized model will.
+    /// that computes the unit as the quantized model will. `groups` says which linears read the
+    /// same input.
     fn calibrate_linears(
         &self,
         up: &UnitPlan,
         w: &mut Weights,
         subgraphs: &[Subgraph],
+        groups: &InputGroups,
         pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
         emit: &mut Emit,
     ) -> Result<Simulate> {
@@ -391,11 +391,11 @@ impl<'a> Calibrator<'a> {
             .collect();
 
         // 1. Observe the float unit.
-        let mut obs = Observe::default();
+        let mut obs = Observe::new(groups.clone());
         obs.hessian_groups = quantized
             .iter()
             .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
-            .map(|(m, _)| input_group(m))
+            .map(|(m, _)| groups.of(m))
             .collect();
         pass(self, w, &mut obs)?;
         for (g, st) in &obs.stats {
@@ -408,9 +408,9 @@ impl<'a> Calibrator<'a> {
         let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in subgraphs {
             let (shift, scales) = self
-                .apply_smoothing(w, sg, &obs, &mut modified, &stored_dtype)
+                .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype)
                 .with_context(|| format!("smoothing in {prefix}"))?;
-            maps.insert(input_group(&sg.consumers[0]), (shift, scales));
+            maps.insert(groups.of(&sg.consumers[0]), (shift, scales));
         }
         let stats_of = |g: &str| -> Result<crate::quant::observer::ChannelStats> {
             let st = obs.stats.get(g).with_context(|| format!("{prefix}{g} saw no calibration input"))?;
@@ -435,7 +435,7 @@ impl<'a> Calibrator<'a> {
         let hist_groups: BTreeSet<String> = quantized
             .iter()
             .filter(|(_, s)| matches!(s.act, ActQuant::PerTensorStatic { .. }) && s.act_method == ActMethod::Histogram)
-            .map(|(m, _)| input_group(m))
+            .map(|(m, _)| groups.of(m))
             .collect();
         let mut histograms = BTreeMap::new();
         if !hist_groups.is_empty() {
@@ -444,7 +444,7 @@ impl<'a> Calibrator<'a> {
                 let (lo, hi) = stats_of(g)?.tensor_range().unwrap_or((0.0, 0.0));
                 hs.insert(g.clone(), Histogram::with_range(lo, hi, HISTOGRAM_BINS));
             }
-            let mut obs2 = Observe::default();
+            let mut obs2 = Observe::new(groups.clone());
             obs2.histograms = Some(hs);
             pass(self, w, &mut obs2)?;
             histograms = obs2.histograms.unwrap();
@@ -461,7 +461,7 @@ impl<'a> Calibrator<'a> {
                 }
                 Job::Quantize { module, spec, .. } => {
                     let m = rel(module);
-                    let g = input_group(&m);
+                    let g = groups.of(&m);
                     let linear = w.linear(&m)?;
                     let weight = match spec.weight_method {
                         WeightMethod::MinMax => {
@@ -559,13 +559,14 @@ impl<'a> Calibrator<'a> {
         w: &mut Weights,
         sg: &Subgraph,
         obs: &Observe,
+        groups: &InputGroups,
         modified: &mut BTreeSet<String>,
         stored: &dyn Fn(&str) -> Option<DType>,
     ) -> Result<InputMap> {
         let s = self.smoothing.as_ref().unwrap();
         let mut cfg = s.cfg;
         cfg.shift = sg.shift;
-        let group = input_group(&sg.consumers[0]);
+        let group = groups.of(&sg.consumers[0]);
         let stats = obs.stats.get(&group).with_context(|| format!("{group} saw no calibration input"))?;
         let mut linears: Vec<crate::model::nn::Linear> =
             sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
@@ -686,7 +687,7 @@ pub fn planned_additions(model: &Model, recipe: &Recipe, unit: &crate::model::Un
     let full = |r: &str| format!("{prefix}{r}");
     let has_bias = |r: &str| names.contains(format!("{prefix}{r}.bias").as_str());
     let mut out = Vec::new();
-    for sg in text_layer_subgraphs(&s, &model.text, i, recipe, &full, &has_bias) {
+    for sg in layer_subgraphs(&s, &decoder::graph(model, i), recipe, &full, &has_bias) {
         if let (Kind::NormLinear { norm }, true) = (&sg.kind, sg.shift) {
             let bias = full(&format!("{norm}.bias"));
             if !names.contains(bias.as_str()) {

@@ -1,7 +1,7 @@
 //! Which outlier-suppression subgraphs a recipe applies to a decoder layer, decided the same way
 //! at plan time (to know which tensors appear, such as a norm's new bias) and at run time.
 
-use crate::model::config::TextConfig;
+use crate::model::decoder::{LayerGraph, LinearPath};
 use crate::quant::smooth::SmoothConfig;
 use crate::quant::{ActQuant, Recipe};
 use anyhow::{bail, Result};
@@ -97,53 +97,17 @@ pub struct Subgraph {
     pub shift: bool,
 }
 
-/// The linears that read the same input share their statistics: q/k/v, gate/up, and in the
-/// all-experts calibration forward the router with every expert's gate/up.
-pub fn input_group(name: &str) -> String {
-    let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-    let join = |l: &str| if parent.is_empty() { l.to_string() } else { format!("{parent}.{l}") };
-    let canonical = match leaf {
-        "k_proj" | "v_proj" => join("q_proj"),
-        "up_proj" => join("gate_proj"),
-        _ => name.to_string(),
-    };
-    // `mlp.experts.J.gate_proj` reads what the router `mlp.gate` reads.
-    if let Some(rest) = canonical.strip_suffix(".gate_proj") {
-        if let Some((mlp, idx)) = rest.rsplit_once(".experts.") {
-            if idx.parse::<usize>().is_ok() {
-                return format!("{mlp}.gate");
-            }
-        }
-    }
-    canonical
-}
-
-/// The subgraphs `smoothing` applies to decoder layer `layer` (names relative to it).
-/// `full` turns a relative name into the tensor's full module name (for the recipe's globs),
-/// `has_bias` tells whether a linear had a bias in the checkpoint.
-pub fn text_layer_subgraphs(
+/// The subgraphs `smoothing` applies to a decoder layer whose linears connect as `graph` says
+/// (names relative to the layer). `full` turns a relative name into the tensor's full module name
+/// (for the recipe's globs), `has_bias` tells whether a linear had a bias in the checkpoint.
+pub fn layer_subgraphs(
     s: &Smoothing,
-    cfg: &TextConfig,
-    layer: usize,
+    graph: &LayerGraph,
     recipe: &Recipe,
     full: &dyn Fn(&str) -> String,
     has_bias: &dyn Fn(&str) -> bool,
 ) -> Vec<Subgraph> {
     let mut out = Vec::new();
-    let qkv: Vec<String> = ["q", "k", "v"].iter().map(|p| format!("self_attn.{p}_proj")).collect();
-    let (post, up_down): (Vec<String>, Vec<(String, String)>) = match &cfg.moe {
-        Some(m) if m.is_moe_layer(layer) => {
-            let mut c = vec!["mlp.gate".to_string()];
-            let mut pairs = Vec::new();
-            for j in 0..m.num_experts {
-                c.push(format!("mlp.experts.{j}.gate_proj"));
-                c.push(format!("mlp.experts.{j}.up_proj"));
-                pairs.push((format!("mlp.experts.{j}.up_proj"), format!("mlp.experts.{j}.down_proj")));
-            }
-            (c, pairs)
-        }
-        _ => (vec!["mlp.gate_proj".into(), "mlp.up_proj".into()], vec![("mlp.up_proj".into(), "mlp.down_proj".into())]),
-    };
     let selected = |consumers: &[String]| consumers.iter().any(|c| s.step.matches(&full(c)));
     // A shift adds `W·z` to every consumer's bias: fine where that bias folds into a static
     // scheme's quant_bias or the linear has a bias anyway; elsewhere (dynamic, float routers) a
@@ -155,24 +119,28 @@ pub fn text_layer_subgraphs(
         })
     };
     if s.norm_linear {
-        for (norm, consumers) in [("input_layernorm", qkv.clone()), ("post_attention_layernorm", post)] {
-            if selected(&consumers) {
-                let shift = s.cfg.shift && shift_ok(&consumers);
-                out.push(Subgraph { kind: Kind::NormLinear { norm: norm.into() }, consumers, shift });
+        for nl in &graph.norm_linears {
+            if selected(&nl.consumers) {
+                let shift = s.cfg.shift && shift_ok(&nl.consumers);
+                let kind = Kind::NormLinear { norm: nl.norm.clone() };
+                out.push(Subgraph { kind, consumers: nl.consumers.clone(), shift });
             }
         }
     }
-    if s.ov {
-        let o = vec!["self_attn.o_proj".to_string()];
-        if selected(&o) {
-            out.push(Subgraph { kind: Kind::Ov { producer: "self_attn.v_proj".into() }, consumers: o, shift: false });
-        }
-    }
-    if s.up_down {
-        for (up, down) in up_down {
-            let c = vec![down];
+    // v → o subgraphs first, then up → down, each in the graph's order.
+    for path in [LinearPath::ValueOutput, LinearPath::GatedProduct] {
+        let wanted = match path {
+            LinearPath::ValueOutput => s.ov,
+            LinearPath::GatedProduct => s.up_down,
+        };
+        for (producer, consumer, _) in graph.linear_linears.iter().filter(|(_, _, p)| *p == path && wanted) {
+            let c = vec![consumer.clone()];
             if selected(&c) {
-                out.push(Subgraph { kind: Kind::UpDown { producer: up }, consumers: c, shift: false });
+                let kind = match path {
+                    LinearPath::ValueOutput => Kind::Ov { producer: producer.clone() },
+                    LinearPath::GatedProduct => Kind::UpDown { producer: producer.clone() },
+                };
+                out.push(Subgraph { kind, consumers: c, shift: false });
             }
         }
     }
@@ -182,18 +150,8 @@ pub fn text_layer_subgraphs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn inputs_are_grouped_by_what_they_read() {
-        assert_eq!(input_group("self_attn.v_proj"), "self_attn.q_proj");
-        assert_eq!(input_group("self_attn.o_proj"), "self_attn.o_proj");
-        assert_eq!(input_group("mlp.up_proj"), "mlp.gate_proj");
-        assert_eq!(input_group("mlp.experts.7.up_proj"), "mlp.gate");
-        assert_eq!(input_group("mlp.experts.7.gate_proj"), "mlp.gate");
-        assert_eq!(input_group("mlp.experts.7.down_proj"), "mlp.experts.7.down_proj");
-        assert_eq!(input_group("attn.qkv"), "attn.qkv");
-        assert_eq!(input_group("q_proj"), "q_proj");
-    }
+    use crate::model::config::TextConfig;
+    use crate::model::decoder::standard::Layer;
 
     #[test]
     fn shifts_only_where_the_bias_can_go() {
@@ -209,7 +167,7 @@ mod tests {
         for (act, shift) in [("per_tensor", true), ("per_token", false)] {
             let r = Recipe::parse(&y(act), "t").unwrap();
             let s = Smoothing::from_recipe(&r).unwrap().unwrap();
-            let g = text_layer_subgraphs(&s, &cfg, 0, &r, &full, &|_| false);
+            let g = layer_subgraphs(&s, &Layer::graph(&cfg, 0), &r, &full, &|_| false);
             assert_eq!(g.len(), 4);
             assert!(g.iter().filter(|x| matches!(x.kind, Kind::NormLinear { .. })).all(|x| x.shift == shift));
         }

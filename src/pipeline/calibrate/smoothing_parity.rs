@@ -1,20 +1,20 @@
 //! Folded outlier suppression leaves the float model's output unchanged, checked on the fixtures'
 //! real decoder layers, whose norms carry planted 30x outlier channels: statistics gathered from
 //! the transformers reference inputs of each layer drive the calibrator's own subgraph choice
-//! ([`text_layer_subgraphs`]) and folding ([`Calibrator::apply_smoothing`]); the smoothed layer's
+//! ([`layer_subgraphs`]) and folding ([`Calibrator::apply_smoothing`]); the smoothed layer's
 //! f32 output must match the original's, which itself matches the reference.
 
 use super::hooks::Observe;
-use super::smoothing::{text_layer_subgraphs, Kind};
+use super::smoothing::{layer_subgraphs, Kind};
 use super::Calibrator;
 use crate::device::Cpu;
 use crate::export::ascend::AscendExporter;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::load_all;
+use crate::model::decoder::{self, ForwardOptions};
 use crate::model::layout::UnitKind;
 use crate::model::nn::Plain;
-use crate::model::rope::{Positions, Rope};
-use crate::model::text::{DecoderLayer, ForwardOptions};
+use crate::model::rope::Positions;
 use crate::model::weights::Weights;
 use crate::model::{build_units, Model};
 use crate::quant::Recipe;
@@ -87,16 +87,15 @@ impl Fixture {
     }
 
     fn fold(&self, layer: usize, recipe: &Recipe) -> Folded {
-        let cfg = &self.model.text;
         let prefix = format!("{}.", self.model.layout.text_layer(layer));
         let unit = self.units.iter().find(|u| u.kind == UnitKind::TextLayer(layer)).unwrap();
         let weights = Weights::load(&self.ckpt, unit, &prefix).unwrap();
         let x = self.states(&format!("{}.in", self.model.layout.text_layer(layer)));
         let reference_out = self.states(&format!("{}.out", self.model.layout.text_layer(layer)));
-        let angles = Rope::new(&cfg.rope, cfg.head_dim).unwrap().angles(&self.positions(x.nrows())).unwrap();
+        let positions = self.positions(x.nrows());
         let run = |w: &Weights, hook: &mut dyn crate::model::nn::LinearHook, opts| {
-            let l = DecoderLayer::from_weights(cfg, layer, w.clone()).unwrap();
-            l.forward(&Cpu, x.view(), &angles, hook, opts).unwrap()
+            let l = decoder::layer(&self.model, layer, w.clone()).unwrap();
+            l.forward(&Cpu, x.view(), &positions, hook, opts).unwrap()
         };
 
         // The float layer, observed as calibration observes it (every expert on every token).
@@ -124,7 +123,8 @@ impl Fixture {
         let biased: BTreeSet<String> =
             weights.map.keys().filter_map(|k| k.strip_suffix(".bias")).map(String::from).collect();
         let full = |r: &str| format!("{prefix}{r}");
-        let subgraphs = text_layer_subgraphs(smoothing, cfg, layer, recipe, &full, &|r| biased.contains(r));
+        let graph = decoder::graph(&self.model, layer);
+        let subgraphs = layer_subgraphs(smoothing, &graph, recipe, &full, &|r| biased.contains(r));
 
         let mut w = weights.clone();
         let mut modified = BTreeSet::new();
@@ -137,7 +137,9 @@ impl Fixture {
         };
         for sg in &subgraphs {
             let (shift, scales) = cal
-                .apply_smoothing(&mut w, sg, &obs, &mut modified, &|n| self.ckpt.entry(&full(n)).map(|(_, e)| e.dtype))
+                .apply_smoothing(&mut w, sg, &obs, &graph.input_groups(), &mut modified, &|n| {
+                    self.ckpt.entry(&full(n)).map(|(_, e)| e.dtype)
+                })
                 .unwrap();
             folded.kinds.insert(match sg.kind {
                 Kind::NormLinear { .. } => "norm-linear",

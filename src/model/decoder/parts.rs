@@ -1,0 +1,528 @@
+//! The pieces decoder architectures share: RMSNorm, causal attention over heads, the SwiGLU MLP,
+//! a routed mixture of experts, the embedding lookup, and [`Take`], which hands a layer its
+//! tensors by name and refuses the ones no part of the layer used.
+
+use super::ForwardOptions;
+use crate::device::Device;
+use crate::model::config::{GroupScore, MoeConfig, Scoring};
+use crate::model::nn::{Linear, LinearHook};
+use crate::model::weights::Weights;
+use anyhow::{bail, ensure, Context, Result};
+use ndarray::{s, Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis};
+
+/// An RMSNorm, with the bias that outlier suppression (m2) may fold into it.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub weight: Array1<f32>,
+    pub bias: Option<Array1<f32>>,
+}
+
+impl Norm {
+    pub fn forward(&self, x: ArrayView2<f32>, eps: f32) -> Array2<f32> {
+        let mut y = rms_norm(x, self.weight.view(), eps);
+        if let Some(b) = &self.bias {
+            y += &b.view().insert_axis(Axis(0));
+        }
+        y
+    }
+
+    pub fn len(&self) -> usize {
+        self.weight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weight.is_empty()
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight`, row by row.
+pub fn rms_norm(x: ArrayView2<f32>, weight: ArrayView1<f32>, eps: f32) -> Array2<f32> {
+    let mut out = x.as_standard_layout().into_owned();
+    let width = out.ncols();
+    if width > 0 {
+        out.as_slice_mut().unwrap().chunks_mut(width).for_each(|row| rms_norm_in_place(row, weight, eps));
+    }
+    out
+}
+
+/// RMSNorm of one vector in place (a token's head for q/k norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: ArrayView1<f32>, eps: f32) {
+    let mean = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (mean as f32 + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = w * (*v * inv);
+    }
+}
+
+/// Scales each row of `scores [seq, seq]`, keeps keys `0..=t` for query `t` and takes their
+/// softmax; the masked entries become 0.
+pub fn causal_softmax(scores: &mut Array2<f32>, scale: f32) {
+    let n = scores.ncols();
+    let rows = scores.as_slice_mut().expect("matmul output is in standard layout");
+    // Sequential on purpose: the GEMM's worker threads spin between calls, and a rayon loop
+    // here competes with them (measured 3x slower than this loop on 2 cores).
+    for (t, row) in rows.chunks_mut(n).enumerate() {
+        let (keep, masked) = row.split_at_mut(t + 1);
+        let mut max = f32::NEG_INFINITY;
+        for s in keep.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0.0f32;
+        for s in keep.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        keep.iter_mut().for_each(|s| *s *= inv);
+        masked.fill(0.0);
+    }
+}
+
+/// The shape of a multi-head attention: query heads share key/value heads in groups (GQA), and
+/// the value head may be narrower or wider than the query/key head (MLA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// Width of a query and a key head.
+    pub qk_dim: usize,
+    /// Width of a value head.
+    pub v_dim: usize,
+}
+
+/// Causal scaled-dot-product attention of one sequence: `q [seq, heads·qk_dim]`,
+/// `k [seq, kv_heads·qk_dim]`, `v [seq, kv_heads·v_dim]`; returns `[seq, heads·v_dim]`.
+pub fn causal_attention(
+    device: &dyn Device,
+    q: ArrayView2<f32>,
+    k: ArrayView2<f32>,
+    v: ArrayView2<f32>,
+    heads: Heads,
+    scale: f32,
+) -> Array2<f32> {
+    let Heads { num_heads, num_kv_heads, qk_dim: d, v_dim: dv } = heads;
+    let seq = q.nrows();
+    let group = num_heads / num_kv_heads;
+    let mut context = Array2::<f32>::zeros((seq, num_heads * dv));
+    for h in 0..num_heads {
+        let kv = h / group;
+        let (qh, kh) = (q.slice(s![.., h * d..(h + 1) * d]), k.slice(s![.., kv * d..(kv + 1) * d]));
+        let mut scores = device.matmul(qh, kh.t());
+        causal_softmax(&mut scores, scale);
+        let out = device.matmul(scores.view(), v.slice(s![.., kv * dv..(kv + 1) * dv]));
+        context.slice_mut(s![.., h * dv..(h + 1) * dv]).assign(&out);
+    }
+    context
+}
+
+/// Runs one projection through the hook and checks its shape; the result is in standard layout.
+pub fn project(
+    device: &dyn Device,
+    hook: &mut dyn LinearHook,
+    name: &str,
+    layer: &Linear,
+    x: ArrayView2<f32>,
+) -> Result<Array2<f32>> {
+    let y = hook.linear(device, name, layer, x);
+    ensure!(
+        y.dim() == (x.nrows(), layer.out_features()),
+        "{name} returned shape {:?} for {} tokens",
+        y.dim(),
+        x.nrows()
+    );
+    Ok(if y.is_standard_layout() { y } else { y.as_standard_layout().into_owned() })
+}
+
+/// `down(silu(gate(x)) · up(x))`; `name` is the module (`mlp`, `mlp.experts.3`).
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    pub name: String,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl SwiGlu {
+    pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>, hook: &mut dyn LinearHook) -> Result<Array2<f32>> {
+        let name = |p: &str| format!("{}.{p}", self.name);
+        let gate = hook.linear(device, &name("gate_proj"), &self.gate_proj, x);
+        let up = hook.linear(device, &name("up_proj"), &self.up_proj, x);
+        ensure!(gate.dim() == up.dim(), "{} and {} disagree in shape", name("gate_proj"), name("up_proj"));
+        let mut act = gate;
+        act.zip_mut_with(&up, |g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
+        Ok(hook.linear(device, &name("down_proj"), &self.down_proj, act.view()))
+    }
+}
+
+/// How a router picks each token's experts and weighs them, for every family lamina knows:
+/// softmax or sigmoid scores; optionally only the experts of the best `topk_group` of `n_group`
+/// groups are eligible; the top-k by score (plus the correction bias, which only steers the
+/// choice); weights renormalised to sum 1 when `norm_topk_prob`, then multiplied by
+/// `routed_scaling_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    pub scoring: Scoring,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub group_score: GroupScore,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+impl Routing {
+    pub fn from_config(m: &MoeConfig) -> Routing {
+        Routing {
+            top_k: m.top_k,
+            scoring: m.scoring,
+            n_group: m.n_group,
+            topk_group: m.topk_group,
+            group_score: m.group_score,
+            norm_topk_prob: m.norm_topk_prob,
+            routed_scaling_factor: m.routed_scaling_factor as f32,
+        }
+    }
+
+    /// For each of `experts`, the tokens routed to it and their weights, from the router's
+    /// logits `[tokens, experts]` and the optional correction bias `[experts]`.
+    pub fn route(&self, logits: ArrayView2<f32>, correction: Option<&Array1<f32>>) -> Vec<Vec<(usize, f32)>> {
+        let experts = logits.ncols();
+        let mut routes = vec![Vec::new(); experts];
+        for (t, row) in logits.outer_iter().enumerate() {
+            let scores: Vec<f32> = match self.scoring {
+                Scoring::Softmax => {
+                    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+                    let sum: f32 = exp.iter().sum();
+                    exp.iter().map(|&v| v / sum).collect()
+                }
+                Scoring::Sigmoid => row.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect(),
+            };
+            let mut choice: Vec<f32> = match correction {
+                Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                None => scores.clone(),
+            };
+            if self.n_group > 1 && self.topk_group < self.n_group {
+                let per = experts / self.n_group;
+                let group_scores: Vec<f32> = choice
+                    .chunks(per)
+                    .map(|g| match self.group_score {
+                        GroupScore::Max => g.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
+                        GroupScore::SumTop2 => {
+                            let mut v = g.to_vec();
+                            v.sort_by(|a, b| b.total_cmp(a));
+                            v.iter().take(2).sum()
+                        }
+                    })
+                    .collect();
+                let keep = top_indices(&group_scores, self.topk_group);
+                // transformers masks the other groups' scores to 0 (not -inf) before the top-k.
+                for (g, chunk) in choice.chunks_mut(per).enumerate() {
+                    if !keep.contains(&g) {
+                        chunk.fill(0.0);
+                    }
+                }
+            }
+            let top = top_indices(&choice, self.top_k);
+            let norm = if self.norm_topk_prob { top.iter().map(|&e| scores[e]).sum::<f32>() } else { 1.0 };
+            for &e in &top {
+                routes[e].push((t, scores[e] / norm * self.routed_scaling_factor));
+            }
+        }
+        routes
+    }
+}
+
+/// The indices of the `k` largest values, largest first (ties: lower index first).
+fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+/// Experts every token goes through beside the routed ones: DeepSeek's `mlp.shared_experts`, or
+/// Qwen2-MoE's `mlp.shared_expert` scaled by `sigmoid(mlp.shared_expert_gate(x))`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: SwiGlu,
+    /// The gate's module name and its `[1, hidden]` linear.
+    pub gate: Option<(String, Linear)>,
+}
+
+/// A routed mixture of SwiGLU experts: the router scores the experts, each token goes to its
+/// top-k, and their outputs are summed with the routing weights (plus the shared experts').
+#[derive(Debug, Clone)]
+pub struct SparseMoe {
+    /// The router's module name (`mlp.gate`) and linear `[experts, hidden]`.
+    pub router_name: String,
+    pub router: Linear,
+    /// DeepSeek-V3's `e_score_correction_bias`: added to the scores to choose the experts, not to
+    /// weigh them.
+    pub correction_bias: Option<Array1<f32>>,
+    pub experts: Vec<SwiGlu>,
+    pub routing: Routing,
+    pub shared: Option<SharedExpert>,
+}
+
+impl SparseMoe {
+    pub fn forward(
+        &self,
+        device: &dyn Device,
+        x: ArrayView2<f32>,
+        hook: &mut dyn LinearHook,
+        opts: ForwardOptions,
+    ) -> Result<Array2<f32>> {
+        let logits = hook.linear(device, &self.router_name, &self.router, x);
+        ensure!(
+            logits.dim() == (x.nrows(), self.experts.len()),
+            "{} returned shape {:?}",
+            self.router_name,
+            logits.dim()
+        );
+        let routes = self.routing.route(logits.view(), self.correction_bias.as_ref());
+        let mut out = run_experts(device, &self.experts, &routes, x, hook, opts)?;
+        if let Some(shared) = &self.shared {
+            let mut y = shared.mlp.forward(device, x, hook)?;
+            if let Some((name, gate)) = &shared.gate {
+                let g = hook.linear(device, name, gate, x);
+                ensure!(g.dim() == (x.nrows(), 1), "{name} returned shape {:?}", g.dim());
+                for (mut row, g) in y.rows_mut().into_iter().zip(g.column(0)) {
+                    row *= 1.0 / (1.0 + (-g).exp());
+                }
+            }
+            out += &y;
+        }
+        Ok(out)
+    }
+}
+
+/// Sums each expert's output over the tokens routed to it, weighted. With
+/// `opts.moe_all_experts` every expert runs on every token (so calibration observes all of
+/// them), and the result is still the routed one.
+pub fn run_experts(
+    device: &dyn Device,
+    experts: &[SwiGlu],
+    routes: &[Vec<(usize, f32)>],
+    x: ArrayView2<f32>,
+    hook: &mut dyn LinearHook,
+    opts: ForwardOptions,
+) -> Result<Array2<f32>> {
+    let mut out = Array2::<f32>::zeros(x.raw_dim());
+    for (expert, chosen) in experts.iter().zip(routes) {
+        if opts.moe_all_experts {
+            let y = expert.forward(device, x, hook)?;
+            for &(t, w) in chosen {
+                out.row_mut(t).scaled_add(w, &y.row(t));
+            }
+        } else if !chosen.is_empty() {
+            let tokens: Vec<usize> = chosen.iter().map(|&(t, _)| t).collect();
+            let y = expert.forward(device, x.select(Axis(0), &tokens).view(), hook)?;
+            for (i, &(t, w)) in chosen.iter().enumerate() {
+                out.row_mut(t).scaled_add(w, &y.row(i));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Looks token ids up in the embedding table `[vocab, hidden]`.
+pub fn embed(table: ArrayView2<f32>, ids: &[i64]) -> Result<Array2<f32>> {
+    let vocab = table.nrows();
+    let mut out = Array2::zeros((ids.len(), table.ncols()));
+    for (t, &id) in ids.iter().enumerate() {
+        if id < 0 || id as usize >= vocab {
+            bail!("token id {id} at position {t} is outside the vocabulary (0..{vocab}) of the embedding table");
+        }
+        out.row_mut(t).assign(&table.row(id as usize));
+    }
+    Ok(out)
+}
+
+/// Takes a layer's tensors out of its [`Weights`] by relative name (no copy), checking shapes;
+/// whatever is left at the end is a tensor the forward does not know.
+pub struct Take {
+    pub weights: Weights,
+}
+
+impl Take {
+    pub fn new(weights: Weights) -> Take {
+        Take { weights }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.weights.has(name)
+    }
+
+    pub fn tensor(&mut self, name: &str) -> Result<ArrayD<f32>> {
+        self.weights.map.remove(name).with_context(|| format!("tensor {}{name} is missing", self.weights.prefix))
+    }
+
+    /// The linear `module` of `out × inp` (its `.weight`, and its `.bias` when stored).
+    pub fn linear(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
+        let p = self.weights.prefix.clone();
+        let weight = self.tensor(&format!("{module}.weight"))?;
+        ensure!(
+            weight.shape() == [out, inp],
+            "tensor {p}{module}.weight has shape {:?}, expected [{out}, {inp}] from config.json",
+            weight.shape()
+        );
+        let bias = match self.weights.map.remove(&format!("{module}.bias")) {
+            Some(b) => {
+                ensure!(b.shape() == [out], "tensor {p}{module}.bias has shape {:?}, expected [{out}]", b.shape());
+                Some(b.into_dimensionality()?)
+            }
+            None => None,
+        };
+        Ok(Linear { weight: weight.into_dimensionality()?, bias })
+    }
+
+    pub fn swiglu(&mut self, module: &str, hidden: usize, inter: usize) -> Result<SwiGlu> {
+        Ok(SwiGlu {
+            name: module.to_string(),
+            gate_proj: self.linear(&format!("{module}.gate_proj"), inter, hidden)?,
+            up_proj: self.linear(&format!("{module}.up_proj"), inter, hidden)?,
+            down_proj: self.linear(&format!("{module}.down_proj"), hidden, inter)?,
+        })
+    }
+
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
+        let v = self.tensor(name)?;
+        ensure!(v.shape() == [len], "tensor {}{name} has shape {:?}, expected [{len}]", self.weights.prefix, v.shape());
+        Ok(v.into_dimensionality()?)
+    }
+
+    /// An RMSNorm `module` with its optional (m2-folded) bias.
+    pub fn norm(&mut self, module: &str, len: usize) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.vector(&format!("{module}.weight"), len)?,
+            bias: self.optional_vector(&format!("{module}.bias"), len)?,
+        })
+    }
+
+    pub fn optional_vector(&mut self, name: &str, len: usize) -> Result<Option<Array1<f32>>> {
+        if self.weights.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Fails on tensors nothing took (old checkpoints' `rotary_emb.inv_freq` buffers excepted).
+    pub fn finish(self) -> Result<()> {
+        let unknown: Vec<&str> =
+            self.weights.map.keys().filter(|k| !k.ends_with("rotary_emb.inv_freq")).map(|k| k.as_str()).collect();
+        if !unknown.is_empty() {
+            bail!(
+                "layer {} holds tensors lamina's forward of this architecture does not know: {}",
+                self.weights.prefix.trim_end_matches('.'),
+                unknown.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Cpu;
+
+    fn rel_err(ours: ArrayView2<f32>, reference: ArrayView2<f32>) -> f32 {
+        let diff = ours.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / reference.iter().fold(0f32, |m, b| m.max(b.abs()))
+    }
+
+    fn routing(scoring: Scoring, top_k: usize) -> Routing {
+        Routing {
+            top_k,
+            scoring,
+            n_group: 1,
+            topk_group: 1,
+            group_score: GroupScore::Max,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+        }
+    }
+
+    #[test]
+    fn softmax_router_picks_top_k_and_renormalises() {
+        let mut r = routing(Scoring::Softmax, 2);
+        // Logits ln 1, ln 2, ln 5: probabilities 0.125, 0.25, 0.625.
+        let logits = ndarray::array![[0f32, 2f32.ln(), 5f32.ln()]];
+        let routes = r.route(logits.view(), None);
+        assert!(routes[0].is_empty());
+        assert!((routes[1][0].1 - 0.25).abs() < 1e-6 && (routes[2][0].1 - 0.625).abs() < 1e-6);
+        r.norm_topk_prob = true;
+        let routes = r.route(logits.view(), None);
+        assert!((routes[1][0].1 - 0.25 / 0.875).abs() < 1e-6 && (routes[2][0].1 - 0.625 / 0.875).abs() < 1e-6);
+    }
+
+    /// DeepSeek-V3's rule worked by hand: sigmoid scores, the bias steers the choice only, groups
+    /// ranked by the sum of their two best biased scores, weights renormalised then scaled.
+    #[test]
+    fn sigmoid_router_with_groups_and_correction_bias() {
+        let r = Routing {
+            top_k: 2,
+            scoring: Scoring::Sigmoid,
+            n_group: 2,
+            topk_group: 1,
+            group_score: GroupScore::SumTop2,
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.5,
+        };
+        let sig = |p: f32| (p / (1.0 - p)).ln();
+        // Scores 0.9, 0.1 | 0.6, 0.5. Without bias group 0 sums 1.0 and group 1 sums 1.1: group 1.
+        let logits = ndarray::array![[sig(0.9), sig(0.1), sig(0.6), sig(0.5)]];
+        let routes = r.route(logits.view(), None);
+        assert!(routes[0].is_empty() && routes[1].is_empty());
+        let (w2, w3) = (routes[2][0].1, routes[3][0].1);
+        assert!((w2 - 0.6 / 1.1 * 2.5).abs() < 1e-5 && (w3 - 0.5 / 1.1 * 2.5).abs() < 1e-5, "{w2} {w3}");
+        // A bias of +0.3 on expert 1 makes group 0 win (1.3 > 1.1) and expert 1 second in it;
+        // its weight is still its unbiased score.
+        let bias = Array1::from_vec(vec![0.0, 0.3, 0.0, 0.0]);
+        let routes = r.route(logits.view(), Some(&bias));
+        assert!(routes[2].is_empty() && routes[3].is_empty());
+        assert!((routes[0][0].1 - 0.9 / 1.0 * 2.5).abs() < 1e-5);
+        assert!((routes[1][0].1 - 0.1 / 1.0 * 2.5).abs() < 1e-5);
+        // Group-limited greedy (DeepSeek-V2): groups ranked by their best expert.
+        let v2 = Routing { scoring: Scoring::Softmax, group_score: GroupScore::Max, norm_topk_prob: false, ..r };
+        let routes = v2.route(ndarray::array![[3.0f32, -5.0, 2.0, 2.5]].view(), None);
+        assert_eq!((routes[0].len(), routes[1].len(), routes[2].len(), routes[3].len()), (1, 1, 0, 0));
+    }
+
+    #[test]
+    fn causal_softmax_masks_the_future() {
+        let mut s = ndarray::array![[1.0f32, 9.0, 9.0], [0.0, 2f32.ln() * 2.0, 9.0], [0.0, 0.0, 0.0]];
+        causal_softmax(&mut s, 0.5);
+        // Row 1 scaled: 0 and ln 2, so softmax 1/3, 2/3.
+        let want = ndarray::array![[1.0f32, 0.0, 0.0], [1.0 / 3.0, 2.0 / 3.0, 0.0], [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]];
+        assert!(rel_err(s.view(), want.view()) < 1e-6, "{s:?}");
+    }
+
+    #[test]
+    fn attention_with_a_narrower_value_head_matches_the_formula() {
+        // One query head over one key/value head, qk_dim 2, v_dim 1, three tokens.
+        let q = ndarray::array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]];
+        let k = ndarray::array![[1.0f32, 0.0], [0.0, 2.0], [1.0, -1.0]];
+        let v = ndarray::array![[1.0f32], [2.0], [4.0]];
+        let heads = Heads { num_heads: 1, num_kv_heads: 1, qk_dim: 2, v_dim: 1 };
+        let out = causal_attention(&Cpu, q.view(), k.view(), v.view(), heads, 1.0);
+        // Token 1 attends to keys 0 and 1 with scores 0 and 2.
+        let (a, b) = (1.0f32, 2f32.exp());
+        assert!((out[[1, 0]] - (a * 1.0 + b * 2.0) / (a + b)).abs() < 1e-5);
+        // Token 2: scores 1, 2, 0.
+        let (a, b, c) = (1f32.exp(), 2f32.exp(), 1.0);
+        assert!((out[[2, 0]] - (a + 2.0 * b + 4.0 * c) / (a + b + c)).abs() < 1e-5);
+        assert_eq!(out[[0, 0]], 1.0);
+    }
+
+    #[test]
+    fn ids_beyond_the_vocabulary_are_refused() {
+        let table = Array2::<f32>::zeros((10, 4));
+        let e = embed(table.view(), &[1, 10]).unwrap_err().to_string();
+        assert!(e.contains("10") && e.contains("vocabulary"), "{e}");
+        assert!(embed(table.view(), &[-1]).is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! The standard pre-norm decoder layer: Llama, Qwen2, Qwen3, Qwen3-MoE, and the language models
+//! of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and LLaVA.
+//!
+//! ```text
+//! x ─ RMSNorm ─ q,k,v (+bias) ─ [q/k RMSNorm] ─ RoPE ─ causal GQA attention ─ o ─ + ─┐
+//! └───────────────────────────────────────────────────────────────────────────────┘  │
+//! h ─ RMSNorm ─ SwiGLU MLP, or MoE (router softmax, top-k, experts) ──────────────── + ─ out
+//! ```
+
+use super::parts::{causal_attention, project, rms_norm_in_place, Heads, Norm, Routing, SparseMoe, SwiGlu, Take};
+use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
+use crate::device::Device;
+use crate::model::config::TextConfig;
+use crate::model::nn::{Linear, LinearHook};
+use crate::model::rope::{Positions, Rope, RopeAngles};
+use crate::model::weights::Weights;
+use anyhow::{bail, ensure, Result};
+use ndarray::{Array1, Array2, ArrayView2};
+
+/// One decoder layer's weights, ready to run.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub index: usize,
+    input_layernorm: Norm,
+    post_attention_layernorm: Norm,
+    attn: Attention,
+    mlp: Mlp,
+    rope: Rope,
+    eps: f32,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Qwen3's per-head RMSNorms on queries and keys, before RoPE.
+    q_norm: Option<Array1<f32>>,
+    k_norm: Option<Array1<f32>>,
+    heads: Heads,
+    eps: f32,
+}
+
+#[derive(Debug, Clone)]
+enum Mlp {
+    Dense(Box<SwiGlu>),
+    Moe(Box<SparseMoe>),
+}
+
+impl Layer {
+    /// Builds layer `index` from its weights (names relative to the layer), taking them over.
+    /// Every tensor of the layer must be used: a tensor this forward does not know (a shared
+    /// expert, an extra norm) is an error rather than a silently different model.
+    pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
+        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
+            bail!("hidden_act {:?} is not supported by lamina's text forward (only silu)", cfg.hidden_act);
+        }
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let mut w = Take::new(weights);
+        let attn = Attention {
+            q_proj: w.linear("self_attn.q_proj", nh * hd, hidden)?,
+            k_proj: w.linear("self_attn.k_proj", nkv * hd, hidden)?,
+            v_proj: w.linear("self_attn.v_proj", nkv * hd, hidden)?,
+            o_proj: w.linear("self_attn.o_proj", hidden, nh * hd)?,
+            q_norm: w.optional_vector("self_attn.q_norm.weight", hd)?,
+            k_norm: w.optional_vector("self_attn.k_norm.weight", hd)?,
+            heads: Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd },
+            eps: cfg.rms_norm_eps as f32,
+        };
+        let mlp = match &cfg.moe {
+            Some(moe) if moe.is_moe_layer(index) => {
+                let inter = moe.moe_intermediate_size;
+                let experts = (0..moe.num_experts)
+                    .map(|j| w.swiglu(&format!("mlp.experts.{j}"), hidden, inter))
+                    .collect::<Result<Vec<_>>>()?;
+                ensure!(
+                    (1..=moe.num_experts).contains(&moe.top_k),
+                    "num_experts_per_tok {} does not fit {} experts",
+                    moe.top_k,
+                    moe.num_experts
+                );
+                Mlp::Moe(Box::new(SparseMoe {
+                    router_name: "mlp.gate".into(),
+                    router: w.linear("mlp.gate", moe.num_experts, hidden)?,
+                    correction_bias: None,
+                    experts,
+                    routing: Routing::from_config(moe),
+                    shared: None,
+                }))
+            }
+            _ => Mlp::Dense(Box::new(w.swiglu("mlp", hidden, cfg.intermediate_size)?)),
+        };
+        let layer = Layer {
+            index,
+            input_layernorm: w.norm("input_layernorm", hidden)?,
+            post_attention_layernorm: w.norm("post_attention_layernorm", hidden)?,
+            attn,
+            mlp,
+            rope: Rope::new(&cfg.rope, hd)?,
+            eps: cfg.rms_norm_eps as f32,
+        };
+        w.finish()?;
+        Ok(layer)
+    }
+
+    /// How this family's layer `index` connects its linears.
+    pub fn graph(cfg: &TextConfig, index: usize) -> LayerGraph {
+        let attn = |p: &str| format!("self_attn.{p}_proj");
+        let qkv: Vec<String> = ["q", "k", "v"].iter().map(|p| attn(p)).collect();
+        let mut g = LayerGraph {
+            norm_linears: vec![NormLinears { norm: "input_layernorm".into(), consumers: qkv.clone() }],
+            linear_linears: vec![(attn("v"), attn("o"), LinearPath::ValueOutput)],
+            residual_writers: vec![attn("o")],
+            fused: vec![qkv],
+            kv_cache: vec!["self_attn".into()],
+        };
+        match &cfg.moe {
+            Some(m) if m.is_moe_layer(index) => {
+                let expert = |j: usize, p: &str| format!("mlp.experts.{j}.{p}");
+                let mut consumers = vec!["mlp.gate".to_string()];
+                let mut experts = Vec::new();
+                for j in 0..m.num_experts {
+                    consumers.extend([expert(j, "gate_proj"), expert(j, "up_proj")]);
+                    experts.extend([expert(j, "gate_proj"), expert(j, "up_proj"), expert(j, "down_proj")]);
+                    g.linear_linears.push((expert(j, "up_proj"), expert(j, "down_proj"), LinearPath::GatedProduct));
+                    g.residual_writers.push(expert(j, "down_proj"));
+                }
+                g.norm_linears.push(NormLinears { norm: "post_attention_layernorm".into(), consumers });
+                g.fused.push(experts);
+            }
+            _ => {
+                let gate_up = vec!["mlp.gate_proj".to_string(), "mlp.up_proj".to_string()];
+                g.norm_linears
+                    .push(NormLinears { norm: "post_attention_layernorm".into(), consumers: gate_up.clone() });
+                g.linear_linears.push(("mlp.up_proj".into(), "mlp.down_proj".into(), LinearPath::GatedProduct));
+                g.residual_writers.push("mlp.down_proj".into());
+                g.fused.push(gate_up);
+            }
+        }
+        g
+    }
+}
+
+impl DecoderBlock for Layer {
+    fn forward(
+        &self,
+        device: &dyn Device,
+        x: ArrayView2<f32>,
+        positions: &Positions,
+        hook: &mut dyn LinearHook,
+        opts: ForwardOptions,
+    ) -> Result<Array2<f32>> {
+        let hidden = self.input_layernorm.len();
+        ensure!(
+            x.ncols() == hidden,
+            "layer {} got hidden states of width {}, expected {hidden}",
+            self.index,
+            x.ncols()
+        );
+        ensure!(
+            positions.len() == x.nrows(),
+            "layer {}: {} positions given for {} tokens",
+            self.index,
+            positions.len(),
+            x.nrows()
+        );
+        let rope = self.rope.angles(positions)?;
+        let h = self.input_layernorm.forward(x, self.eps);
+        let mut out = self.attn.forward(device, h.view(), &rope, hook)?;
+        ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
+        out += &x;
+        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
+        let m = match &self.mlp {
+            Mlp::Dense(mlp) => mlp.forward(device, h.view(), hook)?,
+            Mlp::Moe(moe) => moe.forward(device, h.view(), hook, opts)?,
+        };
+        ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
+        out += &m;
+        Ok(out)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        device: &dyn Device,
+        x: ArrayView2<f32>,
+        rope: &RopeAngles,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Array2<f32>> {
+        let mut q = project(device, hook, "self_attn.q_proj", &self.q_proj, x)?;
+        let mut k = project(device, hook, "self_attn.k_proj", &self.k_proj, x)?;
+        let mut v = project(device, hook, "self_attn.v_proj", &self.v_proj, x)?;
+        self.norm_and_rotate(&mut q, self.q_norm.as_ref(), rope);
+        self.norm_and_rotate(&mut k, self.k_norm.as_ref(), rope);
+        hook.kv_cache("self_attn", &mut k, &mut v);
+        let scale = (self.heads.qk_dim as f32).powf(-0.5);
+        let context = causal_attention(device, q.view(), k.view(), v.view(), self.heads, scale);
+        Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
+    }
+
+    /// Applies the optional per-head RMSNorm, then RoPE, to every head of every token of `m`
+    /// (`[seq, heads · head_dim]`, standard layout).
+    fn norm_and_rotate(&self, m: &mut Array2<f32>, norm: Option<&Array1<f32>>, rope: &RopeAngles) {
+        let (hd, width) = (self.heads.qk_dim, m.ncols());
+        let rows = m.as_slice_mut().expect("projections are in standard layout");
+        rows.chunks_mut(width).enumerate().for_each(|(t, row)| {
+            for head in row.chunks_mut(hd) {
+                if let Some(w) = norm {
+                    rms_norm_in_place(head, w.view(), self.eps);
+                }
+                rope.rotate(t, head);
+            }
+        });
+    }
+}
