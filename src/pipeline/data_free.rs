@@ -96,15 +96,21 @@ fn keep_in_pieces(ckpt: &Checkpoint, t: &LogicalTensor, emit: &mut Emit) -> Resu
         return emit(vec![OutTensor { name: t.meta.name.clone(), tensor, kind: FLOAT }].into());
     };
     let (f, e) = ckpt.require(name)?;
-    if e.nbytes() <= KEEP_PIECE {
+    let piece = keep_piece();
+    if e.nbytes() <= piece {
         let tensor = Tensor::from_bytes(t.meta.dtype, &t.meta.shape, load::take_bytes(ckpt, t)?);
         return emit(vec![OutTensor { name: t.meta.name.clone(), tensor, kind: FLOAT }].into());
     }
-    for (k, piece) in f.bytes(e).chunks(KEEP_PIECE).enumerate() {
-        let bytes = piece.to_vec();
-        let start = e.start + k * KEEP_PIECE;
-        f.release(start, start + piece.len());
-        emit(Output::Piece { meta: meta.clone(), offset: (k * KEEP_PIECE) as u64, bytes })?;
+    for (k, chunk) in f.bytes(e).chunks(piece).enumerate() {
+        let bytes = chunk.to_vec();
+        let start = e.start + k * piece;
+        f.release(start, start + chunk.len());
+        emit(Output::Piece { meta: meta.clone(), offset: (k * piece) as u64, bytes })?;
     }
     Ok(())
+}
+
+/// [`KEEP_PIECE`], or `LAMINA_KEEP_PIECE_BYTES` (a testing aid: small pieces on small fixtures).
+fn keep_piece() -> usize {
+    std::env::var("LAMINA_KEEP_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(KEEP_PIECE)
 }
