@@ -192,12 +192,7 @@ fn main() {
     println!("--- medians of {} run(s); {} core(s) ---", s.runs, available_cores());
     let lamina_med: Vec<Timing> = lamina_runs.iter().map(|r| medians(r)).collect();
     for (t, m) in s.threads.iter().zip(&lamina_med) {
-        println!(
-            "lamina, {t} thread(s) : {:.1} s wall, {:.1} CPU-s, peak RSS {:.0} MB",
-            m.wall,
-            m.cpu,
-            m.peak / MB
-        );
+        println!("lamina, {t} thread(s) : {:.1} s wall, {:.1} CPU-s, peak RSS {:.0} MB", m.wall, m.cpu, m.peak / MB);
     }
     if let Some(one) = s.threads.iter().position(|&t| t == 1) {
         for (t, m) in s.threads.iter().zip(&lamina_med).filter(|(&t, _)| t > 1) {
@@ -275,7 +270,10 @@ fn run_lamina(lamina: &Path, model_dir: &Path, save: &Path, ids: &Path, threads:
 fn llm_compressor_venv(dir: &Path) -> PathBuf {
     let python = dir.join("bin/python");
     if !python.exists() {
-        println!("llm-compressor: making the venv {} (python3 -m venv; pip install llmcompressor==0.14.0.1)", dir.display());
+        println!(
+            "llm-compressor: making the venv {} (python3 -m venv; pip install llmcompressor==0.14.0.1)",
+            dir.display()
+        );
         let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
         assert!(ok(Command::new("python3").args(["-m", "venv"]).arg(dir)), "python3 -m venv {} failed", dir.display());
         assert!(
@@ -384,8 +382,7 @@ fn write_ids(path: &Path, samples: &[Vec<i64>]) {
 /// `samples` lines of `{"input_ids": [...]}`, `seq_len` ids each, uniform over the vocabulary.
 fn write_random_ids(path: &Path, samples: usize, seq_len: usize, vocab: usize) {
     let mut state = 0x5EED_CA11_B8A7_E000u64;
-    let ids: Vec<Vec<i64>> = (0..samples)
-        .map(|_| (0..seq_len).map(|_| (splitmix64(&mut state) % vocab as u64) as i64).collect())
-        .collect();
+    let ids: Vec<Vec<i64>> =
+        (0..samples).map(|_| (0..seq_len).map(|_| (splitmix64(&mut state) % vocab as u64) as i64).collect()).collect();
     write_ids(path, &ids);
 }

@@ -76,9 +76,7 @@ fn parse_args() -> Args {
             }
             "--images" => a.images = value().parse().expect("--images N"),
             "--runs" => a.runs = value().parse().expect("--runs R"),
-            "--threads" => {
-                a.threads = value().split(',').map(|t| t.trim().parse().expect("--threads 1,2")).collect()
-            }
+            "--threads" => a.threads = value().split(',').map(|t| t.trim().parse().expect("--threads 1,2")).collect(),
             "--dir" => a.dir = value().into(),
             "--keep" => a.keep = true,
             "--child" => a.child = true,
@@ -123,7 +121,8 @@ fn main() {
         let run = run_measured(&mut child);
         ok &= run.ok;
         if run.ok {
-            let images_per_s: f64 = std::fs::read_to_string(args.dir.join("result.txt")).unwrap().trim().parse().unwrap();
+            let images_per_s: f64 =
+                std::fs::read_to_string(args.dir.join("result.txt")).unwrap().trim().parse().unwrap();
             throughput.push((threads, images_per_s));
             let largest = largest_unit(&model_dir);
             println!(

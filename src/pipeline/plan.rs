@@ -1,9 +1,9 @@
 //! The plan: before any byte is computed, decide what every tensor becomes, where it is written,
 //! and how much memory each unit needs, then say whether the run fits the budget.
 
+use super::data_free::KEEP_PIECE;
 use crate::export::{Exporter, OutMeta, FLOAT};
 use crate::io::shards::ShardLayout;
-use super::data_free::KEEP_PIECE;
 use crate::model::{LogicalTensor, Model, Source, Unit};
 use crate::quant::{QuantSpec, Recipe};
 use anyhow::Result;

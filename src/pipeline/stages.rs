@@ -123,7 +123,9 @@ fn write_loop(
     let mut touched: std::collections::BTreeSet<usize> = Default::default();
     let (abort_after, mut written) = (abort_after_tensors(), 0u64);
     let planned_as = |meta: &OutMeta| -> Result<()> {
-        let want = planned.get(meta.meta.name.as_str()).with_context(|| format!("output tensor {} is not in the plan", meta.meta.name))?;
+        let want = planned
+            .get(meta.meta.name.as_str())
+            .with_context(|| format!("output tensor {} is not in the plan", meta.meta.name))?;
         if **want != *meta {
             bail!("output tensor {} came out as {:?}, the plan said {:?}", meta.meta.name, meta, want);
         }

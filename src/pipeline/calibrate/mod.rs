@@ -221,12 +221,7 @@ impl<'a> Calibrator<'a> {
     }
 
     /// The token embeddings of every sample become the first state.
-    fn embed_unit(
-        &mut self,
-        index: usize,
-        up: &UnitPlan,
-        emit: &mut Emit,
-    ) -> Result<()> {
+    fn embed_unit(&mut self, index: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let name = self.model.layout.embed_tokens();
         let t =
             up.unit.tensors.iter().find(|t| t.name() == name).with_context(|| format!("tensor {name} is missing"))?;
@@ -320,13 +315,7 @@ impl<'a> Calibrator<'a> {
         Ok(())
     }
 
-    fn text_layer(
-        &mut self,
-        index: usize,
-        i: usize,
-        up: &UnitPlan,
-        emit: &mut Emit,
-    ) -> Result<()> {
+    fn text_layer(&mut self, index: usize, i: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let model = self.model;
         let prefix = model.layout.unit_prefix(UnitKind::TextLayer(i));
         let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
@@ -659,12 +648,7 @@ fn put_linear(w: &mut Weights, module: &str, l: crate::model::nn::Linear, modifi
 }
 
 impl UnitProcessor for Calibrator<'_> {
-    fn process(
-        &mut self,
-        index: usize,
-        up: &UnitPlan,
-        emit: &mut Emit,
-    ) -> Result<()> {
+    fn process(&mut self, index: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         match up.unit.kind {
             UnitKind::Embed => self.embed_unit(index, up, emit),
             UnitKind::TextLayer(i) => self.text_layer(index, i, up, emit),
