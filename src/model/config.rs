@@ -2,8 +2,18 @@
 //! (`num_experts`, `rope_scaling`, `rope_theta`, flat Qwen2-VL configs) and transformers 5's
 //! (`num_local_experts`, `rope_parameters`, nested `text_config`).
 
+use crate::tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+/// config.json's `torch_dtype` (transformers 5 spells it `dtype`; a VL model may give it in `text_config`
+/// only): the dtype vLLM serves the model in by default.
+pub fn torch_dtype(config: &Value) -> Option<DType> {
+    let read = |c: &Value| -> Option<DType> {
+        DType::from_torch_name(c.get("torch_dtype").or_else(|| c.get("dtype"))?.as_str()?)
+    };
+    read(config).or_else(|| config.get("text_config").and_then(read))
+}
 
 /// A view of a JSON config that looks keys up in a list of objects, first match wins: for the
 /// text model that is `text_config`, then the top level.
@@ -91,8 +101,10 @@ pub struct RopeConfig {
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
     pub mrope_interleaved: bool,
-    /// Fraction of head_dim that is rotated (1.0 for every supported family).
+    /// Fraction of head_dim that is rotated (GLM-4 0.5, Qwen3-Next 0.25, else 1).
     pub partial_rotary_factor: f64,
+    /// HunYuan's NTK-alpha (`rope_scaling: {type: dynamic, alpha}`).
+    pub alpha: Option<f64>,
 }
 
 /// How a router scores experts.
@@ -271,8 +283,12 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         None => (None, false),
     };
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
-    let partial_rotary_factor = c.f64(&["partial_rotary_factor"])?.unwrap_or(1.0);
-    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor })
+    let partial_rotary_factor = match c.f64(&["partial_rotary_factor"])? {
+        Some(f) => f,
+        None => params.as_ref().map(|p| p.f64(&["partial_rotary_factor"])).transpose()?.flatten().unwrap_or(1.0),
+    };
+    let alpha = params.as_ref().map(|p| p.f64(&["alpha"])).transpose()?.flatten();
+    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor, alpha })
 }
 
 /// The `vision_config` object, if the model has one.

@@ -19,12 +19,14 @@ pub enum Family {
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
+    /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
+    Glm4,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -34,6 +36,7 @@ impl Family {
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
+        Family::Glm4,
     ];
 
     /// The `model_type` of config.json.
@@ -48,6 +51,7 @@ impl Family {
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
+            Family::Glm4 => "glm4",
             Family::Generic => "generic",
         }
     }
@@ -77,6 +81,7 @@ impl Family {
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
+            ("Glm4ForCausalLM", Family::Glm4),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -117,7 +122,7 @@ const DECODER: Rules = Rules {
 
 fn rules(family: Family) -> Rules {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Generic => DECODER,
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Glm4 | Family::Generic => DECODER,
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -145,6 +150,19 @@ fn rules(family: Family) -> Rules {
             projector: &["multi_modal_projector", "model.multi_modal_projector"],
             lm_head: &["language_model.lm_head", "lm_head"],
         },
+    }
+}
+
+/// Linears a family stores fused by rows that the loaders expect split, names relative to a text
+/// layer: (fused module, its parts in row order, each an equal share of the rows). The output is
+/// written under the parts' names. GLM-4's `mlp.gate_up_proj` holds gate's rows then up's
+/// (transformers' `chunk(2)`); vLLM serves it as `gate_up_proj` packed from `gate_proj` and
+/// `up_proj` (its `packed_modules_mapping`), so vLLM-Ascend looks the parts' quantization up by
+/// those names.
+pub fn row_splits(family: Family) -> &'static [(&'static str, &'static [&'static str])] {
+    match family {
+        Family::Glm4 => &[("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"])],
+        _ => &[],
     }
 }
 
@@ -352,6 +370,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
     let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
+    let glm4 = family == Family::Glm4;
     let qk_norm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
     let fused_experts = family == Family::Qwen3VlMoe;
 
@@ -360,6 +379,10 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
         let l = layout.text_layer(i);
         push(format!("{l}.input_layernorm.weight"), &[h]);
         push(format!("{l}.post_attention_layernorm.weight"), &[h]);
+        if glm4 {
+            push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
+            push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
+        }
         for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
             push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
             if bias {
@@ -388,8 +411,12 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
             }
             _ => {
                 let inter = t.intermediate_size;
-                push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
-                push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
+                if glm4 {
+                    push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
+                } else {
+                    push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
+                    push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
+                }
                 push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
             }
         }

@@ -1,11 +1,12 @@
-//! The pieces decoder architectures share: RMSNorm, causal attention over heads, the SwiGLU MLP,
-//! a routed mixture of experts, the embedding lookup, and [`Take`], which hands a layer its
-//! tensors by name and refuses the ones no part of the layer used.
+//! The pieces decoder architectures share: RMSNorm, causal attention over heads, GQA attention
+//! with its projections, the SwiGLU MLP, a routed mixture of experts, the embedding lookup, and
+//! [`Take`], which hands a layer its tensors by name and refuses the ones no part of the layer used.
 
 use super::ForwardOptions;
 use crate::device::Device;
 use crate::model::config::{GroupScore, MoeConfig, Scoring};
 use crate::model::nn::{Linear, LinearHook};
+use crate::model::rope::RopeAngles;
 use crate::model::weights::Weights;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{s, Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis};
@@ -114,6 +115,72 @@ pub fn causal_attention(
         context.slice_mut(s![.., h * dv..(h + 1) * dv]).assign(&out);
     }
     context
+}
+
+/// Grouped-query attention with its projections (`self_attn.{q,k,v,o}_proj`, their biases when
+/// stored) and optional per-head RMSNorms of queries and keys, applied before RoPE (Qwen3,
+/// GLM-4.5).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<Array1<f32>>,
+    pub k_norm: Option<Array1<f32>>,
+    pub heads: Heads,
+    pub eps: f32,
+}
+
+impl Attention {
+    /// Takes `self_attn.*` from a layer's weights; `norms` names the optional q/k norms
+    /// (`q_norm`, `k_norm`).
+    pub fn take(w: &mut Take, hidden: usize, heads: Heads, norms: (&str, &str), eps: f32) -> Result<Attention> {
+        let Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: vd } = heads;
+        Ok(Attention {
+            q_proj: w.linear("self_attn.q_proj", nh * hd, hidden)?,
+            k_proj: w.linear("self_attn.k_proj", nkv * hd, hidden)?,
+            v_proj: w.linear("self_attn.v_proj", nkv * vd, hidden)?,
+            o_proj: w.linear("self_attn.o_proj", hidden, nh * vd)?,
+            q_norm: w.optional_vector(&format!("self_attn.{}.weight", norms.0), hd)?,
+            k_norm: w.optional_vector(&format!("self_attn.{}.weight", norms.1), hd)?,
+            heads,
+            eps,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        device: &dyn Device,
+        x: ArrayView2<f32>,
+        rope: &RopeAngles,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Array2<f32>> {
+        let mut q = project(device, hook, "self_attn.q_proj", &self.q_proj, x)?;
+        let mut k = project(device, hook, "self_attn.k_proj", &self.k_proj, x)?;
+        let mut v = project(device, hook, "self_attn.v_proj", &self.v_proj, x)?;
+        norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
+        norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
+        hook.kv_cache("self_attn", &mut k, &mut v);
+        let scale = (self.heads.qk_dim as f32).powf(-0.5);
+        let context = causal_attention(device, q.view(), k.view(), v.view(), self.heads, scale);
+        Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
+    }
+}
+
+/// Applies the optional per-head RMSNorm, then RoPE, to every head (`head_dim` wide) of every
+/// token of `m` (`[seq, heads · head_dim]`, standard layout).
+pub fn norm_and_rotate(m: &mut Array2<f32>, head_dim: usize, norm: Option<&Array1<f32>>, eps: f32, rope: &RopeAngles) {
+    let width = m.ncols();
+    let rows = m.as_slice_mut().expect("projections are in standard layout");
+    rows.chunks_mut(width).enumerate().for_each(|(t, row)| {
+        for head in row.chunks_mut(head_dim) {
+            if let Some(w) = norm {
+                rms_norm_in_place(head, w.view(), eps);
+            }
+            rope.rotate(t, head);
+        }
+    });
 }
 
 /// Runs one projection through the hook and checks its shape; the result is in standard layout.

@@ -7,15 +7,15 @@
 //! h ─ RMSNorm ─ SwiGLU MLP, or MoE (router softmax, top-k, experts) ──────────────── + ─ out
 //! ```
 
-use super::parts::{causal_attention, project, rms_norm_in_place, Heads, Norm, Routing, SparseMoe, SwiGlu, Take};
+use super::parts::{Attention, Heads, Norm, Routing, SparseMoe, SwiGlu, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
-use crate::model::nn::{Linear, LinearHook};
-use crate::model::rope::{Positions, Rope, RopeAngles};
+use crate::model::nn::LinearHook;
+use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
 use anyhow::{bail, ensure, Result};
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 
 /// One decoder layer's weights, ready to run.
 #[derive(Debug, Clone)]
@@ -26,19 +26,6 @@ pub struct Layer {
     attn: Attention,
     mlp: Mlp,
     rope: Rope,
-    eps: f32,
-}
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    /// Qwen3's per-head RMSNorms on queries and keys, before RoPE.
-    q_norm: Option<Array1<f32>>,
-    k_norm: Option<Array1<f32>>,
-    heads: Heads,
     eps: f32,
 }
 
@@ -59,16 +46,8 @@ impl Layer {
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let mut w = Take::new(weights);
-        let attn = Attention {
-            q_proj: w.linear("self_attn.q_proj", nh * hd, hidden)?,
-            k_proj: w.linear("self_attn.k_proj", nkv * hd, hidden)?,
-            v_proj: w.linear("self_attn.v_proj", nkv * hd, hidden)?,
-            o_proj: w.linear("self_attn.o_proj", hidden, nh * hd)?,
-            q_norm: w.optional_vector("self_attn.q_norm.weight", hd)?,
-            k_norm: w.optional_vector("self_attn.k_norm.weight", hd)?,
-            heads: Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd },
-            eps: cfg.rms_norm_eps as f32,
-        };
+        let heads = Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd };
+        let attn = Attention::take(&mut w, hidden, heads, ("q_norm", "k_norm"), cfg.rms_norm_eps as f32)?;
         let mlp = match &cfg.moe {
             Some(moe) if moe.is_moe_layer(index) => {
                 let inter = moe.moe_intermediate_size;
@@ -115,6 +94,7 @@ impl Layer {
             residual_writers: vec![attn("o")],
             fused: vec![qkv],
             kv_cache: vec!["self_attn".into()],
+            ..LayerGraph::default()
         };
         match &cfg.moe {
             Some(m) if m.is_moe_layer(index) => {
@@ -179,40 +159,5 @@ impl DecoderBlock for Layer {
         ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
         out += &m;
         Ok(out)
-    }
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        device: &dyn Device,
-        x: ArrayView2<f32>,
-        rope: &RopeAngles,
-        hook: &mut dyn LinearHook,
-    ) -> Result<Array2<f32>> {
-        let mut q = project(device, hook, "self_attn.q_proj", &self.q_proj, x)?;
-        let mut k = project(device, hook, "self_attn.k_proj", &self.k_proj, x)?;
-        let mut v = project(device, hook, "self_attn.v_proj", &self.v_proj, x)?;
-        self.norm_and_rotate(&mut q, self.q_norm.as_ref(), rope);
-        self.norm_and_rotate(&mut k, self.k_norm.as_ref(), rope);
-        hook.kv_cache("self_attn", &mut k, &mut v);
-        let scale = (self.heads.qk_dim as f32).powf(-0.5);
-        let context = causal_attention(device, q.view(), k.view(), v.view(), self.heads, scale);
-        Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
-    }
-
-    /// Applies the optional per-head RMSNorm, then RoPE, to every head of every token of `m`
-    /// (`[seq, heads · head_dim]`, standard layout).
-    fn norm_and_rotate(&self, m: &mut Array2<f32>, norm: Option<&Array1<f32>>, rope: &RopeAngles) {
-        let (hd, width) = (self.heads.qk_dim, m.ncols());
-        let rows = m.as_slice_mut().expect("projections are in standard layout");
-        rows.chunks_mut(width).enumerate().for_each(|(t, row)| {
-            for head in row.chunks_mut(hd) {
-                if let Some(w) = norm {
-                    rms_norm_in_place(head, w.view(), self.eps);
-                }
-                rope.rotate(t, head);
-            }
-        });
     }
 }
