@@ -81,7 +81,7 @@ fn predicted_peak(out: &str) -> f64 {
 #[test]
 fn data_free_235b_plans_within_1_gib() {
     for q in ["w8a8_dynamic", "w4a16"] {
-        for budget in ["1"] {
+        for budget in ["1", "64"] {
             let r = run(
                 &["plan", "--model_path", &config("qwen3-vl-235b-a22b").display().to_string(), "--quant_type", q]
                     .into_iter()
