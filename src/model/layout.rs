@@ -21,12 +21,15 @@ pub enum Family {
     Llava,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
+    /// GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): first layers dense, then sigmoid-routed experts with a
+    /// correction bias beside shared experts; a multi-token-prediction layer after the last.
+    Glm4Moe,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -37,6 +40,7 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::Glm4,
+        Family::Glm4Moe,
     ];
 
     /// The `model_type` of config.json.
@@ -52,6 +56,7 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::Glm4 => "glm4",
+            Family::Glm4Moe => "glm4_moe",
             Family::Generic => "generic",
         }
     }
@@ -82,6 +87,7 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("Glm4ForCausalLM", Family::Glm4),
+            ("Glm4MoeForCausalLM", Family::Glm4Moe),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -122,7 +128,13 @@ const DECODER: Rules = Rules {
 
 fn rules(family: Family) -> Rules {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Glm4 | Family::Generic => DECODER,
+        Family::Llama
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Qwen3Moe
+        | Family::Glm4
+        | Family::Glm4Moe
+        | Family::Generic => DECODER,
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -166,6 +178,29 @@ pub fn row_splits(family: Family) -> &'static [(&'static str, &'static [&'static
     }
 }
 
+/// Where a family keeps its multi-token-prediction (MTP) layers, which the decoder's forward does not
+/// run: each is a unit of its own ([`UnitKind::Mtp`]), processed after the head and written with the
+/// rest; their linears stay float (see `crate::pipeline::plan::plan_unit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MtpLayout {
+    /// DeepSeek-V3: `{text}.layers.{first + k}.*`, after the `first` decoder layers
+    /// (`num_hidden_layers`): enorm, hnorm, eh_proj, a full decoder layer, shared_head, embed_tokens.
+    AfterDecoder { first: usize },
+    /// Everything under one prefix (Qwen3-Next's `mtp.*`), one unit.
+    Prefix(String),
+}
+
+impl MtpLayout {
+    /// The MTP layers of a family, given its config.
+    pub fn of(family: Family, text: &TextConfig) -> Option<MtpLayout> {
+        match family {
+            // Any layer past num_hidden_layers is an MTP layer, whether or not the config counts it.
+            Family::Glm4Moe => Some(MtpLayout::AfterDecoder { first: text.num_layers }),
+            _ => None,
+        }
+    }
+}
+
 /// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
 const EMBEDDING_MODULES: [&str; 7] =
     ["embed_tokens", "pos_embed", "position_embedding", "wte", "wpe", "word_embeddings", "class_embedding"];
@@ -183,6 +218,8 @@ pub struct Layout {
     vision_pre: Vec<String>,
     vision_post: Vec<String>,
     pub projector: Option<String>,
+    /// Where the MTP layers are, for families that have them ([`Layout::with_mtp`]).
+    pub mtp: Option<MtpLayout>,
 }
 
 impl Layout {
@@ -222,7 +259,14 @@ impl Layout {
             vision_pre: r.vision_pre.iter().map(|s| s.to_string()).collect(),
             vision_post: r.vision_post.iter().map(|s| s.to_string()).collect(),
             projector,
+            mtp: None,
         })
+    }
+
+    /// The same layout with the family's MTP layers placed.
+    pub fn with_mtp(mut self, mtp: Option<MtpLayout>) -> Layout {
+        self.mtp = mtp;
+        self
     }
 
     pub fn text_layer(&self, i: usize) -> String {
@@ -253,6 +297,11 @@ impl Layout {
         let vision_root = || self.vision.as_ref().map(|v| format!("{v}.")).unwrap_or_default();
         match kind {
             UnitKind::TextLayer(i) => format!("{}.", self.text_layer(i)),
+            UnitKind::Mtp(k) => match &self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) => format!("{}.", self.text_layer(first + k)),
+                Some(MtpLayout::Prefix(p)) => format!("{p}."),
+                None => String::new(),
+            },
             UnitKind::VisionBlock(i) => self.vision_block(i).map(|b| format!("{b}.")).unwrap_or_default(),
             UnitKind::VisionPre => vision_root(),
             UnitKind::VisionPost if self.projector.is_none() => vision_root(),
@@ -263,7 +312,15 @@ impl Layout {
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
         if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
-            return UnitKind::TextLayer(i);
+            return match self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) if i >= first => UnitKind::Mtp(i - first),
+                _ => UnitKind::TextLayer(i),
+            };
+        }
+        if let Some(MtpLayout::Prefix(p)) = &self.mtp {
+            if name.starts_with(&format!("{p}.")) {
+                return UnitKind::Mtp(0);
+            }
         }
         if name == self.embed_tokens() {
             return UnitKind::Embed;
@@ -300,6 +357,7 @@ impl Layout {
             UnitKind::Embed => format!("{}.embed_tokens", self.text),
             UnitKind::TextLayer(i) => self.text_layer(i),
             UnitKind::Head => format!("{}.norm, {}", self.text, self.lm_head),
+            UnitKind::Mtp(k) => format!("{} (MTP)", self.unit_prefix(UnitKind::Mtp(k)).trim_end_matches('.')),
             UnitKind::Other => "other tensors".into(),
         }
     }
@@ -307,7 +365,7 @@ impl Layout {
 
 /// A checkpoint is processed in units, in this order: the vision tower's embeddings, its blocks,
 /// its mergers and projector, the token embeddings, the text layers, the final norm and head,
-/// then anything unclaimed.
+/// the multi-token-prediction layers, then anything unclaimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum UnitKind {
     VisionPre,
@@ -316,6 +374,8 @@ pub enum UnitKind {
     Embed,
     TextLayer(usize),
     Head,
+    /// MTP layer `k` (see [`MtpLayout`]).
+    Mtp(usize),
     Other,
 }
 
@@ -366,69 +426,103 @@ pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
 pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(String, Vec<usize>)>> {
     let t = TextConfig::from_json(config)?;
     let layout = Layout::resolve(family, &[])?;
-    let (h, hd) = (t.hidden_size, t.head_dim);
+    let h = t.hidden_size;
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
-    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
-    let glm4 = family == Family::Glm4;
-    let qk_norm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
-    let fused_experts = family == Family::Qwen3VlMoe;
-
-    push(layout.embed_tokens(), &[t.vocab_size, h]);
+    out.push((layout.embed_tokens(), vec![t.vocab_size, h]));
     for i in 0..t.num_layers {
-        let l = layout.text_layer(i);
-        push(format!("{l}.input_layernorm.weight"), &[h]);
-        push(format!("{l}.post_attention_layernorm.weight"), &[h]);
-        if glm4 {
-            push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
-            push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
-        }
-        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
-            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
-            if bias {
-                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
-            }
-        }
-        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
-        if qk_norm {
-            push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
-            push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
-        }
-        match &t.moe {
-            Some(m) if m.is_moe_layer(i) => {
-                let inter = m.moe_intermediate_size;
-                push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
-                if fused_experts {
-                    push(format!("{l}.mlp.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
-                    push(format!("{l}.mlp.experts.down_proj"), &[m.num_experts, inter, h]);
-                } else {
-                    for j in 0..m.num_experts {
-                        push(format!("{l}.mlp.experts.{j}.gate_proj.weight"), &[inter, h]);
-                        push(format!("{l}.mlp.experts.{j}.up_proj.weight"), &[inter, h]);
-                        push(format!("{l}.mlp.experts.{j}.down_proj.weight"), &[h, inter]);
-                    }
-                }
-            }
-            _ => {
-                let inter = t.intermediate_size;
-                if glm4 {
-                    push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
-                } else {
-                    push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
-                    push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
-                }
-                push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
-            }
+        synthesize_layer(family, &t, &layout.text_layer(i), i, &mut out);
+    }
+    // Multi-token-prediction layers after the last (GLM-4.5's `num_nextn_predict_layers`): a
+    // decoder layer with the projection of [embedding; hidden] and its norms.
+    let nextn = config.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    for k in 0..nextn {
+        let l = layout.text_layer(t.num_layers + k);
+        synthesize_layer(family, &t, &l, t.num_layers + k, &mut out);
+        out.push((format!("{l}.eh_proj.weight"), vec![h, 2 * h]));
+        for n in ["enorm", "hnorm", "shared_head.norm"] {
+            out.push((format!("{l}.{n}.weight"), vec![h]));
         }
     }
-    push(layout.final_norm(), &[h]);
+    out.push((layout.final_norm(), vec![h]));
     if !t.tie_word_embeddings {
-        push(layout.lm_head_weight(), &[t.vocab_size, h]);
+        out.push((layout.lm_head_weight(), vec![t.vocab_size, h]));
     }
     if let Some(v) = super::config::vision_view(config) {
         synthesize_vision(family, &layout, &v, h, &mut out)?;
     }
     Ok(out)
+}
+
+/// Decoder layer `i` (at `l`) of a family's release layout.
+fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut Vec<(String, Vec<usize>)>) {
+    let (h, hd) = (t.hidden_size, t.head_dim);
+    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
+    let glm4 = family == Family::Glm4;
+    let qk_norm =
+        matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe);
+    let fused_experts = family == Family::Qwen3VlMoe;
+    push(format!("{l}.input_layernorm.weight"), &[h]);
+    push(format!("{l}.post_attention_layernorm.weight"), &[h]);
+    if glm4 {
+        push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
+        push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
+    }
+    for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
+        push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+        if bias {
+            push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+        }
+    }
+    push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
+    if qk_norm {
+        push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
+        push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
+    }
+    match &t.moe {
+        Some(m) if m.is_moe_layer(i) => {
+            let inter = m.moe_intermediate_size;
+            push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
+            if family == Family::Glm4Moe {
+                push(format!("{l}.mlp.gate.e_score_correction_bias"), &[m.num_experts]);
+            }
+            if fused_experts {
+                push(format!("{l}.mlp.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
+                push(format!("{l}.mlp.experts.down_proj"), &[m.num_experts, inter, h]);
+            } else {
+                for j in 0..m.num_experts {
+                    push(format!("{l}.mlp.experts.{j}.gate_proj.weight"), &[inter, h]);
+                    push(format!("{l}.mlp.experts.{j}.up_proj.weight"), &[inter, h]);
+                    push(format!("{l}.mlp.experts.{j}.down_proj.weight"), &[h, inter]);
+                }
+            }
+            // The shared experts as the decoder takes them (`Take::ffn`): DeepSeek's and GLM-4.5's
+            // `shared_experts` of `n_shared_experts` experts' width, or Qwen2-MoE's gated `shared_expert`.
+            let shared = if m.n_shared_experts > 0 {
+                Some(("mlp.shared_experts", m.n_shared_experts * inter, false))
+            } else {
+                m.shared_expert_intermediate_size.map(|w| ("mlp.shared_expert", w, true))
+            };
+            if let Some((s, w, gated)) = shared {
+                push(format!("{l}.{s}.gate_proj.weight"), &[w, h]);
+                push(format!("{l}.{s}.up_proj.weight"), &[w, h]);
+                push(format!("{l}.{s}.down_proj.weight"), &[h, w]);
+                if gated {
+                    push(format!("{l}.mlp.shared_expert_gate.weight"), &[1, h]);
+                }
+            }
+        }
+        _ => {
+            let inter = t.intermediate_size;
+            if glm4 {
+                push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
+            } else {
+                push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
+                push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
+            }
+            push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
+        }
+    }
 }
 
 fn synthesize_vision(

@@ -49,8 +49,8 @@ impl Model {
                 }
             }
         };
-        let layout = Layout::resolve(family, names)?;
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
+        let layout = Layout::resolve(family, names)?.with_mtp(layout::MtpLayout::of(family, &text));
         Ok(Model { family, layout, text, config: config.clone() })
     }
 }

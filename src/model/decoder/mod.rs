@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //!
 //! An architecture gives two things:
@@ -77,6 +77,7 @@ impl Arch {
             | Family::Qwen3Vl
             | Family::Qwen3VlMoe
             | Family::Llava
+            | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
         }
@@ -422,6 +423,10 @@ mod tests {
     fn parity_glm4() {
         parity("glm4");
     }
+    #[test]
+    fn parity_glm4_moe() {
+        parity("glm4_moe");
+    }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
     struct Recorder(BTreeMap<String, usize>);
@@ -438,12 +443,12 @@ mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for name in ["qwen3_moe", "qwen3_vl_moe"] {
+        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1)] {
             let f = fixture(name);
             let text = &f.model.layout.text;
             let positions = f.positions();
-            let x = f.states(&format!("{text}.layers.0.in"));
-            let layer = f.layer(0);
+            let x = f.states(&format!("{text}.layers.{i}.in"));
+            let layer = f.layer(i);
             let (mut routed, mut all) = (Recorder(BTreeMap::new()), Recorder(BTreeMap::new()));
             let a = layer
                 .forward(&Cpu, x.view(), &positions, &mut routed, ForwardOptions { moe_all_experts: false })
@@ -464,6 +469,15 @@ mod tests {
             assert_eq!(routed.0["mlp.gate"], seq);
             assert_eq!(all.0["self_attn.q_proj"], seq);
             assert_eq!(all.0["self_attn.kv_cache"], seq);
+            if moe.n_shared_experts > 0 {
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    assert_eq!(
+                        routed.0[&format!("mlp.shared_experts.{p}")],
+                        seq,
+                        "{name}: shared experts see every token"
+                    );
+                }
+            }
         }
     }
 
@@ -471,7 +485,7 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "glm4_moe"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());

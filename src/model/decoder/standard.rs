@@ -7,7 +7,7 @@
 //! h ─ RMSNorm ─ SwiGLU MLP, or MoE (router softmax, top-k, experts) ──────────────── + ─ out
 //! ```
 
-use super::parts::{Attention, Heads, Norm, Routing, SparseMoe, SwiGlu, Take};
+use super::parts::{ffn_graph, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -24,15 +24,9 @@ pub struct Layer {
     input_layernorm: Norm,
     post_attention_layernorm: Norm,
     attn: Attention,
-    mlp: Mlp,
+    mlp: Ffn,
     rope: Rope,
     eps: f32,
-}
-
-#[derive(Debug, Clone)]
-enum Mlp {
-    Dense(Box<SwiGlu>),
-    Moe(Box<SparseMoe>),
 }
 
 impl Layer {
@@ -48,29 +42,7 @@ impl Layer {
         let mut w = Take::new(weights);
         let heads = Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd };
         let attn = Attention::take(&mut w, hidden, heads, ("q_norm", "k_norm"), cfg.rms_norm_eps as f32)?;
-        let mlp = match &cfg.moe {
-            Some(moe) if moe.is_moe_layer(index) => {
-                let inter = moe.moe_intermediate_size;
-                let experts = (0..moe.num_experts)
-                    .map(|j| w.swiglu(&format!("mlp.experts.{j}"), hidden, inter))
-                    .collect::<Result<Vec<_>>>()?;
-                ensure!(
-                    (1..=moe.num_experts).contains(&moe.top_k),
-                    "num_experts_per_tok {} does not fit {} experts",
-                    moe.top_k,
-                    moe.num_experts
-                );
-                Mlp::Moe(Box::new(SparseMoe {
-                    router_name: "mlp.gate".into(),
-                    router: w.linear("mlp.gate", moe.num_experts, hidden)?,
-                    correction_bias: None,
-                    experts,
-                    routing: Routing::from_config(moe),
-                    shared: None,
-                }))
-            }
-            _ => Mlp::Dense(Box::new(w.swiglu("mlp", hidden, cfg.intermediate_size)?)),
-        };
+        let mlp = w.ffn(cfg, index)?;
         let layer = Layer {
             index,
             input_layernorm: w.norm("input_layernorm", hidden)?,
@@ -96,29 +68,7 @@ impl Layer {
             kv_cache: vec!["self_attn".into()],
             ..LayerGraph::default()
         };
-        match &cfg.moe {
-            Some(m) if m.is_moe_layer(index) => {
-                let expert = |j: usize, p: &str| format!("mlp.experts.{j}.{p}");
-                let mut consumers = vec!["mlp.gate".to_string()];
-                let mut experts = Vec::new();
-                for j in 0..m.num_experts {
-                    consumers.extend([expert(j, "gate_proj"), expert(j, "up_proj")]);
-                    experts.extend([expert(j, "gate_proj"), expert(j, "up_proj"), expert(j, "down_proj")]);
-                    g.linear_linears.push((expert(j, "up_proj"), expert(j, "down_proj"), LinearPath::GatedProduct));
-                    g.residual_writers.push(expert(j, "down_proj"));
-                }
-                g.norm_linears.push(NormLinears { norm: "post_attention_layernorm".into(), consumers });
-                g.fused.push(experts);
-            }
-            _ => {
-                let gate_up = vec!["mlp.gate_proj".to_string(), "mlp.up_proj".to_string()];
-                g.norm_linears
-                    .push(NormLinears { norm: "post_attention_layernorm".into(), consumers: gate_up.clone() });
-                g.linear_linears.push(("mlp.up_proj".into(), "mlp.down_proj".into(), LinearPath::GatedProduct));
-                g.residual_writers.push("mlp.down_proj".into());
-                g.fused.push(gate_up);
-            }
-        }
+        ffn_graph(cfg, index, "post_attention_layernorm", &mut g);
         g
     }
 }
@@ -152,10 +102,7 @@ impl DecoderBlock for Layer {
         ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
         out += &x;
         let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = match &self.mlp {
-            Mlp::Dense(mlp) => mlp.forward(device, h.view(), hook)?,
-            Mlp::Moe(moe) => moe.forward(device, h.view(), hook, opts)?,
-        };
+        let m = self.mlp.forward(device, h.view(), hook, opts)?;
         ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
         out += &m;
         Ok(out)
