@@ -4,7 +4,13 @@
 //! ```text
 //! cargo bench --bench streaming -- [--config PATH] [--layers N] [--runs R] [--quant_type T]
 //!                                  [--shard_gib G] [--dir DIR] [--keep]
+//!                                  [--calib_samples S --calib_seq_len L] [--quant_only]
 //! ```
+//!
+//! A calibrated `--quant_type` (`w8a8`) calibrates on the bundled data (`calib/`: photographs and
+//! prompts), `--calib_samples` × `--calib_seq_len` tokens; `--quant_only` skips the read and the copy
+//! (for a calibrated run, where the disk does not decide): the figure is then the peak RSS against the
+//! plan's.
 //!
 //! 1. Builds a checkpoint from `config.json` (default: Qwen3-VL-30B-A3B) with `--layers` text layers (default
 //!    4), every tensor of the release layout (`model::layout::synthesize_inventory`: fused experts, vision
@@ -44,6 +50,9 @@ struct Args {
     shard_gib: f64,
     dir: PathBuf,
     keep: bool,
+    calib_samples: usize,
+    calib_seq_len: usize,
+    quant_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -55,6 +64,9 @@ fn parse_args() -> Args {
         shard_gib: 2.0,
         dir: std::env::temp_dir().join(format!("lamina-bench-{}", std::process::id())),
         keep: false,
+        calib_samples: 32,
+        calib_seq_len: 512,
+        quant_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +79,9 @@ fn parse_args() -> Args {
             "--shard_gib" => a.shard_gib = value().parse().expect("--shard_gib G"),
             "--dir" => a.dir = value().into(),
             "--keep" => a.keep = true,
+            "--calib_samples" => a.calib_samples = value().parse().expect("--calib_samples S"),
+            "--calib_seq_len" => a.calib_seq_len = value().parse().expect("--calib_seq_len L"),
+            "--quant_only" => a.quant_only = true,
             "--bench" => {} // cargo bench passes it
             other => panic!("unknown argument {other}"),
         }
@@ -92,7 +107,7 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let (largest_name, largest_input, planned_peak) = largest_unit(&model_dir, &args.quant_type);
+    let (largest_name, largest_input, planned_peak) = largest_unit(&model_dir, &args);
     println!(
         "largest unit : {largest_name}, {:.1} MB of input; the plan predicts a peak of {:.0} MB",
         largest_input as f64 / MB,
@@ -103,19 +118,28 @@ fn main() {
     let lamina = PathBuf::from(env!("CARGO_BIN_EXE_lamina"));
     let (mut reads, mut copies, mut quants, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=args.runs {
-        drop_input_cache(&files);
-        let r = plain_read(&files);
+        let (mut r, mut c) = (f64::NAN, f64::NAN);
+        if !args.quant_only {
+            drop_input_cache(&files);
+            r = plain_read(&files);
+            let copy_dir = args.dir.join("copy");
+            drop_input_cache(&files);
+            c = plain_copy(&files, &copy_dir);
+            std::fs::remove_dir_all(&copy_dir).unwrap();
+        }
         reads.push(r);
-        let copy_dir = args.dir.join("copy");
-        drop_input_cache(&files);
-        let c = plain_copy(&files, &copy_dir);
-        std::fs::remove_dir_all(&copy_dir).unwrap();
 
         let save = args.dir.join("quant");
         let _ = std::fs::remove_dir_all(&save);
         drop_input_cache(&files);
-        let (q, peak) = run_quant(&lamina, &model_dir, &save, &args.quant_type, &args.dir.join("quant.log"));
+        let (q, peak) = run_quant(&lamina, &model_dir, &save, &args, &args.dir.join("quant.log"));
         std::fs::remove_dir_all(&save).unwrap();
+        if args.quant_only {
+            println!("run {run}        : quant {q:.2} s, peak RSS {:.0} MB", peak as f64 / MB);
+            quants.push(q);
+            rss.push(peak as f64);
+            continue;
+        }
         println!(
             "run {run}        : read {r:.2} s ({:.0} MB/s), copy {c:.2} s ({:.0} MB/s), quant {q:.2} s ({:.0} MB/s), peak RSS {:.0} MB",
             bytes_in as f64 / MB / r,
@@ -128,6 +152,21 @@ fn main() {
         rss.push(peak as f64);
     }
 
+    if args.quant_only {
+        let (q, peak) = (median(quants), median(rss));
+        println!("--- medians of {} run(s), {} ---", args.runs, args.quant_type);
+        println!("lamina quant : {q:.2} s");
+        println!(
+            "peak RSS     : {:.0} MB; the plan predicted {:.0} MB: {}",
+            peak / MB,
+            planned_peak as f64 / MB,
+            if peak <= planned_peak as f64 { "within" } else { "OVER" }
+        );
+        if !args.keep {
+            std::fs::remove_dir_all(&args.dir).unwrap();
+        }
+        return;
+    }
     let (r, c, q, peak) = (median(reads), median(copies), median(quants), median(rss));
     let (read_tp, copy_tp, quant_tp) = (bytes_in as f64 / r, bytes_in as f64 / c, bytes_in as f64 / q);
     println!("--- medians of {} run(s), {} ---", args.runs, args.quant_type);
@@ -222,11 +261,13 @@ fn write_random_bf16(out: &mut impl Write, n: usize, seed: u64) {
 }
 
 /// The unit with the most input bytes, and the predicted peak, from lamina's own plan.
-fn largest_unit(model_dir: &Path, quant_type: &str) -> (String, u64, u64) {
+fn largest_unit(model_dir: &Path, args: &Args) -> (String, u64, u64) {
     let p = prepare(&QuantArgs {
         model_path: model_dir.to_path_buf(),
         save_path: None,
-        quant_type: Some(quant_type.into()),
+        quant_type: Some(args.quant_type.clone()),
+        calib_samples: args.calib_samples,
+        calib_seq_len: args.calib_seq_len,
         ..QuantArgs::default()
     })
     .unwrap();
@@ -282,11 +323,13 @@ fn plain_copy(files: &[PathBuf], dir: &Path) -> f64 {
 }
 
 /// Runs `lamina quant` as a child; returns its wall time and peak RSS in bytes.
-fn run_quant(lamina: &Path, model: &Path, save: &Path, quant_type: &str, log: &Path) -> (f64, u64) {
+fn run_quant(lamina: &Path, model: &Path, save: &Path, args: &Args, log: &Path) -> (f64, u64) {
+    let (samples, seq) = (args.calib_samples.to_string(), args.calib_seq_len.to_string());
     let r = run_measured(
         std::process::Command::new(lamina)
-            .args(["quant", "--quant_type", quant_type, "--model_path"])
+            .args(["quant", "--quant_type", &args.quant_type, "--model_path"])
             .arg(model)
+            .args(["--calib_samples", &samples, "--calib_seq_len", &seq])
             .arg("--save_path")
             .arg(save)
             .stderr(File::create(log).unwrap()),

@@ -55,6 +55,12 @@ impl LinearHook for Observe {
         }
         layer.forward(device, x)
     }
+
+    /// Observing needs no expert outputs (nothing after a layer's experts reads them), and experts
+    /// streamed in groups ([`super::experts`]) need no statistics.
+    fn defer_experts(&mut self, _module: &str, _x: ArrayView2<f32>, _routes: &[Vec<(usize, f32)>]) -> bool {
+        true
+    }
 }
 
 /// How a quantized linear's input is quantized at inference.

@@ -16,6 +16,7 @@
 //!    (errors propagate as at inference) and are saved as the unit's activation snapshot, so a
 //!    resumed run continues from exactly here.
 
+pub mod experts;
 pub mod hooks;
 pub mod smoothing;
 #[cfg(test)]
@@ -288,7 +289,7 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), &pass, emit)?;
+        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), &pass, None, emit)?;
         match kind {
             UnitKind::VisionBlock(i) => {
                 for st in self.vision.iter_mut().flatten() {
@@ -318,14 +319,22 @@ impl<'a> Calibrator<'a> {
     fn text_layer(&mut self, index: usize, i: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let model = self.model;
         let prefix = model.layout.unit_prefix(UnitKind::TextLayer(i));
-        let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
-        let original_bias = bias_modules(&w);
         let full = |r: &str| format!("{prefix}{r}");
+        let stored_bias: BTreeSet<String> = up
+            .unit
+            .tensors
+            .iter()
+            .filter_map(|t| t.name().strip_prefix(&prefix).and_then(|r| r.strip_suffix(".bias")).map(String::from))
+            .collect();
         let graph = decoder::graph(model, i);
         let subgraphs = match &self.smoothing {
-            Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| original_bias.contains(r)),
+            Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| stored_bias.contains(r)),
             None => Vec::new(),
         };
+        // A MoE layer's experts stream in groups where they can; the rest of the layer is held.
+        let mut streamed = experts::streamed(model, i, up, &prefix, &subgraphs);
+        let resident = up.unit.tensors.iter().filter(|t| streamed.as_ref().is_none_or(|s| !s.holds(t)));
+        let mut w = Weights::load_tensors(self.ckpt, resident, &prefix)?;
         let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
             let layer = decoder::layer(model, i, w.clone())?;
             for s in 0..this.samples.len() {
@@ -336,19 +345,45 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &graph.input_groups(), &pass, emit)?;
+        let groups = graph.input_groups();
+        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &groups, &pass, streamed.as_mut(), emit)?;
 
         // The quantized layer's outputs are the next layer's inputs.
         let layer = decoder::layer(model, i, w)?;
-        self.commit_state(index, |this, s| {
-            let mut d = this.sample(s)?;
-            d.embeds =
-                layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
+        let finish = move |mut d: DecoderInput| {
             let (now, later): (Vec<Injection>, Vec<Injection>) =
                 d.injections.drain(..).partition(|j| j.after_layer == i);
             now.iter().for_each(|j| j.apply(&mut d.embeds));
             d.injections = later;
-            Ok(d)
+            d
+        };
+        let Some(streamed) = streamed else {
+            return self.commit_state(index, |this, s| {
+                let mut d = this.sample(s)?;
+                d.embeds =
+                    layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
+                Ok(finish(d))
+            });
+        };
+        // Every sample up to the experts, then the experts group by group over all of them.
+        let mut rec = experts::Recorder { sim: &mut sim, pending: Vec::new() };
+        let mut partial = Vec::with_capacity(self.samples.len());
+        for s in 0..self.samples.len() {
+            let mut d = self.sample(s)?;
+            d.embeds =
+                layer.forward(self.device, d.embeds.view(), &d.positions, &mut rec, ForwardOptions::default())?;
+            ensure!(rec.pending.len() == s + 1, "layer {i} did not reach its experts on sample {s}");
+            partial.push(Some(d));
+        }
+        drop(layer);
+        let pending = rec.pending;
+        let mut sums: Vec<Array2<f32>> = pending.iter().map(|(x, _)| Array2::zeros(x.raw_dim())).collect();
+        streamed.run(self.ckpt, self.exporter, self.device, &pending, &mut sums, &mut |ts| emit(ts.into()))?;
+        drop(pending);
+        self.commit_state(index, |_, s| {
+            let mut d = partial[s].take().context("a sample was finished twice")?;
+            d.embeds += &sums[s];
+            Ok(finish(d))
         })
     }
 
@@ -357,6 +392,7 @@ impl<'a> Calibrator<'a> {
     /// histograms, quantize every linear and hand each job's tensors to `emit`. Returns the hook
     /// that computes the unit as the quantized model will. `groups` says which linears read the
     /// same input.
+    #[allow(clippy::too_many_arguments)]
     fn calibrate_linears(
         &self,
         up: &UnitPlan,
@@ -364,13 +400,14 @@ impl<'a> Calibrator<'a> {
         subgraphs: &[Subgraph],
         groups: &InputGroups,
         pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
+        mut streamed: Option<&mut experts::StreamedExperts>,
         emit: &mut Emit,
     ) -> Result<Simulate> {
         let prefix = w.prefix.clone();
         let original_bias = bias_modules(w);
         let rel = |full: &str| full.strip_prefix(&prefix).unwrap_or(full).to_string();
         let full = |r: &str| format!("{prefix}{r}");
-        let quantized: Vec<(String, QuantSpec)> = up
+        let all: Vec<(String, QuantSpec)> = up
             .jobs
             .iter()
             .filter_map(|j| match j {
@@ -378,6 +415,11 @@ impl<'a> Calibrator<'a> {
                 Job::Keep(_) => None,
             })
             .collect();
+        // Streamed experts are quantized group by group after this ([`experts::StreamedExperts::run`]).
+        let (away, quantized): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(m, _)| streamed.as_ref().is_some_and(|s| s.is_streamed(m)));
+        let away: BTreeSet<String> = away.into_iter().map(|(m, _)| m).collect();
+        let is_streamed = |m: &str| away.contains(m);
 
         // 1. Observe the float unit.
         let mut obs = Observe::new(groups.clone());
@@ -397,7 +439,7 @@ impl<'a> Calibrator<'a> {
         let mut modified: BTreeSet<String> = BTreeSet::new();
         for sg in subgraphs {
             let (shift, scales) = self
-                .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype)
+                .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype, streamed.as_deref_mut())
                 .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(groups.of(&sg.consumers[0]), (shift, scales));
         }
@@ -444,6 +486,7 @@ impl<'a> Calibrator<'a> {
         let mut sim = Simulate::default();
         for job in &up.jobs {
             let out = match job {
+                Job::Quantize { module, .. } if is_streamed(&rel(module)) => continue,
                 Job::Keep(t) => {
                     self.keep(t, w, &prefix, &modified, emit)?;
                     continue;
@@ -543,6 +586,7 @@ impl<'a> Calibrator<'a> {
     }
 
     /// Folds one subgraph's smoothing into `w`; returns the map its consumers' input went through.
+    #[allow(clippy::too_many_arguments)]
     fn apply_smoothing(
         &self,
         w: &mut Weights,
@@ -551,14 +595,23 @@ impl<'a> Calibrator<'a> {
         groups: &InputGroups,
         modified: &mut BTreeSet<String>,
         stored: &dyn Fn(&str) -> Option<DType>,
+        mut streamed: Option<&mut experts::StreamedExperts>,
     ) -> Result<InputMap> {
         let s = self.smoothing.as_ref().unwrap();
         let mut cfg = s.cfg;
         cfg.shift = sg.shift;
         let group = groups.of(&sg.consumers[0]);
         let stats = obs.stats.get(&group).with_context(|| format!("{group} saw no calibration input"))?;
-        let mut linears: Vec<crate::model::nn::Linear> =
-            sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
+        // Streamed experts take part through their columns' maxima, all a smoothing reads of them
+        // (one more consumer, last); the column factors the smoothing applies are remembered.
+        let (away, here): (Vec<String>, Vec<String>) =
+            sg.consumers.iter().cloned().partition(|c| streamed.as_ref().is_some_and(|s| s.is_streamed(c)));
+        let mut linears: Vec<crate::model::nn::Linear> = here.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
+        if !away.is_empty() {
+            let st = streamed.as_mut().unwrap();
+            ensure!(matches!(sg.kind, Kind::NormLinear { .. }) && !sg.shift, "streamed experts in {:?}", sg.kind);
+            linears.push(st.column_absmax(self.ckpt, &away)?);
+        }
         let report = match &sg.kind {
             Kind::NormLinear { norm } => {
                 let mut g: Array1<f32> = w.vector(&format!("{norm}.weight"))?;
@@ -566,6 +619,9 @@ impl<'a> Calibrator<'a> {
                 let mut b = if w.has(&bias_name) { Some(w.vector(&bias_name)?) } else { None };
                 let mut refs: Vec<&mut crate::model::nn::Linear> = linears.iter_mut().collect();
                 let mut rep = smooth_norm_linears(&mut g, &mut b, &mut refs, stats, &cfg)?;
+                if let Some(st) = streamed.as_mut() {
+                    st.scale_columns(&away, &rep.scales);
+                }
                 // The norm is written in its stored dtype (bf16, fp16), the linears are quantized
                 // from f32: fold what will be stored, so the float model stays exact.
                 if let Some(dtype) = stored(&format!("{norm}.weight")).filter(|d| *d != DType::F32) {
@@ -589,6 +645,9 @@ impl<'a> Calibrator<'a> {
                     }
                     if let Some(nb) = &mut b {
                         *nb = round(nb)?;
+                    }
+                    if let Some(st) = streamed.as_mut() {
+                        st.scale_columns(&away, &fix);
                     }
                     rep.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
                     g = g_stored;
@@ -614,7 +673,7 @@ impl<'a> Calibrator<'a> {
                 rep
             }
         };
-        for (c, l) in sg.consumers.iter().zip(linears) {
+        for (c, l) in here.iter().zip(linears) {
             put_linear(w, c, l, modified);
         }
         Ok((report.shift, report.scales))
@@ -660,6 +719,21 @@ impl UnitProcessor for Calibrator<'_> {
         }
         Ok(())
     }
+}
+
+/// The routed experts of decoder layer unit `up` when calibration streams them in groups
+/// ([`experts`]), as the plan counts them and the run decides.
+pub fn streamed_experts(model: &Model, recipe: &Recipe, up: &UnitPlan) -> Result<Option<experts::StreamedExperts>> {
+    let UnitKind::TextLayer(i) = up.unit.kind else { return Ok(None) };
+    let prefix = model.layout.unit_prefix(up.unit.kind);
+    let names: BTreeSet<&str> = up.unit.tensors.iter().map(|t| t.name()).collect();
+    let full = |r: &str| format!("{prefix}{r}");
+    let has_bias = |r: &str| names.contains(format!("{prefix}{r}.bias").as_str());
+    let subgraphs = match Smoothing::from_recipe(recipe)? {
+        Some(s) => layer_subgraphs(&s, &decoder::graph(model, i), recipe, &full, &has_bias),
+        None => Vec::new(),
+    };
+    Ok(experts::streamed(model, i, up, &prefix, &subgraphs))
 }
 
 /// The tensors smoothing adds to a decoder layer (a norm's bias when a shift is folded into a
