@@ -76,43 +76,40 @@ fn predicted_peak(out: &str) -> f64 {
     gib(m.strip_prefix("predicted peak ").and_then(|r| r.split(" (").next()).unwrap_or_else(|| panic!("{m}")))
 }
 
-/// Data-free quantization of the 235B and of DeepSeek-V3 streams in well under 1 GiB whatever the
-/// budget: kept tensors (the 235B's 1.16 GiB lm_head and embeddings, DeepSeek's 1.75 GiB) are copied
-/// in pieces, and the read-ahead is bounded.
+/// Data-free quantization of the 235B streams in well under 1 GiB whatever the budget: kept tensors
+/// (the 1.16 GiB lm_head and embeddings) are copied in pieces, and the read-ahead is bounded.
+/// (DeepSeek-V3 is not here: its on-paper inventory, `layout::synthesize_inventory`, does not know
+/// MLA yet and plans MHA projections it does not have.)
 #[test]
-fn data_free_plans_within_1_gib_for_the_largest_models() {
-    for (model, q) in
-        [("qwen3-vl-235b-a22b", "w8a8_dynamic"), ("qwen3-vl-235b-a22b", "w4a16"), ("deepseek-v3", "w8a8_dynamic")]
-    {
+fn data_free_235b_plans_within_1_gib() {
+    let path = config("qwen3-vl-235b-a22b").display().to_string();
+    for q in ["w8a8_dynamic", "w4a16"] {
         for budget in ["1", "64"] {
-            let path = config(model).display().to_string();
             let r = run(&["plan", "--model_path", &path, "--quant_type", q, "--memory_budget", budget], &[]);
             r.assert_ok();
             let peak = predicted_peak(&r.stdout);
-            assert!(peak <= 1.0, "{model} {q}, budget {budget}: predicted peak {peak} GiB:\n{}", r.stdout);
+            assert!(peak <= 1.0, "{q}, budget {budget}: predicted peak {peak} GiB:\n{}", r.stdout);
             assert_eq!(field(&r.stdout, "fits"), "yes");
         }
     }
 }
 
-/// Calibrated W8A8 of the 235B and of DeepSeek-V3 (static attention, dynamic experts) plans within
-/// 16 GiB: their 128 / 256 experts stream through each layer in groups instead of being held with it.
-/// Holding them (`LAMINA_EXPERT_GROUP=0`) costs several times more, which is what the streaming saves.
+/// Calibrated W8A8 of the 235B (static attention, dynamic experts) plans within 16 GiB: its 128
+/// experts stream through each layer in groups instead of being held with it. Holding them
+/// (`LAMINA_EXPERT_GROUP=0`) costs several times more, which is what the streaming saves.
 #[test]
-fn calibrated_moe_plans_within_16_gib_with_experts_streamed() {
-    for model in ["qwen3-vl-235b-a22b", "deepseek-v3"] {
-        let path = config(model).display().to_string();
-        let args = ["plan", "--model_path", &path, "--quant_type", "w8a8", "--memory_budget", "16"];
-        let r = run(&args, &[]);
-        r.assert_ok();
-        let streamed = predicted_peak(&r.stdout);
-        assert!(streamed <= 16.0, "{model}: predicted peak {streamed} GiB:\n{}", r.stdout);
-        assert_eq!(field(&r.stdout, "fits"), "yes");
-        assert!(field(&r.stdout, "time").starts_with("about "), "{}", r.stdout);
-        let held = run(&args, &[("LAMINA_EXPERT_GROUP", "0")]);
-        let held = predicted_peak(&held.stdout);
-        assert!(held > 2.0 * streamed, "{model}: experts held {held} GiB, streamed {streamed} GiB");
-    }
+fn calibrated_235b_plans_within_16_gib_with_experts_streamed() {
+    let path = config("qwen3-vl-235b-a22b").display().to_string();
+    let args = ["plan", "--model_path", &path, "--quant_type", "w8a8", "--memory_budget", "16"];
+    let r = run(&args, &[]);
+    r.assert_ok();
+    let streamed = predicted_peak(&r.stdout);
+    assert!(streamed <= 16.0, "predicted peak {streamed} GiB:\n{}", r.stdout);
+    assert_eq!(field(&r.stdout, "fits"), "yes");
+    assert!(field(&r.stdout, "time").starts_with("about "), "{}", r.stdout);
+    let held = run(&args, &[("LAMINA_EXPERT_GROUP", "0")]);
+    let held = predicted_peak(&held.stdout);
+    assert!(held > 2.0 * streamed, "experts held: {held} GiB, streamed: {streamed} GiB");
 }
 
 #[test]
