@@ -86,6 +86,9 @@ struct EvalCli {
     /// The compute device. Only cpu exists in this build.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute threads (GEMMs, quantizers, attention); 0 = every core of the machine.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -109,6 +112,9 @@ struct ForwardCli {
     /// The compute device. Only cpu exists in this build.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute threads (GEMMs, quantizers, attention); 0 = every core of the machine.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -131,6 +137,9 @@ struct QuantCli {
     /// The compute device. Only cpu exists in this build.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute threads (GEMMs, quantizers, attention); 0 = every core of the machine.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Largest weights file in GiB (fractions allowed); 0 writes one file. Default: the recipe's, else 4.
     #[arg(long = "part_file_size", alias = "part-file-size")]
     part_file_size: Option<f64>,
@@ -218,6 +227,7 @@ impl QuantCli {
             calib_data: self.calib_data.clone(),
             calib_samples: self.calib_samples,
             calib_seq_len: self.calib_seq_len,
+            threads: crate::device::threads(),
             target: self.target,
             serving_dtype: self.serving_dtype,
             save_format: self.save_format,
@@ -228,6 +238,16 @@ impl QuantCli {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Quant(q) | Command::Plan(q) => q.threads,
+        Command::Forward(f) => f.threads,
+        Command::Eval(e) => e.threads,
+        Command::Check(_) => 0,
+    };
+    if let Err(e) = crate::device::set_threads(threads) {
+        eprintln!("error: {e:#}");
+        return 1;
+    }
     let result = match cli.command {
         Command::Quant(q) => quant(&q),
         Command::Plan(q) => plan(&q),

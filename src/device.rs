@@ -91,6 +91,21 @@ fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, par: faer::Par) -> Array2
     c
 }
 
+/// Sizes the pool of compute threads (rayon's, which faer's GEMM and every parallel loop use) to `n`,
+/// or to every core when `n` is 0. Call once, before any parallel work.
+pub fn set_threads(n: usize) -> Result<()> {
+    let n = if n == 0 { std::thread::available_parallelism().map_or(1, |c| c.get()) } else { n };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot start {n} compute threads: {e}"))
+}
+
+/// Compute threads in use.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// The device named by `--device`.
 pub fn open(name: &str) -> Result<Box<dyn Device>> {
     match name.to_ascii_lowercase().as_str() {

@@ -402,6 +402,27 @@ fn activations_spilled_to_disk_give_the_same_bytes() {
     assert_eq!(differing(&snapshot(&in_memory, false), &snapshot(&spilled, false)), Vec::<String>::new());
 }
 
+/// The routed experts of a MoE layer streamed in groups (one expert at a time, three at a time, and
+/// the default) give the bytes of a run holding every expert with the layer: smoothing reads their
+/// columns' maxima and applies the same column factors, and their routed sums are added in the same
+/// order.
+#[test]
+fn experts_streamed_in_groups_give_the_bytes_of_a_run_holding_them_all() {
+    let tmp = TempDir::new("expert-groups");
+    let model = fixture("qwen3_moe");
+    let data = tmp.join("c.jsonl");
+    write_calib_ids(&model, &data, SAMPLES, SEQ_LEN, 900, 23);
+    let quant = |name: &str, env: &[(&str, &str)]| {
+        let out = tmp.join(name);
+        quant_calibrated(&model, &out, &data, &["--quant_type", "w8a8"], env).assert_ok();
+        snapshot(&out, false)
+    };
+    let held = quant("held", &[("LAMINA_EXPERT_GROUP", "0")]);
+    for (name, env) in [("one", vec![("LAMINA_EXPERT_GROUP", "1")]), ("three", vec![("LAMINA_EXPERT_GROUP", "3")])] {
+        assert_eq!(differing(&held, &quant(name, &env)), Vec::<String>::new(), "experts in groups: {name}");
+    }
+}
+
 #[test]
 fn bad_calibration_data_is_refused_clearly() {
     let tmp = TempDir::new("bad-calib");

@@ -220,3 +220,33 @@ fn stopped_while_publishing_resumes_and_a_changed_shard_is_caught() {
         "--overwrite",
     ]);
 }
+
+/// Kept tensors larger than a piece (the embeddings, lm_head) are copied to the output piece by
+/// piece: the bytes and the journal's checksums are those of a run that copies them whole, and a
+/// run aborted between pieces resumes to the same bytes.
+#[test]
+fn kept_tensors_in_pieces_give_the_same_bytes() {
+    let tmp = TempDir::new("pieces");
+    let model = write_synthetic_moe(&tmp.join("model"), 3, 0x9135);
+    let whole = tmp.join("whole");
+    quant(&model, &whole, "w8a8_dynamic", &["--part_file_size", PART], &[]).assert_ok();
+    let want = snapshot(&whole, false);
+    let journal = |d: &Path| std::fs::read_to_string(d.join(".lamina-journal.jsonl")).unwrap();
+    let crcs = |d: &Path| -> Vec<String> {
+        journal(d).lines().filter(|l| l.contains("\"event\":\"unit\"")).map(String::from).collect()
+    };
+
+    let pieces = tmp.join("pieces");
+    let small = [("LAMINA_KEEP_PIECE_BYTES", "1000")];
+    quant(&model, &pieces, "w8a8_dynamic", &["--part_file_size", PART], &small).assert_ok();
+    assert_eq!(differing(&want, &snapshot(&pieces, false)), Vec::<String>::new());
+    assert_eq!(crcs(&whole), crcs(&pieces), "the journal's per-tensor checksums");
+
+    // Aborted after a few tensors, with pieces in flight; then finished.
+    let resumed = tmp.join("resumed");
+    let env = [("LAMINA_KEEP_PIECE_BYTES", "1000"), ("LAMINA_FAULT_ABORT_AFTER_TENSORS", "3")];
+    let status = spawn(&model, &resumed, &env).wait().unwrap();
+    assert_eq!(status.signal(), Some(SIGABRT));
+    quant(&model, &resumed, "w8a8_dynamic", &["--part_file_size", PART], &small).assert_ok();
+    assert_eq!(differing(&want, &snapshot(&resumed, false)), Vec::<String>::new());
+}

@@ -50,6 +50,11 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), config, files, index })
     }
 
+    /// Bytes of input given back so far, over all files.
+    pub fn released_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.released_bytes()).sum()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(|s| s.as_str())
     }

@@ -10,6 +10,7 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where one tensor lives in its file.
 #[derive(Debug, Clone)]
@@ -37,6 +38,9 @@ pub struct SafetensorsFile {
     /// Sorted by offset.
     pub tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
+    /// Bytes given back with [`SafetensorsFile::release`] so far: how far the work has got, for
+    /// the reader that keeps a bounded distance ahead of it.
+    released: AtomicU64,
 }
 
 impl std::fmt::Debug for SafetensorsFile {
@@ -54,7 +58,7 @@ impl SafetensorsFile {
         let tensors =
             parse_header(&mmap).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors, by_name })
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors, by_name, released: AtomicU64::new(0) })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorEntry> {
@@ -93,7 +97,13 @@ impl SafetensorsFile {
             // SAFETY: the map is private and read-only, so DONTNEED only drops clean pages that
             // the kernel re-reads from the file on the next access; no data can be lost.
             let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+            self.released.fetch_add((end - start) as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Bytes given back so far (a range given back twice counts twice).
+    pub fn released_bytes(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
     }
 }
 

@@ -172,11 +172,25 @@ impl ShardWriter {
         if loc.len != bytes.len() as u64 {
             bail!("output tensor {name} has {} bytes, the plan expected {}", bytes.len(), loc.len);
         }
+        self.write_piece(layout, name, 0, bytes)
+    }
+
+    /// Writes `bytes` at byte `offset` inside tensor `name`'s planned place (a large tensor is
+    /// written in pieces, so that it is never held whole).
+    pub fn write_piece(&mut self, layout: &ShardLayout, name: &str, offset: u64, bytes: &[u8]) -> Result<()> {
+        let loc = layout.location(name).with_context(|| format!("output tensor {name} is not in the plan"))?;
+        if offset + bytes.len() as u64 > loc.len {
+            bail!(
+                "a piece of output tensor {name} at bytes {offset}..{} lies past its planned {} bytes",
+                offset + bytes.len() as u64,
+                loc.len
+            );
+        }
         self.ensure_open(layout, loc.shard)?;
         let path = partial_path(&self.dir, &layout.files[loc.shard].name);
         let file = &self.open[&loc.shard];
-        write_at(&mut self.fault_after, file, &path, bytes, loc.offset)?;
-        start_writeback(file, loc.offset, bytes.len());
+        write_at(&mut self.fault_after, file, &path, bytes, loc.offset + offset)?;
+        start_writeback(file, loc.offset + offset, bytes.len());
         Ok(())
     }
 

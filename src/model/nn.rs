@@ -42,6 +42,15 @@ pub trait LinearHook {
     /// `[tokens, kv_heads · v_head_dim]`. Calibration observes them (KV-cache quantization); a
     /// forward that simulates a quantized cache changes them in place. Default: nothing.
     fn kv_cache(&mut self, _module: &str, _k: &mut Array2<f32>, _v: &mut Array2<f32>) {}
+
+    /// Offered the routed experts of MoE module `module` (`mlp.experts`) when the layer was built
+    /// without them: `x` is the experts' input `[tokens, hidden]`, `routes[e]` the tokens routed to
+    /// expert `e` with their weights. A hook that returns true takes the work over (calibration
+    /// records it and adds the experts' weighted sum itself, streaming the experts in groups); the
+    /// layer then adds nothing for them. Default: false (the layer fails: its experts are missing).
+    fn defer_experts(&mut self, _module: &str, _x: ArrayView2<f32>, _routes: &[Vec<(usize, f32)>]) -> bool {
+        false
+    }
 }
 
 /// The float forward.

@@ -17,7 +17,8 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Loads every float tensor of `unit` (experts de-fused) widened to f32; names lose `prefix`.
+    /// Loads every float tensor of `unit` (experts de-fused) widened to f32, giving each tensor's mapped
+    /// pages back once it is widened; names lose `prefix`.
     pub fn load(ckpt: &Checkpoint, unit: &Unit, prefix: &str) -> Result<Weights> {
         Weights::load_tensors(ckpt, unit.tensors.iter(), prefix)
     }
@@ -30,6 +31,9 @@ impl Weights {
         let mut map = BTreeMap::new();
         for t in tensors.filter(|t| t.meta.dtype.is_float() && !matches!(t.source, super::Source::Computed(_))) {
             let data = load::f32s(ckpt, t)?;
+            // The f32 copy is what is used from now on: the mapped pages go back (and the reader,
+            // which stays a bounded distance ahead of what was given back, reads on).
+            load::release(ckpt, t);
             let rel = t.name().strip_prefix(prefix).unwrap_or(t.name()).to_string();
             map.insert(rel, ArrayD::from_shape_vec(IxDyn(&t.meta.shape), data)?);
         }

@@ -1,6 +1,7 @@
 //! Reading logical tensors out of the checkpoint maps, and giving their pages back.
 
 use crate::io::checkpoint::Checkpoint;
+use crate::io::safetensors::SafetensorsFile;
 use crate::model::fp8::BlockScale;
 use crate::model::{moe, LogicalTensor, Source, Unit};
 use crate::quant::rtn::{MatrixView, NonFinite};
@@ -247,11 +248,56 @@ pub fn release(ckpt: &Checkpoint, t: &LogicalTensor) {
 /// range is advised piece by piece: each call queues its piece and returns, and the disk streams the
 /// whole unit while earlier units are computed.
 pub fn prefetch(ckpt: &Checkpoint, unit: &Unit) {
-    const PIECE: usize = 2 << 20;
-    for name in &unit.stored {
-        if let Some((f, e)) = ckpt.entry(name) {
-            for s in (e.start..e.end).step_by(PIECE) {
-                f.prefetch(s, (s + PIECE).min(e.end));
+    for (f, s, e) in unit_ranges(ckpt, unit) {
+        for p in (s..e).step_by(PREFETCH_PIECE) {
+            f.prefetch(p, (p + PREFETCH_PIECE).min(e));
+        }
+    }
+}
+
+const PREFETCH_PIECE: usize = 2 << 20;
+
+/// The byte ranges a unit reads, in file order.
+fn unit_ranges<'a>(ckpt: &'a Checkpoint, unit: &Unit) -> Vec<(&'a std::sync::Arc<SafetensorsFile>, usize, usize)> {
+    let mut ranges: Vec<_> =
+        unit.stored.iter().filter_map(|name| ckpt.entry(name)).map(|(f, e)| (f, e.start, e.end)).collect();
+    ranges.sort_by(|a, b| (&a.0.path, a.1).cmp(&(&b.0.path, b.1)));
+    ranges
+}
+
+/// The reader stage: asks the kernel to read `units` in order ([`prefetch`]'s pieces), staying at most
+/// `window` bytes ahead of the work, which is measured by the bytes it has given back
+/// ([`Checkpoint::released_bytes`]). So a checkpoint of any size streams from the disk while the
+/// page cache holds only the window, and the work finds its bytes in memory. Returns when everything
+/// is requested or `stop` is set.
+pub fn read_ahead<'a>(
+    ckpt: &Checkpoint,
+    units: impl Iterator<Item = &'a Unit>,
+    window: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    if window == 0 {
+        return;
+    }
+    let released_at_start = ckpt.released_bytes();
+    let mut requested = 0u64;
+    for unit in units {
+        for (f, s, e) in unit_ranges(ckpt, unit) {
+            for p in (s..e).step_by(PREFETCH_PIECE) {
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let done = ckpt.released_bytes().saturating_sub(released_at_start);
+                    if requested < done + window {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                let end = (p + PREFETCH_PIECE).min(e);
+                f.prefetch(p, end);
+                requested += (end - p) as u64;
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod activations;
 pub mod calibrate;
 pub mod data_free;
+pub mod estimate;
 pub mod eval;
 pub mod forward;
 pub mod load;
@@ -46,6 +47,8 @@ pub struct QuantArgs {
     pub calib_data: Option<PathBuf>,
     pub calib_samples: usize,
     pub calib_seq_len: usize,
+    /// Compute threads the run has (for the plan's estimate of its duration).
+    pub threads: usize,
     /// The server the output must load in.
     pub target: Target,
     /// The dtype the server computes in; `None` is the checkpoint's `torch_dtype`.
@@ -68,6 +71,7 @@ impl Default for QuantArgs {
             calib_data: None,
             calib_samples: 32,
             calib_seq_len: 512,
+            threads: crate::device::threads(),
             target: Target::VllmAscend,
             serving_dtype: None,
             save_format: SaveFormat::Ascend,
@@ -87,6 +91,8 @@ pub struct Prepared {
     pub calibrated: bool,
     /// Bytes of one activation snapshot that may stay in memory.
     pub activation_budget: u64,
+    /// `(samples, tokens per sample)` of a calibrated run.
+    pub calibration: Option<(usize, usize)>,
 }
 
 impl Prepared {
@@ -179,7 +185,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         }
     };
     let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
-    let activation_budget = if calibrated { calibration_memory(&model, &mut units, args, budget) } else { 0 };
+    let activation_budget = if calibrated { calibration_memory(&model, &recipe, &mut units, args, budget)? } else { 0 };
     let part = part_file_size(args, &recipe);
     if !(part >= 0.0 && part.is_finite()) {
         bail!("--part_file_size must be a non-negative number of GiB, not {part}");
@@ -188,6 +194,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let outputs: Vec<TensorMeta> = units.iter().flat_map(|u| u.outputs.iter().map(|o| o.meta.clone())).collect();
     let shards = ShardLayout::plan(&outputs, limit, &|k, n| exporter.weights_file(k, n))?;
     let memory = plan_memory(&units, budget);
+    let calibration = calibrated.then_some((args.calib_samples, args.calib_seq_len));
     Ok(Prepared {
         plan: Plan { model, recipe, units, shards, memory },
         ckpt,
@@ -197,6 +204,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         serving,
         calibrated,
         activation_budget,
+        calibration,
     })
 }
 
@@ -457,7 +465,17 @@ fn needs_calibration(recipe: &Recipe, units: &[crate::model::Unit]) -> Result<bo
 /// sequence's working activations. A vision unit holds the same, and every image's activations
 /// (in memory: a tower is small), counted for images of about 1024 patches (a 512×512 photograph
 /// at patch size 16).
-fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantArgs, budget: u64) -> u64 {
+///
+/// The routed experts of a MoE layer whose experts stream ([`calibrate::experts`]) are not held
+/// with the layer: one group of them is, twice (loaded and dequantized), beside every sample's
+/// expert input, the layer's output before the experts, and the experts' sums.
+fn calibration_memory(
+    model: &Model,
+    recipe: &Recipe,
+    units: &mut [plan::UnitPlan],
+    args: &QuantArgs,
+    budget: u64,
+) -> Result<u64> {
     use crate::model::layout::UnitKind;
     let t = &model.text;
     let seq = args.calib_seq_len as u64;
@@ -479,7 +497,10 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
             UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost => vision_working,
             _ => continue,
         };
-        let widened = u.unit.tensors.iter().map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
+        let streamed = calibrate::streamed_experts(model, recipe, u)?;
+        let held = |x: &&crate::model::LogicalTensor| streamed.as_ref().is_none_or(|s| !s.holds(x));
+        let widened = u.unit.tensors.iter().filter(held).map(|x| x.meta.numel() as u64 * 4).sum::<u64>();
+        let experts = streamed.as_ref().map_or(0, |s| 2 * s.group_bytes() + 3 * activations);
         // One Hessian (and its factor) per distinct input: q/k/v share one, gate/up another.
         let prefix = model.layout.unit_prefix(u.unit.kind);
         let groups = match u.unit.kind {
@@ -501,7 +522,7 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
             .values()
             .map(|c| c * c * 4 * 2)
             .sum();
-        u.peak_job = u.peak_job.max(4 * widened + hessians + working);
+        u.peak_job = u.peak_job.max(4 * widened + hessians + working + experts);
         peak = peak.max(u.peak_job);
     }
     // Inputs and outputs of a unit: two snapshots.
@@ -510,7 +531,7 @@ fn calibration_memory(model: &Model, units: &mut [plan::UnitPlan], args: &QuantA
     for u in units.iter_mut() {
         u.peak_job += cache;
     }
-    cache / 2
+    Ok(cache / 2)
 }
 
 /// The shard size limit in GiB: the command line's, else the recipe's, else 4.
@@ -582,13 +603,18 @@ pub fn print_plan(p: &Prepared) -> bool {
     println!("bytes in     : {}", human(plan.bytes_in()));
     println!("bytes out    : {} in {} file(s)", human(plan.bytes_out()), plan.shards.files.len());
     println!(
-        "memory       : predicted peak {} (largest unit {} + {} base + {} unit(s) read ahead); budget {}",
+        "memory       : predicted peak {} (largest unit {} + {} base + {} of outputs queued for the writer + {} read ahead); budget {}",
         human(m.peak),
         human(m.unit_peak),
         human(m.base),
-        m.prefetch,
+        human(m.in_flight),
+        human(m.read_ahead),
         human(m.budget)
     );
+    let streamed =
+        |i: usize| calibrate::streamed_experts(&plan.model, &plan.recipe, &plan.units[i]).is_ok_and(|s| s.is_some());
+    let time = estimate::estimate(plan, p.calibration, &streamed, &crate::device::Cpu);
+    println!("time         : {}", time.describe());
     if m.fits {
         println!("fits         : yes");
     } else {
@@ -600,7 +626,7 @@ pub fn print_plan(p: &Prepared) -> bool {
 fn shortfall(plan: &Plan) -> String {
     let m = &plan.memory;
     format!(
-        "unit {} needs {} at its peak, {} with the process itself, but the budget is {} (short by {})",
+        "unit {} needs {} at its peak, {} with the process itself and the writer's queue, but the budget is {} (short by {})",
         plan.units[m.largest_unit].unit.name,
         human(m.unit_peak),
         human(m.peak),

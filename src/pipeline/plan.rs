@@ -1,6 +1,7 @@
 //! The plan: before any byte is computed, decide what every tensor becomes, where it is written,
 //! and how much memory each unit needs, then say whether the run fits the budget.
 
+use super::data_free::KEEP_PIECE;
 use crate::export::{Exporter, OutMeta, FLOAT};
 use crate::io::shards::ShardLayout;
 use crate::model::layout::UnitKind;
@@ -23,16 +24,18 @@ pub enum Job {
 }
 
 impl Job {
-    /// Bytes held while the job runs, beyond its mapped input: the f32 working copy, the
-    /// integer weights, a de-fused copy of an expert slice, and the outputs.
+    /// Bytes held while the job runs on the data-free path, beyond the outputs in flight to the
+    /// writer: its mapped input and its outputs (a quantized expert read column-wise also builds a
+    /// transposed copy of its integers). A kept tensor larger than a piece is copied piece by piece,
+    /// each piece's pages given back as it goes.
     fn work_bytes(&self, outputs: u64) -> u64 {
         match self {
-            Job::Keep(t) => t.meta.nbytes() + outputs,
+            Job::Keep(t) if matches!(t.source, Source::Stored(_)) => 2 * t.meta.nbytes().min(KEEP_PIECE as u64),
+            Job::Keep(t) => 2 * t.meta.nbytes(),
             Job::KvCache { .. } => outputs,
             Job::Quantize { weight, .. } => {
-                let n = weight.meta.numel() as u64;
-                let defused = if matches!(weight.source, Source::Expert { .. }) { weight.meta.nbytes() } else { 0 };
-                n * 4 + n + defused + outputs
+                let transposed = if matches!(weight.source, Source::Expert { .. }) { outputs } else { 0 };
+                self.input_bytes() + outputs + transposed
             }
         }
     }
@@ -45,6 +48,14 @@ impl Job {
             Job::Quantize { weight, bias, .. } => weight.meta.nbytes() + bias.as_ref().map_or(0, |b| b.meta.nbytes()),
         }
     }
+
+    /// The largest message this job hands the writer: its outputs, or one piece of a kept tensor.
+    fn message_bytes(&self, outputs: u64) -> u64 {
+        match self {
+            Job::Keep(t) if matches!(t.source, Source::Stored(_)) => outputs.min(KEEP_PIECE as u64),
+            _ => outputs,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -54,8 +65,11 @@ pub struct UnitPlan {
     /// Every output tensor of the unit, in job order.
     pub outputs: Vec<OutMeta>,
     pub out_bytes: u64,
-    /// The most memory one job of this unit holds at once.
+    /// The most memory one job of this unit holds at once (for a calibrated unit, what the whole
+    /// unit holds while calibrating).
     pub peak_job: u64,
+    /// The largest message its jobs hand the writer.
+    pub max_message: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -66,9 +80,12 @@ pub struct MemoryPlan {
     /// Index of the unit with the highest need, and that need.
     pub largest_unit: usize,
     pub unit_peak: u64,
-    /// Units read ahead of the one being processed.
-    pub prefetch: usize,
-    /// Predicted peak with that prefetch depth.
+    /// Outputs handed over but not yet written: the messages the channel to the writer holds and
+    /// the one being written.
+    pub in_flight: u64,
+    /// Bytes of input read ahead of the transform (in the page cache, ready when it gets there).
+    pub read_ahead: u64,
+    /// Predicted peak: base + largest unit + in flight + read-ahead.
     pub peak: u64,
     pub fits: bool,
 }
@@ -82,7 +99,11 @@ pub struct Plan {
 }
 
 pub const BASE_BYTES: u64 = 96 << 20;
-const MAX_PREFETCH: usize = 2;
+/// The most input read ahead: enough to keep a disk streaming while the transform works on what
+/// it already has, small next to any budget.
+pub const MAX_READ_AHEAD: u64 = 256 << 20;
+/// Messages to the writer that may wait in its channel.
+pub const WRITER_QUEUE: usize = 2;
 
 impl Plan {
     pub fn bytes_in(&self) -> u64 {
@@ -148,15 +169,16 @@ pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter, extra: Ve
     }
     jobs.sort_by(|a, b| job_key(a).cmp(job_key(b)));
     let mut outputs = Vec::new();
-    let mut peak_job = 0;
+    let (mut peak_job, mut max_message) = (0, 0);
     for j in &jobs {
         let outs = job_outputs(j, exporter);
         let out_bytes: u64 = outs.iter().map(|o| o.meta.nbytes()).sum();
-        peak_job = peak_job.max(j.input_bytes() + j.work_bytes(out_bytes));
+        peak_job = peak_job.max(j.work_bytes(out_bytes));
+        max_message = max_message.max(j.message_bytes(out_bytes));
         outputs.extend(outs);
     }
     let out_bytes = outputs.iter().map(|o| o.meta.nbytes()).sum();
-    Ok(UnitPlan { unit, jobs, outputs, out_bytes, peak_job })
+    Ok(UnitPlan { unit, jobs, outputs, out_bytes, peak_job, max_message })
 }
 
 fn job_key(j: &Job) -> &str {
@@ -180,14 +202,23 @@ pub fn job_outputs(job: &Job, exporter: &dyn Exporter) -> Vec<OutMeta> {
     }
 }
 
-/// Sizes the read-ahead to the budget: the unit being processed needs its largest job, and each
-/// unit read ahead occupies its input bytes in memory (page cache).
+/// The predicted peak and the read-ahead that fits the budget: the unit being processed needs its
+/// largest job (or, calibrating, what its calibration holds), the writer's queue holds a few messages,
+/// and up to [`MAX_READ_AHEAD`] bytes of input are read ahead when the budget has room for them.
 pub fn plan_memory(units: &[UnitPlan], budget: u64) -> MemoryPlan {
     let (largest_unit, unit_peak) =
         units.iter().enumerate().map(|(i, u)| (i, u.peak_job)).max_by_key(|&(_, p)| p).unwrap_or((0, 0));
-    let max_input = units.iter().map(|u| u.unit.stored_bytes).max().unwrap_or(0);
-    let need = |d: usize| BASE_BYTES + unit_peak + d as u64 * max_input;
-    let fits = need(0) <= budget;
-    let prefetch = (0..=MAX_PREFETCH).rev().find(|&d| need(d) <= budget).unwrap_or(0);
-    MemoryPlan { budget, base: BASE_BYTES, largest_unit, unit_peak, prefetch, peak: need(prefetch), fits }
+    let in_flight = (WRITER_QUEUE as u64 + 1) * units.iter().map(|u| u.max_message).max().unwrap_or(0);
+    let need = BASE_BYTES + unit_peak + in_flight;
+    let read_ahead = budget.saturating_sub(need).min(MAX_READ_AHEAD);
+    MemoryPlan {
+        budget,
+        base: BASE_BYTES,
+        largest_unit,
+        unit_peak,
+        in_flight,
+        read_ahead,
+        peak: need + read_ahead,
+        fits: need <= budget,
+    }
 }

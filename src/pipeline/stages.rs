@@ -11,19 +11,32 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver};
 use std::collections::{BTreeMap, HashMap};
 
+/// What a processor hands the writer.
+pub enum Output {
+    /// Whole tensors.
+    Tensors(Vec<OutTensor>),
+    /// Bytes `offset..offset + bytes.len()` of the planned tensor `meta`: a large tensor goes in
+    /// pieces, in order, so that it is never held whole.
+    Piece { meta: OutMeta, offset: u64, bytes: Vec<u8> },
+}
+
+impl From<Vec<OutTensor>> for Output {
+    fn from(ts: Vec<OutTensor>) -> Output {
+        Output::Tensors(ts)
+    }
+}
+
+/// Where a processor sends its outputs.
+pub type Emit<'a> = dyn FnMut(Output) -> Result<()> + 'a;
+
 /// Turns one unit into output tensors. The data-free quantizer is one; calibration is another.
 pub trait UnitProcessor: Send {
     /// Processes unit `index`, handing outputs to `emit` as soon as each job has them.
-    fn process(
-        &mut self,
-        index: usize,
-        unit: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
-    ) -> Result<()>;
+    fn process(&mut self, index: usize, unit: &UnitPlan, emit: &mut Emit) -> Result<()>;
 }
 
 enum Msg {
-    Tensors(Vec<OutTensor>),
+    Out(Output),
     UnitDone(usize),
 }
 
@@ -49,9 +62,7 @@ pub fn run(
     progress: &mut Progress,
 ) -> Result<()> {
     let n = plan.units.len();
-    let depth = plan.memory.prefetch;
-    let (unit_tx, unit_rx) = bounded::<usize>(depth);
-    let (out_tx, out_rx) = bounded::<Msg>(2);
+    let (out_tx, out_rx) = bounded::<Msg>(super::plan::WRITER_QUEUE);
     let planned: HashMap<&str, &OutMeta> = plan.outputs().map(|o| (o.meta.name.as_str(), o)).collect();
     // The last unit that writes into each shard: the shard is complete once that unit is.
     let mut last_unit_of_shard = vec![0usize; state.layout.files.len()];
@@ -62,20 +73,19 @@ pub fn run(
         }
     }
 
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| -> Result<()> {
+        let stop = &stop;
         let reader = s.spawn(move || {
-            for i in start..n {
-                super::load::prefetch(ckpt, &plan.units[i].unit);
-                if unit_tx.send(i).is_err() {
-                    break;
-                }
-            }
+            let units = plan.units[start..].iter().map(|u| &u.unit);
+            super::load::read_ahead(ckpt, units, plan.memory.read_ahead, stop);
         });
         let transform = s.spawn(move || -> Result<()> {
-            for i in unit_rx {
+            let _stop_reader = StopOnDrop(stop);
+            for i in start..n {
                 let unit = &plan.units[i];
                 processor
-                    .process(i, unit, &mut |ts| out_tx.send(Msg::Tensors(ts)).context("the writer stopped"))
+                    .process(i, unit, &mut |out| out_tx.send(Msg::Out(out)).context("the writer stopped"))
                     .with_context(|| format!("while processing {}", unit.unit.name))?;
                 out_tx.send(Msg::UnitDone(i)).context("the writer stopped")?;
             }
@@ -90,6 +100,15 @@ pub fn run(
     })
 }
 
+/// Sets its flag when dropped: the transform stage tells the reader to stop however it ends.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn write_loop(
     plan: &Plan,
     rx: Receiver<Msg>,
@@ -99,66 +118,94 @@ fn write_loop(
     progress: &mut Progress,
 ) -> Result<()> {
     let mut unit_crcs: BTreeMap<String, u32> = BTreeMap::new();
+    // Tensors arriving in pieces: the CRC of the bytes so far, and their count.
+    let mut partial: HashMap<String, (crc32fast::Hasher, u64)> = HashMap::new();
     let mut touched: std::collections::BTreeSet<usize> = Default::default();
     let (abort_after, stall, mut written) = (abort_after_tensors(), stall_after_tensors(), 0u64);
+    let planned_as = |meta: &OutMeta| -> Result<()> {
+        let want = planned
+            .get(meta.meta.name.as_str())
+            .with_context(|| format!("output tensor {} is not in the plan", meta.meta.name))?;
+        if **want != *meta {
+            bail!("output tensor {} came out as {:?}, the plan said {:?}", meta.meta.name, meta, want);
+        }
+        Ok(())
+    };
     for msg in rx {
-        match msg {
-            Msg::Tensors(ts) => {
+        let mut finished: Vec<(String, u32, u64)> = Vec::new();
+        let done = match msg {
+            Msg::Out(Output::Tensors(ts)) => {
                 for t in ts {
-                    let want = planned
-                        .get(t.name.as_str())
-                        .with_context(|| format!("output tensor {} is not in the plan", t.name))?;
-                    if **want != t.out_meta() {
-                        bail!("output tensor {} came out as {:?}, the plan said {:?}", t.name, t.out_meta(), want);
-                    }
+                    planned_as(&t.out_meta())?;
                     st.writer.write(st.layout, &t.name, &t.tensor.bytes)?;
                     let crc = crc32fast::hash(&t.tensor.bytes);
-                    st.crcs.insert(t.name.clone(), (crc, t.tensor.bytes.len() as u64));
-                    unit_crcs.insert(t.name, crc);
-                    touched.insert(st.layout.location(want.meta.name.as_str()).unwrap().shard);
-                    written += 1;
-                    if abort_after == Some(written) {
-                        eprintln!("LAMINA_FAULT_ABORT_AFTER_TENSORS: aborting after {written} tensors");
-                        std::process::abort();
-                    }
-                    if let Some((n, release)) = &stall {
-                        if *n == written {
-                            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-                            while !release.exists() && std::time::Instant::now() < until {
-                                std::thread::sleep(std::time::Duration::from_millis(20));
-                            }
-                        }
+                    finished.push((t.name, crc, t.tensor.bytes.len() as u64));
+                }
+                None
+            }
+            Msg::Out(Output::Piece { meta, offset, bytes }) => {
+                planned_as(&meta)?;
+                let name = &meta.meta.name;
+                let (crc, got) = partial.entry(name.clone()).or_insert_with(|| (crc32fast::Hasher::new(), 0));
+                if offset != *got {
+                    bail!("output tensor {name}: a piece at byte {offset} came after {got} bytes");
+                }
+                st.writer.write_piece(st.layout, name, offset, &bytes)?;
+                crc.update(&bytes);
+                *got += bytes.len() as u64;
+                if *got == meta.meta.nbytes() {
+                    let (crc, len) = partial.remove(name).unwrap();
+                    finished.push((name.clone(), crc.finalize(), len));
+                }
+                None
+            }
+            Msg::UnitDone(i) => Some(i),
+        };
+        for (name, crc, len) in finished {
+            touched.insert(st.layout.location(&name).unwrap().shard);
+            st.crcs.insert(name.clone(), (crc, len));
+            unit_crcs.insert(name, crc);
+            written += 1;
+            if abort_after == Some(written) {
+                eprintln!("LAMINA_FAULT_ABORT_AFTER_TENSORS: aborting after {written} tensors");
+                std::process::abort();
+            }
+            if let Some((n, release)) = &stall {
+                if *n == written {
+                    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                    while !release.exists() && std::time::Instant::now() < until {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                 }
             }
-            Msg::UnitDone(i) => {
-                let unit = &plan.units[i];
-                if unit_crcs.len() != unit.outputs.len() {
-                    let missing: Vec<_> = unit
-                        .outputs
-                        .iter()
-                        .filter(|o| !unit_crcs.contains_key(&o.meta.name))
-                        .map(|o| &o.meta.name)
-                        .collect();
-                    bail!("{} finished without writing {:?}", unit.unit.name, missing);
-                }
-                for &s in &touched {
-                    st.writer.sync(st.layout, s)?;
-                }
-                st.journal.record(&Event::Unit {
-                    index: i,
-                    name: unit.unit.name.clone(),
-                    tensors: std::mem::take(&mut unit_crcs),
-                })?;
-                st.committed.store(i + 1, std::sync::atomic::Ordering::SeqCst);
-                touched.clear();
-                for (k, &last) in last_unit_of_shard.iter().enumerate() {
-                    if last == i {
-                        finish_shard(st, k)?;
-                    }
-                }
-                progress.step(i as u64 + 1, unit.unit.stored_bytes, &unit.unit.name);
+        }
+        if let Some(i) = done {
+            let unit = &plan.units[i];
+            if unit_crcs.len() != unit.outputs.len() {
+                let missing: Vec<_> = unit
+                    .outputs
+                    .iter()
+                    .filter(|o| !unit_crcs.contains_key(&o.meta.name))
+                    .map(|o| &o.meta.name)
+                    .collect();
+                bail!("{} finished without writing {:?}", unit.unit.name, missing);
             }
+            for &s in &touched {
+                st.writer.sync(st.layout, s)?;
+            }
+            st.journal.record(&Event::Unit {
+                index: i,
+                name: unit.unit.name.clone(),
+                tensors: std::mem::take(&mut unit_crcs),
+            })?;
+            st.committed.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+            touched.clear();
+            for (k, &last) in last_unit_of_shard.iter().enumerate() {
+                if last == i {
+                    finish_shard(st, k)?;
+                }
+            }
+            progress.step(i as u64 + 1, unit.unit.stored_bytes, &unit.unit.name);
         }
     }
     Ok(())

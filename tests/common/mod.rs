@@ -14,8 +14,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const BIN: &str = env!("CARGO_BIN_EXE_lamina");
 
 /// The environment variables that inject faults; every run starts without them.
-pub const FAULT_VARS: [&str; 3] =
-    ["LAMINA_FAULT_ENOSPC_AFTER", "LAMINA_FAULT_ABORT_AFTER_TENSORS", "LAMINA_FAULT_STALL_AFTER_TENSORS"];
+pub const FAULT_VARS: [&str; 5] = [
+    "LAMINA_FAULT_ENOSPC_AFTER",
+    "LAMINA_FAULT_ABORT_AFTER_TENSORS",
+    "LAMINA_FAULT_STALL_AFTER_TENSORS",
+    "LAMINA_KEEP_PIECE_BYTES",
+    "LAMINA_EXPERT_GROUP",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)

@@ -349,13 +349,27 @@ impl SparseMoe {
     ) -> Result<Array2<f32>> {
         let logits = hook.linear(device, &self.router_name, &self.router, x);
         ensure!(
-            logits.dim() == (x.nrows(), self.experts.len()),
+            logits.dim() == (x.nrows(), self.router.out_features()),
             "{} returned shape {:?}",
             self.router_name,
             logits.dim()
         );
         let routes = self.routing.route(logits.view(), self.correction_bias.as_ref());
-        let mut out = run_experts(device, &self.experts, &routes, x, hook, opts)?;
+        let mut out = if self.experts.is_empty() {
+            // Built without its experts: the hook computes them (calibration streams them in groups).
+            let module = format!("{}.experts", self.router_name.rsplit_once('.').map_or("", |(p, _)| p));
+            ensure!(hook.defer_experts(&module, x, &routes), "the experts of {module} are not loaded");
+            Array2::zeros(x.raw_dim())
+        } else {
+            ensure!(
+                self.experts.len() == self.router.out_features(),
+                "{} scores {} experts, the layer has {}",
+                self.router_name,
+                self.router.out_features(),
+                self.experts.len()
+            );
+            run_experts(device, &self.experts, &routes, x, hook, opts)?
+        };
         if let Some(shared) = &self.shared {
             let mut y = shared.mlp.forward(device, x, hook)?;
             if let Some((name, gate)) = &shared.gate {
@@ -383,6 +397,22 @@ pub fn run_experts(
     opts: ForwardOptions,
 ) -> Result<Array2<f32>> {
     let mut out = Array2::<f32>::zeros(x.raw_dim());
+    add_experts(device, experts, routes, x, hook, opts, &mut out)?;
+    Ok(out)
+}
+
+/// [`run_experts`] adding into `out`, expert by expert in order: experts given in groups, one
+/// call per group in order, sum exactly as one call on them all.
+pub fn add_experts(
+    device: &dyn Device,
+    experts: &[SwiGlu],
+    routes: &[Vec<(usize, f32)>],
+    x: ArrayView2<f32>,
+    hook: &mut dyn LinearHook,
+    opts: ForwardOptions,
+    out: &mut Array2<f32>,
+) -> Result<()> {
+    ensure!(experts.len() == routes.len(), "{} experts for {} routes", experts.len(), routes.len());
     for (expert, chosen) in experts.iter().zip(routes) {
         if opts.moe_all_experts {
             let y = expert.forward(device, x, hook)?;
@@ -397,7 +427,7 @@ pub fn run_experts(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A decoder layer's feed-forward block: a SwiGLU MLP, or routed experts.
@@ -510,6 +540,17 @@ impl Take {
         Ok(Linear { weight: weight.into_dimensionality()?, bias })
     }
 
+    /// The `n` routed experts `{module}.J` of a MoE layer; none when the weights hold no tensor
+    /// of any of them (calibration builds such a layer and streams the experts through
+    /// [`LinearHook::defer_experts`]; a forward without that hook fails naming them).
+    pub fn experts(&mut self, module: &str, n: usize, hidden: usize, inter: usize) -> Result<Vec<SwiGlu>> {
+        let prefix = format!("{module}.");
+        if !self.weights.map.keys().any(|k| k.starts_with(&prefix)) {
+            return Ok(Vec::new());
+        }
+        (0..n).map(|j| self.swiglu(&format!("{module}.{j}"), hidden, inter)).collect()
+    }
+
     pub fn swiglu(&mut self, module: &str, hidden: usize, inter: usize) -> Result<SwiGlu> {
         Ok(SwiGlu {
             name: module.to_string(),
@@ -529,9 +570,7 @@ impl Take {
             return Ok(Ffn::Dense(Box::new(self.swiglu("mlp", hidden, cfg.intermediate_size)?)));
         };
         let inter = moe.moe_intermediate_size;
-        let experts = (0..moe.num_experts)
-            .map(|j| self.swiglu(&format!("mlp.experts.{j}"), hidden, inter))
-            .collect::<Result<Vec<_>>>()?;
+        let experts = self.experts("mlp.experts", moe.num_experts, hidden, inter)?;
         let shared = if moe.n_shared_experts > 0 {
             Some(SharedExpert {
                 mlp: self.swiglu("mlp.shared_experts", hidden, inter * moe.n_shared_experts)?,

@@ -229,13 +229,7 @@ impl VisionTower {
 /// tensor's mapped pages are given back as soon as it is widened, so a unit costs its f32 size
 /// and not that plus its stored bytes.
 pub fn load_unit(ckpt: &Checkpoint, layout: &Layout, unit: &Unit) -> Result<Weights> {
-    let mut weights = Weights { prefix: layout.unit_prefix(unit.kind), ..Weights::default() };
-    for t in &unit.tensors {
-        let one = Weights::load_tensors(ckpt, std::iter::once(t), &weights.prefix)?;
-        crate::pipeline::load::release(ckpt, t);
-        weights.map.extend(one.map);
-    }
-    Ok(weights)
+    Weights::load(ckpt, unit, &layout.unit_prefix(unit.kind))
 }
 
 /// A convolution whose stride equals its kernel, as a linear over flattened patches:

@@ -67,6 +67,12 @@ impl LinearHook for Observe<'_> {
             None => layer.forward(device, x),
         }
     }
+
+    /// Observing needs no expert outputs (nothing after a layer's experts reads them), and experts
+    /// streamed in groups ([`super::experts`]) need no statistics.
+    fn defer_experts(&mut self, _module: &str, _x: ArrayView2<f32>, _routes: &[Vec<(usize, f32)>]) -> bool {
+        true
+    }
 }
 
 /// A linear as the quantized model computes it: dequantized weights and simulated activations.

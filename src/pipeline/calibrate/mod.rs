@@ -23,6 +23,7 @@
 //!    outputs are the next layer's inputs (errors propagate as at inference) and are saved as the
 //!    unit's activation snapshot, so a resumed run continues from exactly here.
 
+pub mod experts;
 pub mod hooks;
 pub mod quarot;
 pub mod smoothing;
@@ -33,7 +34,7 @@ use super::activations::{snapshot_path, Snapshot, SnapshotWriter};
 use super::data_free::run_job;
 use super::forward::{self, text_only, with_image_features, DecoderInput, Injection};
 use super::plan::{Job, UnitPlan};
-use super::stages::UnitProcessor;
+use super::stages::{Emit, UnitProcessor};
 use crate::device::Device;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
@@ -241,12 +242,7 @@ impl<'a> Calibrator<'a> {
     }
 
     /// The token embeddings of every sample become the first state.
-    fn embed_unit(
-        &mut self,
-        index: usize,
-        up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
-    ) -> Result<()> {
+    fn embed_unit(&mut self, index: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let name = self.model.layout.embed_tokens();
         let t =
             up.unit.tensors.iter().find(|t| t.name() == name).with_context(|| format!("tensor {name} is missing"))?;
@@ -264,7 +260,7 @@ impl<'a> Calibrator<'a> {
                 let modified = BTreeSet::from([name.clone()]);
                 for job in &up.jobs {
                     match job {
-                        Job::Keep(t) => emit(vec![self.keep(t, &w, "", &modified)?])?,
+                        Job::Keep(t) => self.keep(t, &w, "", &modified, emit)?,
                         Job::Quantize { module, .. } => bail!("{module}: quantizing the embeddings is not supported"),
                         Job::KvCache { module, .. } => bail!("{module}: the embeddings have no KV cache"),
                     }
@@ -291,7 +287,7 @@ impl<'a> Calibrator<'a> {
     /// A unit of the vision tower: the patch embeddings start every image's activations; each
     /// block (and the mergers / projector) is calibrated on them like a decoder layer, without
     /// smoothing, then computed as quantized to give the next unit's input.
-    fn vision_unit(&mut self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn vision_unit(&mut self, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let kind = up.unit.kind;
         // The mergers' outputs join the text stream: rotate them with it.
         let rotate = |w: &mut Weights| -> Result<BTreeSet<String>> {
@@ -344,7 +340,8 @@ impl<'a> Calibrator<'a> {
             }
             Ok(())
         };
-        let mut sim = self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), None, rotated, &pass, emit)?;
+        let mut sim =
+            self.calibrate_linears(up, &mut w, &[], &InputGroups::default(), None, rotated, &pass, None, emit)?;
         match kind {
             UnitKind::VisionBlock(i) => {
                 for st in self.vision.iter_mut().flatten() {
@@ -369,7 +366,7 @@ impl<'a> Calibrator<'a> {
         up: &UnitPlan,
         w: &Weights,
         modified: &BTreeSet<String>,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<()> {
         if let Some(module) = needs_data(up) {
             bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
@@ -377,7 +374,10 @@ impl<'a> Calibrator<'a> {
         let prefix = &w.prefix;
         for job in &up.jobs {
             let out = match job {
-                Job::Keep(t) => vec![self.keep(t, w, prefix, modified)?],
+                Job::Keep(t) => {
+                    self.keep(t, w, prefix, modified, emit)?;
+                    continue;
+                }
                 Job::KvCache { module, .. } => {
                     bail!("{module}: a KV cache of {} cannot be calibrated (only decoder layers')", up.unit.name)
                 }
@@ -396,7 +396,7 @@ impl<'a> Calibrator<'a> {
                     self.exporter.linear_tensors(module, &ql)
                 }
             };
-            emit(out)?;
+            emit(out.into())?;
         }
         Ok(())
     }
@@ -404,7 +404,7 @@ impl<'a> Calibrator<'a> {
     /// The final norm and the output projection: with QuaRot, the norm is folded into `lm_head`
     /// and `lm_head` reads the rotated stream; tied embeddings are untied (`lm_head.weight` is a
     /// tensor the plan added).
-    fn head_unit(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn head_unit(&self, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let Some(r) = &self.rotations else { return self.data_free(up, emit) };
         let layout = &self.model.layout;
         let mut w = Weights::load(self.ckpt, &up.unit, "")?;
@@ -424,36 +424,42 @@ impl<'a> Calibrator<'a> {
         self.write_from_weights(up, &w, &modified, emit)
     }
 
-    fn data_free(&self, up: &UnitPlan, emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>) -> Result<()> {
+    fn data_free(&self, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         if let Some(module) = needs_data(up) {
             bail!("{module}: calibrating {} is not supported (keep it float or use a data-free scheme)", up.unit.name);
         }
         for job in &up.jobs {
-            emit(run_job(self.ckpt, self.exporter, job)?)?;
+            run_job(self.ckpt, self.exporter, job, emit)?;
         }
         Ok(())
     }
 
-    fn text_layer(
-        &mut self,
-        index: usize,
-        i: usize,
-        up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
-    ) -> Result<()> {
+    fn text_layer(&mut self, index: usize, i: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         let model = self.model;
         let prefix = model.layout.unit_prefix(UnitKind::TextLayer(i));
-        let mut w = Weights::load(self.ckpt, &up.unit, &prefix)?;
-        let original_bias = bias_modules(&w);
         let full = |r: &str| format!("{prefix}{r}");
+        let stored_bias: BTreeSet<String> = up
+            .unit
+            .tensors
+            .iter()
+            .filter_map(|t| t.name().strip_prefix(&prefix).and_then(|r| r.strip_suffix(".bias")).map(String::from))
+            .collect();
         let graph = decoder::graph(model, i);
+        let subgraphs = match &self.smoothing {
+            Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| stored_bias.contains(r)),
+            None => Vec::new(),
+        };
+        // A MoE layer's experts stream in groups where they can; the rest of the layer is held.
+        let awq = self.smoothing.as_ref().is_some_and(|s| s.awq.is_some());
+        let mut streamed = match self.rotations.is_some() || awq {
+            true => None,
+            false => experts::streamed(model, i, up, &prefix, &subgraphs),
+        };
+        let resident = up.unit.tensors.iter().filter(|t| streamed.as_ref().is_none_or(|s| !s.holds(t)));
+        let mut w = Weights::load_tensors(self.ckpt, resident, &prefix)?;
         let rotated = match &self.rotations {
             Some(r) => quarot::rotate_layer(&mut w, &graph, r, model.text.num_heads, model.text.num_kv_heads)?,
             None => BTreeSet::new(),
-        };
-        let subgraphs = match &self.smoothing {
-            Some(s) => layer_subgraphs(s, &graph, self.recipe, &full, &|r| original_bias.contains(r)),
-            None => Vec::new(),
         };
         let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
             let layer = decoder::layer(model, i, w.clone())?;
@@ -466,20 +472,55 @@ impl<'a> Calibrator<'a> {
             Ok(())
         };
         let groups = graph.input_groups();
-        let mut sim = self.calibrate_linears(up, &mut w, &subgraphs, &groups, Some(&graph), rotated, &pass, emit)?;
-        let layer = decoder::layer(model, i, w)?;
-        self.calibrate_kv_caches(up, &prefix, layer.as_ref(), &mut sim, emit)?;
+        let mut sim = self.calibrate_linears(
+            up,
+            &mut w,
+            &subgraphs,
+            &groups,
+            Some(&graph),
+            rotated,
+            &pass,
+            streamed.as_mut(),
+            emit,
+        )?;
 
         // The quantized layer's outputs are the next layer's inputs.
-        self.commit_state(index, |this, s| {
-            let mut d = this.sample(s)?;
-            d.embeds =
-                layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
+        let layer = decoder::layer(model, i, w)?;
+        self.calibrate_kv_caches(up, &prefix, layer.as_ref(), &mut sim, emit)?;
+        let finish = move |mut d: DecoderInput| {
             let (now, later): (Vec<Injection>, Vec<Injection>) =
                 d.injections.drain(..).partition(|j| j.after_layer == i);
             now.iter().for_each(|j| j.apply(&mut d.embeds));
             d.injections = later;
-            Ok(d)
+            d
+        };
+        let Some(streamed) = streamed else {
+            return self.commit_state(index, |this, s| {
+                let mut d = this.sample(s)?;
+                d.embeds =
+                    layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
+                Ok(finish(d))
+            });
+        };
+        // Every sample up to the experts, then the experts group by group over all of them.
+        let mut rec = experts::Recorder { sim: &mut sim, pending: Vec::new() };
+        let mut partial = Vec::with_capacity(self.samples.len());
+        for s in 0..self.samples.len() {
+            let mut d = self.sample(s)?;
+            d.embeds =
+                layer.forward(self.device, d.embeds.view(), &d.positions, &mut rec, ForwardOptions::default())?;
+            ensure!(rec.pending.len() == s + 1, "layer {i} did not reach its experts on sample {s}");
+            partial.push(Some(d));
+        }
+        drop(layer);
+        let pending = rec.pending;
+        let mut sums: Vec<Array2<f32>> = pending.iter().map(|(x, _)| Array2::zeros(x.raw_dim())).collect();
+        streamed.run(self.ckpt, self.exporter, self.device, &pending, &mut sums, &mut |ts| emit(ts.into()))?;
+        drop(pending);
+        self.commit_state(index, |_, s| {
+            let mut d = partial[s].take().context("a sample was finished twice")?;
+            d.embeds += &sums[s];
+            Ok(finish(d))
         })
     }
 
@@ -493,7 +534,7 @@ impl<'a> Calibrator<'a> {
         prefix: &str,
         layer: &dyn decoder::DecoderBlock,
         sim: &mut Simulate,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        emit: &mut Emit,
     ) -> Result<()> {
         let jobs: Vec<(&String, &KvCacheSpec)> = up
             .jobs
@@ -506,7 +547,9 @@ impl<'a> Calibrator<'a> {
         sim.kv_stats = Some(BTreeMap::new());
         for s in 0..self.samples.len() {
             let d = self.sample(s)?;
-            layer.forward(self.device, d.embeds.view(), &d.positions, sim, ForwardOptions::default())?;
+            // Nothing after the attention matters here: streamed experts are skipped, not computed.
+            let mut rec = experts::Recorder { sim: &mut *sim, pending: Vec::new() };
+            layer.forward(self.device, d.embeds.view(), &d.positions, &mut rec, ForwardOptions::default())?;
         }
         let stats = sim.kv_stats.take().unwrap_or_default();
         for (module, spec) in jobs {
@@ -515,7 +558,7 @@ impl<'a> Calibrator<'a> {
             let bad = st.k.nonfinite + st.v.nonfinite;
             ensure!(bad == 0, "{module}: the cached keys and values hold {bad} NaN/Inf values");
             let q = st.quantizer(spec.symmetric);
-            emit(self.exporter.kv_cache_tensors(module, &q))?;
+            emit(self.exporter.kv_cache_tensors(module, &q).into())?;
             sim.kv.insert(rel.to_string(), q);
         }
         Ok(())
@@ -537,13 +580,14 @@ impl<'a> Calibrator<'a> {
         graph: Option<&LayerGraph>,
         mut modified: BTreeSet<String>,
         pass: &dyn Fn(&Self, &Weights, &mut Observe) -> Result<()>,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
+        mut streamed: Option<&mut experts::StreamedExperts>,
+        emit: &mut Emit,
     ) -> Result<Simulate> {
         let prefix = w.prefix.clone();
         let original_bias = bias_modules(w);
         let rel = |full: &str| full.strip_prefix(&prefix).unwrap_or(full).to_string();
         let full = |r: &str| format!("{prefix}{r}");
-        let quantized: Vec<(String, QuantSpec)> = up
+        let all: Vec<(String, QuantSpec)> = up
             .jobs
             .iter()
             .filter_map(|j| match j {
@@ -552,6 +596,11 @@ impl<'a> Calibrator<'a> {
             })
             .collect();
         let awq = self.smoothing.as_ref().and_then(|s| s.awq.as_ref()).filter(|_| !subgraphs.is_empty());
+        // Streamed experts are quantized group by group after this ([`experts::StreamedExperts::run`]).
+        let (away, quantized): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(m, _)| streamed.as_ref().is_some_and(|s| s.is_streamed(m)));
+        let away: BTreeSet<String> = away.into_iter().map(|(m, _)| m).collect();
+        let is_streamed = |m: &str| away.contains(m);
 
         // 1. Observe the float unit.
         let mut obs = Observe::new(groups.clone());
@@ -573,7 +622,7 @@ impl<'a> Calibrator<'a> {
         let mut maps: BTreeMap<String, InputMap> = BTreeMap::new();
         for sg in subgraphs {
             let (shift, scales) = self
-                .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype)
+                .apply_smoothing(w, sg, &obs, groups, &mut modified, &stored_dtype, streamed.as_deref_mut())
                 .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(groups.of(&sg.consumers[0]), (shift, scales));
         }
@@ -665,7 +714,7 @@ impl<'a> Calibrator<'a> {
             for job in &up.jobs {
                 let Job::Quantize { module, spec, .. } = job else { continue };
                 let m = rel(module);
-                if !in_stage(&m) {
+                if !in_stage(&m) || is_streamed(&m) {
                     continue;
                 }
                 let g = groups.of(&m);
@@ -731,7 +780,7 @@ impl<'a> Calibrator<'a> {
                     write_bias: original_bias.contains(&m),
                     input,
                 };
-                emit(self.exporter.linear_tensors(module, &ql))?;
+                emit(self.exporter.linear_tensors(module, &ql).into())?;
                 done.insert(m);
             }
         }
@@ -740,26 +789,33 @@ impl<'a> Calibrator<'a> {
         }
         for job in &up.jobs {
             if let Job::Keep(t) = job {
-                emit(vec![self.keep(t, w, &prefix, &modified)?])?;
+                self.keep(t, w, &prefix, &modified, emit)?;
             }
         }
         Ok(sim)
     }
 
     /// A float tensor: the checkpoint's bytes, or the smoothed values in the tensor's dtype.
-    fn keep(&self, t: &LogicalTensor, w: &Weights, prefix: &str, modified: &BTreeSet<String>) -> Result<OutTensor> {
+    fn keep(
+        &self,
+        t: &LogicalTensor,
+        w: &Weights,
+        prefix: &str,
+        modified: &BTreeSet<String>,
+        emit: &mut Emit,
+    ) -> Result<()> {
         let r = t.name().strip_prefix(prefix).unwrap_or(t.name());
         if modified.contains(r) || matches!(t.source, Source::Computed(_)) {
             let v = w.get(r)?;
             let tensor = Tensor::from_f32_as(t.meta.dtype, &t.meta.shape, &v.iter().copied().collect::<Vec<_>>())?;
-            return Ok(OutTensor { name: t.name().to_string(), tensor, kind: FLOAT });
+            return emit(vec![OutTensor { name: t.name().to_string(), tensor, kind: FLOAT }].into());
         }
-        let mut out = run_job(self.ckpt, self.exporter, &Job::Keep(t.clone()))?;
-        Ok(out.remove(0))
+        run_job(self.ckpt, self.exporter, &Job::Keep(t.clone()), emit)
     }
 
     /// Folds one subgraph's smoothing (or AWQ scales) into `w`; returns the map its consumers'
     /// input went through.
+    #[allow(clippy::too_many_arguments)]
     fn apply_smoothing(
         &self,
         w: &mut Weights,
@@ -768,14 +824,27 @@ impl<'a> Calibrator<'a> {
         groups: &InputGroups,
         modified: &mut BTreeSet<String>,
         stored: &dyn Fn(&str) -> Option<DType>,
+        mut streamed: Option<&mut experts::StreamedExperts>,
     ) -> Result<InputMap> {
         let s = self.smoothing.as_ref().unwrap();
         let mut cfg = s.cfg;
         cfg.shift = sg.shift;
         let group = groups.of(&sg.consumers[0]);
         let stats = obs.stats.get(&group).with_context(|| format!("{group} saw no calibration input"))?;
-        let mut linears: Vec<crate::model::nn::Linear> =
-            sg.consumers.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
+        // Streamed experts take part through their columns' maxima, all a smoothing reads of them
+        // (one more consumer, last); the column factors the smoothing applies are remembered.
+        let (away, here): (Vec<String>, Vec<String>) =
+            sg.consumers.iter().cloned().partition(|c| streamed.as_ref().is_some_and(|s| s.is_streamed(c)));
+        let mut linears: Vec<crate::model::nn::Linear> = here.iter().map(|c| w.linear(c)).collect::<Result<_>>()?;
+        if !away.is_empty() {
+            let st = streamed.as_mut().unwrap();
+            ensure!(
+                matches!(sg.kind, Kind::NormLinear { .. }) && !sg.shift && s.awq.is_none(),
+                "streamed experts in {:?}",
+                sg.kind
+            );
+            linears.push(st.column_absmax(self.ckpt, &away)?);
+        }
         let heads = Heads { num_heads: self.model.text.num_heads, num_kv_heads: self.model.text.num_kv_heads };
         let kind = match sg.kind {
             Kind::NormLinear { .. } => smooth::Subgraph::NormLinear,
@@ -789,7 +858,7 @@ impl<'a> Calibrator<'a> {
             }
             Some(a) => {
                 let specs: Vec<Option<QuantSpec>> =
-                    sg.consumers.iter().map(|c| self.recipe.linear_spec(&format!("{}{c}", w.prefix))).collect();
+                    here.iter().map(|c| self.recipe.linear_spec(&format!("{}{c}", w.prefix))).collect();
                 let consumers: Vec<Consumer> =
                     linears.iter().zip(&specs).map(|(l, spec)| Consumer { linear: l, spec: spec.as_ref() }).collect();
                 let x_mean = stats.abs_mean().context("AWQ needs the activations' mean magnitudes")?;
@@ -805,6 +874,9 @@ impl<'a> Calibrator<'a> {
                 let mut b = if w.has(&bias_name) { Some(w.vector(&bias_name)?) } else { None };
                 let mut refs: Vec<&mut crate::model::nn::Linear> = linears.iter_mut().collect();
                 fold_norm_linears(&mut g, &mut b, &mut refs, &map)?;
+                if let Some(st) = streamed.as_mut() {
+                    st.scale_columns(&away, &map.scales);
+                }
                 // The norm is written in its stored dtype (bf16, fp16), the linears are quantized
                 // from f32: fold what will be stored, so the float model stays exact.
                 if let Some(dtype) = stored(&format!("{norm}.weight")).filter(|d| *d != DType::F32) {
@@ -829,6 +901,9 @@ impl<'a> Calibrator<'a> {
                     if let Some(nb) = &mut b {
                         *nb = round(nb)?;
                     }
+                    if let Some(st) = streamed.as_mut() {
+                        st.scale_columns(&away, &fix);
+                    }
                     map.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
                     g = g_stored;
                 }
@@ -849,7 +924,7 @@ impl<'a> Calibrator<'a> {
                 put_linear(w, producer, p, modified);
             }
         }
-        for (c, l) in sg.consumers.iter().zip(linears) {
+        for (c, l) in here.iter().zip(linears) {
             put_linear(w, c, l, modified);
         }
         Ok((map.shift, map.scales))
@@ -908,12 +983,7 @@ fn put_linear(w: &mut Weights, module: &str, l: crate::model::nn::Linear, modifi
 }
 
 impl UnitProcessor for Calibrator<'_> {
-    fn process(
-        &mut self,
-        index: usize,
-        up: &UnitPlan,
-        emit: &mut dyn FnMut(Vec<OutTensor>) -> Result<()>,
-    ) -> Result<()> {
+    fn process(&mut self, index: usize, up: &UnitPlan, emit: &mut Emit) -> Result<()> {
         match up.unit.kind {
             UnitKind::Embed => self.embed_unit(index, up, emit),
             UnitKind::TextLayer(i) => self.text_layer(index, i, up, emit),
@@ -932,6 +1002,26 @@ impl UnitProcessor for Calibrator<'_> {
 /// differs from the embedding table).
 pub fn unties_embeddings(model: &Model, recipe: &Recipe) -> Result<bool> {
     Ok(model.text.tie_word_embeddings && Algorithms::from_recipe(recipe)?.quarot.is_some())
+}
+
+/// The routed experts of decoder layer unit `up` when calibration streams them in groups
+/// ([`experts`]), as the plan counts them and the run decides. A recipe that rotates (QuaRot) or
+/// searches AWQ scales transforms every expert's full weights, which then stay with the layer.
+pub fn streamed_experts(model: &Model, recipe: &Recipe, up: &UnitPlan) -> Result<Option<experts::StreamedExperts>> {
+    let UnitKind::TextLayer(i) = up.unit.kind else { return Ok(None) };
+    let algorithms = Algorithms::from_recipe(recipe)?;
+    if algorithms.quarot.is_some() || algorithms.smoothing.as_ref().is_some_and(|s| s.awq.is_some()) {
+        return Ok(None);
+    }
+    let prefix = model.layout.unit_prefix(up.unit.kind);
+    let names: BTreeSet<&str> = up.unit.tensors.iter().map(|t| t.name()).collect();
+    let full = |r: &str| format!("{prefix}{r}");
+    let has_bias = |r: &str| names.contains(format!("{prefix}{r}.bias").as_str());
+    let subgraphs = match algorithms.smoothing {
+        Some(s) => layer_subgraphs(&s, &decoder::graph(model, i), recipe, &full, &has_bias),
+        None => Vec::new(),
+    };
+    Ok(experts::streamed(model, i, up, &prefix, &subgraphs))
 }
 
 /// The tensors the algorithms add to a unit, as the plan must list them: a norm's bias when a

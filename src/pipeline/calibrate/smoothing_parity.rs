@@ -138,9 +138,15 @@ impl Fixture {
         };
         for sg in &subgraphs {
             let (shift, scales) = cal
-                .apply_smoothing(&mut w, sg, &obs, &graph.input_groups(), &mut modified, &|n| {
-                    self.ckpt.entry(&full(n)).map(|(_, e)| e.dtype)
-                })
+                .apply_smoothing(
+                    &mut w,
+                    sg,
+                    &obs,
+                    &graph.input_groups(),
+                    &mut modified,
+                    &|n| self.ckpt.entry(&full(n)).map(|(_, e)| e.dtype),
+                    None,
+                )
                 .unwrap();
             folded.kinds.insert(match sg.kind {
                 Kind::NormLinear { .. } => "norm-linear",
