@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
+//! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -20,8 +21,10 @@
 //! graph, a variant of [`Arch`], and the families that use it in [`Arch::of`]. Weights come from
 //! [`Weights`]; which checkpoint names they have is [`crate::model::layout::Layout`]'s business.
 
+pub mod gated_delta;
 pub mod glm4;
 pub mod parts;
+pub mod qwen3_next;
 pub mod standard;
 
 pub use parts::embed;
@@ -63,6 +66,7 @@ pub trait DecoderBlock: Send + Sync {
 pub enum Arch {
     Standard,
     Glm4,
+    Qwen3Next,
 }
 
 impl Arch {
@@ -80,6 +84,7 @@ impl Arch {
             | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
+            Family::Qwen3Next => Arch::Qwen3Next,
         }
     }
 }
@@ -90,6 +95,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
     Ok(match Arch::of(model.family) {
         Arch::Standard => Box::new(standard::Layer::new(&model.text, index, weights)?),
         Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
+        Arch::Qwen3Next => Box::new(qwen3_next::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -98,6 +104,7 @@ pub fn graph(model: &Model, index: usize) -> LayerGraph {
     match Arch::of(model.family) {
         Arch::Standard => standard::Layer::graph(&model.text, index),
         Arch::Glm4 => glm4::Layer::graph(&model.text, index),
+        Arch::Qwen3Next => qwen3_next::Layer::graph(&model.text, index),
     }
 }
 
@@ -213,7 +220,8 @@ impl Head {
         embeddings: impl FnOnce() -> Result<Array2<f32>>,
     ) -> Result<Head> {
         let mut w = parts::Take::new(weights);
-        let norm = w.vector(&layout.final_norm(), cfg.hidden_size)?;
+        // Zero-centred final norms (Qwen3-Next) compute with `1 + w`.
+        let norm = w.vector(&layout.final_norm(), cfg.hidden_size)? + cfg.norm_offset;
         let lm_head = if cfg.tie_word_embeddings || !w.has(&layout.lm_head_weight()) {
             if !cfg.tie_word_embeddings {
                 bail!(
@@ -427,6 +435,12 @@ mod tests {
     fn parity_glm4_moe() {
         parity("glm4_moe");
     }
+    /// Gated DeltaNet (conv, delta rule, gated norm) in layers 0-2, gated attention in layer 3,
+    /// zero-centred norms, MoE with a gated shared expert.
+    #[test]
+    fn parity_qwen3_next() {
+        parity("qwen3_next");
+    }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
     struct Recorder(BTreeMap<String, usize>);
@@ -443,7 +457,7 @@ mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1)] {
+        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1), ("qwen3_next", 3)] {
             let f = fixture(name);
             let text = &f.model.layout.text;
             let positions = f.positions();
@@ -485,7 +499,7 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "glm4_moe"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "glm4_moe", "qwen3_next"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
