@@ -177,6 +177,27 @@ fn glm4_moe_w8a8_with_its_mtp_layer() {
     assert!(c.stdout.contains("ok:"), "{}", c.stdout);
 }
 
+/// Qwen3-Next's W8A8: the linears msModelSlim's practice quantizes (the full-attention q/k/v,
+/// the routed experts, the Gated DeltaNet's in_proj_qkvz), m2 on the zero-centred norms, static
+/// W8A8 with GPTQ but the experts W8A8_DYNAMIC; everything else float. Complete, consistent,
+/// logits within the bound, and `lamina check` passes.
+#[test]
+fn qwen3_next_w8a8_follows_the_practice() {
+    let tmp = TempDir::new("qwen3-next-w8a8");
+    let scheme = |m: &str| match (common::check::qwen3_next_quantizes(m), m.contains(".mlp.experts.")) {
+        (false, _) => None,
+        (true, true) => Some("W8A8_DYNAMIC"),
+        (true, false) => Some("W8A8"),
+    };
+    let model = fixture("qwen3_next");
+    let seen = quantize_and_check_at(&model, "qwen3_next", &tmp, &["--quant_type", "w8a8"], &scheme, &default_rtn);
+    assert_eq!(seen.by_kind.get("W8A8_DYNAMIC").copied(), Some(4 * 4 * 3), "{seen:?}");
+    assert_eq!(seen.by_kind.get("W8A8").copied(), Some(3 + 3), "{seen:?}");
+    let c = check(&tmp.join("qwen3_next-out"), &[]);
+    c.assert_ok();
+    assert!(c.stdout.contains("ok:"), "{}", c.stdout);
+}
+
 #[test]
 fn named_variants_round_to_nearest_or_quantize_down_proj_static() {
     let tmp = TempDir::new("variants");

@@ -184,3 +184,18 @@ fn deepseek_v3_671b_fits_64_gib_on_paper() {
         assert_eq!(field(&r.stdout, "fits"), "yes", "{quant_type}:\n{}", r.stdout);
     }
 }
+
+/// Qwen3-Next-80B-A3B (tests/fixtures/configs/qwen3-next-80b-a3b: 48 layers, 36 of them Gated
+/// DeltaNet, 512 experts top-10 with a gated shared expert, the `mtp.*` block) fits a 64 GiB card.
+#[test]
+fn qwen3_next_80b_fits_64_gib_on_paper() {
+    let r = plan(&config("qwen3-next-80b-a3b"), "64");
+    r.assert_ok();
+    assert_eq!(field(&r.stdout, "architecture"), "qwen3_next (config.json only, on paper)");
+    assert!(field(&r.stdout, "text").starts_with("48 layers, hidden 2048"), "{}", r.stdout);
+    assert!(field(&r.stdout, "text").contains("512 experts top-10"), "{}", r.stdout);
+    let units: usize = field(&r.stdout, "units").parse().unwrap();
+    assert_eq!(units, 48 + 1 + 2, "{}", r.stdout);
+    assert!(r.stdout.contains("mtp (MTP)"), "{}", r.stdout);
+    assert_eq!(field(&r.stdout, "fits"), "yes");
+}

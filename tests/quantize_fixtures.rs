@@ -15,7 +15,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// divide into W4A16's groups of 128, which every loader asserts; vLLM-Ascend loads W4A8_DYNAMIC and
 /// W4A16 for MoE experts only.
 fn refusal(fixture: &str, quant_type: &str, target: &str) -> Option<Vec<&'static str>> {
-    let moe = fixture.contains("moe");
+    let moe = fixture.contains("moe") || fixture == "qwen3_next";
     match (quant_type, target, moe) {
         ("w4a8_dynamic", "vllm-ascend", false) => Some(vec![
             "loads W4A8_DYNAMIC only for routed MoE experts",
@@ -75,10 +75,15 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "qwen3_moe" => ("model.layers", 4),
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
         "glm4_moe" => ("model.layers", 4),
+        "qwen3_next" => ("model.layers", 4),
         _ => return,
     };
-    // GLM-4.5's first layer is dense (first_k_dense_replace).
-    let layers = if name == "glm4_moe" { 1..3 } else { 0..2 };
+    // GLM-4.5's first layer is dense (first_k_dense_replace); every Qwen3-Next layer is MoE.
+    let layers = match name {
+        "glm4_moe" => 1..3,
+        "qwen3_next" => 0..4,
+        _ => 0..2,
+    };
     for layer in layers {
         for j in 0..experts {
             for part in ["gate_proj", "up_proj", "down_proj"] {
@@ -143,6 +148,23 @@ fn glm4() {
 #[test]
 fn glm4_moe() {
     quantize_every_scheme("glm4_moe");
+}
+
+/// Every data-free type on Qwen3-Next (Gated DeltaNet layers 0-2, gated attention layer 3); its
+/// w8a8_dynamic is the family recipe (msModelSlim's practice: q/k/v, experts, in_proj_qkvz), the
+/// others the defaults. conv1d, A_log, dt_bias and the gated norm stay float everywhere.
+#[test]
+fn qwen3_next() {
+    quantize_every_scheme("qwen3_next");
+    let tmp = TempDir::new("qwen3-next-practice");
+    let save = tmp.join("out");
+    quant(&fixture("qwen3_next"), &save, "w8a8_dynamic", &[], &[]).assert_ok();
+    let seen = check_output_for(&fixture("qwen3_next"), &save, "w8a8_dynamic", "vllm-ascend", None);
+    assert_eq!(seen.quantized.len(), 3 + 4 * 4 * 3 + 3, "{seen:?}");
+    for float in ["model.layers.0.linear_attn.in_proj_ba.weight", "model.layers.0.linear_attn.out_proj.weight"] {
+        assert!(seen.float.contains(float), "{float}: {seen:?}");
+    }
+    assert!(seen.float.contains("model.layers.1.linear_attn.conv1d.weight"), "{seen:?}");
 }
 
 /// GLM-4.5's multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is no decoder layer

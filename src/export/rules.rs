@@ -587,15 +587,10 @@ pub const FAMILIES: &[FamilyRule] = &[
     FamilyRule { model_type: "qwen2_5_vl", packed: QKV_GATE_UP, experts: false },
     FamilyRule { model_type: "glm4_moe", packed: QKV_GATE_UP, experts: true },
     FamilyRule { model_type: "glm4v_moe", packed: QKV_GATE_UP, experts: true },
-    FamilyRule {
-        model_type: "qwen3_next",
-        packed: &[
-            ("qkv_proj", &["q_proj", "k_proj", "v_proj"]),
-            ("gate_up_proj", &["gate_proj", "up_proj"]),
-            ("in_proj", &["in_proj_qkvz", "in_proj_ba"]),
-        ],
-        experts: true,
-    },
+    // The table also packs "in_proj": [in_proj_qkvz, in_proj_ba], but no Qwen3-Next layer is called
+    // `in_proj`: vLLM-Ascend's Gated DeltaNet (ops/gdn.py) runs in_proj_qkvz and in_proj_ba as two
+    // layers, each typed on its own (msModelSlim's Qwen3-Next practice quantizes qkvz, not ba).
+    FamilyRule { model_type: "qwen3_next", packed: QKV_GATE_UP, experts: true },
     FamilyRule { model_type: "deepseek_v2", packed: MLA, experts: true },
     FamilyRule { model_type: "deepseek_v3", packed: MLA, experts: true },
     FamilyRule { model_type: "kimi_k2", packed: MLA, experts: true },

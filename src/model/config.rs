@@ -260,6 +260,33 @@ pub struct TextConfig {
     pub mla: Option<MlaConfig>,
     /// Multi-token-prediction layers stored after the decoder layers (`num_nextn_predict_layers`).
     pub mtp_layers: usize,
+    /// Qwen3-Next's Gated DeltaNet layers, when the config has them.
+    pub linear_attn: Option<LinearAttnConfig>,
+    /// What the stored RMSNorm weights are offset by: 1 for zero-centred norms that compute
+    /// `x̂ · (1 + w)` (Qwen3-Next), else 0.
+    pub norm_offset: f32,
+}
+
+/// Qwen3-Next's hybrid layout: Gated DeltaNet linear attention (`linear_attn`) in most layers,
+/// gated full attention in the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearAttnConfig {
+    pub num_k_heads: usize,
+    pub num_v_heads: usize,
+    pub k_head_dim: usize,
+    pub v_head_dim: usize,
+    /// The causal depthwise conv1d's kernel (`linear_conv_kernel_dim`).
+    pub conv_kernel: usize,
+    /// Per decoder layer, whether it is a linear-attention one: config.json's `layer_types`, or
+    /// every layer but each `full_attention_interval`-th (the releases' spelling).
+    pub linear_layers: Vec<bool>,
+}
+
+impl LinearAttnConfig {
+    /// Whether decoder layer `i` is a linear-attention one.
+    pub fn is_linear(&self, i: usize) -> bool {
+        self.linear_layers.get(i).copied().unwrap_or(false)
+    }
 }
 
 impl TextConfig {
@@ -356,9 +383,10 @@ impl TextConfig {
         } else {
             None
         };
+        let num_layers = c.usize(&["num_hidden_layers", "n_layer", "num_layers"])?;
         Ok(TextConfig {
             hidden_size,
-            num_layers: c.usize(&["num_hidden_layers", "n_layer", "num_layers"])?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -372,6 +400,30 @@ impl TextConfig {
             attention_bias: c.bool(&["attention_bias"]),
             mla,
             mtp_layers: c.opt_usize(&["num_nextn_predict_layers", "num_mtp_layers"])?.unwrap_or(0),
+            linear_attn: match c.opt_usize(&["linear_num_value_heads"])? {
+                Some(num_v_heads) => {
+                    let num_k_heads = c.usize(&["linear_num_key_heads"])?;
+                    if num_k_heads == 0 || num_v_heads % num_k_heads != 0 {
+                        bail!("config.json: {num_v_heads} linear-attention value heads cannot share {num_k_heads} key heads");
+                    }
+                    Some(LinearAttnConfig {
+                        num_k_heads,
+                        num_v_heads,
+                        k_head_dim: c.usize(&["linear_key_head_dim"])?,
+                        v_head_dim: c.usize(&["linear_value_head_dim"])?,
+                        conv_kernel: c.opt_usize(&["linear_conv_kernel_dim"])?.unwrap_or(4).max(1),
+                        linear_layers: match c.get(&["layer_types"]).and_then(|t| t.as_array()) {
+                            Some(types) => types.iter().map(|t| t.as_str() == Some("linear_attention")).collect(),
+                            None => {
+                                let interval = c.opt_usize(&["full_attention_interval"])?.unwrap_or(4).max(1);
+                                (0..num_layers).map(|i| (i + 1) % interval != 0).collect()
+                            }
+                        },
+                    })
+                }
+                None => None,
+            },
+            norm_offset: if c.str(&["model_type"]) == Some("qwen3_next") { 1.0 } else { 0.0 },
         })
     }
 }

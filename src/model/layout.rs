@@ -28,12 +28,15 @@ pub enum Family {
     /// GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): first layers dense, then sigmoid-routed experts with a
     /// correction bias beside shared experts; a multi-token-prediction layer after the last.
     Glm4Moe,
+    /// Qwen3-Next (`Qwen3NextForCausalLM`): Gated DeltaNet and gated full attention layers,
+    /// zero-centred norms, MoE with a gated shared expert, an MTP block under `mtp.`.
+    Qwen3Next,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 13] = [
+    pub const ALL: [Family; 14] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -47,6 +50,7 @@ impl Family {
         Family::DeepseekV2,
         Family::DeepseekV3,
         Family::Glm4Moe,
+        Family::Qwen3Next,
     ];
 
     /// The `model_type` of config.json.
@@ -65,6 +69,7 @@ impl Family {
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
             Family::Glm4Moe => "glm4_moe",
+            Family::Qwen3Next => "qwen3_next",
             Family::Generic => "generic",
         }
     }
@@ -98,6 +103,7 @@ impl Family {
             ("DeepseekV2ForCausalLM", Family::DeepseekV2),
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
             ("Glm4MoeForCausalLM", Family::Glm4Moe),
+            ("Qwen3NextForCausalLM", Family::Qwen3Next),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -146,6 +152,7 @@ fn rules(family: Family) -> Rules {
         | Family::DeepseekV2
         | Family::DeepseekV3
         | Family::Glm4Moe
+        | Family::Qwen3Next
         | Family::Generic => DECODER,
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
@@ -210,6 +217,7 @@ impl MtpLayout {
             Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => {
                 Some(MtpLayout::AfterDecoder { first: text.num_layers })
             }
+            Family::Qwen3Next => Some(MtpLayout::Prefix("mtp".into())),
             _ => None,
         }
     }
@@ -492,14 +500,27 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     out.push((layout.embed_tokens(), vec![t.vocab_size, h]));
     for i in 0..t.num_layers {
-        synthesize_layer(family, &t, &layout.text_layer(i), i, &mut out);
+        let linear = t.linear_attn.as_ref().is_some_and(|la| la.is_linear(i));
+        synthesize_layer(family, &t, &layout.text_layer(i), i, linear, &mut out);
+    }
+    // Qwen3-Next's MTP block: the projection of [embedding; hidden], its norms, and full-attention
+    // MoE decoder layers (`mtp_num_hidden_layers`, 1 in the releases).
+    if family == Family::Qwen3Next {
+        let layers = config.get("mtp_num_hidden_layers").and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+        out.push(("mtp.fc.weight".into(), vec![h, 2 * h]));
+        for n in ["pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"] {
+            out.push((format!("mtp.{n}.weight"), vec![h]));
+        }
+        for k in 0..layers {
+            synthesize_layer(family, &t, &format!("mtp.layers.{k}"), t.num_layers - 1, false, &mut out);
+        }
     }
     // Multi-token-prediction layers after the last (GLM-4.5's `num_nextn_predict_layers`): a
     // decoder layer with the projection of [embedding; hidden] and its norms.
     let nextn = config.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     for k in 0..nextn {
         let l = layout.text_layer(t.num_layers + k);
-        synthesize_layer(family, &t, &l, t.num_layers + k, &mut out);
+        synthesize_layer(family, &t, &l, t.num_layers + k, false, &mut out);
         out.push((format!("{l}.eh_proj.weight"), vec![h, 2 * h]));
         for n in ["enorm", "hnorm", "shared_head.norm"] {
             out.push((format!("{l}.{n}.weight"), vec![h]));
@@ -515,14 +536,35 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     Ok(out)
 }
 
-/// Decoder layer `i` (at `l`) of a family's release layout.
-fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut Vec<(String, Vec<usize>)>) {
+/// Decoder layer `i` (at `l`) of a family's release layout; `linear`: a Gated DeltaNet layer
+/// (Qwen3-Next) rather than an attention one.
+fn synthesize_layer(
+    family: Family,
+    t: &TextConfig,
+    l: &str,
+    i: usize,
+    linear: bool,
+    out: &mut Vec<(String, Vec<usize>)>,
+) {
     let (h, hd) = (t.hidden_size, t.head_dim);
     let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let next = family == Family::Qwen3Next;
+    if let (true, Some(la)) = (linear, &t.linear_attn) {
+        let (nk, nv, dk, dv) = (la.num_k_heads, la.num_v_heads, la.k_head_dim, la.v_head_dim);
+        push(format!("{l}.linear_attn.in_proj_qkvz.weight"), &[2 * nk * dk + 2 * nv * dv, h]);
+        push(format!("{l}.linear_attn.in_proj_ba.weight"), &[2 * nv, h]);
+        push(format!("{l}.linear_attn.conv1d.weight"), &[2 * nk * dk + nv * dv, 1, la.conv_kernel]);
+        push(format!("{l}.linear_attn.A_log"), &[nv]);
+        push(format!("{l}.linear_attn.dt_bias"), &[nv]);
+        push(format!("{l}.linear_attn.norm.weight"), &[dv]);
+        push(format!("{l}.linear_attn.out_proj.weight"), &[h, nv * dv]);
+    }
     let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
     let glm4 = family == Family::Glm4;
-    let qk_norm =
-        matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe);
+    let qk_norm = matches!(
+        family,
+        Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe | Family::Qwen3Next
+    );
     let fused_experts = family == Family::Qwen3VlMoe;
     push(format!("{l}.input_layernorm.weight"), &[h]);
     push(format!("{l}.post_attention_layernorm.weight"), &[h]);
@@ -545,8 +587,10 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         push(format!("{l}.self_attn.kv_a_layernorm.weight"), &[m.kv_lora_rank]);
         push(format!("{l}.self_attn.kv_b_proj.weight"), &[nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank]);
         push(format!("{l}.self_attn.o_proj.weight"), &[h, nh * m.v_head_dim]);
-    } else {
-        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
+    } else if !linear {
+        // Qwen3-Next's q_proj also yields the attention's output gate.
+        let q_rows = if next { 2 * t.num_heads * hd } else { t.num_heads * hd };
+        for (p, rows) in [("q", q_rows), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
             push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
             if bias {
                 push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
@@ -554,7 +598,7 @@ fn synthesize_layer(family: Family, t: &TextConfig, l: &str, i: usize, out: &mut
         }
         push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
     }
-    if qk_norm {
+    if qk_norm && !linear {
         push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
         push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
     }

@@ -27,6 +27,8 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("smoothquant-w8a8.yaml", include_str!("../../pipelines/smoothquant-w8a8.yaml")),
     ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
     ("qwen3_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_moe-w8a8.yaml")),
+    ("qwen3_next-w8a8.yaml", include_str!("../../pipelines/qwen3_next-w8a8.yaml")),
+    ("qwen3_next-w8a8_dynamic.yaml", include_str!("../../pipelines/qwen3_next-w8a8_dynamic.yaml")),
     ("qwen3_vl-w8a8.yaml", include_str!("../../pipelines/qwen3_vl-w8a8.yaml")),
     ("qwen3_vl_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_vl_moe-w8a8.yaml")),
     ("qwen2_5_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_5_vl-w8a8.yaml")),

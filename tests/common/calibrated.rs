@@ -129,8 +129,12 @@ fn text_layer(module: &str) -> Option<(&str, &str)> {
 /// output's weights.
 fn norm_scales(norm: &str, inputs: &BTreeMap<String, Logical>, outputs: &BTreeMap<String, St>) -> Vec<f32> {
     let name = format!("{norm}.weight");
+    // Zero-centred norms (Qwen3-Next) compute with `1 + w`: the scale is the ratio of those.
+    let offset = norm_offset(inputs);
     let (g, gs) = (f32s(&inputs[&name].st), outputs.get(&name).map(f32s));
     let gs = gs.unwrap_or_else(|| panic!("{name} is missing from the output"));
+    let (g, gs): (Vec<f32>, Vec<f32>) =
+        (g.iter().map(|v| v + offset).collect(), gs.iter().map(|v| v + offset).collect());
     g.iter()
         .zip(&gs)
         .map(|(&a, &b)| {
@@ -143,6 +147,16 @@ fn norm_scales(norm: &str, inputs: &BTreeMap<String, Logical>, outputs: &BTreeMa
             }
         })
         .collect()
+}
+
+/// 1 for a model whose RMSNorms are zero-centred (`x̂ · (1 + w)`: Qwen3-Next, recognised by its
+/// Gated DeltaNet tensors), else 0.
+fn norm_offset(inputs: &BTreeMap<String, Logical>) -> f32 {
+    if inputs.keys().any(|k| k.contains(".linear_attn.")) {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// The weight the recipe's smoothing made of `module`'s, `[rows * cols]`, when the test can know
@@ -159,12 +173,12 @@ fn smoothed_weight(
     let Some((layer, rest)) = text_layer(module) else { return Some(wv) };
     let leaf = rest.rsplit('.').next().unwrap();
     let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj") => "input_layernorm",
+        (_, "q_proj" | "k_proj" | "in_proj_qkvz" | "in_proj_ba") => "input_layernorm",
         (_, "v_proj" | "o_proj") => return None,
         (_, "up_proj") if up_down => return None,
         (_, "down_proj") if up_down => return None,
         (_, "down_proj") => return Some(wv),
-        (_, "gate_proj" | "up_proj") | ("mlp.gate", _) => "post_attention_layernorm",
+        (_, "gate_proj" | "up_proj" | "shared_expert_gate") | ("mlp.gate", _) => "post_attention_layernorm",
         _ => return Some(wv),
     };
     let s = norm_scales(&format!("{layer}{norm}"), inputs, outputs);
@@ -177,8 +191,8 @@ fn consumed_norm(module: &str) -> Option<String> {
     let (layer, rest) = text_layer(module)?;
     let leaf = rest.rsplit('.').next().unwrap();
     let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj" | "v_proj") => "input_layernorm",
-        (_, "gate_proj" | "up_proj") | ("mlp.gate", _) => "post_attention_layernorm",
+        (_, "q_proj" | "k_proj" | "v_proj" | "in_proj_qkvz" | "in_proj_ba") => "input_layernorm",
+        (_, "gate_proj" | "up_proj" | "shared_expert_gate") | ("mlp.gate", _) => "post_attention_layernorm",
         _ => return None,
     };
     Some(format!("{layer}{norm}"))
@@ -340,8 +354,9 @@ impl Ctx<'_> {
             let got = l.get("weight");
             assert_eq!((&got.dtype, &got.shape), (&l.weight.dtype, &l.weight.shape), "{module}.weight");
             match smoothed {
-                // A float consumer of a smoothed norm (the router): W diag(s), in its dtype.
-                Some(sw) if text_layer(module).is_some() && module.ends_with("mlp.gate") => {
+                // A float consumer of a smoothed norm (the router, Qwen3-Next's in_proj_ba and
+                // shared expert): W diag(s), in its dtype.
+                Some(sw) if consumed_norm(module).is_some() => {
                     for (k, (&a, &b)) in f32s(got).iter().zip(&sw).enumerate() {
                         assert!((a - b).abs() <= b.abs() / 128.0, "{module}.weight[{k}] = {a}, want {b}");
                     }
@@ -504,7 +519,8 @@ fn layer0_range(
     eps: f64,
 ) -> (f64, f64) {
     let (layer, _) = text_layer(module).unwrap();
-    let norm = f32s(&outputs[&format!("{layer}input_layernorm.weight")]);
+    let offset = norm_offset(inputs);
+    let norm: Vec<f32> = f32s(&outputs[&format!("{layer}input_layernorm.weight")]).iter().map(|v| v + offset).collect();
     let bias = outputs.get(&format!("{layer}input_layernorm.bias")).map(f32s);
     let table_name = inputs.keys().find(|k| k.ends_with("embed_tokens.weight")).expect("an embedding table");
     let table = &inputs[table_name].st;

@@ -224,6 +224,16 @@ pub fn mtp_layers(config: &serde_json::Value) -> impl Fn(&str) -> bool {
     }
 }
 
+/// The linears msModelSlim's Qwen3-Next practice quantizes (its W8A8 and lamina's W8A8 and
+/// W8A8_DYNAMIC recipes for `qwen3_next`): the full-attention q/k/v, the routed experts and the
+/// Gated DeltaNet's in_proj_qkvz; in_proj_ba, out_proj, o_proj, the shared expert stay float.
+pub fn qwen3_next_quantizes(module: &str) -> bool {
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "linear_attn.in_proj_qkvz"]
+        .iter()
+        .any(|m| module.ends_with(m))
+        || module.contains(".mlp.experts.")
+}
+
 /// The scheme the bundled data-free recipe of `quant_type` for `target` means to give the linear
 /// `module`, stated from the linear's role (not from the recipes' globs):
 /// - vision-tower linears are 8-bit, as in their family's W8A8 recipe: weight-only (W8A16) for the
@@ -364,10 +374,12 @@ pub fn check_output_for(input: &Path, out: &Path, quant_type: &str, target: &str
     let (outputs, file_of) = read_output(out, limit);
     let mut seen = Seen { shards: file_of.values().collect::<BTreeSet<_>>().len(), ..Default::default() };
     let mut accounted: BTreeSet<String> = BTreeSet::new();
-    let mtp = mtp_layers(&read_json(&input.join("config.json")));
+    let config = read_json(&input.join("config.json"));
+    let mtp = mtp_layers(&config);
+    let qwen3_next_practice = config["model_type"] == "qwen3_next" && quant_type == "w8a8_dynamic";
     let scheme_of = |name: &str, shape: &[usize]| -> Option<Scheme> {
         let module = name.strip_suffix(".weight")?;
-        if mtp(module) {
+        if mtp(module) || (qwen3_next_practice && !qwen3_next_quantizes(module)) {
             return None;
         }
         intended(quant_type, target, module, shape)

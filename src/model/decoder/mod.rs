@@ -6,6 +6,7 @@
 //! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
+//! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -21,9 +22,11 @@
 //! graph, a variant of [`Arch`], and the families that use it in [`Arch::of`]. Weights come from
 //! [`Weights`]; which checkpoint names they have is [`crate::model::layout::Layout`]'s business.
 
+pub mod gated_delta;
 pub mod glm4;
 pub mod mla;
 pub mod parts;
+pub mod qwen3_next;
 pub mod standard;
 
 pub use parts::embed;
@@ -67,6 +70,7 @@ pub enum Arch {
     Glm4,
     /// DeepSeek's multi-head latent attention.
     Mla,
+    Qwen3Next,
 }
 
 impl Arch {
@@ -85,6 +89,7 @@ impl Arch {
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
+            Family::Qwen3Next => Arch::Qwen3Next,
         }
     }
 }
@@ -96,6 +101,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
         Arch::Standard => Box::new(standard::Layer::new(&model.text, index, weights)?),
         Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
         Arch::Mla => Box::new(mla::Layer::new(&model.text, index, weights)?),
+        Arch::Qwen3Next => Box::new(qwen3_next::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -105,6 +111,7 @@ pub fn graph(model: &Model, index: usize) -> LayerGraph {
         Arch::Standard => standard::Layer::graph(&model.text, index),
         Arch::Glm4 => glm4::Layer::graph(&model.text, index),
         Arch::Mla => mla::Layer::graph(&model.text, index),
+        Arch::Qwen3Next => qwen3_next::Layer::graph(&model.text, index),
     }
 }
 
@@ -224,7 +231,8 @@ impl Head {
         embeddings: impl FnOnce() -> Result<Array2<f32>>,
     ) -> Result<Head> {
         let mut w = parts::Take::new(weights);
-        let norm = w.vector(&layout.final_norm(), cfg.hidden_size)?;
+        // Zero-centred final norms (Qwen3-Next) compute with `1 + w`.
+        let norm = w.vector(&layout.final_norm(), cfg.hidden_size)? + cfg.norm_offset;
         let lm_head = if cfg.tie_word_embeddings || !w.has(&layout.lm_head_weight()) {
             if !cfg.tie_word_embeddings {
                 bail!(
@@ -460,6 +468,12 @@ pub(crate) mod tests {
     fn parity_glm4_moe() {
         parity("glm4_moe");
     }
+    /// Gated DeltaNet (conv, delta rule, gated norm) in layers 0-2, gated attention in layer 3,
+    /// zero-centred norms, MoE with a gated shared expert.
+    #[test]
+    fn parity_qwen3_next() {
+        parity("qwen3_next");
+    }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
     struct Recorder(BTreeMap<String, usize>);
@@ -476,9 +490,14 @@ pub(crate) mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for (name, i) in
-            [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1), ("deepseek_v3", 1), ("deepseek_v2", 2)]
-        {
+        for (name, i) in [
+            ("qwen3_moe", 0),
+            ("qwen3_vl_moe", 0),
+            ("glm4_moe", 1),
+            ("deepseek_v3", 1),
+            ("deepseek_v2", 2),
+            ("qwen3_next", 3),
+        ] {
             let f = fixture(name);
             let text = &f.model.layout.text;
             let positions = f.positions();
@@ -521,7 +540,17 @@ pub(crate) mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "glm4", "glm4_moe", "deepseek_v3", "deepseek_v2"] {
+        for name in [
+            "llama",
+            "qwen2",
+            "qwen3_moe",
+            "qwen3_vl_moe",
+            "glm4",
+            "glm4_moe",
+            "deepseek_v3",
+            "deepseek_v2",
+            "qwen3_next",
+        ] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());

@@ -869,7 +869,10 @@ impl<'a> Calibrator<'a> {
         };
         match &sg.kind {
             Kind::NormLinear { norm } => {
-                let mut g: Array1<f32> = w.vector(&format!("{norm}.weight"))?;
+                // Zero-centred norms (Qwen3-Next) compute with `offset + w`: smooth the weight
+                // they compute with, store it less the offset.
+                let offset = self.model.text.norm_offset;
+                let mut g: Array1<f32> = w.vector(&format!("{norm}.weight"))? + offset;
                 let bias_name = format!("{norm}.bias");
                 let mut b = if w.has(&bias_name) { Some(w.vector(&bias_name)?) } else { None };
                 let mut refs: Vec<&mut crate::model::nn::Linear> = linears.iter_mut().collect();
@@ -877,6 +880,7 @@ impl<'a> Calibrator<'a> {
                 if let Some(st) = streamed.as_mut() {
                     st.scale_columns(&away, &map.scales);
                 }
+                let mut store = &g - offset;
                 // The norm is written in its stored dtype (bf16, fp16), the linears are quantized
                 // from f32: fold what will be stored, so the float model stays exact.
                 if let Some(dtype) = stored(&format!("{norm}.weight")).filter(|d| *d != DType::F32) {
@@ -884,7 +888,8 @@ impl<'a> Calibrator<'a> {
                         let flat: Vec<f32> = v.to_vec();
                         Ok(Array1::from_vec(Tensor::from_f32_as(dtype, &[flat.len()], &flat)?.to_f32()?))
                     };
-                    let g_stored = round(&g)?;
+                    store = round(&store)?;
+                    let g_stored = &store + offset;
                     let fix: Vec<f32> =
                         g.iter().zip(&g_stored).map(|(&a, &r)| if r != 0.0 { a / r } else { 1.0 }).collect();
                     for l in refs.iter_mut() {
@@ -905,9 +910,8 @@ impl<'a> Calibrator<'a> {
                         st.scale_columns(&away, &fix);
                     }
                     map.scales.iter_mut().zip(&fix).for_each(|(s, f)| *s *= f);
-                    g = g_stored;
                 }
-                w.set(&format!("{norm}.weight"), g.into_dyn());
+                w.set(&format!("{norm}.weight"), store.into_dyn());
                 modified.insert(format!("{norm}.weight"));
                 if let Some(b) = b {
                     w.set(&bias_name, b.into_dyn());
