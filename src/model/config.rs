@@ -91,8 +91,29 @@ pub struct RopeConfig {
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
     pub mrope_interleaved: bool,
-    /// Fraction of head_dim that is rotated (1.0 for every supported family).
+    /// Fraction of head_dim that is rotated (Qwen's `rotary_pct`).
     pub partial_rotary_factor: f64,
+    /// Scaling of the rotary base that depends on the sequence's length.
+    pub scaling: RopeScaling,
+}
+
+/// Rotary scaling that acts only on sequences longer than the model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// transformers' "dynamic" rope, as InternLM2's `InternLM2DynamicNTKScalingRotaryEmbedding`:
+    /// when the largest position + 1 (`len`) exceeds `max_positions`, the base becomes
+    /// `base · (factor · len / max_positions − (factor − 1))^(dim / (dim − 2))`.
+    DynamicNtk {
+        factor: f64,
+        max_positions: usize,
+    },
+    /// Qwen (1)'s `use_dynamic_ntk`: for a sequence of `len` tokens the base becomes
+    /// `base · α^(dim / (dim − 2))` with `α = max(2^⌈log2(len / seq_length) + 1⌉ − 1, 1)`, which
+    /// is 1 up to `seq_length` tokens.
+    QwenNtk {
+        seq_length: usize,
+    },
 }
 
 /// How a router scores experts.
@@ -167,14 +188,20 @@ pub struct TextConfig {
     pub rope: RopeConfig,
     pub moe: Option<MoeConfig>,
     pub attention_bias: Option<bool>,
+    /// Qwen (1)'s `use_logn_attn`: queries at 1-based position `i > seq_length` are scaled by
+    /// `log(i) / log(seq_length)`. Holds `seq_length`.
+    pub logn_attention: Option<usize>,
 }
 
 impl TextConfig {
-    /// Reads the text decoder's config: `text_config` where present, else the top level.
+    /// Reads the text decoder's config: `text_config` (or InternVL's `llm_config`) where present,
+    /// else the top level.
     pub fn from_json(config: &Value) -> Result<TextConfig> {
         let mut layers = Vec::new();
-        if let Some(t) = config.get("text_config").filter(|t| t.is_object()) {
-            layers.push(t.clone());
+        for key in ["text_config", "llm_config"] {
+            if let Some(t) = config.get(key).filter(|t| t.is_object()) {
+                layers.push(t.clone());
+            }
         }
         layers.push(config.clone());
         let c = ConfigView::new("config.json", layers);
@@ -182,7 +209,9 @@ impl TextConfig {
         let hidden_size = c.usize(&["hidden_size", "n_embd", "d_model"])?;
         let num_heads = c.usize(&["num_attention_heads", "n_head"])?;
         let num_kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads);
-        let head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = c.opt_usize(&["head_dim", "kv_channels"])?.unwrap_or(hidden_size / num_heads.max(1));
+        // Qwen (1)'s `intermediate_size` counts both halves of its MLP (w1 and w2).
+        let qwen1 = c.str(&["model_type"]) == Some("qwen");
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("config.json: {num_heads} attention heads cannot be shared by {num_kv_heads} key/value heads");
         }
@@ -244,19 +273,27 @@ impl TextConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            intermediate_size: c.opt_usize(&["intermediate_size"])?.unwrap_or(4 * hidden_size),
+            intermediate_size: c
+                .opt_usize(&["intermediate_size"])?
+                .map(|i| if qwen1 { i / 2 } else { i })
+                .unwrap_or(4 * hidden_size),
             vocab_size: c.usize(&["vocab_size"])?,
-            rms_norm_eps: c.f64(&["rms_norm_eps", "layer_norm_eps"])?.unwrap_or(1e-6),
+            rms_norm_eps: c.f64(&["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"])?.unwrap_or(1e-6),
             tie_word_embeddings: c.bool(&["tie_word_embeddings"]).unwrap_or(false),
             hidden_act: c.str(&["hidden_act"]).unwrap_or("silu").to_string(),
             rope: rope_config(&c)?,
             moe,
             attention_bias: c.bool(&["attention_bias"]),
+            logn_attention: match (qwen1, c.bool(&["use_logn_attn"])) {
+                (true, Some(true)) => Some(c.usize(&["seq_length"])?),
+                _ => None,
+            },
         })
     }
 }
 
-/// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases).
+/// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases); Qwen (1)'s
+/// `rotary_emb_base`, `rotary_pct` and `use_dynamic_ntk`.
 fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
     let params = c.sub(&["rope_parameters", "rope_scaling"]);
     let theta = params
@@ -264,21 +301,35 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         .map(|p| p.f64(&["rope_theta"]))
         .transpose()?
         .flatten()
-        .or(c.f64(&["rope_theta"])?)
+        .or(c.f64(&["rope_theta", "rotary_emb_base"])?)
         .unwrap_or(10000.0);
     let (mrope_section, mrope_interleaved) = match &params {
         Some(p) => (p.usize_list(&["mrope_section"])?, p.bool(&["mrope_interleaved"]).unwrap_or(false)),
         None => (None, false),
     };
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
-    let partial_rotary_factor = c.f64(&["partial_rotary_factor"])?.unwrap_or(1.0);
-    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor })
+    let partial_rotary_factor = c.f64(&["partial_rotary_factor", "rotary_pct"])?.unwrap_or(1.0);
+    let scaling = if kind == "dynamic" {
+        let p = params.as_ref().expect("a rope type comes from its parameters");
+        let factor = p.f64(&["factor"])?.context("config.json: the dynamic rope scaling has no factor")?;
+        let max_positions = match p.opt_usize(&["original_max_position_embeddings"])? {
+            Some(m) => m,
+            None => c.usize(&["original_max_position_embeddings", "max_position_embeddings"])?,
+        };
+        RopeScaling::DynamicNtk { factor, max_positions }
+    } else if c.str(&["model_type"]) == Some("qwen") && c.bool(&["use_dynamic_ntk"]) == Some(true) {
+        RopeScaling::QwenNtk { seq_length: c.usize(&["seq_length"])? }
+    } else {
+        RopeScaling::None
+    };
+    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor, scaling })
 }
 
-/// The `vision_config` object, if the model has one.
+/// The `vision_config` object (Qwen-VL: `visual`), if the model has one.
 pub fn vision_view(config: &Value) -> Option<ConfigView> {
-    config
-        .get("vision_config")
+    ["vision_config", "visual"]
+        .iter()
+        .find_map(|k| config.get(*k))
         .filter(|v| v.is_object())
         .map(|v| ConfigView::new("config.json vision_config", vec![v.clone()]))
 }

@@ -4,7 +4,7 @@
 //! of its own.
 
 use super::config::TextConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -14,40 +14,61 @@ pub enum Family {
     Qwen2,
     Qwen3,
     Qwen3Moe,
+    /// InternLM2 (remote code): fused `attention.wqkv` grouped per KV head, `feed_forward.w1/w3/w2`.
+    InternLm2,
+    /// Qwen (1) (remote code): `transformer.h.N`, fused `attn.c_attn`, `mlp.w2` (gate) / `w1` (up).
+    Qwen,
     Qwen2Vl,
     Qwen25Vl,
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
+    /// InternVL 2 / 2.5 / 3 / 3.5 as released (remote code `internvl_chat`): InternViT, `mlp1`, and
+    /// the language model of its `llm_config`.
+    InternVlChat,
+    /// InternVL converted for transformers (`-hf` releases, `internvl`).
+    InternVl,
+    /// Qwen-VL (remote code, `model_type` "qwen" with a `visual` config): ViT-bigG, the
+    /// attention-pooling resampler, the Qwen (1) decoder.
+    QwenVl,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 14] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
         Family::Qwen3Moe,
+        Family::InternLm2,
+        Family::Qwen,
         Family::Qwen2Vl,
         Family::Qwen25Vl,
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
+        Family::InternVlChat,
+        Family::InternVl,
+        Family::QwenVl,
     ];
 
-    /// The `model_type` of config.json.
+    /// The `model_type` of config.json (Qwen-VL shares Qwen's "qwen").
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::InternLm2 => "internlm2",
+            Family::Qwen | Family::QwenVl => "qwen",
             Family::Qwen2Vl => "qwen2_vl",
             Family::Qwen25Vl => "qwen2_5_vl",
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
+            Family::InternVlChat => "internvl_chat",
+            Family::InternVl => "internvl",
             Family::Generic => "generic",
         }
     }
@@ -57,28 +78,91 @@ impl Family {
     }
 
     pub fn is_vision_language(self) -> bool {
-        matches!(self, Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Llava)
+        matches!(
+            self,
+            Family::Qwen2Vl
+                | Family::Qwen25Vl
+                | Family::Qwen3Vl
+                | Family::Qwen3VlMoe
+                | Family::Llava
+                | Family::InternVlChat
+                | Family::InternVl
+                | Family::QwenVl
+        )
     }
 
     /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
-    /// [`Family::Generic`] when the caller allows it (tensor names decide later).
+    /// [`Family::Generic`] when the caller allows it (tensor names decide later). A "qwen" config
+    /// with a `visual` section is Qwen-VL.
     pub fn detect(config: &Value) -> Option<Family> {
+        let family = Family::detect_type(config)?;
+        Some(match family {
+            Family::Qwen if config.get("visual").is_some_and(|v| v.is_object()) => Family::QwenVl,
+            f => f,
+        })
+    }
+
+    fn detect_type(config: &Value) -> Option<Family> {
         if let Some(f) = config.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type) {
             return Some(f);
         }
         let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+        Family::from_architecture(arch)
+    }
+
+    fn from_architecture(arch: &str) -> Option<Family> {
         let by_arch = [
             ("LlamaForCausalLM", Family::Llama),
             ("Qwen2ForCausalLM", Family::Qwen2),
             ("Qwen3ForCausalLM", Family::Qwen3),
             ("Qwen3MoeForCausalLM", Family::Qwen3Moe),
+            ("InternLM2ForCausalLM", Family::InternLm2),
+            ("QWenLMHeadModel", Family::Qwen),
             ("Qwen2VLForConditionalGeneration", Family::Qwen2Vl),
             ("Qwen2_5_VLForConditionalGeneration", Family::Qwen25Vl),
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
+            ("InternVLChatModel", Family::InternVlChat),
+            ("InternVLForConditionalGeneration", Family::InternVl),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
+    }
+
+    /// The family whose decoder (and naming inside the text model) the language model uses: the
+    /// family itself, Qwen's for Qwen-VL, and for InternVL the family of its language model
+    /// (`llm_config` of the releases, `text_config` of the `-hf` conversions).
+    pub fn text_family(self, config: &Value) -> Result<Family> {
+        match self {
+            Family::InternVlChat | Family::InternVl => {
+                let llm = ["llm_config", "text_config"]
+                    .iter()
+                    .find_map(|k| config.get(*k).filter(|v| v.is_object()))
+                    .with_context(|| {
+                    format!("config.json of {} has no llm_config (or text_config)", self.model_type())
+                })?;
+                let by_type = llm.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type);
+                let arch = llm
+                    .get("architectures")
+                    .and_then(|a| a.as_array())
+                    .and_then(|a| a.first())
+                    .and_then(|a| a.as_str());
+                let family = by_type.or_else(|| arch.and_then(Family::from_architecture));
+                match family {
+                    Some(
+                        f @ (Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2),
+                    ) => Ok(f),
+                    _ => bail!(
+                        "the language model of this {} checkpoint ({}) is not one lamina computes \
+                         (InternLM2, Qwen2, Qwen3, Qwen3-MoE, LLaMA are)",
+                        self.model_type(),
+                        arch.or(llm.get("model_type").and_then(|v| v.as_str())).unwrap_or("unnamed")
+                    ),
+                }
+            }
+            Family::QwenVl => Ok(Family::Qwen),
+            f => Ok(f),
+        }
     }
 }
 
@@ -89,6 +173,141 @@ pub enum VisionKind {
     Qwen25Vl,
     Qwen3Vl,
     Clip,
+    /// InternViT, as released (`vision_model.*`, fused `attn.qkv`, projector `mlp1`).
+    InternVit,
+    /// InternViT as transformers names it (`-hf`: split q/k/v, `multi_modal_projector`).
+    InternVitHf,
+    /// Qwen-VL's ViT-bigG with the attention-pooling resampler.
+    QwenVlVit,
+}
+
+/// How the language model names the modules inside a decoder layer, relative to the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderNames {
+    /// The norm before attention, and the one before the MLP.
+    pub attn_norm: &'static str,
+    pub mlp_norm: &'static str,
+    /// The attention module (its KV cache is keyed by this name).
+    pub attn: &'static str,
+    pub qkv: QkvNames,
+    pub o_proj: &'static str,
+    /// Qwen3's per-head q/k RMSNorms (optional tensors).
+    pub q_norm: &'static str,
+    pub k_norm: &'static str,
+    /// The dense SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+    /// A routed MoE's root (`mlp`: `mlp.gate` router, `mlp.experts.J.*`).
+    pub moe: &'static str,
+}
+
+/// The query, key and value projections: three linears, or one fused linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvNames {
+    Separate { q: &'static str, k: &'static str, v: &'static str },
+    Fused { module: &'static str, rows: FusedQkv },
+}
+
+/// The order of the output rows of a fused query/key/value projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedQkv {
+    /// All query rows, then all key rows, then all value rows (Qwen's `c_attn`).
+    Concatenated,
+    /// For each key/value head: its group of query heads, then its key head, then its value head
+    /// (InternLM2's `wqkv`, which its modeling file splits with
+    /// `rearrange("b q (h gs d) -> b q h gs d", gs=2 + groups)`).
+    PerKvHead,
+}
+
+impl DecoderNames {
+    /// Llama, Qwen2/3 and the Qwen-VL / LLaVA language models.
+    pub const STANDARD: DecoderNames = DecoderNames {
+        attn_norm: "input_layernorm",
+        mlp_norm: "post_attention_layernorm",
+        attn: "self_attn",
+        qkv: QkvNames::Separate { q: "self_attn.q_proj", k: "self_attn.k_proj", v: "self_attn.v_proj" },
+        o_proj: "self_attn.o_proj",
+        q_norm: "self_attn.q_norm",
+        k_norm: "self_attn.k_norm",
+        gate: "mlp.gate_proj",
+        up: "mlp.up_proj",
+        down: "mlp.down_proj",
+        moe: "mlp",
+    };
+    /// InternLM2's modeling file (`InternLM2DecoderLayer`).
+    pub const INTERNLM2: DecoderNames = DecoderNames {
+        attn_norm: "attention_norm",
+        mlp_norm: "ffn_norm",
+        attn: "attention",
+        qkv: QkvNames::Fused { module: "attention.wqkv", rows: FusedQkv::PerKvHead },
+        o_proj: "attention.wo",
+        q_norm: "attention.q_norm",
+        k_norm: "attention.k_norm",
+        gate: "feed_forward.w1",
+        up: "feed_forward.w3",
+        down: "feed_forward.w2",
+        moe: "feed_forward",
+    };
+    /// Qwen (1)'s modeling file (`QWenBlock`): its MLP computes `c_proj(w1(x) · silu(w2(x)))`, so
+    /// `w2` is the gate and `w1` the up projection.
+    pub const QWEN: DecoderNames = DecoderNames {
+        attn_norm: "ln_1",
+        mlp_norm: "ln_2",
+        attn: "attn",
+        qkv: QkvNames::Fused { module: "attn.c_attn", rows: FusedQkv::Concatenated },
+        o_proj: "attn.c_proj",
+        q_norm: "attn.q_norm",
+        k_norm: "attn.k_norm",
+        gate: "mlp.w2",
+        up: "mlp.w1",
+        down: "mlp.c_proj",
+        moe: "mlp",
+    };
+
+    /// The linears reading the attention norm, in order.
+    pub fn qkv_modules(&self) -> Vec<String> {
+        match self.qkv {
+            QkvNames::Separate { q, k, v } => vec![q.into(), k.into(), v.into()],
+            QkvNames::Fused { module, .. } => vec![module.into()],
+        }
+    }
+}
+
+/// How a language model names its text model's parts: the layer container, the token embedding,
+/// the final norm and the output projection (relative to the text root / head prefix), and the
+/// modules inside a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextNames {
+    pub layers: &'static str,
+    pub embed: &'static str,
+    pub norm: &'static str,
+    pub head: &'static str,
+    pub decoder: DecoderNames,
+}
+
+impl TextNames {
+    pub fn of(text_family: Family) -> TextNames {
+        match text_family {
+            Family::InternLm2 => TextNames {
+                layers: "layers",
+                embed: "tok_embeddings",
+                norm: "norm",
+                head: "output",
+                decoder: DecoderNames::INTERNLM2,
+            },
+            Family::Qwen | Family::QwenVl => {
+                TextNames { layers: "h", embed: "wte", norm: "ln_f", head: "lm_head", decoder: DecoderNames::QWEN }
+            }
+            _ => TextNames {
+                layers: "layers",
+                embed: "embed_tokens",
+                norm: "norm",
+                head: "lm_head",
+                decoder: DecoderNames::STANDARD,
+            },
+        }
+    }
 }
 
 /// Candidate prefixes of one family: the first is the release layout, later ones are the
@@ -102,7 +321,8 @@ struct Rules {
     vision_post: &'static [&'static str],
     /// Modules outside the vision root that belong to the vision side (LLaVA's projector).
     projector: &'static [&'static str],
-    lm_head: &'static [&'static str],
+    /// What goes before the output projection's name (`language_model.` in LLaVA's release).
+    head_prefix: &'static [&'static str],
 }
 
 const DECODER: Rules = Rules {
@@ -112,12 +332,15 @@ const DECODER: Rules = Rules {
     vision_pre: &[],
     vision_post: &[],
     projector: &[],
-    lm_head: &["lm_head"],
+    head_prefix: &[""],
 };
 
 fn rules(family: Family) -> Rules {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Generic => DECODER,
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2 | Family::Generic => {
+            DECODER
+        }
+        Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -125,7 +348,7 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["patch_embed"],
             vision_post: &["merger"],
             projector: &[],
-            lm_head: &["lm_head"],
+            head_prefix: &[""],
         },
         Family::Qwen3Vl | Family::Qwen3VlMoe => Rules {
             text: &["model.language_model", "model"],
@@ -134,7 +357,7 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["patch_embed", "pos_embed"],
             vision_post: &["merger", "deepstack_merger_list"],
             projector: &[],
-            lm_head: &["lm_head"],
+            head_prefix: &[""],
         },
         Family::Llava => Rules {
             text: &["language_model.model", "model.language_model"],
@@ -143,21 +366,60 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["embeddings", "pre_layrnorm"],
             vision_post: &["post_layernorm"],
             projector: &["multi_modal_projector", "model.multi_modal_projector"],
-            lm_head: &["language_model.lm_head", "lm_head"],
+            head_prefix: &["language_model.", ""],
+        },
+        Family::InternVlChat => Rules {
+            text: &["language_model.model"],
+            vision: &["vision_model"],
+            vision_blocks: "encoder.layers",
+            vision_pre: &["embeddings"],
+            vision_post: &[],
+            projector: &["mlp1"],
+            head_prefix: &["language_model."],
+        },
+        Family::InternVl => Rules {
+            text: &["model.language_model", "language_model.model"],
+            vision: &["model.vision_tower", "vision_tower"],
+            vision_blocks: "encoder.layer",
+            vision_pre: &["embeddings"],
+            vision_post: &["layernorm"],
+            projector: &["model.multi_modal_projector", "multi_modal_projector"],
+            head_prefix: &["", "language_model."],
+        },
+        Family::QwenVl => Rules {
+            text: &["transformer"],
+            vision: &["transformer.visual"],
+            vision_blocks: "transformer.resblocks",
+            vision_pre: &["conv1", "positional_embedding", "ln_pre"],
+            vision_post: &["attn_pool", "ln_post", "proj"],
+            projector: &[],
+            head_prefix: &[""],
         },
     }
 }
 
 /// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
-const EMBEDDING_MODULES: [&str; 7] =
-    ["embed_tokens", "pos_embed", "position_embedding", "wte", "wpe", "word_embeddings", "class_embedding"];
+const EMBEDDING_MODULES: [&str; 8] = [
+    "embed_tokens",
+    "tok_embeddings",
+    "pos_embed",
+    "position_embedding",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "class_embedding",
+];
 
 /// Where the parts of one checkpoint live.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
     pub family: Family,
-    /// The text model's root: `{text}.layers.N`, `{text}.embed_tokens`, `{text}.norm`.
+    /// The family whose decoder the language model is (see [`Family::text_family`]).
+    pub text_family: Family,
+    /// The text model's root: `{text}.{layers}.N`, `{text}.{embed}`, `{text}.{norm}`.
     pub text: String,
+    pub names: TextNames,
+    /// The output projection's module (`lm_head`, `language_model.output`).
     pub lm_head: String,
     pub vision: Option<String>,
     pub vision_kind: Option<VisionKind>,
@@ -169,9 +431,10 @@ pub struct Layout {
 
 impl Layout {
     /// Picks the layout variant whose names the checkpoint holds; with no names (a config alone)
-    /// the release layout is used.
-    pub fn resolve(family: Family, names: &[&str]) -> Result<Layout> {
+    /// the release layout is used. `text_family` is [`Family::text_family`] of the config.
+    pub fn resolve(family: Family, text_family: Family, names: &[&str]) -> Result<Layout> {
         let r = rules(family);
+        let tn = TextNames::of(text_family);
         let has_prefix = |p: &str| names.iter().any(|n| n.starts_with(p));
         let pick = |cands: &[&str], probe: &dyn Fn(&str) -> String| -> Option<String> {
             if cands.is_empty() {
@@ -182,22 +445,27 @@ impl Layout {
         let text = if family == Family::Generic {
             generic_text_root(names)?
         } else {
-            pick(r.text, &|c| format!("{c}.layers.")).unwrap()
+            pick(r.text, &|c| format!("{c}.{}.", tn.layers)).unwrap()
         };
         let vision = pick(r.vision, &|c| format!("{c}.{}.", r.vision_blocks));
         let projector = pick(r.projector, &|c| format!("{c}."));
-        let lm_head = pick(r.lm_head, &|c| format!("{c}.")).unwrap();
+        let head_prefix = pick(r.head_prefix, &|c| format!("{c}{}.", tn.head)).unwrap_or_default();
         let vision_kind = match family {
             Family::Qwen2Vl => Some(VisionKind::Qwen2Vl),
             Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
+            Family::InternVlChat => Some(VisionKind::InternVit),
+            Family::InternVl => Some(VisionKind::InternVitHf),
+            Family::QwenVl => Some(VisionKind::QwenVlVit),
             _ => None,
         };
         Ok(Layout {
             family,
+            text_family,
             text,
-            lm_head,
+            names: tn,
+            lm_head: format!("{head_prefix}{}", tn.head),
             vision,
             vision_kind,
             vision_blocks: r.vision_blocks.to_string(),
@@ -207,14 +475,19 @@ impl Layout {
         })
     }
 
+    /// The layout of a model whose config is `config` (for a text-only family, the family's own).
+    pub fn for_config(family: Family, config: &Value, names: &[&str]) -> Result<Layout> {
+        Layout::resolve(family, family.text_family(config)?, names)
+    }
+
     pub fn text_layer(&self, i: usize) -> String {
-        format!("{}.layers.{i}", self.text)
+        format!("{}.{}.{i}", self.text, self.names.layers)
     }
     pub fn embed_tokens(&self) -> String {
-        format!("{}.embed_tokens.weight", self.text)
+        format!("{}.{}.weight", self.text, self.names.embed)
     }
     pub fn final_norm(&self) -> String {
-        format!("{}.norm.weight", self.text)
+        format!("{}.{}.weight", self.text, self.names.norm)
     }
     pub fn lm_head_weight(&self) -> String {
         format!("{}.weight", self.lm_head)
@@ -244,13 +517,15 @@ impl Layout {
 
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
-        if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
+        if let Some(i) = layer_index(name, &format!("{}.{}.", self.text, self.names.layers)) {
             return UnitKind::TextLayer(i);
         }
         if name == self.embed_tokens() {
             return UnitKind::Embed;
         }
-        if name.starts_with(&format!("{}.norm.", self.text)) || name.starts_with(&format!("{}.", self.lm_head)) {
+        if name.starts_with(&format!("{}.{}.", self.text, self.names.norm))
+            || name.starts_with(&format!("{}.", self.lm_head))
+        {
             return UnitKind::Head;
         }
         if let Some(v) = &self.vision {
@@ -258,7 +533,8 @@ impl Layout {
                 return UnitKind::VisionBlock(i);
             }
             if let Some(rel) = name.strip_prefix(&format!("{v}.")) {
-                if self.vision_pre.iter().any(|p| rel.starts_with(&format!("{p}."))) {
+                let module = |p: &String| rel == p || rel.starts_with(&format!("{p}."));
+                if self.vision_pre.iter().any(module) {
                     return UnitKind::VisionPre;
                 }
                 return UnitKind::VisionPost;
@@ -279,9 +555,9 @@ impl Layout {
             UnitKind::VisionPre => format!("{vision} (embeddings)"),
             UnitKind::VisionBlock(i) => self.vision_block(i).unwrap_or_default(),
             UnitKind::VisionPost => format!("{vision} (mergers, projector)"),
-            UnitKind::Embed => format!("{}.embed_tokens", self.text),
+            UnitKind::Embed => self.embed_tokens().trim_end_matches(".weight").to_string(),
             UnitKind::TextLayer(i) => self.text_layer(i),
-            UnitKind::Head => format!("{}.norm, {}", self.text, self.lm_head),
+            UnitKind::Head => format!("{}.{}, {}", self.text, self.names.norm, self.lm_head),
             UnitKind::Other => "other tensors".into(),
         }
     }
@@ -347,50 +623,59 @@ pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
 /// of real shapes for benchmarks.
 pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(String, Vec<usize>)>> {
     let t = TextConfig::from_json(config)?;
-    let layout = Layout::resolve(family, &[])?;
+    let layout = Layout::for_config(family, config, &[])?;
     let (h, hd) = (t.hidden_size, t.head_dim);
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
-    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
-    let qk_norm = matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
+    let tf = layout.text_family;
+    let bias = matches!(tf, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen)
+        || t.attention_bias == Some(true);
+    let qk_norm = matches!(tf, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
     let fused_experts = family == Family::Qwen3VlMoe;
+    let d = layout.names.decoder;
 
     push(layout.embed_tokens(), &[t.vocab_size, h]);
     for i in 0..t.num_layers {
         let l = layout.text_layer(i);
-        push(format!("{l}.input_layernorm.weight"), &[h]);
-        push(format!("{l}.post_attention_layernorm.weight"), &[h]);
-        for (p, rows) in [("q", t.num_heads * hd), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
-            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+        push(format!("{l}.{}.weight", d.attn_norm), &[h]);
+        push(format!("{l}.{}.weight", d.mlp_norm), &[h]);
+        let (q_rows, kv_rows) = (t.num_heads * hd, t.num_kv_heads * hd);
+        let projections: Vec<(&str, usize)> = match d.qkv {
+            QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
+            QkvNames::Fused { module, .. } => vec![(module, q_rows + 2 * kv_rows)],
+        };
+        for (p, rows) in projections {
+            push(format!("{l}.{p}.weight"), &[rows, h]);
             if bias {
-                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+                push(format!("{l}.{p}.bias"), &[rows]);
             }
         }
-        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
+        push(format!("{l}.{}.weight", d.o_proj), &[h, t.num_heads * hd]);
         if qk_norm {
-            push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
-            push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
+            push(format!("{l}.{}.weight", d.q_norm), &[hd]);
+            push(format!("{l}.{}.weight", d.k_norm), &[hd]);
         }
         match &t.moe {
             Some(m) if m.is_moe_layer(i) => {
                 let inter = m.moe_intermediate_size;
-                push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
+                let mlp = d.moe;
+                push(format!("{l}.{mlp}.gate.weight"), &[m.num_experts, h]);
                 if fused_experts {
-                    push(format!("{l}.mlp.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
-                    push(format!("{l}.mlp.experts.down_proj"), &[m.num_experts, inter, h]);
+                    push(format!("{l}.{mlp}.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
+                    push(format!("{l}.{mlp}.experts.down_proj"), &[m.num_experts, inter, h]);
                 } else {
                     for j in 0..m.num_experts {
-                        push(format!("{l}.mlp.experts.{j}.gate_proj.weight"), &[inter, h]);
-                        push(format!("{l}.mlp.experts.{j}.up_proj.weight"), &[inter, h]);
-                        push(format!("{l}.mlp.experts.{j}.down_proj.weight"), &[h, inter]);
+                        push(format!("{l}.{mlp}.experts.{j}.gate_proj.weight"), &[inter, h]);
+                        push(format!("{l}.{mlp}.experts.{j}.up_proj.weight"), &[inter, h]);
+                        push(format!("{l}.{mlp}.experts.{j}.down_proj.weight"), &[h, inter]);
                     }
                 }
             }
             _ => {
                 let inter = t.intermediate_size;
-                push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
-                push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
-                push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
+                push(format!("{l}.{}.weight", d.gate), &[inter, h]);
+                push(format!("{l}.{}.weight", d.up), &[inter, h]);
+                push(format!("{l}.{}.weight", d.down), &[h, inter]);
             }
         }
     }
@@ -503,11 +788,11 @@ mod tests {
     #[test]
     fn release_and_transformers5_layouts_resolve() {
         let old = ["model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"];
-        let l = Layout::resolve(Family::Qwen2Vl, &old).unwrap();
+        let l = Layout::resolve(Family::Qwen2Vl, Family::Qwen2Vl, &old).unwrap();
         assert_eq!(l.text, "model");
         assert_eq!(l.vision.as_deref(), Some("visual"));
         let new = ["model.language_model.layers.0.mlp.up_proj.weight", "model.visual.blocks.0.attn.qkv.weight"];
-        let l = Layout::resolve(Family::Qwen2Vl, &new).unwrap();
+        let l = Layout::resolve(Family::Qwen2Vl, Family::Qwen2Vl, &new).unwrap();
         assert_eq!(l.text, "model.language_model");
         assert_eq!(l.vision.as_deref(), Some("model.visual"));
         assert_eq!(l.classify("model.visual.blocks.3.norm1.weight"), UnitKind::VisionBlock(3));
@@ -521,7 +806,7 @@ mod tests {
     #[test]
     fn llava_names() {
         let names = ["language_model.model.layers.0.mlp.up_proj.weight", "language_model.lm_head.weight"];
-        let l = Layout::resolve(Family::Llava, &names).unwrap();
+        let l = Layout::resolve(Family::Llava, Family::Llava, &names).unwrap();
         assert_eq!(l.classify("language_model.model.layers.1.self_attn.q_proj.weight"), UnitKind::TextLayer(1));
         assert_eq!(l.classify("language_model.lm_head.weight"), UnitKind::Head);
         assert_eq!(l.classify("vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), UnitKind::VisionBlock(2));
@@ -531,13 +816,13 @@ mod tests {
 
     #[test]
     fn unit_prefixes_make_names_relative() {
-        let q = Layout::resolve(Family::Qwen3Vl, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        let q = Layout::resolve(Family::Qwen3Vl, Family::Qwen3Vl, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
         assert_eq!(q.unit_prefix(UnitKind::VisionBlock(2)), "model.visual.blocks.2.");
         assert_eq!(q.unit_prefix(UnitKind::VisionPre), "model.visual.");
         assert_eq!(q.unit_prefix(UnitKind::VisionPost), "model.visual.");
         assert_eq!(q.unit_prefix(UnitKind::TextLayer(1)), "model.language_model.layers.1.");
         // LLaVA's projector lives outside the vision root: its post unit keeps whole names.
-        let l = Layout::resolve(Family::Llava, &[]).unwrap();
+        let l = Layout::resolve(Family::Llava, Family::Llava, &[]).unwrap();
         assert_eq!(l.unit_prefix(UnitKind::VisionBlock(0)), "vision_tower.vision_model.encoder.layers.0.");
         assert_eq!(l.unit_prefix(UnitKind::VisionPost), "");
     }
@@ -550,10 +835,10 @@ mod tests {
             "backbone.layers.1.mixer.weight",
             "backbone.embed.weight",
         ];
-        let l = Layout::resolve(Family::Generic, &names).unwrap();
+        let l = Layout::resolve(Family::Generic, Family::Generic, &names).unwrap();
         assert_eq!(l.text, "backbone");
         assert_eq!(l.classify("backbone.layers.1.mixer.weight"), UnitKind::TextLayer(1));
-        assert!(Layout::resolve(Family::Generic, &["a.b.weight"]).is_err());
+        assert!(Layout::resolve(Family::Generic, Family::Generic, &["a.b.weight"]).is_err());
     }
 
     #[test]

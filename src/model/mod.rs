@@ -41,7 +41,7 @@ impl Model {
                         if names.is_empty() {
                             bail!("unknown model_type {t:?} in config.json (known: {}); with a config alone there are no tensor names to fall back on", known.join(", "));
                         }
-                        Layout::resolve(Family::Generic, names).with_context(|| {
+                        Layout::resolve(Family::Generic, Family::Generic, names).with_context(|| {
                         format!("unknown model_type {t:?} in config.json (known: {}) and no generic decoder layout fits", known.join(", "))
                     })?;
                         Family::Generic
@@ -49,7 +49,7 @@ impl Model {
                 }
             }
         };
-        let layout = Layout::resolve(family, names)?;
+        let layout = Layout::for_config(family, config, names)?;
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
         Ok(Model { family, layout, text, config: config.clone() })
     }

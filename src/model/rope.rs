@@ -10,7 +10,7 @@
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
 
-use super::config::RopeConfig;
+use super::config::{RopeConfig, RopeScaling};
 use anyhow::{bail, ensure, Result};
 use ndarray::Array2;
 
@@ -59,6 +59,10 @@ impl Positions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     head_dim: usize,
+    /// The rotated dims (`head_dim · partial_rotary_factor`) and the unscaled base.
+    rotary_dim: usize,
+    theta: f64,
+    scaling: RopeScaling,
     /// `rotary_dim / 2` inverse frequencies (`theta^(-2i/rotary_dim)`), rounded to f32 as transformers stores them.
     inv_freq: Vec<f32>,
     /// For each frequency: 0 (temporal / text), 1 (height) or 2 (width).
@@ -68,13 +72,19 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Refuses the rope types lamina does not implement (llama3, yarn, linear, dynamic, ...).
+    /// Refuses the rope types lamina does not implement (llama3, yarn, linear, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
-        if !matches!(cfg.kind.as_str(), "default" | "mrope") {
+        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "dynamic") {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE and the Qwen VL M-RoPE); data-free quantization does not need it",
+                 (supported: default RoPE, dynamic NTK and the Qwen VL M-RoPE); data-free quantization does not need it",
                 cfg.kind
+            );
+        }
+        if let RopeScaling::DynamicNtk { factor, max_positions } = cfg.scaling {
+            ensure!(
+                factor.is_finite() && factor >= 1.0 && max_positions > 0,
+                "the dynamic rope scaling needs a factor >= 1 and max_position_embeddings > 0 (got {factor} and {max_positions})"
             );
         }
         let rotary_dim = (head_dim as f64 * cfg.partial_rotary_factor) as usize;
@@ -85,13 +95,35 @@ impl Rope {
         );
         ensure!(cfg.theta > 0.0 && cfg.theta.is_finite(), "rope_theta is {}, expected a positive number", cfg.theta);
         let half = rotary_dim / 2;
-        let inv_freq = (0..half).map(|i| (1.0 / cfg.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+        let inv_freq = inverse_frequencies(cfg.theta, rotary_dim);
         let (axis, multimodal) = match &cfg.mrope_section {
             None => (vec![0; half], false),
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, inv_freq, axis, multimodal })
+        Ok(Rope { head_dim, rotary_dim, theta: cfg.theta, scaling: cfg.scaling, inv_freq, axis, multimodal })
+    }
+
+    /// The base of a sequence of `tokens` tokens whose largest position id is `max_position`:
+    /// the configured one, or the dynamic NTK scalings' larger one beyond the trained length.
+    fn base_for(&self, tokens: usize, max_position: i64) -> f64 {
+        let dim = self.rotary_dim as f64;
+        match self.scaling {
+            RopeScaling::None => self.theta,
+            RopeScaling::DynamicNtk { factor, max_positions } => {
+                let len = (max_position + 1).max(0) as f64;
+                if len > max_positions as f64 {
+                    self.theta * (factor * len / max_positions as f64 - (factor - 1.0)).powf(dim / (dim - 2.0))
+                } else {
+                    self.theta
+                }
+            }
+            RopeScaling::QwenNtk { seq_length } => {
+                let context = (tokens as f64 / seq_length as f64).log2() + 1.0;
+                let alpha = (2f64.powf(context.ceil()) - 1.0).max(1.0);
+                self.theta * alpha.powf(dim / (dim - 2.0))
+            }
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -108,18 +140,31 @@ impl Rope {
             bail!("three rows of position ids (M-RoPE) were given to a model without mrope_section in its config");
         }
         let (seq, half) = (pos.len(), self.inv_freq.len());
+        let base = self.base_for(seq, pos.ids.iter().copied().max().unwrap_or(0));
+        let scaled;
+        let inv_freq = if base == self.theta {
+            &self.inv_freq
+        } else {
+            scaled = inverse_frequencies(base, self.rotary_dim);
+            &scaled
+        };
         let mut cos = Array2::zeros((seq, half));
         let mut sin = Array2::zeros((seq, half));
         for t in 0..seq {
             for j in 0..half {
                 // transformers multiplies in f32 (`inv_freq @ position_ids`), then takes cos and sin.
-                let angle = pos.id(self.axis[j], t) as f32 * self.inv_freq[j];
+                let angle = pos.id(self.axis[j], t) as f32 * inv_freq[j];
                 cos[[t, j]] = (angle as f64).cos() as f32;
                 sin[[t, j]] = (angle as f64).sin() as f32;
             }
         }
         Ok(RopeAngles { cos, sin, head_dim: self.head_dim })
     }
+}
+
+/// `base^(-2i / rotary_dim)` for `i < rotary_dim / 2`, rounded to f32 as transformers stores them.
+fn inverse_frequencies(base: f64, rotary_dim: usize) -> Vec<f32> {
+    (0..rotary_dim / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect()
 }
 
 /// Qwen2-VL: `freq.split(mrope_section)`, block `i` takes axis `i % 3`.
@@ -196,6 +241,7 @@ mod tests {
             mrope_section: section,
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
+            scaling: RopeScaling::None,
         }
     }
 
@@ -288,7 +334,7 @@ mod tests {
 
     #[test]
     fn unsupported_rope_types_are_refused() {
-        for kind in ["llama3", "yarn", "linear", "dynamic"] {
+        for kind in ["llama3", "yarn", "linear"] {
             let e = Rope::new(&cfg(1e4, kind, None, false), 16).unwrap_err().to_string();
             assert!(e.contains(kind), "{e}");
         }

@@ -150,7 +150,8 @@ pub fn should_quantize(name: &str, shape: &[usize]) -> bool {
     };
     let last = module.rsplit('.').next().unwrap();
     shape.len() == 2
-        && !["embed_tokens", "pos_embed", "position_embedding", "lm_head"].contains(&last)
+        && !["embed_tokens", "tok_embeddings", "wte", "pos_embed", "position_embedding", "lm_head", "output"]
+            .contains(&last)
         && !module.ends_with("mlp.gate")
         && !module.contains("linear_fc2")
         && !module.contains("merger")

@@ -134,10 +134,12 @@ pub fn project(
     Ok(if y.is_standard_layout() { y } else { y.as_standard_layout().into_owned() })
 }
 
-/// `down(silu(gate(x)) · up(x))`; `name` is the module (`mlp`, `mlp.experts.3`).
+/// `down(silu(gate(x)) · up(x))`; `names` are the three linears' module names (`mlp.gate_proj`,
+/// `mlp.up_proj`, `mlp.down_proj`; `mlp.experts.3.*`; InternLM2's `feed_forward.w1/w3/w2`).
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    pub name: String,
+    /// Gate, up and down, in that order.
+    pub names: [String; 3],
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
@@ -145,13 +147,13 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>, hook: &mut dyn LinearHook) -> Result<Array2<f32>> {
-        let name = |p: &str| format!("{}.{p}", self.name);
-        let gate = hook.linear(device, &name("gate_proj"), &self.gate_proj, x);
-        let up = hook.linear(device, &name("up_proj"), &self.up_proj, x);
-        ensure!(gate.dim() == up.dim(), "{} and {} disagree in shape", name("gate_proj"), name("up_proj"));
+        let [gate_name, up_name, down_name] = &self.names;
+        let gate = hook.linear(device, gate_name, &self.gate_proj, x);
+        let up = hook.linear(device, up_name, &self.up_proj, x);
+        ensure!(gate.dim() == up.dim(), "{gate_name} and {up_name} disagree in shape");
         let mut act = gate;
         act.zip_mut_with(&up, |g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
-        Ok(hook.linear(device, &name("down_proj"), &self.down_proj, act.view()))
+        Ok(hook.linear(device, down_name, &self.down_proj, act.view()))
     }
 }
 
@@ -378,12 +380,19 @@ impl Take {
         Ok(Linear { weight: weight.into_dimensionality()?, bias })
     }
 
+    /// `{module}.gate_proj`, `{module}.up_proj`, `{module}.down_proj`.
     pub fn swiglu(&mut self, module: &str, hidden: usize, inter: usize) -> Result<SwiGlu> {
+        let [g, u, d] = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{module}.{p}"));
+        self.swiglu_named([&g, &u, &d], hidden, inter)
+    }
+
+    /// A SwiGLU MLP whose gate, up and down linears have these module names.
+    pub fn swiglu_named(&mut self, [gate, up, down]: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
         Ok(SwiGlu {
-            name: module.to_string(),
-            gate_proj: self.linear(&format!("{module}.gate_proj"), inter, hidden)?,
-            up_proj: self.linear(&format!("{module}.up_proj"), inter, hidden)?,
-            down_proj: self.linear(&format!("{module}.down_proj"), hidden, inter)?,
+            names: [gate, up, down].map(String::from),
+            gate_proj: self.linear(gate, inter, hidden)?,
+            up_proj: self.linear(up, inter, hidden)?,
+            down_proj: self.linear(down, hidden, inter)?,
         })
     }
 
