@@ -1,6 +1,8 @@
 //! The command line, spelled as msModelSlim spells it (`--model_path`), with kebab-case aliases.
 
+use crate::export::rules::Target;
 use crate::pipeline::{self, memory::human, QuantArgs};
+use crate::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -41,6 +43,12 @@ enum Command {
     /// With --image (or --inputs) and --quantized: runs both models on one image prompt, vision
     /// tower included, and prints how far the quantized logits are from the float ones.
     Eval(EvalCli),
+    /// Check an output folder (lamina's or msModelSlim's) against the target server's loader rules:
+    /// every tensor described, names, dtypes and shapes per quantization type, the layer kinds each type
+    /// loads on, fused modules (q/k/v, gate/up, all experts of a layer) sharing one type, group sizes,
+    /// deq_scale's dtype for the serving dtype, the C8 KV-cache scales. Prints each problem and exits 1
+    /// when there is any; `lamina quant` runs the same checks on what it is about to write.
+    Check(CheckCli),
 }
 
 #[derive(Args)]
@@ -146,6 +154,39 @@ struct QuantCli {
     /// Tokens per calibration sequence (text models).
     #[arg(long = "calib_seq_len", alias = "calib-seq-len", default_value_t = 512)]
     calib_seq_len: usize,
+    /// The server the output must load in: vllm-ascend (default) or mindie. The plan is checked against
+    /// its loader's rules before anything is written (types per layer kind, fused modules, group sizes,
+    /// shapes); mindie also reads per-group int8 scales and dense W4A8_DYNAMIC / W4A16 linears, and
+    /// `--quant_type w4a8_dynamic|w4a16` then picks recipes that use them.
+    #[arg(long, default_value = "vllm-ascend", value_parser = parse_target)]
+    target: Target,
+    /// The dtype the server runs the model in (bfloat16, float16): static W8A8's deq_scale is written
+    /// as the loader reads it in that dtype (f32 for bfloat16, int64 for float16; 310P serves float16).
+    /// Default: config.json's torch_dtype.
+    #[arg(long = "serving_dtype", alias = "serving-dtype", value_parser = parse_serving_dtype)]
+    serving_dtype: Option<DType>,
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    Target::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_serving_dtype(s: &str) -> Result<DType, String> {
+    DType::from_torch_name(s).ok_or_else(|| format!("unknown dtype {s:?} (bfloat16, float16, float32)"))
+}
+
+#[derive(Args)]
+struct CheckCli {
+    /// The output folder: lamina's, or one msModelSlim wrote (quant_model_description.json and
+    /// quant_model_weights*.safetensors).
+    out: PathBuf,
+    /// The server to check against: vllm-ascend (default) or mindie.
+    #[arg(long, default_value = "vllm-ascend", value_parser = parse_target)]
+    target: Target,
+    /// The dtype the server will run in (decides which deq_scale dtype loads). Default: what lamina
+    /// recorded in the description's metadata, else config.json's torch_dtype.
+    #[arg(long = "serving_dtype", alias = "serving-dtype", value_parser = parse_serving_dtype)]
+    serving_dtype: Option<DType>,
 }
 
 /// `True` / `False` as msModelSlim's command line spells them (Python's), or `true` / `false`.
@@ -172,6 +213,8 @@ impl QuantCli {
             calib_data: self.calib_data.clone(),
             calib_samples: self.calib_samples,
             calib_seq_len: self.calib_seq_len,
+            target: self.target,
+            serving_dtype: self.serving_dtype,
         }
     }
 }
@@ -184,6 +227,7 @@ pub fn main() -> i32 {
         Command::Plan(q) => plan(&q),
         Command::Forward(f) => forward(&f),
         Command::Eval(e) => eval(&e),
+        Command::Check(c) => check(&c),
     };
     match result {
         Ok(code) => code,
@@ -278,4 +322,10 @@ fn eval(e: &EvalCli) -> anyhow::Result<i32> {
         None => println!("perplexity: {:.4}", r.float_perplexity),
     }
     Ok(0)
+}
+
+fn check(c: &CheckCli) -> anyhow::Result<i32> {
+    let r = crate::export::check::check_folder(&c.out, c.target, c.serving_dtype)?;
+    print!("{}", r.summary());
+    Ok(if r.problems.is_empty() { 0 } else { 1 })
 }

@@ -67,6 +67,27 @@ impl DType {
         })
     }
 
+    /// torch's spelling, as config.json's `torch_dtype` and `--serving_dtype` write it.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            other => other.name(),
+        }
+    }
+
+    /// Reads torch's spelling of a float dtype (`bfloat16`, `float16`, `float32`, and short forms).
+    pub fn from_torch_name(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+            "float32" | "fp32" | "f32" | "float" => Some(DType::F32),
+            _ => None,
+        }
+    }
+
     pub fn from_name(s: &str) -> Option<DType> {
         Some(match s {
             "BOOL" => DType::BOOL,

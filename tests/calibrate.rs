@@ -133,7 +133,7 @@ fn quantize_and_check(name: &str, tmp: &TempDir, extra: &[&str], expect_rtn: &dy
 #[test]
 fn default_w8a8_is_complete_consistent_and_close_to_the_reference() {
     let tmp = TempDir::new("w8a8");
-    for name in ["llama", "qwen2", "qwen3", "qwen3_moe", "internlm2", "qwen1"] {
+    for name in ["llama", "qwen2", "qwen3", "qwen3_moe", "glm4", "internlm2", "qwen1"] {
         let seen = quantize_and_check(name, &tmp, &["--quant_type", "w8a8"], &default_rtn);
         let layers = 2;
         let count = |k: &str| seen.by_kind.get(k).copied().unwrap_or(0);

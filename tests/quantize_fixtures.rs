@@ -5,34 +5,67 @@
 
 mod common;
 
-use common::check::{check_output, logical_inputs, Scheme};
+use common::check::{check_output, check_output_for, logical_inputs, Scheme};
 use common::*;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Runs every scheme on one fixture; two of them write many small shards to exercise the index.
+/// Why the bundled recipe of `quant_type` for `target` cannot load on this fixture (the refusal's key
+/// phrases), or `None` when it loads. The fixtures' sizes (hidden 64, expert intermediate 48) do not
+/// divide into W4A16's groups of 128, which every loader asserts; vLLM-Ascend loads W4A8_DYNAMIC and
+/// W4A16 for MoE experts only.
+fn refusal(fixture: &str, quant_type: &str, target: &str) -> Option<Vec<&'static str>> {
+    let moe = fixture.contains("moe");
+    match (quant_type, target, moe) {
+        ("w4a8_dynamic", "vllm-ascend", false) => Some(vec![
+            "loads W4A8_DYNAMIC only for routed MoE experts",
+            "methods/w4a8.py",
+            "--quant_type values whose bundled recipe loads here: w8a8, w8a8_dynamic, w8a16",
+            "--target mindie",
+        ]),
+        ("w4a16", "vllm-ascend", false) => Some(vec!["loads W4A16 only for routed MoE experts", "methods/w4a16.py"]),
+        ("w4a16", _, _) => Some(vec!["[divisibility]", "group_size 128", "types that load here"]),
+        _ => None,
+    }
+}
+
+/// Runs every data-free `--quant_type` for both targets on one fixture: each output is checked against
+/// the input by the test's own decoding (common/check.rs) and passes `lamina check`; each refusal names
+/// its reason and leaves nothing behind. Two runs write many small shards to exercise the index.
 fn quantize_every_scheme(name: &str) {
     let model = fixture(name);
-    for scheme in Scheme::ALL {
-        let tmp = TempDir::new(&format!("{name}-{}", scheme.cli()));
-        let save = tmp.join("out");
-        let part = match scheme {
-            Scheme::W8A8Dynamic => Some(0.0001),
-            Scheme::W4A8Dynamic => Some(0.00005),
-            _ => None,
-        };
-        let part_arg = part.map(|p| p.to_string());
-        let extra: Vec<&str> = match &part_arg {
-            Some(p) => vec!["--part_file_size", p],
-            None => vec![],
-        };
-        quant(&model, &save, scheme.cli(), &extra, &[]).assert_ok();
-        let seen = check_output(&model, &save, scheme, part.map(|p| (p * GIB) as u64));
-        assert!(!seen.quantized.is_empty() && !seen.float.is_empty(), "{name} {}: {seen:?}", scheme.cli());
-        if part.is_some() {
-            assert!(seen.shards > 1, "{name} {}: expected several shards, got {}", scheme.cli(), seen.shards);
+    for target in ["vllm-ascend", "mindie"] {
+        for scheme in Scheme::ALL {
+            let qt = scheme.cli();
+            let tmp = TempDir::new(&format!("{name}-{qt}-{target}"));
+            let save = tmp.join("out");
+            let part = match (scheme, target) {
+                (Scheme::W8A8Dynamic, "vllm-ascend") => Some(0.0001),
+                (Scheme::W4A8Dynamic, "mindie") => Some(0.00005),
+                _ => None,
+            };
+            let part_arg = part.map(|p| p.to_string());
+            let mut extra: Vec<&str> = vec!["--target", target];
+            if let Some(p) = &part_arg {
+                extra.extend(["--part_file_size", p]);
+            }
+            let run = quant(&model, &save, qt, &extra, &[]);
+            if let Some(needles) = refusal(name, qt, target) {
+                run.assert_fails_with(&needles);
+                assert_no_complete_output(&save);
+                continue;
+            }
+            run.assert_ok();
+            let seen = check_output_for(&model, &save, qt, target, part.map(|p| (p * GIB) as u64));
+            assert!(!seen.quantized.is_empty() && !seen.float.is_empty(), "{name} {qt} {target}: {seen:?}");
+            if part.is_some() {
+                assert!(seen.shards > 1, "{name} {qt}: expected several shards, got {}", seen.shards);
+            }
+            expect_experts(name, &seen.quantized);
+            let c = check(&save, &["--target", target]);
+            c.assert_ok();
+            assert!(c.stdout.contains("ok:"), "{}", c.stdout);
         }
-        expect_experts(name, &seen.quantized);
     }
 }
 
@@ -103,6 +136,10 @@ fn qwen1() {
 #[test]
 fn qwen3_vl_realvocab() {
     quantize_every_scheme("qwen3_vl_realvocab");
+}
+#[test]
+fn glm4() {
+    quantize_every_scheme("glm4");
 }
 
 /// Rewrites a Qwen3-VL-MoE copy's fused experts in the transformers-5 layout
@@ -243,11 +280,35 @@ fn fp16_and_fp32_checkpoints() {
             })
             .collect();
         write_st(&path, &converted);
-        for scheme in [Scheme::W8A8Dynamic, Scheme::W4A8Dynamic] {
+        // Dense W4A8_DYNAMIC loads in MindIE only.
+        for (scheme, target) in [(Scheme::W8A8Dynamic, "vllm-ascend"), (Scheme::W4A8Dynamic, "mindie")] {
             let save = tmp.join(scheme.cli());
-            quant(&m, &save, scheme.cli(), &[], &[]).assert_ok();
-            let seen = check_output(&m, &save, scheme, None);
+            quant(&m, &save, scheme.cli(), &["--target", target], &[]).assert_ok();
+            let seen = check_output_for(&m, &save, scheme.cli(), target, None);
             assert_eq!(seen.quantized.len(), 14, "{dtype}: 2 layers × 7 linears");
         }
     }
+}
+
+/// W4A16's groups of 128 fit models whose sizes divide by 128, as every released one's do: the MoE
+/// recipe (experts W4A16, the rest W8A16) for vLLM-Ascend, and the dense one for MindIE. The dense recipe
+/// is not vLLM-Ascend's, which has no dense W4A16 linear.
+#[test]
+fn w4a16_loads_where_sizes_divide() {
+    let tmp = TempDir::new("w4a16-widened");
+    for (name, target) in [("qwen3_moe", "vllm-ascend"), ("llama", "mindie"), ("qwen3_moe", "mindie")] {
+        let m = write_widened(name, &tmp.join(&format!("{name}-{target}-in")), 7);
+        let save = tmp.join(&format!("{name}-{target}"));
+        quant(&m, &save, "w4a16", &["--target", target], &[]).assert_ok();
+        let seen = check_output_for(&m, &save, "w4a16", target, None);
+        assert!(seen.quantized.iter().any(|q| q.ends_with("up_proj")), "{seen:?}");
+        let desc = read_json(&save.join("quant_model_description.json"));
+        assert_eq!(desc["group_size"], 128);
+        check(&save, &["--target", target]).assert_ok();
+    }
+    let m = write_widened("llama", &tmp.join("llama-vllm-in"), 7);
+    quant(&m, &tmp.join("llama-vllm"), "w4a16", &[], &[]).assert_fails_with(&[
+        "vLLM-Ascend loads W4A16 only for routed MoE experts",
+        "--quant_type values whose bundled recipe loads here: w8a8, w8a8_dynamic, w8a16",
+    ]);
 }

@@ -164,7 +164,7 @@ fn resume_rules() {
         .status()
         .unwrap();
     assert_eq!(status.signal(), Some(SIGABRT));
-    quant(&model, &part, "w4a16", &[], &[]).assert_fails_with(&["unfinished", "quant_type", "--overwrite"]);
+    quant(&model, &part, "w8a8_dynamic", &[], &[]).assert_fails_with(&["unfinished", "quant_type", "--overwrite"]);
     quant(&model, &part, "w8a16", &[], &[]).assert_ok();
     check_output(&model, &part, Scheme::W8A16, None);
     assert_eq!(differing(&snapshot(&part, false), &files_without_hidden(&files)), Vec::<String>::new());

@@ -6,35 +6,41 @@
 //!   `[out, 1]`, or `[out, in/g]` per group (msModelSlim's `on_w8a16_*` / `on_w8a8_dynamic_*`; vLLM-Ascend's
 //!   `w8a16.py` / `w8a8_dynamic.py` read the per-channel form).
 //! - `W8A8` (static): `X.weight`, `X.quant_bias` int32, `X.input_scale`, `X.input_offset` f32 `[1]`,
-//!   `X.deq_scale` (f32 for bf16 models, else the f32 bits in int64) (`on_w8a8_static`).
+//!   `X.deq_scale` (`on_w8a8_static`): f32 when the model is served in bfloat16, the f32 bits in int64 when
+//!   served in float16, as vLLM-Ascend's `w8a8_static.py` creates the parameter for the serving dtype
+//!   (`--serving_dtype`, default the checkpoint's `torch_dtype`; msModelSlim decides by the source dtype,
+//!   which breaks a bf16 model served in fp16, and every model on 310P).
 //! - `W4A8_DYNAMIC`: see [`w4a8`]. `W4A16`: see [`w4a16`].
 //! - A bias is written as `X.bias` f32, type `FLOAT`.
 //!
 //! Global keys: `model_quant_type` (see [`PRIORITY`]), `version` "1.0.0", `group_size` (the group length of
-//! per-group linears, 0 when every linear is per channel, as msModelSlim sets it), `metadata`, `optional`.
+//! per-group linears, 0 when every linear is per channel, as msModelSlim sets it), `metadata` (lamina records
+//! the serving dtype, the `deq_scale` dtype, the target), `optional`.
+//!
+//! The names, dtypes and shapes of every type come from one table, [`rules::TYPES`], which `lamina check`
+//! also checks outputs against; this module fills the tensors with data.
 
 pub mod w4a16;
 pub mod w4a8;
 
+use super::rules::{self, Target};
 use super::{Exporter, OutMeta, OutTensor, FLOAT};
 use crate::quant::{ActQuant, QuantSpec, QuantizedLinear};
-use crate::tensor::{DType, Tensor, TensorMeta};
+use crate::tensor::{DType, Tensor};
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
 pub const DESCRIPTION: &str = "quant_model_description.json";
 pub const WEIGHTS: &str = "quant_model_weights";
 
-/// From weakest to strongest: `model_quant_type` is the strongest type present, as msModelSlim's
-/// `QUANT_TYPE_PRIORITY` orders them (fewer bits rank higher; within 8 bits, W8A8 above W8A8_DYNAMIC).
-/// `W4A8_DYNAMIC` is left out as msModelSlim leaves it out ("hidden": a W4A8 MoE model is described by the
-/// type of its other linears, which MindIE requires). `W4A16`, which the v1 saver never writes, ranks where
-/// the older saver put it: above the 8-bit types. A model with no quantized linear is `FLOAT`.
-pub const PRIORITY: [&str; 6] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W4A16", "W4A4_DYNAMIC"];
+pub use rules::PRIORITY;
 
 pub struct AscendExporter {
-    /// `deq_scale` is stored as f32 for bf16 models and as the f32 bit pattern in int64 otherwise.
-    pub model_is_bf16: bool,
+    /// The dtype the server computes in: it decides `deq_scale`'s dtype (f32 for bfloat16, the f32 bit
+    /// pattern in int64 for float16; see [`rules::deq_scale_dtype`]).
+    pub serving: DType,
+    /// The server the output is for (recorded in the description's metadata).
+    pub target: Target,
 }
 
 /// How a scheme's tensors are laid out.
@@ -61,11 +67,29 @@ impl Scheme {
 
 impl AscendExporter {
     fn deq_scale_dtype(&self) -> DType {
-        if self.model_is_bf16 {
-            DType::F32
-        } else {
-            DType::I64
-        }
+        rules::deq_scale_dtype(self.serving).unwrap_or(DType::F32)
+    }
+
+    /// The description's global keys for these outputs: `model_quant_type` (msModelSlim's priority),
+    /// `version`, `group_size`, `metadata` (what lamina decided: the serving dtype and the `deq_scale` dtype
+    /// it implies, the target), `optional`.
+    pub fn globals(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Map<String, Value> {
+        let strongest = outputs.iter().filter_map(|o| PRIORITY.iter().position(|k| *k == o.kind)).max().unwrap_or(0);
+        let mut g = Map::new();
+        g.insert("model_quant_type".into(), json!(PRIORITY[strongest]));
+        g.insert("version".into(), json!("1.0.0"));
+        g.insert("group_size".into(), json!(group_size(specs)));
+        g.insert(
+            "metadata".into(),
+            json!({
+                "producer": format!("lamina {}", env!("CARGO_PKG_VERSION")),
+                "target": self.target.name(),
+                "serving_dtype": self.serving.torch_name(),
+                "deq_scale_dtype": self.deq_scale_dtype().name(),
+            }),
+        );
+        g.insert("optional".into(), json!({}));
+        g
     }
 }
 
@@ -79,32 +103,8 @@ impl Exporter for AscendExporter {
     }
 
     fn linear_layout(&self, module: &str, spec: &QuantSpec, rows: usize, cols: usize, has_bias: bool) -> Vec<OutMeta> {
-        let kind = spec.ascend_type();
         let groups = cols.div_ceil(spec.group_len(cols));
-        let m = |suffix: &str, dtype, shape: &[usize], kind| OutMeta {
-            meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
-            kind,
-        };
-        let mut out = match Scheme::of(spec) {
-            Scheme::Static => vec![
-                m("weight", DType::I8, &[rows, cols], kind),
-                m("quant_bias", DType::I32, &[rows], kind),
-                m("input_scale", DType::F32, &[1], kind),
-                m("input_offset", DType::F32, &[1], kind),
-                m("deq_scale", self.deq_scale_dtype(), &[rows], kind),
-            ],
-            Scheme::Int8 => vec![
-                m("weight", DType::I8, &[rows, cols], kind),
-                m("weight_scale", DType::F32, &[rows, groups], kind),
-                m("weight_offset", DType::F32, &[rows, groups], kind),
-            ],
-            Scheme::W4A8 => w4a8::layout(module, rows, cols),
-            Scheme::W4A16 => w4a16::layout(module, rows, cols, groups),
-        };
-        if has_bias {
-            out.push(m("bias", DType::F32, &[rows], FLOAT));
-        }
-        out
+        rules::linear_layout(spec.ascend_type(), module, rows, cols, groups, has_bias, self.serving)
     }
 
     fn linear_tensors(&self, module: &str, ql: &QuantizedLinear) -> Vec<OutTensor> {
@@ -125,10 +125,11 @@ impl Exporter for AscendExporter {
                     })
                     .collect();
                 // msModelSlim's deqscale2int64: the f32 bits read as int32, widened to int64.
-                let deq_t = if self.model_is_bf16 {
-                    Tensor::from_f32(&[rows], &deq)
-                } else {
-                    Tensor::from_i64(&[rows], &deq.iter().map(|d| d.to_bits() as i32 as i64).collect::<Vec<_>>())
+                let deq_t = match self.deq_scale_dtype() {
+                    DType::I64 => {
+                        Tensor::from_i64(&[rows], &deq.iter().map(|d| d.to_bits() as i32 as i64).collect::<Vec<_>>())
+                    }
+                    _ => Tensor::from_f32(&[rows], &deq),
                 };
                 vec![
                     t("weight", Tensor::from_i8(&[rows, cols], &w.q), kind),
@@ -166,18 +167,10 @@ impl Exporter for AscendExporter {
 
     fn metadata_files(&self, outputs: &[OutMeta], specs: &[QuantSpec]) -> Result<Vec<(String, Vec<u8>)>> {
         let mut desc = Map::new();
-        let mut strongest = 0;
         for o in outputs {
             desc.insert(o.meta.name.clone(), Value::String(o.kind.to_string()));
-            if let Some(p) = PRIORITY.iter().position(|k| *k == o.kind) {
-                strongest = strongest.max(p);
-            }
         }
-        desc.insert("model_quant_type".into(), json!(PRIORITY[strongest]));
-        desc.insert("version".into(), json!("1.0.0"));
-        desc.insert("group_size".into(), json!(group_size(specs)));
-        desc.insert("metadata".into(), json!({}));
-        desc.insert("optional".into(), json!({}));
+        desc.extend(self.globals(outputs, specs));
         let mut bytes = serde_json::to_vec_pretty(&Value::Object(desc))?;
         bytes.push(b'\n');
         Ok(vec![(DESCRIPTION.to_string(), bytes)])
@@ -195,9 +188,9 @@ impl Exporter for AscendExporter {
     }
 }
 
-/// The description's global `group_size`: msModelSlim sets it from each per-group linear it saves (the
-/// last one wins) and leaves 0 when all are per channel. The key holds one value, so a recipe mixing group
-/// sizes cannot be described exactly; the last per-group linear in plan order decides, as in msModelSlim.
+/// The description's global `group_size`: the group length of the per-group linears, 0 when every linear
+/// is per channel (as msModelSlim sets it). The key holds one value: the rules ([`rules::check`]) refuse a
+/// plan whose per-group linears disagree, so the last one in plan order is as good as any.
 pub fn group_size(specs: &[QuantSpec]) -> usize {
     specs.iter().rev().find_map(|s| s.group_size).unwrap_or(0)
 }
@@ -206,6 +199,7 @@ pub fn group_size(specs: &[QuantSpec]) -> usize {
 mod tests {
     use super::*;
     use crate::quant::{rtn, QuantSpec};
+    use crate::tensor::TensorMeta;
 
     fn linear(spec: &str, rows: usize, cols: usize, bias: bool) -> QuantizedLinear {
         let spec = QuantSpec::preset(spec).unwrap();
@@ -222,7 +216,8 @@ mod tests {
     #[test]
     fn layout_and_tensors_agree_for_every_scheme() {
         for bf16 in [true, false] {
-            let ex = AscendExporter { model_is_bf16: bf16 };
+            let ex =
+                AscendExporter { serving: if bf16 { DType::BF16 } else { DType::F16 }, target: Target::VllmAscend };
             for scheme in ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"] {
                 for (bias, module) in [(false, "l.q_proj"), (true, "l.q_proj"), (false, "l.down_proj")] {
                     let ql = linear(scheme, 8, 256, bias);
@@ -237,7 +232,7 @@ mod tests {
 
     #[test]
     fn static_w8a8_derived_tensors_follow_the_formulas() {
-        let ex = AscendExporter { model_is_bf16: false };
+        let ex = AscendExporter { serving: DType::F16, target: Target::VllmAscend };
         let ql = linear("w8a8", 4, 16, true);
         let ts = ex.linear_tensors("m", &ql);
         let get = |n: &str| ts.iter().find(|t| t.name == format!("m.{n}")).unwrap();
@@ -254,7 +249,7 @@ mod tests {
 
     #[test]
     fn description_global_keys_follow_msmodelslim() {
-        let ex = AscendExporter { model_is_bf16: true };
+        let ex = AscendExporter { serving: DType::BF16, target: Target::VllmAscend };
         let describe = |schemes: &[&str]| -> Value {
             let mut outputs = vec![OutMeta { meta: TensorMeta::new("norm.weight", DType::BF16, &[8]), kind: FLOAT }];
             let mut specs = Vec::new();

@@ -4,6 +4,8 @@
 
 pub mod ascend;
 pub mod ascend_read;
+pub mod check;
+pub mod rules;
 
 use crate::quant::{QuantSpec, QuantizedLinear};
 use crate::tensor::{Tensor, TensorMeta};

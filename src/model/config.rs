@@ -2,8 +2,18 @@
 //! (`num_experts`, `rope_scaling`, `rope_theta`, flat Qwen2-VL configs) and transformers 5's
 //! (`num_local_experts`, `rope_parameters`, nested `text_config`).
 
+use crate::tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+/// config.json's `torch_dtype` (transformers 5 spells it `dtype`; a VL model may give it in `text_config`
+/// only): the dtype vLLM serves the model in by default.
+pub fn torch_dtype(config: &Value) -> Option<DType> {
+    let read = |c: &Value| -> Option<DType> {
+        DType::from_torch_name(c.get("torch_dtype").or_else(|| c.get("dtype"))?.as_str()?)
+    };
+    read(config).or_else(|| config.get("text_config").and_then(read))
+}
 
 /// A view of a JSON config that looks keys up in a list of objects, first match wins: for the
 /// text model that is `text_config`, then the top level.
@@ -91,8 +101,10 @@ pub struct RopeConfig {
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
     pub mrope_interleaved: bool,
-    /// Fraction of head_dim that is rotated (Qwen's `rotary_pct`).
+    /// Fraction of head_dim that is rotated (GLM-4 0.5, Qwen3-Next 0.25, Qwen's `rotary_pct`, else 1).
     pub partial_rotary_factor: f64,
+    /// HunYuan's NTK-alpha (`rope_scaling: {type: dynamic, alpha}`): a fixed larger base.
+    pub alpha: Option<f64>,
     /// Scaling of the rotary base that depends on the sequence's length.
     pub scaling: RopeScaling,
 }
@@ -101,19 +113,14 @@ pub struct RopeConfig {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
     None,
-    /// transformers' "dynamic" rope, as InternLM2's `InternLM2DynamicNTKScalingRotaryEmbedding`:
-    /// when the largest position + 1 (`len`) exceeds `max_positions`, the base becomes
-    /// `base · (factor · len / max_positions − (factor − 1))^(dim / (dim − 2))`.
-    DynamicNtk {
-        factor: f64,
-        max_positions: usize,
-    },
+    /// transformers' "dynamic" rope with a `factor`, as InternLM2's
+    /// `InternLM2DynamicNTKScalingRotaryEmbedding`: when the largest position + 1 (`len`) exceeds
+    /// `max_positions`, the base becomes `base · (factor · len / max_positions − (factor − 1))^(dim / (dim − 2))`.
+    DynamicNtk { factor: f64, max_positions: usize },
     /// Qwen (1)'s `use_dynamic_ntk`: for a sequence of `len` tokens the base becomes
     /// `base · α^(dim / (dim − 2))` with `α = max(2^⌈log2(len / seq_length) + 1⌉ − 1, 1)`, which
     /// is 1 up to `seq_length` tokens.
-    QwenNtk {
-        seq_length: usize,
-    },
+    QwenNtk { seq_length: usize },
 }
 
 /// How a router scores experts.
@@ -308,21 +315,27 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         None => (None, false),
     };
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
-    let partial_rotary_factor = c.f64(&["partial_rotary_factor", "rotary_pct"])?.unwrap_or(1.0);
-    let scaling = if kind == "dynamic" {
-        let p = params.as_ref().expect("a rope type comes from its parameters");
-        let factor = p.f64(&["factor"])?.context("config.json: the dynamic rope scaling has no factor")?;
-        let max_positions = match p.opt_usize(&["original_max_position_embeddings"])? {
-            Some(m) => m,
-            None => c.usize(&["original_max_position_embeddings", "max_position_embeddings"])?,
-        };
-        RopeScaling::DynamicNtk { factor, max_positions }
-    } else if c.str(&["model_type"]) == Some("qwen") && c.bool(&["use_dynamic_ntk"]) == Some(true) {
-        RopeScaling::QwenNtk { seq_length: c.usize(&["seq_length"])? }
-    } else {
-        RopeScaling::None
+    let partial_rotary_factor = match c.f64(&["partial_rotary_factor", "rotary_pct"])? {
+        Some(f) => f,
+        None => params.as_ref().map(|p| p.f64(&["partial_rotary_factor"])).transpose()?.flatten().unwrap_or(1.0),
     };
-    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor, scaling })
+    let alpha = params.as_ref().map(|p| p.f64(&["alpha"])).transpose()?.flatten();
+    // "dynamic" with an `alpha` is HunYuan's fixed base; with a `factor` it grows with the length.
+    let scaling = match (&params, kind.as_str(), alpha) {
+        (Some(p), "dynamic", None) => {
+            let factor = p.f64(&["factor"])?.context("config.json: the dynamic rope scaling has no factor")?;
+            let max_positions = match p.opt_usize(&["original_max_position_embeddings"])? {
+                Some(m) => m,
+                None => c.usize(&["original_max_position_embeddings", "max_position_embeddings"])?,
+            };
+            RopeScaling::DynamicNtk { factor, max_positions }
+        }
+        _ if c.str(&["model_type"]) == Some("qwen") && c.bool(&["use_dynamic_ntk"]) == Some(true) => {
+            RopeScaling::QwenNtk { seq_length: c.usize(&["seq_length"])? }
+        }
+        _ => RopeScaling::None,
+    };
+    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor, alpha, scaling })
 }
 
 /// The `vision_config` object (Qwen-VL: `visual`), if the model has one.

@@ -31,12 +31,14 @@ pub enum Family {
     /// Qwen-VL (remote code, `model_type` "qwen" with a `visual` config): ViT-bigG, the
     /// attention-pooling resampler, the Qwen (1) decoder.
     QwenVl,
+    /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
+    Glm4,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 15] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -51,6 +53,7 @@ impl Family {
         Family::InternVlChat,
         Family::InternVl,
         Family::QwenVl,
+        Family::Glm4,
     ];
 
     /// The `model_type` of config.json (Qwen-VL shares Qwen's "qwen").
@@ -69,6 +72,7 @@ impl Family {
             Family::Llava => "llava",
             Family::InternVlChat => "internvl_chat",
             Family::InternVl => "internvl",
+            Family::Glm4 => "glm4",
             Family::Generic => "generic",
         }
     }
@@ -125,6 +129,7 @@ impl Family {
             ("LlavaForConditionalGeneration", Family::Llava),
             ("InternVLChatModel", Family::InternVlChat),
             ("InternVLForConditionalGeneration", Family::InternVl),
+            ("Glm4ForCausalLM", Family::Glm4),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -337,9 +342,13 @@ const DECODER: Rules = Rules {
 
 fn rules(family: Family) -> Rules {
     match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2 | Family::Generic => {
-            DECODER
-        }
+        Family::Llama
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Qwen3Moe
+        | Family::InternLm2
+        | Family::Glm4
+        | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
@@ -395,6 +404,19 @@ fn rules(family: Family) -> Rules {
             projector: &[],
             head_prefix: &[""],
         },
+    }
+}
+
+/// Linears a family stores fused by rows that the loaders expect split, names relative to a text
+/// layer: (fused module, its parts in row order, each an equal share of the rows). The output is
+/// written under the parts' names. GLM-4's `mlp.gate_up_proj` holds gate's rows then up's
+/// (transformers' `chunk(2)`); vLLM serves it as `gate_up_proj` packed from `gate_proj` and
+/// `up_proj` (its `packed_modules_mapping`), so vLLM-Ascend looks the parts' quantization up by
+/// those names.
+pub fn row_splits(family: Family) -> &'static [(&'static str, &'static [&'static str])] {
+    match family {
+        Family::Glm4 => &[("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"])],
+        _ => &[],
     }
 }
 
@@ -630,6 +652,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     let tf = layout.text_family;
     let bias = matches!(tf, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen)
         || t.attention_bias == Some(true);
+    let glm4 = tf == Family::Glm4;
     let qk_norm = matches!(tf, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
     let fused_experts = family == Family::Qwen3VlMoe;
     let d = layout.names.decoder;
@@ -639,6 +662,10 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
         let l = layout.text_layer(i);
         push(format!("{l}.{}.weight", d.attn_norm), &[h]);
         push(format!("{l}.{}.weight", d.mlp_norm), &[h]);
+        if glm4 {
+            push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
+            push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
+        }
         let (q_rows, kv_rows) = (t.num_heads * hd, t.num_kv_heads * hd);
         let projections: Vec<(&str, usize)> = match d.qkv {
             QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
@@ -673,8 +700,12 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
             }
             _ => {
                 let inter = t.intermediate_size;
-                push(format!("{l}.{}.weight", d.gate), &[inter, h]);
-                push(format!("{l}.{}.weight", d.up), &[inter, h]);
+                if glm4 {
+                    push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
+                } else {
+                    push(format!("{l}.{}.weight", d.gate), &[inter, h]);
+                    push(format!("{l}.{}.weight", d.up), &[inter, h]);
+                }
                 push(format!("{l}.{}.weight", d.down), &[h, inter]);
             }
         }

@@ -65,13 +65,16 @@ pub enum Source {
     Computed(String),
     /// One expert's linear cut out of a fused 3D tensor.
     Expert { fused: String, fused_shape: Vec<usize>, layout: FusedLayout, part: ExpertPart, expert: usize },
+    /// Rows `start..start + rows` of a stored tensor: one linear of a row-wise fused pair (GLM-4's
+    /// `mlp.gate_up_proj` holds gate's rows, then up's), or that linear's bias.
+    Rows { fused: String, fused_shape: Vec<usize>, start: usize, rows: usize },
 }
 
 impl Source {
     pub fn stored_name(&self) -> &str {
         match self {
             Source::Stored(n) | Source::Computed(n) => n,
-            Source::Expert { fused, .. } => fused,
+            Source::Expert { fused, .. } | Source::Rows { fused, .. } => fused,
         }
     }
 }
@@ -119,8 +122,21 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
     for (kind, metas) in groups {
         let mut tensors = Vec::with_capacity(metas.len());
         let by_name: BTreeMap<&str, &TensorMeta> = metas.iter().map(|m| (m.name.as_str(), *m)).collect();
+        let layer = match kind {
+            UnitKind::TextLayer(i) => Some(model.layout.text_layer(i)),
+            _ => None,
+        };
+        let split_of = |name: &str| {
+            let l = layer.as_deref()?;
+            let rel = name.strip_prefix(l)?.strip_prefix('.')?;
+            layout::row_splits(model.layout.text_family)
+                .iter()
+                .find(|(fused, _)| rel.strip_prefix(fused).is_some_and(|r| r == ".weight" || r == ".bias"))
+        };
         for m in &metas {
-            if let Some(prefix) = m.name.strip_suffix(moe::GATE_UP) {
+            if let Some((fused, parts)) = split_of(&m.name) {
+                tensors.extend(split_rows(m, layer.as_deref().unwrap(), fused, parts)?);
+            } else if let Some(prefix) = m.name.strip_suffix(moe::GATE_UP) {
                 tensors.extend(split_experts(model, prefix, m, &by_name)?);
             } else if m.name.ends_with(moe::DOWN)
                 && by_name.contains_key(format!("{}{}", m.name.strip_suffix(moe::DOWN).unwrap(), moe::GATE_UP).as_str())
@@ -136,6 +152,35 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
         units.push(Unit { kind, name: model.layout.unit_name(kind), tensors, stored, stored_bytes });
     }
     Ok(units)
+}
+
+/// A row-wise fused linear's weight or bias (`{layer}.{fused}.{suffix}`) as its parts' tensors:
+/// part `k` of `n` takes the `k`-th `n`-th of the rows and is named `{layer}.{part}.{suffix}`.
+fn split_rows(t: &TensorMeta, layer: &str, fused: &str, parts: &[&str]) -> Result<Vec<LogicalTensor>> {
+    let suffix = &t.name[layer.len() + fused.len() + 2..];
+    let n = parts.len();
+    let total = t.shape.first().copied().unwrap_or(0);
+    if t.shape.is_empty() || t.shape.len() > 2 || total % n != 0 {
+        bail!(
+            "tensor {} has shape {:?}; lamina splits it into {n} equal blocks of rows ({}) as the loaders expect",
+            t.name,
+            t.shape,
+            parts.join(", ")
+        );
+    }
+    let rows = total / n;
+    Ok(parts
+        .iter()
+        .enumerate()
+        .map(|(k, part)| {
+            let mut shape = t.shape.clone();
+            shape[0] = rows;
+            LogicalTensor {
+                meta: TensorMeta::new(format!("{layer}.{part}.{suffix}"), t.dtype, &shape),
+                source: Source::Rows { fused: t.name.clone(), fused_shape: t.shape.clone(), start: k * rows, rows },
+            }
+        })
+        .collect())
 }
 
 fn split_experts(
@@ -187,4 +232,28 @@ pub fn paper_inventory(model: &Model) -> Result<Vec<TensorMeta>> {
         .into_iter()
         .map(|(n, s)| TensorMeta::new(n, DType::BF16, &s))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_fused_linears_split_into_their_parts() {
+        let config = serde_json::json!({"model_type": "glm4", "hidden_size": 4, "num_hidden_layers": 1,
+            "num_attention_heads": 1, "vocab_size": 8, "intermediate_size": 3});
+        let model = Model::new(&config, None, &[]).unwrap();
+        let fused = TensorMeta::new("model.layers.0.mlp.gate_up_proj.weight", DType::BF16, &[6, 4]);
+        let units = build_units(&model, std::slice::from_ref(&fused)).unwrap();
+        let names: Vec<(&str, &Source)> = units[0].tensors.iter().map(|t| (t.name(), &t.source)).collect();
+        let rows = |start| Source::Rows { fused: fused.name.clone(), fused_shape: vec![6, 4], start, rows: 3 };
+        assert_eq!(
+            names,
+            vec![("model.layers.0.mlp.gate_proj.weight", &rows(0)), ("model.layers.0.mlp.up_proj.weight", &rows(3))]
+        );
+        assert_eq!(units[0].tensors[1].meta.shape, vec![3, 4]);
+        let odd = TensorMeta::new("model.layers.0.mlp.gate_up_proj.weight", DType::BF16, &[5, 4]);
+        let e = build_units(&model, &[odd]).unwrap_err().to_string();
+        assert!(e.contains("gate_up_proj") && e.contains("[5, 4]"), "{e}");
+    }
 }

@@ -5,7 +5,11 @@
 //! - Qwen2-VL / Qwen2.5-VL M-RoPE: each frequency takes its angle from the temporal, height or
 //!   width position id, the frequencies split into consecutive `mrope_section` blocks (t, h, w);
 //! - Qwen3-VL interleaved M-RoPE (`mrope_interleaved`): frequencies cycle t, h, w, t, h, w, ...
-//!   while each axis has sections left, the rest use t.
+//!   while each axis has sections left, the rest use t;
+//! - GLM-4's rotation of adjacent pairs (`x[2i]`, `x[2i+1]`; vLLM's `is_neox_style=False`), chosen
+//!   by the architecture with [`Rope::with_adjacent_pairs`];
+//! - HunYuan's NTK-alpha base (`rope_scaling: {type: dynamic, alpha}`): the base becomes
+//!   `theta · alpha^(d / (d − 2))` for every length up to `max_position_embeddings`.
 //!
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
@@ -69,15 +73,28 @@ pub struct Rope {
     axis: Vec<usize>,
     /// Whether the model reads three position axes.
     multimodal: bool,
+    pairs: Pairs,
+}
+
+/// Which dims of a head rotate together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairs {
+    /// `x[i]` with `x[i + rotary_dim/2]` (`rotate_half`; Llama, Qwen, most families).
+    Halves,
+    /// `x[2i]` with `x[2i + 1]` (GLM-4).
+    Adjacent,
 }
 
 impl Rope {
     /// Refuses the rope types lamina does not implement (llama3, yarn, linear, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
-        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "dynamic") {
+        let alpha = cfg.alpha.filter(|_| cfg.kind == "dynamic");
+        let growing = matches!(cfg.scaling, RopeScaling::DynamicNtk { .. }) && cfg.kind == "dynamic";
+        if !matches!(cfg.kind.as_str(), "default" | "mrope") && alpha.is_none() && !growing {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE, dynamic NTK and the Qwen VL M-RoPE); data-free quantization does not need it",
+                 (supported: default RoPE, the Qwen VL M-RoPE, dynamic NTK with a factor and HunYuan's \
+                 NTK-alpha); data-free quantization does not need it",
                 cfg.kind
             );
         }
@@ -95,13 +112,29 @@ impl Rope {
         );
         ensure!(cfg.theta > 0.0 && cfg.theta.is_finite(), "rope_theta is {}, expected a positive number", cfg.theta);
         let half = rotary_dim / 2;
-        let inv_freq = inverse_frequencies(cfg.theta, rotary_dim);
+        let theta = match alpha {
+            Some(a) => {
+                ensure!(
+                    a > 0.0 && a.is_finite() && head_dim > 2,
+                    "rope_scaling alpha is {a}, expected a positive number"
+                );
+                cfg.theta * a.powf(head_dim as f64 / (head_dim - 2) as f64)
+            }
+            None => cfg.theta,
+        };
+        let inv_freq = inverse_frequencies(theta, rotary_dim);
         let (axis, multimodal) = match &cfg.mrope_section {
             None => (vec![0; half], false),
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, rotary_dim, theta: cfg.theta, scaling: cfg.scaling, inv_freq, axis, multimodal })
+        Ok(Rope { head_dim, rotary_dim, theta, scaling: cfg.scaling, inv_freq, axis, multimodal, pairs: Pairs::Halves })
+    }
+
+    /// The same frequencies, rotating adjacent pairs (GLM-4) instead of halves.
+    pub fn with_adjacent_pairs(mut self) -> Rope {
+        self.pairs = Pairs::Adjacent;
+        self
     }
 
     /// The base of a sequence of `tokens` tokens whose largest position id is `max_position`:
@@ -158,7 +191,7 @@ impl Rope {
                 sin[[t, j]] = (angle as f64).sin() as f32;
             }
         }
-        Ok(RopeAngles { cos, sin, head_dim: self.head_dim })
+        Ok(RopeAngles { cos, sin, head_dim: self.head_dim, pairs: self.pairs })
     }
 }
 
@@ -201,6 +234,7 @@ pub struct RopeAngles {
     cos: Array2<f32>,
     sin: Array2<f32>,
     head_dim: usize,
+    pairs: Pairs,
 }
 
 impl RopeAngles {
@@ -216,15 +250,21 @@ impl RopeAngles {
         self.head_dim
     }
 
-    /// Rotates one head's vector of token `t` in place: `x·cos + rotate_half(x)·sin` on the
-    /// rotated dims; dims past them (partial rotary) pass through.
+    /// Rotates one head's vector of token `t` in place: each pair `(a, b)` of rotated dims
+    /// becomes `(a·cos − b·sin, b·cos + a·sin)` (`x·cos + rotate_half(x)·sin`); dims past the
+    /// rotated ones (partial rotary) pass through.
     pub fn rotate(&self, t: usize, x: &mut [f32]) {
         let half = self.cos.ncols();
         let (cos, sin) = (self.cos.row(t), self.sin.row(t));
+        let (stride, partner) = match self.pairs {
+            Pairs::Halves => (1, half),
+            Pairs::Adjacent => (2, 1),
+        };
         for j in 0..half {
-            let (a, b) = (x[j], x[j + half]);
-            x[j] = a * cos[j] - b * sin[j];
-            x[j + half] = b * cos[j] + a * sin[j];
+            let (i, k) = (j * stride, j * stride + partner);
+            let (a, b) = (x[i], x[k]);
+            x[i] = a * cos[j] - b * sin[j];
+            x[k] = b * cos[j] + a * sin[j];
         }
     }
 }
@@ -241,6 +281,7 @@ mod tests {
             mrope_section: section,
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
+            alpha: None,
             scaling: RopeScaling::None,
         }
     }
@@ -283,6 +324,34 @@ mod tests {
         for (a, b) in x.iter().zip(want) {
             assert!(close(*a, b), "{x:?}");
         }
+    }
+
+    #[test]
+    fn adjacent_pairs_rotate_neighbours() {
+        // GLM-4: head_dim 8 with partial rotary 0.5 gives rotary_dim 4 and the frequencies 1 and
+        // 100^(-1/2) = 0.1, on pairs (0, 1) and (2, 3).
+        let mut c = cfg(100.0, "default", None, false);
+        c.partial_rotary_factor = 0.5;
+        let rope = Rope::new(&c, 8).unwrap().with_adjacent_pairs();
+        let angles = rope.angles(&Positions::sequential(2)).unwrap();
+        let mut x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        angles.rotate(1, &mut x);
+        let (c1, s1, c2, s2) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
+        let want = [c1 - 2.0 * s1, 2.0 * c1 + s1, 3.0 * c2 - 4.0 * s2, 4.0 * c2 + 3.0 * s2, 5.0, 6.0, 7.0, 8.0];
+        for (a, b) in x.iter().zip(want) {
+            assert!(close(*a, b), "{x:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn ntk_alpha_raises_the_base() {
+        // HunYuan: base 10000 · 1000^(4/2) = 1e10 for head_dim 4, so the second frequency is 1e-5.
+        let mut c = cfg(1e4, "dynamic", None, false);
+        c.alpha = Some(1000.0);
+        let rope = Rope::new(&c, 4).unwrap();
+        assert_eq!(rope.inv_freq, vec![1.0, 1e-5]);
+        c.alpha = None;
+        assert!(Rope::new(&c, 4).unwrap_err().to_string().contains("dynamic"));
     }
 
     #[test]

@@ -24,6 +24,30 @@ pub fn bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
             }
             Ok(moe::extract(f.bytes(e), e.dtype.size(), fused_shape, *layout, *part, *expert))
         }
+        Source::Rows { fused, fused_shape, .. } => {
+            let (f, e) = ckpt.require(fused)?;
+            if e.shape != *fused_shape {
+                bail!(
+                    "tensor {fused} in {} has shape {:?}, the plan expected {:?}",
+                    f.path.display(),
+                    e.shape,
+                    fused_shape
+                );
+            }
+            let (s, end) = row_range(t, e.start, e.dtype.size()).expect("a row slice");
+            Ok(f.bytes(e)[s - e.start..end - e.start].to_vec())
+        }
+    }
+}
+
+/// The byte range (in the file) of a row slice whose stored tensor starts at `start`.
+fn row_range(t: &LogicalTensor, start: usize, elem: usize) -> Option<(usize, usize)> {
+    match &t.source {
+        Source::Rows { fused_shape, start: r0, rows, .. } => {
+            let row: usize = fused_shape[1..].iter().product::<usize>() * elem;
+            Some((start + r0 * row, start + (r0 + rows) * row))
+        }
+        _ => None,
     }
 }
 
@@ -49,7 +73,7 @@ pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
     let raw;
     let src: &[u8] = match &t.source {
         Source::Stored(name) => ckpt.bytes(name)?,
-        Source::Computed(_) | Source::Expert { .. } => {
+        Source::Computed(_) | Source::Expert { .. } | Source::Rows { .. } => {
             raw = bytes(ckpt, t)?;
             &raw
         }
@@ -94,6 +118,17 @@ pub fn matrix_view<'a>(ckpt: &'a Checkpoint, t: &LogicalTensor) -> Result<Matrix
     let bytes = f.bytes(e);
     match &t.source {
         Source::Stored(_) | Source::Computed(_) => Ok(MatrixView::row_major(dtype, bytes, rows, cols)),
+        Source::Rows { fused, fused_shape, start, .. } => {
+            if e.shape != *fused_shape || e.dtype != dtype || fused_shape.get(1) != Some(&cols) {
+                bail!(
+                    "tensor {fused} in {} has shape {:?}, the plan expected {:?}",
+                    f.path.display(),
+                    e.shape,
+                    fused_shape
+                );
+            }
+            Ok(MatrixView { dtype, bytes, rows, cols, offset: start * cols, row_stride: cols, col_stride: 1 })
+        }
         Source::Expert { fused, fused_shape, layout, part, expert } => {
             if e.shape != *fused_shape || e.dtype != dtype {
                 bail!(
@@ -134,7 +169,8 @@ pub fn file_of(ckpt: &Checkpoint, t: &LogicalTensor) -> String {
 }
 
 /// Where a logical tensor's bytes lie: its stored tensor's file, and the byte range it reads there (for an
-/// expert, its expert's whole slice of the fused tensor, which gate and up share in the release layout).
+/// expert, its expert's whole slice of the fused tensor, which gate and up share in the release layout; for
+/// a row slice, its rows).
 pub fn span(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(std::path::PathBuf, usize, usize)> {
     let (f, e) = ckpt.entry(t.source.stored_name())?;
     let (s, end) = match &t.source {
@@ -143,6 +179,7 @@ pub fn span(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(std::path::PathBuf,
             let per = fused_shape[1] * fused_shape[2] * e.dtype.size();
             (e.start + expert * per, e.start + (expert + 1) * per)
         }
+        Source::Rows { .. } => row_range(t, e.start, e.dtype.size())?,
     };
     Some((f.path.clone(), s, end))
 }

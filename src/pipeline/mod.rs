@@ -13,6 +13,7 @@ pub mod progress;
 pub mod stages;
 
 use crate::export::ascend::AscendExporter;
+use crate::export::rules::{self, Described, Setting, Target};
 use crate::export::{write_atomically, Exporter};
 use crate::io::checkpoint::{self, Checkpoint};
 use crate::io::journal::{fingerprint_diff, Event, History, Journal, JOURNAL};
@@ -44,6 +45,10 @@ pub struct QuantArgs {
     pub calib_data: Option<PathBuf>,
     pub calib_samples: usize,
     pub calib_seq_len: usize,
+    /// The server the output must load in.
+    pub target: Target,
+    /// The dtype the server computes in; `None` is the checkpoint's `torch_dtype`.
+    pub serving_dtype: Option<DType>,
 }
 
 impl Default for QuantArgs {
@@ -61,6 +66,8 @@ impl Default for QuantArgs {
             calib_data: None,
             calib_samples: 32,
             calib_seq_len: 512,
+            target: Target::VllmAscend,
+            serving_dtype: None,
         }
     }
 }
@@ -97,31 +104,36 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
         Some(c) => c.names().map(|n| c.entry(n).unwrap().1.meta()).collect(),
         None => paper_inventory(&model)?,
     };
-    let recipe = match &args.config_path {
-        Some(p) => Recipe::from_file(p)?,
-        None => {
-            let qt = args
-                .quant_type
+    let bundled_quant_type = match &args.config_path {
+        Some(_) => None,
+        None => Some(normalize_quant_type(
+            args.quant_type
                 .as_deref()
-                .context("give --quant_type (w8a8, w8a8_dynamic, w8a16, w4a8_dynamic, w4a16) or --config_path")?;
-            Recipe::bundled(model.family.model_type(), &normalize_quant_type(qt))?
-        }
+                .context("give --quant_type (w8a8, w8a8_dynamic, w8a16, w4a8_dynamic, w4a16) or --config_path")?,
+        )),
     };
-    let model_is_bf16 = match &ckpt {
-        Some(c) => c.main_float_dtype() == DType::BF16,
-        None => config_dtype(&config) == Some(DType::BF16),
+    let recipe = match (&args.config_path, &bundled_quant_type) {
+        (Some(p), _) => Recipe::from_file(p)?,
+        (None, Some(qt)) => Recipe::bundled(model.family.model_type(), qt, args.target.name())?,
+        (None, None) => unreachable!(),
     };
-    let exporter = AscendExporter { model_is_bf16 };
-    let mut units = build_units(&model, &inventory)
+    let source_dtype = match &ckpt {
+        Some(c) => crate::model::config::torch_dtype(&config).unwrap_or_else(|| c.main_float_dtype()),
+        None => crate::model::config::torch_dtype(&config).unwrap_or(DType::BF16),
+    };
+    let serving = args.serving_dtype.unwrap_or(source_dtype);
+    let exporter = AscendExporter { serving, target: args.target };
+    let units = build_units(&model, &inventory)
         .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
     let calibrated = needs_calibration(&recipe, &units)?;
-    if calibrated {
-        for u in &mut units {
-            u.tensors.extend(calibrate::planned_additions(&model, &recipe, u)?);
-            u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
-        }
-    }
-    let mut units = units.into_iter().map(|u| plan_unit(u, &recipe, &exporter)).collect::<Result<Vec<_>>>()?;
+    let mut units = plan_units(&model, units, &recipe, &exporter, calibrated)?;
+    let setting = Setting {
+        target: args.target,
+        model_type: config_model_type(&config, &model),
+        serving: Some(serving),
+        kv_channels: Some(model.text.num_kv_heads * model.text.head_dim),
+    };
+    check_loadable(&model, &units, &recipe, &exporter, &setting, bundled_quant_type.as_deref(), &inventory)?;
     let budget = args.memory_budget.map(gib).unwrap_or_else(memory::available);
     let activation_budget = if calibrated { calibration_memory(&model, &mut units, args, budget) } else { 0 };
     let part = part_file_size(args, &recipe);
@@ -133,6 +145,132 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let shards = ShardLayout::plan(&outputs, limit, &|k, n| exporter.weights_file(k, n))?;
     let memory = plan_memory(&units, budget);
     Ok(Prepared { plan: Plan { model, recipe, units, shards, memory }, ckpt, exporter, calibrated, activation_budget })
+}
+
+/// Decides every unit's jobs and outputs (calibrating recipes add the tensors calibration computes).
+fn plan_units(
+    model: &Model,
+    mut units: Vec<crate::model::Unit>,
+    recipe: &Recipe,
+    exporter: &dyn Exporter,
+    calibrated: bool,
+) -> Result<Vec<plan::UnitPlan>> {
+    if calibrated {
+        for u in &mut units {
+            u.tensors.extend(calibrate::planned_additions(model, recipe, u)?);
+            u.tensors.sort_by(|a, b| a.name().cmp(b.name()));
+        }
+    }
+    units.into_iter().map(|u| plan_unit(u, recipe, exporter)).collect()
+}
+
+/// config.json's `model_type` as the server sees it (the top-level one of a VL model).
+fn config_model_type(config: &serde_json::Value, model: &Model) -> String {
+    config.get("model_type").and_then(|v| v.as_str()).unwrap_or(model.family.model_type()).to_string()
+}
+
+/// Refuses, before anything is written, a plan the target's loader would refuse ([`rules::check`] on the
+/// planned tensors), and a bundled `--quant_type` whose scheme the recipe could give to no linear of this
+/// model because the target does not load it there. The message lists the quant types that do load.
+fn check_loadable(
+    model: &Model,
+    units: &[plan::UnitPlan],
+    recipe: &Recipe,
+    exporter: &AscendExporter,
+    setting: &Setting,
+    bundled_quant_type: Option<&str>,
+    inventory: &[TensorMeta],
+) -> Result<()> {
+    let target = setting.target;
+    let outputs: Vec<crate::export::OutMeta> = units.iter().flat_map(|u| u.outputs.iter().cloned()).collect();
+    let specs: Vec<crate::quant::QuantSpec> = units
+        .iter()
+        .flat_map(|u| u.jobs.iter())
+        .filter_map(|j| if let plan::Job::Quantize { spec, .. } = j { Some(*spec) } else { None })
+        .collect();
+    let problems = rules::check(&Described::planned(&outputs, exporter.globals(&outputs, &specs)), setting);
+    let mut why = if problems.is_empty() { None } else { Some(rules::report(&problems)) };
+    if let (None, Some(qt)) = (&why, bundled_quant_type) {
+        let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+        if let Some(h) = headline.filter(|h| !outputs.iter().any(|o| o.kind == *h)) {
+            let r = rules::rule(h).expect("every preset type has a rule");
+            let kinds: Vec<&str> = [rules::LayerKind::Linear, rules::LayerKind::Expert]
+                .into_iter()
+                .filter(|k| r.loads(target, *k))
+                .map(|k| k.describe())
+                .collect();
+            why = Some(format!(
+                "- {} loads {h} only for {}s ({}), and {} has none: the bundled recipe {} would give {h} to no linear",
+                target.server(),
+                kinds.join(" and "),
+                r.source,
+                model.family.model_type(),
+                recipe.name
+            ));
+        }
+    }
+    let Some(why) = why else { return Ok(()) };
+    let loads = bundled_quant_types_that_load(model, setting, exporter, inventory);
+    let mut hint = String::new();
+    if bundled_quant_type.is_some() {
+        hint = match loads.is_empty() {
+            true => format!("\nno bundled --quant_type loads in {} for this model", target.server()),
+            false => format!("\n--quant_type values whose bundled recipe loads here: {}", loads.join(", ")),
+        };
+    }
+    if target == Target::VllmAscend {
+        let mindie = Setting { target: Target::MindIe, ..setting.clone() };
+        let mindie_exporter = AscendExporter { serving: exporter.serving, target: Target::MindIe };
+        let more: Vec<String> = bundled_quant_types_that_load(model, &mindie, &mindie_exporter, inventory)
+            .into_iter()
+            .filter(|q| !loads.contains(q))
+            .collect();
+        if !more.is_empty() {
+            hint.push_str(&format!(
+                "\nwith --target mindie (MindIE reads dense 4-bit linears and per-group int8 scales) also: {}",
+                more.join(", ")
+            ));
+        }
+    }
+    bail!(
+        "{} quantized with recipe {} would not load in {} (--target {}), so nothing was written:\n{why}{hint}",
+        model.family.model_type(),
+        recipe.name,
+        target.server(),
+        target.name()
+    )
+}
+
+/// The bundled `--quant_type` values whose recipe plans an output the target loads, for messages.
+fn bundled_quant_types_that_load(
+    model: &Model,
+    setting: &Setting,
+    exporter: &AscendExporter,
+    inventory: &[TensorMeta],
+) -> Vec<String> {
+    let mut ok = Vec::new();
+    for qt in crate::quant::recipe::QUANT_TYPES {
+        let attempt = || -> Result<bool> {
+            let recipe = Recipe::bundled(model.family.model_type(), qt, setting.target.name())?;
+            let units = build_units(model, inventory)?;
+            let calibrated = needs_calibration(&recipe, &units)?;
+            let units = plan_units(model, units, &recipe, exporter, calibrated)?;
+            let outputs: Vec<_> = units.iter().flat_map(|u| u.outputs.iter().cloned()).collect();
+            let specs: Vec<_> = units
+                .iter()
+                .flat_map(|u| u.jobs.iter())
+                .filter_map(|j| if let plan::Job::Quantize { spec, .. } = j { Some(*spec) } else { None })
+                .collect();
+            let headline = crate::quant::QuantSpec::preset(qt).map(|s| s.ascend_type());
+            let present = headline.is_none_or(|h| outputs.iter().any(|o| o.kind == h));
+            let described = Described::planned(&outputs, exporter.globals(&outputs, &specs));
+            Ok(present && rules::check(&described, setting).is_empty())
+        };
+        if attempt().unwrap_or(false) {
+            ok.push(qt.to_string());
+        }
+    }
+    ok
 }
 
 /// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a
@@ -231,16 +369,6 @@ fn has_weights(dir: &Path) -> bool {
     dir.join(checkpoint::SINGLE).exists() || dir.join(checkpoint::INDEX).exists()
 }
 
-fn config_dtype(config: &serde_json::Value) -> Option<DType> {
-    let d = config.get("torch_dtype").or_else(|| config.get("dtype"))?.as_str()?;
-    match d {
-        "bfloat16" => Some(DType::BF16),
-        "float16" => Some(DType::F16),
-        "float32" => Some(DType::F32),
-        _ => None,
-    }
-}
-
 /// `lamina plan`: what would happen, without writing anything. Returns whether it fits.
 pub fn print_plan(p: &Prepared) -> bool {
     let plan = &p.plan;
@@ -262,7 +390,7 @@ pub fn print_plan(p: &Prepared) -> bool {
     println!("recipe       : {}", plan.recipe.name);
     let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
     for o in plan.outputs() {
-        if o.meta.name.ends_with(".weight") {
+        if o.meta.name.ends_with(".weight") || o.meta.name.ends_with(".weight_packed") {
             *kinds.entry(o.kind).or_default() += 1;
         }
     }
@@ -354,7 +482,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         }
         fingerprint["calibration"] = serde_json::json!({"samples": samples.len(), "tokens_crc32": h.finalize()});
     }
-    let history = open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, &p.exporter, plan)?;
+    let (history, _lock) = open_save_dir(&save, &args.model_path, &fingerprint, args.overwrite, &p.exporter, plan)?;
     if history.as_ref().is_some_and(|h| h.complete) {
         return Ok(Summary {
             seconds: started.elapsed().as_secs_f64(),
@@ -540,7 +668,8 @@ fn is_lamina_output(name: &str, exporter: &dyn Exporter) -> bool {
         || (name.starts_with('.') && name.ends_with(".partial"))
 }
 
-/// Checks the save folder and reads what an earlier run left there.
+/// Checks the save folder, takes its lock (held until the returned guard drops: a second run on the
+/// folder fails at once and changes nothing) and reads what an earlier run left there.
 fn open_save_dir(
     save: &Path,
     model_dir: &Path,
@@ -548,7 +677,7 @@ fn open_save_dir(
     overwrite: bool,
     exporter: &dyn Exporter,
     plan: &Plan,
-) -> Result<Option<History>> {
+) -> Result<(Option<History>, crate::io::lock::FolderLock)> {
     if save.exists() && !save.is_dir() {
         bail!("save path {} exists and is not a folder", save.display());
     }
@@ -560,6 +689,7 @@ fn open_save_dir(
     std::fs::write(&probe, b"").with_context(|| format!("the save folder {} is not writable", save.display()))?;
     let _ = std::fs::remove_file(&probe);
     let _ = plan;
+    let lock = crate::io::lock::lock(save)?;
 
     if overwrite {
         for e in std::fs::read_dir(save)? {
@@ -569,7 +699,7 @@ fn open_save_dir(
                 std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
             }
         }
-        return Ok(None);
+        return Ok((None, lock));
     }
     match Journal::read(save)? {
         Some(h) => {
@@ -586,7 +716,7 @@ fn open_save_dir(
                     );
                 }
             }
-            Ok(Some(h))
+            Ok((Some(h), lock))
         }
         None => {
             let leftovers: Vec<String> = std::fs::read_dir(save)?
@@ -601,7 +731,7 @@ fn open_save_dir(
                     leftovers.join(", ")
                 );
             }
-            Ok(None)
+            Ok((None, lock))
         }
     }
 }

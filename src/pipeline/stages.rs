@@ -100,7 +100,7 @@ fn write_loop(
 ) -> Result<()> {
     let mut unit_crcs: BTreeMap<String, u32> = BTreeMap::new();
     let mut touched: std::collections::BTreeSet<usize> = Default::default();
-    let (abort_after, mut written) = (abort_after_tensors(), 0u64);
+    let (abort_after, stall, mut written) = (abort_after_tensors(), stall_after_tensors(), 0u64);
     for msg in rx {
         match msg {
             Msg::Tensors(ts) => {
@@ -120,6 +120,14 @@ fn write_loop(
                     if abort_after == Some(written) {
                         eprintln!("LAMINA_FAULT_ABORT_AFTER_TENSORS: aborting after {written} tensors");
                         std::process::abort();
+                    }
+                    if let Some((n, release)) = &stall {
+                        if *n == written {
+                            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                            while !release.exists() && std::time::Instant::now() < until {
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                            }
+                        }
                     }
                 }
             }
@@ -168,6 +176,14 @@ pub fn finish_shard(st: &mut WriteState, k: usize) -> Result<()> {
 /// after the N-th tensor this process writes, in the middle of a unit and of a shard.
 fn abort_after_tensors() -> Option<u64> {
     std::env::var("LAMINA_FAULT_ABORT_AFTER_TENSORS").ok().and_then(|v| v.parse().ok())
+}
+
+/// A testing aid for the save folder's lock: `LAMINA_FAULT_STALL_AFTER_TENSORS=N:FILE` pauses the writer
+/// after the N-th tensor until FILE exists (60 s at most), so that a test can start a second run meanwhile.
+fn stall_after_tensors() -> Option<(u64, std::path::PathBuf)> {
+    let v = std::env::var("LAMINA_FAULT_STALL_AFTER_TENSORS").ok()?;
+    let (n, file) = v.split_once(':')?;
+    Some((n.parse().ok()?, file.into()))
 }
 
 /// The CRC-32 of shard `k`'s file: its header followed by its tensors in file order.

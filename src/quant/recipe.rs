@@ -3,7 +3,9 @@
 //!
 //! The bundled best practices live in `pipelines/` and are compiled into the binary, so the tool
 //! works from any folder. `--quant_type Q` picks the bundled recipe of quant type Q whose
-//! `metadata.model_types` names the model's family, else the one naming none (`default-Q`).
+//! `metadata.model_types` names the model's family, else the one naming none (`default-Q`); among
+//! those, one whose `metadata.targets` names the `--target` server comes first (`mindie-w4a16`: MindIE
+//! reads dense 4-bit linears that vLLM-Ascend does not).
 //! `--config_path` reads a user's file, or a bundled recipe by name (`w8a8-fast`): named
 //! variants carry no `quant_type`, so `--quant_type` never picks them.
 
@@ -19,6 +21,8 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("default-w8a8_dynamic.yaml", include_str!("../../pipelines/default-w8a8_dynamic.yaml")),
     ("default-w4a8_dynamic.yaml", include_str!("../../pipelines/default-w4a8_dynamic.yaml")),
     ("default-w4a16.yaml", include_str!("../../pipelines/default-w4a16.yaml")),
+    ("mindie-w4a8_dynamic.yaml", include_str!("../../pipelines/mindie-w4a8_dynamic.yaml")),
+    ("mindie-w4a16.yaml", include_str!("../../pipelines/mindie-w4a16.yaml")),
     ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
     ("qwen3_moe-w8a8.yaml", include_str!("../../pipelines/qwen3_moe-w8a8.yaml")),
     ("qwen3_vl-w8a8.yaml", include_str!("../../pipelines/qwen3_vl-w8a8.yaml")),
@@ -31,6 +35,9 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
 ];
+
+/// The `--quant_type` values, each with a bundled default recipe.
+pub const QUANT_TYPES: [&str; 5] = ["w8a8", "w8a8_dynamic", "w8a16", "w4a8_dynamic", "w4a16"];
 
 /// One step of `spec.process`.
 #[derive(Debug, Clone)]
@@ -66,6 +73,9 @@ pub struct Recipe {
     /// `metadata.quant_type` and `metadata.model_types` select bundled recipes.
     pub quant_type: Option<String>,
     pub model_types: Vec<String>,
+    /// `metadata.targets`: the servers (`--target` names) this recipe is the best practice for; empty for
+    /// every server.
+    pub targets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +94,8 @@ struct RawMetadata {
     quant_type: Option<String>,
     #[serde(default)]
     model_types: Vec<String>,
+    #[serde(default)]
+    targets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -136,6 +148,7 @@ impl Recipe {
             default_text: raw.spec.default_text,
             quant_type: meta.quant_type,
             model_types: meta.model_types,
+            targets: meta.targets,
         })
     }
 
@@ -160,30 +173,37 @@ impl Recipe {
         BUNDLED.iter().find(|(f, _)| *f == file).map(|(f, t)| Recipe::parse(t, f))
     }
 
-    /// The bundled best practice for a model type and quant type: a recipe naming the model
-    /// type, else the default recipe of the quant type.
-    pub fn bundled(model_type: &str, quant_type: &str) -> Result<Recipe> {
-        let mut fallback = None;
+    /// The bundled best practice for a model type, quant type and target server: a recipe naming the
+    /// model type beats one naming none, and then one naming the target beats one naming none.
+    pub fn bundled(model_type: &str, quant_type: &str, target: &str) -> Result<Recipe> {
+        let mut best: Option<(u8, Recipe)> = None;
         for (file, text) in BUNDLED {
             let r = Recipe::parse(text, file)?;
             if r.quant_type.as_deref() != Some(quant_type) {
                 continue;
             }
-            if r.model_types.iter().any(|m| m == model_type) {
-                return Ok(r);
-            }
-            if r.model_types.is_empty() {
-                fallback = Some(r);
+            let model = if r.model_types.is_empty() {
+                0
+            } else if r.model_types.iter().any(|m| m == model_type) {
+                2
+            } else {
+                continue;
+            };
+            let server = if r.targets.is_empty() {
+                0
+            } else if r.targets.iter().any(|t| t == target) {
+                1
+            } else {
+                continue;
+            };
+            let rank = model + server;
+            if best.as_ref().is_none_or(|(b, _)| rank > *b) {
+                best = Some((rank, r));
             }
         }
-        let known: Vec<_> = BUNDLED
-            .iter()
-            .filter_map(|(f, t)| Recipe::parse(t, f).ok()?.quant_type)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        fallback
-            .with_context(|| format!("no bundled recipe for --quant_type {quant_type} (known: {})", known.join(", ")))
+        best.map(|(_, r)| r).with_context(|| {
+            format!("no bundled recipe for --quant_type {quant_type} (known: {})", QUANT_TYPES.join(", "))
+        })
     }
 
     /// How a linear is quantized: the first `linear_quant` step that matches it, if any.
@@ -238,7 +258,7 @@ mod tests {
         for (f, t) in BUNDLED {
             Recipe::parse(t, f).unwrap();
         }
-        let r = Recipe::bundled("qwen3_vl_moe", "w8a8_dynamic").unwrap();
+        let r = Recipe::bundled("qwen3_vl_moe", "w8a8_dynamic", "vllm-ascend").unwrap();
         assert!(r.linear_spec("model.language_model.layers.0.self_attn.q_proj").is_some());
         assert!(r.linear_spec("model.language_model.layers.0.mlp.experts.3.down_proj").is_some());
         for float in [
@@ -251,7 +271,7 @@ mod tests {
         ] {
             assert!(r.linear_spec(float).is_none(), "{float}");
         }
-        assert!(Recipe::bundled("llama", "w9a9").unwrap_err().to_string().contains("w8a16"));
+        assert!(Recipe::bundled("llama", "w9a9", "vllm-ascend").unwrap_err().to_string().contains("w8a16"));
     }
 
     #[test]
@@ -261,15 +281,30 @@ mod tests {
         for r in all.iter().filter(|r| r.quant_type.is_some()) {
             let q = r.quant_type.clone().unwrap();
             let keys: Vec<String> = if r.model_types.is_empty() { vec![String::new()] } else { r.model_types.clone() };
-            for m in keys {
-                assert!(seen.insert((q.clone(), m.clone())), "two bundled {q} recipes for model type {m:?}");
+            let targets: Vec<String> = if r.targets.is_empty() { vec![String::new()] } else { r.targets.clone() };
+            for m in &keys {
+                for t in &targets {
+                    assert!(seen.insert((q.clone(), m.clone(), t.clone())), "two bundled {q} recipes for {m:?} {t:?}");
+                }
             }
-            let selector = if r.model_types.is_empty() { "default".to_string() } else { r.model_types[0].clone() };
+            let selector = match (r.model_types.first(), r.targets.first()) {
+                (Some(m), _) => m.clone(),
+                (None, Some(t)) => t.clone(),
+                (None, None) => "default".to_string(),
+            };
             assert_eq!(r.name, format!("{selector}-{q}"), "a selectable recipe is named after what selects it");
         }
-        for q in ["w8a16", "w8a8_dynamic", "w8a8", "w4a8_dynamic", "w4a16"] {
-            assert!(seen.contains(&(q.to_string(), String::new())), "no default recipe for {q}");
+        for q in QUANT_TYPES {
+            assert!(seen.contains(&(q.to_string(), String::new(), String::new())), "no default recipe for {q}");
         }
+        // MindIE reads dense 4-bit linears: its own recipes for those; the others are shared.
+        for (q, want) in
+            [("w4a16", "mindie-w4a16"), ("w4a8_dynamic", "mindie-w4a8_dynamic"), ("w8a16", "default-w8a16")]
+        {
+            assert_eq!(Recipe::bundled("llama", q, "mindie").unwrap().name, want);
+            assert_eq!(Recipe::bundled("llama", q, "vllm-ascend").unwrap().name, format!("default-{q}"));
+        }
+        assert_eq!(Recipe::bundled("qwen3_moe", "w8a8", "mindie").unwrap().name, "qwen3_moe-w8a8");
         // Every file in pipelines/ is compiled in.
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         let mut files: Vec<String> =
@@ -279,8 +314,8 @@ mod tests {
         bundled.sort();
         assert_eq!(files, bundled);
 
-        assert_eq!(Recipe::bundled("llama", "w8a8").unwrap().name, "default-w8a8");
-        assert_eq!(Recipe::bundled("qwen3_vl_moe", "w8a8").unwrap().name, "qwen3_vl_moe-w8a8");
+        assert_eq!(Recipe::bundled("llama", "w8a8", "vllm-ascend").unwrap().name, "default-w8a8");
+        assert_eq!(Recipe::bundled("qwen3_vl_moe", "w8a8", "vllm-ascend").unwrap().name, "qwen3_vl_moe-w8a8");
         for variant in ["w8a8-fast", "w8a8-all-static"] {
             let r = Recipe::from_file(Path::new(variant)).unwrap();
             assert_eq!((r.name.as_str(), r.quant_type.as_deref()), (variant, None));
@@ -288,7 +323,8 @@ mod tests {
         }
         let gptq =
             |r: &Recipe, m: &str| r.linear_spec(m).map(|s| s.weight_method == crate::quant::spec::WeightMethod::Gptq);
-        let (default, fast) = (Recipe::bundled("qwen3", "w8a8").unwrap(), Recipe::named("w8a8-fast").unwrap().unwrap());
+        let (default, fast) =
+            (Recipe::bundled("qwen3", "w8a8", "vllm-ascend").unwrap(), Recipe::named("w8a8-fast").unwrap().unwrap());
         for m in ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"] {
             assert_eq!(default.linear_spec(m).map(|s| s.ascend_type()), fast.linear_spec(m).map(|s| s.ascend_type()));
             assert_eq!((gptq(&default, m), gptq(&fast, m)), (Some(true), Some(false)), "{m}");
@@ -346,7 +382,7 @@ mod tests {
             let names: Vec<&str> = ckpt.names().collect();
             let model = Model::new(&ckpt.config, None, &names).unwrap();
             let inventory: Vec<_> = names.iter().map(|n| ckpt.entry(n).unwrap().1.meta()).collect();
-            let recipe = Recipe::bundled(model.family.model_type(), "w8a8").unwrap();
+            let recipe = Recipe::bundled(model.family.model_type(), "w8a8", "vllm-ascend").unwrap();
             assert_eq!(recipe.name, recipe_name, "{fixture}");
             let mut got = std::collections::BTreeMap::new();
             for unit in build_units(&model, &inventory).unwrap() {
@@ -431,7 +467,8 @@ mod tests {
             ("llava", "lm_head"),
         ];
         for (family, m) in t5 {
-            let scheme = Recipe::bundled(family, "w8a8").unwrap().linear_spec(m).map(|s| s.ascend_type());
+            let scheme =
+                Recipe::bundled(family, "w8a8", "vllm-ascend").unwrap().linear_spec(m).map(|s| s.ascend_type());
             assert_eq!(scheme, intended_w8a8(m), "{family}: {m}");
         }
     }

@@ -47,14 +47,6 @@ impl Scheme {
     fn per_group(self) -> bool {
         self == Scheme::W4A16
     }
-    /// `model_quant_type` when every quantized linear has this scheme. msModelSlim's v1 saver
-    /// leaves W4A8_DYNAMIC out of its priority list ("hidden"), so a pure W4A8 model reads FLOAT.
-    fn model_quant_type(self) -> &'static str {
-        match self {
-            Scheme::W4A8Dynamic => "FLOAT",
-            s => s.kind(),
-        }
-    }
 }
 
 /// A tensor the pipeline sees in the input: stored as is, or one expert cut out of a fused tensor.
@@ -85,10 +77,23 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
+    // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
+    let fused_rows = config["model_type"] == "glm4";
     let stored = read_checkpoint(dir);
     let mut out = BTreeMap::new();
     for (name, t) in &stored {
-        if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
+        if let Some(prefix) = name.strip_suffix("mlp.gate_up_proj.weight").filter(|_| fused_rows) {
+            let half = t.data.len() / 2;
+            let shape = vec![t.shape[0] / 2, t.shape[1]];
+            for (k, part) in ["gate_proj", "up_proj"].iter().enumerate() {
+                let st = St {
+                    dtype: t.dtype.clone(),
+                    shape: shape.clone(),
+                    data: t.data[k * half..(k + 1) * half].to_vec(),
+                };
+                out.insert(format!("{prefix}mlp.{part}.weight"), Logical { st, from_fused: true });
+            }
+        } else if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
             let down = &stored[&format!("{prefix}mlp.experts.down_proj")];
             let inter = inter.expect("fused experts need moe_intermediate_size");
             for (j, [gate, up, d]) in split_fused(t, down, hidden, inter).into_iter().enumerate() {
@@ -141,20 +146,61 @@ pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<
         .collect()
 }
 
-/// Which linears the bundled data-free recipes quantize: every 2D `.weight` that is not an
-/// embedding table, except lm_head, MoE routers (`mlp.gate`) and, as msModelSlim keeps them,
-/// the vision `linear_fc2`, mergers and deepstack mergers.
-pub fn should_quantize(name: &str, shape: &[usize]) -> bool {
-    let Some(module) = name.strip_suffix(".weight") else {
-        return false;
-    };
+/// Whether a tensor is a linear's weight the bundled recipes keep float: embedding tables, lm_head, MoE
+/// routers, and what each family's W8A8 recipe keeps float in its vision tower (the second MLP
+/// projection: Qwen3-VL `linear_fc2`, Qwen2-VL `blocks.*.mlp.fc2`, Qwen2.5-VL `blocks.*.mlp.down_proj`,
+/// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector).
+pub fn stays_float(module: &str) -> bool {
     let last = module.rsplit('.').next().unwrap();
-    shape.len() == 2
-        && !["embed_tokens", "tok_embeddings", "wte", "pos_embed", "position_embedding", "lm_head", "output"]
-            .contains(&last)
-        && !module.ends_with("mlp.gate")
-        && !module.contains("linear_fc2")
-        && !module.contains("merger")
+    ["embed_tokens", "tok_embeddings", "wte", "pos_embed", "position_embedding", "lm_head", "output", "shared_expert_gate"]
+        .contains(&last)
+        || module.ends_with("mlp.gate")
+        || module.contains("linear_fc2")
+        || module.contains("merger")
+        || module.contains("multi_modal_projector")
+        || (module.contains("blocks.") && (module.ends_with("mlp.fc2") || module.ends_with("mlp.down_proj")))
+        || (module.contains("encoder.layers.") && module.ends_with("mlp.fc2"))
+}
+
+/// The scheme the bundled data-free recipe of `quant_type` for `target` means to give the linear
+/// `module`, stated from the linear's role (not from the recipes' globs):
+/// - vision-tower linears are 8-bit, as in their family's W8A8 recipe: weight-only (W8A16) for the
+///   weight-only types, W8A8_DYNAMIC otherwise;
+/// - routed experts load in vLLM-Ascend only as W8A8_DYNAMIC, W4A8_DYNAMIC or W4A16: w8a16's are
+///   W8A8_DYNAMIC;
+/// - W4A8_DYNAMIC and W4A16 load in vLLM-Ascend for experts only: its other linears are W8A8_DYNAMIC and
+///   W8A16; MindIE reads them dense too.
+pub fn intended(quant_type: &str, target: &str, module: &str, shape: &[usize]) -> Option<Scheme> {
+    if shape.len() != 2 || stays_float(module) {
+        return None;
+    }
+    let vision = ["visual.", "vision_tower."].iter().any(|v| module.contains(v));
+    let expert = module.contains(".mlp.experts.");
+    let mindie = target == "mindie";
+    Some(match (quant_type, vision, expert) {
+        ("w8a16" | "w4a16", true, _) => Scheme::W8A16,
+        (_, true, _) => Scheme::W8A8Dynamic,
+        ("w8a16", _, true) => Scheme::W8A8Dynamic,
+        ("w8a16", _, false) => Scheme::W8A16,
+        ("w8a8_dynamic", _, _) => Scheme::W8A8Dynamic,
+        ("w4a8_dynamic", _, true) => Scheme::W4A8Dynamic,
+        ("w4a8_dynamic", _, false) => {
+            if mindie {
+                Scheme::W4A8Dynamic
+            } else {
+                Scheme::W8A8Dynamic
+            }
+        }
+        ("w4a16", _, true) => Scheme::W4A16,
+        ("w4a16", _, false) => {
+            if mindie {
+                Scheme::W4A16
+            } else {
+                Scheme::W8A16
+            }
+        }
+        (q, ..) => panic!("no data-free quant type {q}"),
+    })
 }
 
 /// The output's tensors by name, with the file each came from; checks the index (when sharded)
@@ -243,25 +289,35 @@ pub struct Seen {
     pub shards: usize,
 }
 
-/// Checks an output folder against its input; `limit` is the shard size in bytes when one was given.
+/// Checks an output of `--quant_type` `scheme` (for vLLM-Ascend) against its input; `limit` is the shard
+/// size in bytes when one was given.
 pub fn check_output(input: &Path, out: &Path, scheme: Scheme, limit: Option<u64>) -> Seen {
+    check_output_for(input, out, scheme.cli(), "vllm-ascend", limit)
+}
+
+/// Checks an output of `--quant_type quant_type --target target` against its input, every linear against
+/// the scheme [`intended`] says.
+pub fn check_output_for(input: &Path, out: &Path, quant_type: &str, target: &str, limit: Option<u64>) -> Seen {
     let inputs = logical_inputs(input);
     let (outputs, file_of) = read_output(out, limit);
     let mut seen = Seen { shards: file_of.values().collect::<BTreeSet<_>>().len(), ..Default::default() };
     let mut accounted: BTreeSet<String> = BTreeSet::new();
-    let modules: BTreeSet<String> = inputs
+    let scheme_of = |name: &str, shape: &[usize]| -> Option<Scheme> {
+        let module = name.strip_suffix(".weight")?;
+        intended(quant_type, target, module, shape)
+    };
+    let modules: BTreeMap<String, Scheme> = inputs
         .iter()
-        .filter(|(n, l)| should_quantize(n, &l.st.shape))
-        .map(|(n, _)| n.strip_suffix(".weight").unwrap().to_string())
+        .filter_map(|(n, l)| Some((n.strip_suffix(".weight")?.to_string(), scheme_of(n, &l.st.shape)?)))
         .collect();
 
     for (name, l) in &inputs {
-        if should_quantize(name, &l.st.shape) {
+        if let Some(scheme) = scheme_of(name, &l.st.shape) {
             let module = name.strip_suffix(".weight").unwrap();
             check_linear(module, &l.st, &outputs, scheme);
             seen.quantized.insert(module.to_string());
             accounted.extend(outputs.keys().filter(|k| k.starts_with(&format!("{module}."))).cloned());
-        } else if let Some(module) = name.strip_suffix(".bias").filter(|m| modules.contains(*m)) {
+        } else if let Some(module) = name.strip_suffix(".bias").filter(|m| modules.contains_key(*m)) {
             let b = outputs.get(name).unwrap_or_else(|| panic!("bias {name} is missing from the output"));
             assert_eq!((b.dtype.as_str(), &b.shape), ("F32", &l.st.shape), "{name}");
             assert_eq!(b.f32s(), l.st.f32s(), "bias {name} of {module} must be the input's values");
@@ -280,7 +336,7 @@ pub fn check_output(input: &Path, out: &Path, scheme: Scheme, limit: Option<u64>
         outputs.keys().filter(|k| k.ends_with("gate_up_proj") || k.ends_with("experts.down_proj")).collect();
     assert!(fused.is_empty(), "fused expert tensors remain: {fused:?}");
 
-    check_description(out, &outputs, &inputs, &modules, scheme);
+    check_description(out, &outputs, &inputs, &modules);
     check_config_and_companions(input, out);
     seen
 }
@@ -398,8 +454,7 @@ fn check_description(
     out: &Path,
     outputs: &BTreeMap<String, St>,
     inputs: &BTreeMap<String, super::check::Logical>,
-    modules: &BTreeSet<String>,
-    scheme: Scheme,
+    modules: &BTreeMap<String, Scheme>,
 ) {
     let entries = description_entries(&out.join("quant_model_description.json"));
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -420,10 +475,10 @@ fn check_description(
         if globals.contains(&name.as_str()) {
             continue;
         }
-        let module = modules.iter().find(|m| name.starts_with(&format!("{m}.")));
+        let module = modules.iter().find(|(m, _)| name.starts_with(&format!("{m}.")));
         let want = match module {
             Some(_) if name.ends_with(".bias") => "FLOAT",
-            Some(_) => scheme.kind(),
+            Some((_, scheme)) => scheme.kind(),
             None => {
                 assert!(inputs.contains_key(name));
                 "FLOAT"
@@ -432,14 +487,19 @@ fn check_description(
         assert_eq!(kind.as_str(), Some(want), "description type of {name}");
     }
     assert_eq!(desc["version"], "1.0.0");
-    assert_eq!(desc["model_quant_type"].as_str(), Some(scheme.model_quant_type()), "model_quant_type");
+    // msModelSlim's QUANT_TYPE_PRIORITY, weakest first; W4A8_DYNAMIC is hidden from it.
+    let priority = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W4A16"];
+    let strongest = modules.values().filter_map(|s| priority.iter().position(|p| *p == s.kind())).max().unwrap_or(0);
+    assert_eq!(desc["model_quant_type"].as_str(), Some(priority[strongest]), "model_quant_type");
     let group_size = desc["group_size"].as_u64().expect("group_size is an integer") as usize;
-    if scheme.per_group() {
-        assert!(group_size > 0, "W4A16 names its group size");
-        for m in modules {
-            let w = &inputs[&format!("{m}.weight")].st;
-            let scales = &outputs[&format!("{m}.weight_scale")];
-            assert_eq!(scales.shape[1], w.shape[1].div_ceil(group_size), "{m}: scale columns vs group_size");
+    if modules.values().any(|s| s.per_group()) {
+        assert_eq!(group_size, 128, "W4A16 names its group size");
+        for (m, s) in modules {
+            if s.per_group() {
+                let w = &inputs[&format!("{m}.weight")].st;
+                let scales = &outputs[&format!("{m}.weight_scale")];
+                assert_eq!(scales.shape[1], w.shape[1] / group_size, "{m}: scale columns vs group_size");
+            }
         }
     } else {
         assert_eq!(group_size, 0, "per-channel schemes have group_size 0");

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const BIN: &str = env!("CARGO_BIN_EXE_lamina");
 
 /// The environment variables that inject faults; every run starts without them.
-pub const FAULT_VARS: [&str; 2] = ["LAMINA_FAULT_ENOSPC_AFTER", "LAMINA_FAULT_ABORT_AFTER_TENSORS"];
+pub const FAULT_VARS: [&str; 3] =
+    ["LAMINA_FAULT_ENOSPC_AFTER", "LAMINA_FAULT_ABORT_AFTER_TENSORS", "LAMINA_FAULT_STALL_AFTER_TENSORS"];
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -353,6 +354,53 @@ pub fn write_synthetic_moe(dir: &Path, layers: usize, seed: u64) -> PathBuf {
     }
     write_st(&dir.join("model.safetensors"), &out);
     dir.to_path_buf()
+}
+
+/// A copy of a text fixture (`llama`, `qwen3`, `qwen3_moe`) with every dimension doubled and the
+/// expert intermediate size raised to 128 (hidden 128, intermediate 256, expert intermediate 128, head_dim
+/// 32; vocabulary and expert count kept) and random bf16 weights: sizes that, like every released model's,
+/// divide by the 128-wide groups of W4A16.
+pub fn write_widened(name: &str, dir: &Path, seed: u64) -> PathBuf {
+    let src = fixture(name);
+    copy_dir(&src, dir);
+    let mut config = read_json(&src.join("config.json"));
+    for (k, v) in [("hidden_size", 128), ("intermediate_size", 256), ("moe_intermediate_size", 128), ("head_dim", 32)] {
+        if config.get(k).is_some() || k == "head_dim" {
+            config[k] = serde_json::json!(v);
+        }
+    }
+    write_json(&dir.join("config.json"), &config);
+    let widen = |d: usize| match d {
+        64 => 128,
+        48 => 128,
+        128 => 256,
+        16 => 32,
+        32 => 64,
+        other => other,
+    };
+    let mut rng = Rng::new(seed);
+    let out: BTreeMap<String, St> = read_st(&src.join("model.safetensors"))
+        .into_iter()
+        .map(|(n, t)| {
+            let shape: Vec<usize> = t.shape.iter().map(|&d| widen(d)).collect();
+            let numel: usize = shape.iter().product();
+            let norm = n.ends_with("norm.weight");
+            let v: Vec<f32> =
+                (0..numel).map(|_| if norm { 1.0 + 0.1 * rng.signed() } else { rng.signed() * 0.05 }).collect();
+            (n, St::bf16(&shape, &v))
+        })
+        .collect();
+    write_st(&dir.join("model.safetensors"), &out);
+    let _ = std::fs::remove_file(dir.join("reference.safetensors"));
+    dir.to_path_buf()
+}
+
+/// `lamina check OUT` (with extra arguments).
+pub fn check(out: &Path, extra: &[&str]) -> Run {
+    let out = out.display().to_string();
+    let mut args = vec!["check", out.as_str()];
+    args.extend(extra);
+    run(&args, &[])
 }
 
 /// Whether this machine lets the tests make a private mount namespace (`unshare -rm`) and mount

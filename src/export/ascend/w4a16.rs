@@ -18,14 +18,14 @@
 //! is written. It maps the description's `X.weight_packed` key to `X.weight` when it looks a layer's type up.
 //! Scales are stored as f32; the loader copies them into parameters of the model's dtype.
 //!
-//! Limits of that reader, which lamina does not hide: vLLM-Ascend reads W4A16 only for MoE experts (a dense
-//! linear of type W4A16 is refused there), and it needs `in` to be a multiple of `g`. lamina requires `in` to
-//! be a multiple of 8 (the packing) and lets the last group of a row be shorter when `in` is not a multiple
-//! of `g`, so every shape it accepts has one meaning.
+//! Limits of that reader, which lamina's rules enforce ([`crate::export::rules`]): vLLM-Ascend reads W4A16
+//! only for MoE experts (a dense linear of type W4A16 is refused there; MindIE reads it), and it asserts the
+//! hidden and intermediate sizes divisible by 8 and by `g`. The format itself needs `in` to be a multiple
+//! of 8 (the packing) and lets the last group of a row be shorter when `in` is not a multiple of `g`.
 
-use crate::export::{OutMeta, OutTensor};
+use crate::export::OutTensor;
 use crate::quant::QuantizedWeight;
-use crate::tensor::{DType, Tensor, TensorMeta};
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub const KIND: &str = "W4A16";
@@ -38,18 +38,6 @@ pub fn check(module: &str, cols: usize) -> Result<()> {
         bail!("{module}: W4A16 packs {PER_WORD} int4 per int32 along the input, but the weight has {cols} inputs");
     }
     Ok(())
-}
-
-pub fn layout(module: &str, rows: usize, cols: usize, groups: usize) -> Vec<OutMeta> {
-    let m = |suffix: &str, dtype, shape: &[usize]| OutMeta {
-        meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
-        kind: KIND,
-    };
-    vec![
-        m("weight_packed", DType::I32, &[rows, cols / PER_WORD]),
-        m("weight_scale", DType::F32, &[rows, groups]),
-        m("weight_shape", DType::I32, &[2]),
-    ]
 }
 
 pub fn tensors(module: &str, w: &QuantizedWeight) -> Vec<OutTensor> {

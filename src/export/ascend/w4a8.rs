@@ -25,21 +25,13 @@
 //! row sum there. The row sums are computed from the integers exactly (`8 · s · Σq`) rather than by summing
 //! `q · s` in f32, which differs from msModelSlim only in the last bits.
 
-use crate::export::{OutMeta, OutTensor};
+use crate::export::rules::{is_row_parallel, TP_SLICES};
+use crate::export::OutTensor;
 use crate::quant::QuantizedWeight;
-use crate::tensor::{DType, Tensor, TensorMeta};
+use crate::tensor::{DType, Tensor};
 use anyhow::{bail, Result};
 
 pub const KIND: &str = "W4A8_DYNAMIC";
-
-/// Tensor-parallel slices msModelSlim prepares row-parallel layers for.
-pub const TP_SLICES: usize = 16;
-
-/// Row-parallel linears (input split across ranks) get per-slice `scale_bias` columns.
-pub fn is_row_parallel(module: &str) -> bool {
-    let last = module.rsplit('.').next().unwrap_or(module);
-    matches!(last, "o_proj" | "down_proj" | "w2")
-}
 
 fn scale_bias_cols(module: &str) -> usize {
     if is_row_parallel(module) {
@@ -63,19 +55,6 @@ pub fn check(module: &str, group_size: Option<usize>, rows: usize, cols: usize) 
         );
     }
     Ok(())
-}
-
-pub fn layout(module: &str, rows: usize, cols: usize) -> Vec<OutMeta> {
-    let m = |suffix: &str, dtype, shape: &[usize]| OutMeta {
-        meta: TensorMeta::new(format!("{module}.{suffix}"), dtype, shape),
-        kind: KIND,
-    };
-    vec![
-        m("weight", DType::I8, &[rows / 2, cols]),
-        m("weight_scale", DType::F32, &[rows, 1]),
-        m("weight_offset", DType::F32, &[rows, 1]),
-        m("scale_bias", DType::F32, &[rows, scale_bias_cols(module)]),
-    ]
 }
 
 pub fn tensors(module: &str, w: &QuantizedWeight) -> Vec<OutTensor> {

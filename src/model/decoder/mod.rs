@@ -4,6 +4,7 @@
 //! | architecture | file | families |
 //! |---|---|---|
 //! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, internvl_chat / internvl, qwen-vl |
+//! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -22,6 +23,7 @@
 //! [`crate::model::layout::DecoderNames`] there, not a file here). A vision-language model's
 //! decoder is its language model's: [`Arch::of`] takes the layout's `text_family`.
 
+pub mod glm4;
 pub mod parts;
 pub mod standard;
 
@@ -63,6 +65,7 @@ pub trait DecoderBlock: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Standard,
+    Glm4,
 }
 
 impl Arch {
@@ -83,6 +86,7 @@ impl Arch {
             | Family::Qwen3VlMoe
             | Family::Llava
             | Family::Generic => Arch::Standard,
+            Family::Glm4 => Arch::Glm4,
         }
     }
 }
@@ -93,6 +97,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
     let names = &model.layout.names.decoder;
     Ok(match Arch::of(model.layout.text_family) {
         Arch::Standard => Box::new(standard::Layer::new(&model.text, names, index, weights)?),
+        Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -100,6 +105,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
 pub fn graph(model: &Model, index: usize) -> LayerGraph {
     match Arch::of(model.layout.text_family) {
         Arch::Standard => standard::Layer::graph(&model.text, &model.layout.names.decoder, index),
+        Arch::Glm4 => glm4::Layer::graph(&model.text, index),
     }
 }
 
@@ -131,6 +137,11 @@ pub struct LayerGraph {
     /// Linears whose outputs are added to the residual stream (o_proj, down_proj, every expert's
     /// down_proj).
     pub residual_writers: Vec<String>,
+    /// (linear, norm) pairs where the linear's output is normalized before it reaches the residual
+    /// stream (GLM-4's sandwich norms: o_proj → post_self_attn_layernorm, down_proj →
+    /// post_mlp_layernorm). Such a linear is no residual writer: a rotation of the residual stream
+    /// cannot be folded into it.
+    pub post_norms: Vec<(String, String)>,
     /// Linears a server fuses into one module and serves with one quantization type: q/k/v,
     /// gate/up, all the experts of a MoE layer.
     pub fused: Vec<Vec<String>>,
@@ -424,6 +435,10 @@ mod tests {
     fn parity_qwen3_vl_realvocab() {
         parity("qwen3_vl_realvocab");
     }
+    #[test]
+    fn parity_glm4() {
+        parity("glm4");
+    }
 
     /// The scalings that act only beyond the trained length, switched on by a shorter trained
     /// length in the config: every layer and the logits against tests/fixtures/gen/long_context.py.
@@ -514,7 +529,7 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "internlm2", "qwen1"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "internlm2", "qwen1", "glm4"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
@@ -528,11 +543,15 @@ mod tests {
                 g.norm_linears.iter().for_each(|nl| named.extend(nl.consumers.iter().map(|s| s.as_str())));
                 g.linear_linears.iter().for_each(|(p, c, _)| named.extend([p.as_str(), c.as_str()]));
                 named.extend(g.residual_writers.iter().map(|s| s.as_str()));
+                named.extend(g.post_norms.iter().map(|(l, _)| l.as_str()));
                 g.fused.iter().for_each(|f| named.extend(f.iter().map(|s| s.as_str())));
                 assert_eq!(ran, named, "{name} layer {i}");
                 let w = f.weights(i);
                 for nl in &g.norm_linears {
                     assert!(w.has(&format!("{}.weight", nl.norm)), "{name} layer {i}: {}", nl.norm);
+                }
+                for (_, norm) in &g.post_norms {
+                    assert!(w.has(&format!("{norm}.weight")), "{name} layer {i}: {norm}");
                 }
                 // The linears reading one norm share one input group; the output projection reads its own.
                 let groups = g.input_groups();

@@ -105,7 +105,8 @@ impl Fixture {
         let e = rel_err(before.view(), reference_out.view());
         assert!(e <= 1e-4, "{prefix}: the float layer is {e} off the reference");
 
-        let exporter = AscendExporter { model_is_bf16: true };
+        let exporter =
+            AscendExporter { serving: crate::tensor::DType::BF16, target: crate::export::rules::Target::VllmAscend };
         let save = std::env::temp_dir().join(format!("lamina-smoothing-parity-{}", std::process::id()));
         let cal = Calibrator::new(
             &self.ckpt,

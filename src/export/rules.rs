@@ -1,0 +1,542 @@
+//! What the servers load: the rules an Ascend-format output (msModelSlim's `quant_model_description.json` and
+//! `quant_model_weights*.safetensors`) must follow for vLLM-Ascend or MindIE to load it, as tables.
+//!
+//! One engine checks them, on two inputs: an output folder on disk (`lamina check`, which accepts
+//! msModelSlim's outputs too) and the tensors `lamina quant` plans to write, before it writes anything.
+//! lamina's own Ascend layout ([`linear_layout`]) is generated from the same [`TYPES`] table, so what is
+//! written and what is checked cannot drift apart.
+//!
+//! Every rule cites the loader file it comes from (vLLM-Ascend main, `vllm_ascend/quantization/`):
+//! - `modelslim_config.py`: `get_linear_quant_type` looks a layer's type up as `quant_description[prefix +
+//!   ".weight"]`; a fused layer (`packed_modules_model_mapping`, or the vLLM model class's
+//!   `packed_modules_mapping`) takes its type from every member and raises when they differ
+//!   ("Not all shards of … are quantized with same quant type"); `is_layer_skipped_ascend` raises when
+//!   some members are FLOAT and others not. A fused MoE layer is `…mlp.experts` and its members are
+//!   `experts.0.{gate,up,down}_proj`: every expert of the layer is loaded into the one scheme typed from
+//!   expert 0. `kv_cache_type == "C8"` enables the C8 KV cache, on the layers whose
+//!   `….k_proj.kv_cache_scale` the description lists.
+//! - `methods/registry.py` and the `@register_scheme(type, layer_type)` of `methods/*.py`: which type
+//!   loads on which layer kind ([`TYPES`]).
+//! - `methods/w8a8_static.py`, `w8a16.py`, `w8a8_dynamic.py`, `w4a8.py`, `w4a16.py`,
+//!   `w4a4_laos_dynamic.py`, `w8a8_pdmix.py`: the parameters each scheme creates (names, dtypes, shapes).
+//! - `methods/kv_c8.py` and `attention/attention_v1.py` (`AscendC8AttentionBackendImpl`): the C8 scales.
+//!
+//! MindIE's loader is not public; its column of the tables follows msModelSlim's documentation of what
+//! MindIE reads (per-group W8A16/W8A8_DYNAMIC scales, dense W4A8_DYNAMIC and W4A16 linears), and otherwise
+//! asks what vLLM-Ascend asks.
+
+use crate::export::{OutMeta, FLOAT};
+use crate::tensor::{DType, TensorMeta};
+use anyhow::{bail, Result};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// The server an output is meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    VllmAscend,
+    MindIe,
+}
+
+impl Target {
+    pub const ALL: [Target; 2] = [Target::VllmAscend, Target::MindIe];
+
+    /// The spelling of `--target`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::VllmAscend => "vllm-ascend",
+            Target::MindIe => "mindie",
+        }
+    }
+
+    /// The server's own name, for messages.
+    pub fn server(self) -> &'static str {
+        match self {
+            Target::VllmAscend => "vLLM-Ascend",
+            Target::MindIe => "MindIE",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Target> {
+        let s = s.to_ascii_lowercase().replace('_', "-");
+        match s.as_str() {
+            "vllm-ascend" | "vllm" => Ok(Target::VllmAscend),
+            "mindie" => Ok(Target::MindIe),
+            _ => bail!("unknown --target {s:?} (vllm-ascend, mindie)"),
+        }
+    }
+}
+
+/// How a server computes a linear: vLLM's `layer_type` of `@register_scheme`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerKind {
+    /// A `LinearBase`: attention projections, dense MLPs, shared experts, vision-tower linears.
+    Linear,
+    /// A routed MoE expert (`…experts.J.gate_proj`): vLLM fuses all experts of a layer into one
+    /// `FusedMoE` layer (`layer_type` "moe").
+    Expert,
+}
+
+impl LayerKind {
+    /// Routed experts are saved split, `….experts.J.name` (msModelSlim's naming, and lamina's).
+    pub fn of(module: &str) -> LayerKind {
+        let parts: Vec<&str> = module.split('.').collect();
+        let routed = parts.windows(2).any(|w| w[0] == "experts" && w[1].parse::<usize>().is_ok());
+        if routed {
+            LayerKind::Expert
+        } else {
+            LayerKind::Linear
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            LayerKind::Linear => "linear layer",
+            LayerKind::Expert => "routed MoE expert",
+        }
+    }
+
+    /// vLLM's `layer_type`.
+    pub fn vllm(self) -> &'static str {
+        match self {
+            LayerKind::Linear => "linear",
+            LayerKind::Expert => "moe",
+        }
+    }
+}
+
+/// A dimension of a tensor, in terms of its linear's `out × in`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    Out,
+    In,
+    /// Two int4 of adjacent output rows per byte (W4A8_DYNAMIC).
+    HalfOut,
+    /// Eight int4 per int32 along the input (W4A16).
+    InPerWord,
+    /// Scale columns: 1 per output channel, `in / group_size` per group.
+    Groups,
+    /// W4A8_DYNAMIC's `scale_bias` columns: [`TP_SLICES`] for row-parallel linears, else 1.
+    ScaleBias,
+    One,
+    Two,
+}
+
+/// The dtype a tensor must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeRule {
+    Is(DType),
+    /// A float scale: lamina writes f32 (as msModelSlim does); the loaders copy any float dtype into
+    /// their parameters.
+    Float,
+    /// `deq_scale`: f32 when served in bfloat16, the f32 bit pattern in int64 when served in float16
+    /// (`w8a8_static.py` `get_perchannel_param`).
+    DeqScale,
+}
+
+/// One tensor of a quantized linear `X`: `X.suffix`.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorRule {
+    pub suffix: &'static str,
+    pub dtype: DTypeRule,
+    pub shape: &'static [Dim],
+    /// Written by lamina and needed by the loader; optional tensors are read when present
+    /// (msModelSlim's older saver writes them).
+    pub required: bool,
+}
+
+const fn t(suffix: &'static str, dtype: DTypeRule, shape: &'static [Dim], required: bool) -> TensorRule {
+    TensorRule { suffix, dtype, shape, required }
+}
+
+/// How weight scales may be grouped along the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// No weight scale (static W8A8 keeps its scale inside `deq_scale`).
+    NoScale,
+    /// `[out, 1]`; per group `[out, in/g]` only where the target reads it (MindIE).
+    PerChannel,
+    /// `[out, in/g]`, `g` the description's `group_size`, dividing the input.
+    PerGroup,
+}
+
+/// One description type.
+#[derive(Debug, Clone, Copy)]
+pub struct TypeRule {
+    pub name: &'static str,
+    /// Where vLLM-Ascend defines it.
+    pub source: &'static str,
+    /// The layer kinds vLLM-Ascend registers it for.
+    pub vllm_ascend: &'static [LayerKind],
+    /// The layer kinds MindIE reads it for.
+    pub mindie: &'static [LayerKind],
+    /// The tensors of a linear of this type, the weight first.
+    pub tensors: &'static [TensorRule],
+    pub grouping: Grouping,
+    /// lamina writes this type (the others are checked in msModelSlim's outputs).
+    pub lamina_writes: bool,
+}
+
+impl TypeRule {
+    pub fn loads(&self, target: Target, kind: LayerKind) -> bool {
+        self.kinds(target).contains(&kind)
+    }
+    fn kinds(&self, target: Target) -> &'static [LayerKind] {
+        match target {
+            Target::VllmAscend => self.vllm_ascend,
+            Target::MindIe => self.mindie,
+        }
+    }
+    pub fn weight(&self) -> &'static TensorRule {
+        &self.tensors[0]
+    }
+}
+
+use DTypeRule::{DeqScale, Float, Is};
+use Dim::*;
+use LayerKind::{Expert, Linear};
+
+const W8_SCALES: [TensorRule; 3] = [
+    t("weight", Is(DType::I8), &[Out, In], true),
+    t("weight_scale", Float, &[Out, Groups], true),
+    t("weight_offset", Float, &[Out, Groups], true),
+];
+
+/// Every type the rules know, from weakest to strongest in msModelSlim's `QUANT_TYPE_PRIORITY`.
+pub const TYPES: &[TypeRule] = &[
+    TypeRule {
+        name: "W8A16",
+        source: "methods/w8a16.py: AscendW8A16LinearMethod, registered for \"linear\" only",
+        vllm_ascend: &[Linear],
+        mindie: &[Linear],
+        tensors: &W8_SCALES,
+        grouping: Grouping::PerChannel,
+        lamina_writes: true,
+    },
+    TypeRule {
+        name: "W8A8_DYNAMIC",
+        source: "methods/w8a8_dynamic.py: AscendW8A8DynamicLinearMethod, AscendW8A8DynamicFusedMoEMethod",
+        vllm_ascend: &[Linear, Expert],
+        mindie: &[Linear, Expert],
+        tensors: &W8_SCALES,
+        grouping: Grouping::PerChannel,
+        lamina_writes: true,
+    },
+    TypeRule {
+        name: "W8A8_MIX",
+        source: "methods/w8a8_pdmix.py: AscendW8A8PDMixLinearMethod, registered for \"linear\" only",
+        vllm_ascend: &[Linear],
+        mindie: &[Linear],
+        tensors: &[
+            t("weight", Is(DType::I8), &[Out, In], true),
+            t("quant_bias", Is(DType::I32), &[Out], true),
+            t("input_scale", Float, &[One], true),
+            t("input_offset", Float, &[One], true),
+            t("deq_scale", DeqScale, &[Out], true),
+            t("weight_scale", Float, &[Out, One], true),
+            t("weight_offset", Float, &[Out, One], true),
+        ],
+        grouping: Grouping::PerChannel,
+        lamina_writes: false,
+    },
+    TypeRule {
+        name: "W8A8",
+        source: "methods/w8a8_static.py: AscendW8A8LinearMethod, registered for \"linear\" only",
+        vllm_ascend: &[Linear],
+        mindie: &[Linear],
+        tensors: &[
+            t("weight", Is(DType::I8), &[Out, In], true),
+            t("quant_bias", Is(DType::I32), &[Out], true),
+            t("input_scale", Float, &[One], true),
+            t("input_offset", Float, &[One], true),
+            t("deq_scale", DeqScale, &[Out], true),
+            // msModelSlim's v0 saver also writes these; the v1 saver and lamina do not.
+            t("weight_scale", Float, &[Out, One], false),
+            t("weight_offset", Float, &[Out, One], false),
+        ],
+        grouping: Grouping::NoScale,
+        lamina_writes: true,
+    },
+    TypeRule {
+        name: "W4A16",
+        source: "methods/w4a16.py: AscendW4A16FusedMoEMethod, registered for \"moe\" only",
+        vllm_ascend: &[Expert],
+        mindie: &[Linear, Expert],
+        tensors: &[
+            t("weight_packed", Is(DType::I32), &[Out, InPerWord], true),
+            t("weight_scale", Float, &[Out, Groups], true),
+            t("weight_shape", Is(DType::I32), &[Two], true),
+            t("weight_offset", Float, &[Out, Groups], false),
+        ],
+        grouping: Grouping::PerGroup,
+        lamina_writes: true,
+    },
+    TypeRule {
+        name: "W4A8_DYNAMIC",
+        source: "methods/w4a8.py: AscendW4A8DynamicFusedMoEMethod, registered for \"moe\" only",
+        vllm_ascend: &[Expert],
+        mindie: &[Linear, Expert],
+        tensors: &[
+            t("weight", Is(DType::I8), &[HalfOut, In], true),
+            t("weight_scale", Float, &[Out, One], true),
+            t("weight_offset", Float, &[Out, One], true),
+            t("scale_bias", Float, &[Out, ScaleBias], true),
+        ],
+        grouping: Grouping::PerChannel,
+        lamina_writes: true,
+    },
+    TypeRule {
+        name: "W4A4_DYNAMIC",
+        source: "methods/w4a4_laos_dynamic.py: AscendW4A4LaosDynamicLinearMethod, registered for \"linear\" only",
+        vllm_ascend: &[Linear],
+        mindie: &[Linear],
+        tensors: &[
+            t("weight", Is(DType::I8), &[Out, In], true),
+            t("weight_scale", Float, &[Out, One], true),
+            t("weight_offset", Float, &[Out, One], true),
+        ],
+        grouping: Grouping::PerChannel,
+        lamina_writes: false,
+    },
+];
+
+/// msModelSlim's `QUANT_TYPE_PRIORITY` (save/ascendv1.py), weakest first: `model_quant_type` is the
+/// strongest type present. W4A8_DYNAMIC is absent ("hidden": a W4A8 MoE model is described by its other
+/// linears); W4A16, which the v1 saver does not write, ranks where the v0 saver put it.
+pub const PRIORITY: [&str; 7] = ["FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W4A16", "W4A4_DYNAMIC"];
+
+/// The type rule of a description type.
+pub fn rule(name: &str) -> Option<&'static TypeRule> {
+    TYPES.iter().find(|r| r.name == name)
+}
+
+/// The README's table of types × layer kinds × targets, rendered from [`TYPES`] (a test keeps the README's
+/// copy equal to it).
+pub fn markdown_table() -> String {
+    let cell = |r: &TypeRule, k: LayerKind| -> &'static str {
+        match (r.loads(Target::VllmAscend, k), r.loads(Target::MindIe, k)) {
+            (true, true) => "vLLM-Ascend, MindIE",
+            (false, true) => "MindIE only",
+            (true, false) => "vLLM-Ascend only",
+            (false, false) => "no",
+        }
+    };
+    let mut s = String::from(
+        "| type | linear layer (attention, dense MLP, shared expert, vision) | routed MoE expert | tensors of a linear `X` | vLLM-Ascend source |\n|---|---|---|---|---|\n",
+    );
+    for r in TYPES {
+        let tensors: Vec<String> = r
+            .tensors
+            .iter()
+            .map(|t| {
+                let dtype = match t.dtype {
+                    Is(d) => d.name(),
+                    Float => "F32",
+                    DeqScale => "F32 / I64",
+                };
+                let dims: Vec<&str> = t
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Out => "out",
+                        In => "in",
+                        HalfOut => "out/2",
+                        InPerWord => "in/8",
+                        Groups => "groups",
+                        ScaleBias => "1 or 16",
+                        One => "1",
+                        Two => "2",
+                    })
+                    .collect();
+                format!("`{}`{} {dtype} [{}]", t.suffix, if t.required { "" } else { " (optional)" }, dims.join(", "))
+            })
+            .collect();
+        s.push_str(&format!(
+            "| {}{} | {} | {} | {} | `{}` |\n",
+            r.name,
+            if r.lamina_writes { "" } else { " (checked, not written)" },
+            cell(r, LayerKind::Linear),
+            cell(r, LayerKind::Expert),
+            tensors.join("; "),
+            r.source.split(':').next().unwrap_or("")
+        ));
+    }
+    s
+}
+
+/// Tensor-parallel slices msModelSlim prepares row-parallel W4A8 layers for (`process_scale(…, tp_num=16)`);
+/// vLLM-Ascend's `w2_scale_bias` is `[E, hidden, 16 // tp_size]` (`methods/w4a8.py`).
+pub const TP_SLICES: usize = 16;
+
+/// Row-parallel linears (input split across ranks): msModelSlim's `process_scale` recognises them by name.
+pub fn is_row_parallel(module: &str) -> bool {
+    matches!(module.rsplit('.').next().unwrap_or(module), "o_proj" | "down_proj" | "w2")
+}
+
+fn dim(d: Dim, module: &str, out: usize, inp: usize, groups: usize) -> usize {
+    match d {
+        Out => out,
+        In => inp,
+        HalfOut => out / 2,
+        InPerWord => inp / 8,
+        Groups => groups,
+        ScaleBias => {
+            if is_row_parallel(module) {
+                TP_SLICES
+            } else {
+                1
+            }
+        }
+        One => 1,
+        Two => 2,
+    }
+}
+
+/// The serving dtype's `deq_scale` dtype, `None` where the loader creates none (float32 serving).
+pub fn deq_scale_dtype(serving: DType) -> Option<DType> {
+    match serving {
+        DType::BF16 => Some(DType::F32),
+        DType::F16 => Some(DType::I64),
+        _ => None,
+    }
+}
+
+/// The tensors lamina writes for a linear `module` (`out × in`) of description type `kind`, with `groups`
+/// scale columns, served in `serving`: the required tensors of the type's rule, then `X.bias` (f32, FLOAT)
+/// when the linear has one. The exporter fills them ([`crate::export::ascend`]).
+pub fn linear_layout(
+    kind: &'static str,
+    module: &str,
+    out: usize,
+    inp: usize,
+    groups: usize,
+    has_bias: bool,
+    serving: DType,
+) -> Vec<OutMeta> {
+    let r = rule(kind).unwrap_or_else(|| panic!("no rule for type {kind}"));
+    let mut v: Vec<OutMeta> = r
+        .tensors
+        .iter()
+        .filter(|t| t.required)
+        .map(|t| {
+            let dtype = match t.dtype {
+                Is(d) => d,
+                Float => DType::F32,
+                DeqScale => deq_scale_dtype(serving).unwrap_or(DType::F32),
+            };
+            let shape: Vec<usize> = t.shape.iter().map(|&d| dim(d, module, out, inp, groups)).collect();
+            OutMeta { meta: TensorMeta::new(format!("{module}.{}", t.suffix), dtype, &shape), kind: r.name }
+        })
+        .collect();
+    if has_bias {
+        v.push(OutMeta { meta: TensorMeta::new(format!("{module}.bias"), DType::F32, &[out]), kind: FLOAT });
+    }
+    v
+}
+
+/// A shape a type cannot hold for this linear on this target (the loader's assertion, or the packing),
+/// `group` being the description's group size.
+pub fn shape_limit(r: &TypeRule, target: Target, module: &str, out: usize, inp: usize, group: usize) -> Option<String> {
+    let kind = LayerKind::of(module);
+    match r.name {
+        "W4A8_DYNAMIC" => {
+            if out % 2 != 0 {
+                return Some(format!("W4A8_DYNAMIC packs pairs of output rows, but it has {out} outputs"));
+            }
+            if is_row_parallel(module) && inp % TP_SLICES != 0 {
+                return Some(format!(
+                    "W4A8_DYNAMIC keeps {TP_SLICES} partial sums of a row-parallel linear's inputs (scale_bias; methods/w4a8.py reads [out, 16 // tp_size]), but it has {inp} inputs"
+                ));
+            }
+            None
+        }
+        "W4A16" => {
+            if inp % 8 != 0 || (kind == Expert && out % 8 != 0) {
+                return Some(format!(
+                    "W4A16 packs 8 int4 per int32 word and methods/w4a16.py asserts hidden and intermediate sizes divisible by 8, but it is {out} × {inp}"
+                ));
+            }
+            if group == 0 {
+                return Some("W4A16 needs the description's group_size (methods/w4a16.py reads it, default 32)".into());
+            }
+            // The MoE loader asserts both hidden and intermediate sizes divisible by group_size: an
+            // expert's in and out are those two sizes.
+            let bad = if kind == Expert { inp % group != 0 || out % group != 0 } else { inp % group != 0 };
+            bad.then(|| {
+                format!(
+                    "{} {} divisible by group_size {group}, but it is {out} × {inp}",
+                    if target == Target::VllmAscend {
+                        "methods/w4a16.py asserts"
+                    } else {
+                        "MindIE's per-group W4A16 needs"
+                    },
+                    if kind == Expert { "hidden and intermediate sizes" } else { "the input size" }
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The types that load for a linear of `kind` with this shape on `target`, with the group size lamina
+/// would use for per-group types (128).
+pub fn loadable_types(target: Target, module: &str, out: usize, inp: usize) -> Vec<&'static str> {
+    let kind = LayerKind::of(module);
+    TYPES
+        .iter()
+        .filter(|r| r.lamina_writes && r.loads(target, kind))
+        .filter(|r| shape_limit(r, target, module, out, inp, 128).is_none())
+        .map(|r| r.name)
+        .collect()
+}
+
+/// Fused modules by `model_type`: vLLM-Ascend's `packed_modules_model_mapping` (`modelslim_config.py`),
+/// which overrides the vLLM model class's own `packed_modules_mapping`; `experts` says whether the family's
+/// entry lists `experts` (without it, a quantized MoE layer's type lookup `…mlp.experts.weight` fails).
+pub struct FamilyRule {
+    pub model_type: &'static str,
+    pub packed: &'static [(&'static str, &'static [&'static str])],
+    pub experts: bool,
+}
+
+const QKV_GATE_UP: &[(&str, &[&str])] =
+    &[("qkv_proj", &["q_proj", "k_proj", "v_proj"]), ("gate_up_proj", &["gate_proj", "up_proj"])];
+const MLA: &[(&str, &[&str])] =
+    &[("gate_up_proj", &["gate_proj", "up_proj"]), ("fused_qkv_a_proj", &["q_a_proj", "kv_a_proj_with_mqa"])];
+
+/// The families vLLM-Ascend's table names (a family that adds fused modules adds a row here).
+pub const FAMILIES: &[FamilyRule] = &[
+    FamilyRule { model_type: "qwen3_moe", packed: QKV_GATE_UP, experts: true },
+    FamilyRule { model_type: "qwen3_vl_moe", packed: QKV_GATE_UP, experts: true },
+    FamilyRule { model_type: "qwen2_5_vl", packed: QKV_GATE_UP, experts: false },
+    FamilyRule { model_type: "glm4_moe", packed: QKV_GATE_UP, experts: true },
+    FamilyRule { model_type: "glm4v_moe", packed: QKV_GATE_UP, experts: true },
+    FamilyRule {
+        model_type: "qwen3_next",
+        packed: &[
+            ("qkv_proj", &["q_proj", "k_proj", "v_proj"]),
+            ("gate_up_proj", &["gate_proj", "up_proj"]),
+            ("in_proj", &["in_proj_qkvz", "in_proj_ba"]),
+        ],
+        experts: true,
+    },
+    FamilyRule { model_type: "deepseek_v2", packed: MLA, experts: true },
+    FamilyRule { model_type: "deepseek_v3", packed: MLA, experts: true },
+    FamilyRule { model_type: "kimi_k2", packed: MLA, experts: true },
+];
+
+/// Families vLLM-Ascend's table does not name use their vLLM model class's mapping, which for the
+/// decoders and VL models lamina reads (llama, qwen2, qwen3, qwen2_vl, qwen3_vl, llava) fuses q/k/v
+/// and gate/up, and has no `experts` entry.
+pub const DEFAULT_FAMILY: FamilyRule = FamilyRule { model_type: "", packed: QKV_GATE_UP, experts: false };
+
+pub fn family(model_type: &str) -> &'static FamilyRule {
+    FAMILIES.iter().find(|f| f.model_type == model_type).unwrap_or(&DEFAULT_FAMILY)
+}
+
+mod checks;
+pub use checks::*;
+
+#[cfg(test)]
+mod tests;
