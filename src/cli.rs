@@ -119,7 +119,7 @@ struct QuantCli {
     #[arg(long = "quant_type", alias = "quant-type")]
     quant_type: Option<String>,
     /// The model family (llama, qwen2, qwen3, qwen3_moe, internlm2, qwen, qwen2_vl, qwen2_5_vl,
-    /// qwen3_vl, qwen3_vl_moe, llava, internvl_chat, internvl). Default: config.json's model_type.
+    /// qwen3_vl, qwen3_vl_moe, llava, glm4). Default: config.json's model_type.
     #[arg(long = "model_type", alias = "model-type")]
     model_type: Option<String>,
     /// The compute device. Only cpu exists in this build.
@@ -135,7 +135,7 @@ struct QuantCli {
     /// variant (w8a8-fast, w8a8-all-static).
     #[arg(long = "config_path", alias = "config-path")]
     config_path: Option<PathBuf>,
-    /// msModelSlim's switch for models with remote code (InternLM2, Qwen (1), Qwen-VL, InternVL):
+    /// msModelSlim's switch for models with remote code (InternLM2, Qwen (1)):
     /// `--trust_remote_code True`. Accepted and not needed: lamina never runs the model's Python;
     /// it reads config.json and the tensors, and copies the model's .py files to the output.
     #[arg(long = "trust_remote_code", alias = "trust-remote-code", value_parser = parse_python_bool)]

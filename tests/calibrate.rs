@@ -121,6 +121,8 @@ fn quantize_and_check(name: &str, tmp: &TempDir, extra: &[&str], expect_rtn: &dy
         &save,
         &Expect { scheme: &w8a8_scheme, rtn: expect_rtn, up_down: false, calib: &calib },
     );
+    // The loaders' rules (fused members typed alike, one input scale per fused layer, ...).
+    check(&save, &[]).assert_ok();
     let (ids, want) = reference(&model);
     let float = rel_l2(&logits(&model, None, &ids), &want);
     assert!(float <= 1e-4, "{name}: the float model is {float} off the reference");

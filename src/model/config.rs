@@ -116,11 +116,16 @@ pub enum RopeScaling {
     /// transformers' "dynamic" rope with a `factor`, as InternLM2's
     /// `InternLM2DynamicNTKScalingRotaryEmbedding`: when the largest position + 1 (`len`) exceeds
     /// `max_positions`, the base becomes `base · (factor · len / max_positions − (factor − 1))^(dim / (dim − 2))`.
-    DynamicNtk { factor: f64, max_positions: usize },
+    DynamicNtk {
+        factor: f64,
+        max_positions: usize,
+    },
     /// Qwen (1)'s `use_dynamic_ntk`: for a sequence of `len` tokens the base becomes
     /// `base · α^(dim / (dim − 2))` with `α = max(2^⌈log2(len / seq_length) + 1⌉ − 1, 1)`, which
     /// is 1 up to `seq_length` tokens.
-    QwenNtk { seq_length: usize },
+    QwenNtk {
+        seq_length: usize,
+    },
 }
 
 /// How a router scores experts.

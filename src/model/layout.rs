@@ -4,7 +4,7 @@
 //! of its own.
 
 use super::config::TextConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -23,14 +23,6 @@ pub enum Family {
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
-    /// InternVL 2 / 2.5 / 3 / 3.5 as released (remote code `internvl_chat`): InternViT, `mlp1`, and
-    /// the language model of its `llm_config`.
-    InternVlChat,
-    /// InternVL converted for transformers (`-hf` releases, `internvl`).
-    InternVl,
-    /// Qwen-VL (remote code, `model_type` "qwen" with a `visual` config): ViT-bigG, the
-    /// attention-pooling resampler, the Qwen (1) decoder.
-    QwenVl,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
@@ -38,7 +30,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 12] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -50,13 +42,10 @@ impl Family {
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
-        Family::InternVlChat,
-        Family::InternVl,
-        Family::QwenVl,
         Family::Glm4,
     ];
 
-    /// The `model_type` of config.json (Qwen-VL shares Qwen's "qwen").
+    /// The `model_type` of config.json.
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llama => "llama",
@@ -64,14 +53,12 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3_moe",
             Family::InternLm2 => "internlm2",
-            Family::Qwen | Family::QwenVl => "qwen",
+            Family::Qwen => "qwen",
             Family::Qwen2Vl => "qwen2_vl",
             Family::Qwen25Vl => "qwen2_5_vl",
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
-            Family::InternVlChat => "internvl_chat",
-            Family::InternVl => "internvl",
             Family::Glm4 => "glm4",
             Family::Generic => "generic",
         }
@@ -82,31 +69,12 @@ impl Family {
     }
 
     pub fn is_vision_language(self) -> bool {
-        matches!(
-            self,
-            Family::Qwen2Vl
-                | Family::Qwen25Vl
-                | Family::Qwen3Vl
-                | Family::Qwen3VlMoe
-                | Family::Llava
-                | Family::InternVlChat
-                | Family::InternVl
-                | Family::QwenVl
-        )
+        matches!(self, Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Llava)
     }
 
     /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
-    /// [`Family::Generic`] when the caller allows it (tensor names decide later). A "qwen" config
-    /// with a `visual` section is Qwen-VL.
+    /// [`Family::Generic`] when the caller allows it (tensor names decide later).
     pub fn detect(config: &Value) -> Option<Family> {
-        let family = Family::detect_type(config)?;
-        Some(match family {
-            Family::Qwen if config.get("visual").is_some_and(|v| v.is_object()) => Family::QwenVl,
-            f => f,
-        })
-    }
-
-    fn detect_type(config: &Value) -> Option<Family> {
         if let Some(f) = config.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type) {
             return Some(f);
         }
@@ -127,47 +95,22 @@ impl Family {
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
-            ("InternVLChatModel", Family::InternVlChat),
-            ("InternVLForConditionalGeneration", Family::InternVl),
             ("Glm4ForCausalLM", Family::Glm4),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
 
-    /// The family whose decoder (and naming inside the text model) the language model uses: the
-    /// family itself, Qwen's for Qwen-VL, and for InternVL the family of its language model
-    /// (`llm_config` of the releases, `text_config` of the `-hf` conversions).
+    /// The family whose decoder (and naming inside the text model) the language model uses: for
+    /// every family lamina reads today the family itself. A "qwen" config with a `visual` section
+    /// is Qwen-VL, whose vision tower lamina does not read: refused rather than quantized as text.
     pub fn text_family(self, config: &Value) -> Result<Family> {
-        match self {
-            Family::InternVlChat | Family::InternVl => {
-                let llm = ["llm_config", "text_config"]
-                    .iter()
-                    .find_map(|k| config.get(*k).filter(|v| v.is_object()))
-                    .with_context(|| {
-                    format!("config.json of {} has no llm_config (or text_config)", self.model_type())
-                })?;
-                let by_type = llm.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type);
-                let arch = llm
-                    .get("architectures")
-                    .and_then(|a| a.as_array())
-                    .and_then(|a| a.first())
-                    .and_then(|a| a.as_str());
-                let family = by_type.or_else(|| arch.and_then(Family::from_architecture));
-                match family {
-                    Some(
-                        f @ (Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2),
-                    ) => Ok(f),
-                    _ => bail!(
-                        "the language model of this {} checkpoint ({}) is not one lamina computes \
-                         (InternLM2, Qwen2, Qwen3, Qwen3-MoE, LLaMA are)",
-                        self.model_type(),
-                        arch.or(llm.get("model_type").and_then(|v| v.as_str())).unwrap_or("unnamed")
-                    ),
-                }
-            }
-            Family::QwenVl => Ok(Family::Qwen),
-            f => Ok(f),
+        if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
+            bail!(
+                "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section); lamina reads \
+                 the text-only Qwen (1) but not yet Qwen-VL's vision tower"
+            );
         }
+        Ok(self)
     }
 }
 
@@ -178,12 +121,6 @@ pub enum VisionKind {
     Qwen25Vl,
     Qwen3Vl,
     Clip,
-    /// InternViT, as released (`vision_model.*`, fused `attn.qkv`, projector `mlp1`).
-    InternVit,
-    /// InternViT as transformers names it (`-hf`: split q/k/v, `multi_modal_projector`).
-    InternVitHf,
-    /// Qwen-VL's ViT-bigG with the attention-pooling resampler.
-    QwenVlVit,
 }
 
 /// How the language model names the modules inside a decoder layer, relative to the layer.
@@ -226,7 +163,7 @@ pub enum FusedQkv {
 }
 
 impl DecoderNames {
-    /// Llama, Qwen2/3 and the Qwen-VL / LLaVA language models.
+    /// Llama, Qwen2/3 and the Qwen2/2.5/3-VL and LLaVA language models.
     pub const STANDARD: DecoderNames = DecoderNames {
         attn_norm: "input_layernorm",
         mlp_norm: "post_attention_layernorm",
@@ -301,7 +238,7 @@ impl TextNames {
                 head: "output",
                 decoder: DecoderNames::INTERNLM2,
             },
-            Family::Qwen | Family::QwenVl => {
+            Family::Qwen => {
                 TextNames { layers: "h", embed: "wte", norm: "ln_f", head: "lm_head", decoder: DecoderNames::QWEN }
             }
             _ => TextNames {
@@ -377,33 +314,6 @@ fn rules(family: Family) -> Rules {
             projector: &["multi_modal_projector", "model.multi_modal_projector"],
             head_prefix: &["language_model.", ""],
         },
-        Family::InternVlChat => Rules {
-            text: &["language_model.model"],
-            vision: &["vision_model"],
-            vision_blocks: "encoder.layers",
-            vision_pre: &["embeddings"],
-            vision_post: &[],
-            projector: &["mlp1"],
-            head_prefix: &["language_model."],
-        },
-        Family::InternVl => Rules {
-            text: &["model.language_model", "language_model.model"],
-            vision: &["model.vision_tower", "vision_tower"],
-            vision_blocks: "encoder.layer",
-            vision_pre: &["embeddings"],
-            vision_post: &["layernorm"],
-            projector: &["model.multi_modal_projector", "multi_modal_projector"],
-            head_prefix: &["", "language_model."],
-        },
-        Family::QwenVl => Rules {
-            text: &["transformer"],
-            vision: &["transformer.visual"],
-            vision_blocks: "transformer.resblocks",
-            vision_pre: &["conv1", "positional_embedding", "ln_pre"],
-            vision_post: &["attn_pool", "ln_post", "proj"],
-            projector: &[],
-            head_prefix: &[""],
-        },
     }
 }
 
@@ -477,9 +387,6 @@ impl Layout {
             Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
-            Family::InternVlChat => Some(VisionKind::InternVit),
-            Family::InternVl => Some(VisionKind::InternVitHf),
-            Family::QwenVl => Some(VisionKind::QwenVlVit),
             _ => None,
         };
         Ok(Layout {

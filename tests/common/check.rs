@@ -152,8 +152,17 @@ pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<
 /// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector).
 pub fn stays_float(module: &str) -> bool {
     let last = module.rsplit('.').next().unwrap();
-    ["embed_tokens", "tok_embeddings", "wte", "pos_embed", "position_embedding", "lm_head", "output", "shared_expert_gate"]
-        .contains(&last)
+    [
+        "embed_tokens",
+        "tok_embeddings",
+        "wte",
+        "pos_embed",
+        "position_embedding",
+        "lm_head",
+        "output",
+        "shared_expert_gate",
+    ]
+    .contains(&last)
         || module.ends_with("mlp.gate")
         || module.contains("linear_fc2")
         || module.contains("merger")

@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, internvl_chat / internvl, qwen-vl |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //!
 //! An architecture gives two things:
@@ -77,9 +77,6 @@ impl Arch {
             | Family::Qwen3Moe
             | Family::InternLm2
             | Family::Qwen
-            | Family::QwenVl
-            | Family::InternVlChat
-            | Family::InternVl
             | Family::Qwen2Vl
             | Family::Qwen25Vl
             | Family::Qwen3Vl

@@ -204,7 +204,9 @@ impl Attention {
             Qkv::Separate { names: [qn, kn, vn], q, k, v } => {
                 (project(device, hook, qn, q, x)?, project(device, hook, kn, k, x)?, project(device, hook, vn, v, x)?)
             }
-            Qkv::Fused { name, linear, rows } => split_fused(project(device, hook, name, linear, x)?, *rows, self.heads),
+            Qkv::Fused { name, linear, rows } => {
+                split_fused(project(device, hook, name, linear, x)?, *rows, self.heads)
+            }
         };
         norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
         norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
@@ -235,7 +237,8 @@ pub fn split_fused(y: Array2<f32>, rows: FusedQkv, heads: Heads) -> (Array2<f32>
             // Key/value head `h` owns columns `h·(group + 2)·d ..`: its query heads, its key, its value.
             for h in 0..nkv {
                 let base = h * (group + 2) * d;
-                q.slice_mut(s![.., h * group * d..(h + 1) * group * d]).assign(&y.slice(s![.., base..base + group * d]));
+                q.slice_mut(s![.., h * group * d..(h + 1) * group * d])
+                    .assign(&y.slice(s![.., base..base + group * d]));
                 let kc = base + group * d;
                 k.slice_mut(s![.., h * d..(h + 1) * d]).assign(&y.slice(s![.., kc..kc + d]));
                 v.slice_mut(s![.., h * d..(h + 1) * d]).assign(&y.slice(s![.., kc + d..kc + 2 * d]));
@@ -689,7 +692,8 @@ mod tests {
         let heads = Heads { num_heads: 4, num_kv_heads: 2, qk_dim: 1, v_dim: 1 };
         let y = Array2::from_shape_vec((1, 8), (0..8).map(|v| v as f32).collect()).unwrap();
         let (q, k, v) = split_fused(y.clone(), FusedQkv::PerKvHead, heads);
-        let rows = |q: Array2<f32>, k: Array2<f32>, v: Array2<f32>| (q.row(0).to_vec(), k.row(0).to_vec(), v.row(0).to_vec());
+        let rows =
+            |q: Array2<f32>, k: Array2<f32>, v: Array2<f32>| (q.row(0).to_vec(), k.row(0).to_vec(), v.row(0).to_vec());
         assert_eq!(rows(q, k, v), (vec![0.0, 1.0, 4.0, 5.0], vec![2.0, 6.0], vec![3.0, 7.0]));
         let (q, k, v) = split_fused(y, FusedQkv::Concatenated, heads);
         assert_eq!(rows(q, k, v), (vec![0.0, 1.0, 2.0, 3.0], vec![4.0, 5.0], vec![6.0, 7.0]));

@@ -1,6 +1,5 @@
 //! The standard pre-norm decoder layer: Llama, Qwen2, Qwen3, Qwen3-MoE, InternLM2, Qwen (1), and
-//! the language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA, InternVL and
-//! Qwen-VL.
+//! the language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and LLaVA.
 //!
 //! ```text
 //! x ─ RMSNorm ─ q,k,v (+bias) ─ [q/k RMSNorm] ─ RoPE ─ [logn] ─ causal GQA attention ─ o ─ + ─┐
