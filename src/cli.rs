@@ -255,6 +255,7 @@ fn quant(q: &QuantCli) -> anyhow::Result<i32> {
         human(s.peak_rss),
         if s.resumed_from > 0 { format!(" (resumed at unit {})", s.resumed_from) } else { String::new() }
     );
+    eprintln!("for {}", s.serving);
     Ok(0)
 }
 

@@ -111,16 +111,23 @@ fn reference(fixture: &Path) -> (Vec<i64>, Vec<f32>) {
 const LOGITS_BOUND: f64 = 0.06;
 
 fn quantize_and_check(name: &str, tmp: &TempDir, extra: &[&str], expect_rtn: &dyn Fn(&str) -> bool) -> Seen {
-    let model = fixture(name);
+    quantize_and_check_at(&fixture(name), name, tmp, extra, &w8a8_scheme, expect_rtn)
+}
+
+fn quantize_and_check_at(
+    model: &Path,
+    name: &str,
+    tmp: &TempDir,
+    extra: &[&str],
+    scheme: &dyn Fn(&str) -> Option<&'static str>,
+    expect_rtn: &dyn Fn(&str) -> bool,
+) -> Seen {
+    let model = model.to_path_buf();
     let data = tmp.join(&format!("{name}.jsonl"));
     let calib = write_calib_ids(&model, &data, SAMPLES, SEQ_LEN, 900, 7);
     let save = tmp.join(&format!("{name}-out"));
     quant_calibrated(&model, &save, &data, extra, &[]).assert_ok();
-    let seen = check_calibrated(
-        &model,
-        &save,
-        &Expect { scheme: &w8a8_scheme, rtn: expect_rtn, up_down: false, calib: &calib },
-    );
+    let seen = check_calibrated(&model, &save, &Expect { scheme, rtn: expect_rtn, up_down: false, calib: &calib });
     // The loaders' rules (fused members typed alike, one input scale per fused layer, ...).
     check(&save, &[]).assert_ok();
     let (ids, want) = reference(&model);
@@ -156,6 +163,24 @@ fn default_w8a8_is_complete_consistent_and_close_to_the_reference() {
         assert!(seen.scales_checked >= if fused { 4 } else { 5 } * layers, "{name}: {seen:?}");
         assert_eq!(seen.ranges_checked, if fused { 1 } else { 3 }, "{name}: {seen:?}");
     }
+}
+
+/// GLM-4.5/4.6 (`glm4_moe`) with its multi-token-prediction layer: layer 0 dense, layers 1-2 with
+/// sigmoid-routed experts (W8A8_DYNAMIC), shared experts (gate/up static W8A8, down W8A16 like a
+/// dense MLP's) and a float router; the MTP layer `model.layers.3` float; logits within the bound.
+#[test]
+fn glm4_moe_w8a8_with_its_mtp_layer() {
+    let tmp = TempDir::new("glm4-moe-w8a8");
+    let model = with_mtp_layer("glm4_moe", &tmp.join("model"), 9);
+    let scheme = |m: &str| if m.starts_with("model.layers.3.") { None } else { w8a8_scheme(m) };
+    let seen = quantize_and_check_at(&model, "glm4_moe", &tmp, &["--quant_type", "w8a8"], &scheme, &default_rtn);
+    let count = |k: &str| seen.by_kind.get(k).copied().unwrap_or(0);
+    assert_eq!(count("W8A8_DYNAMIC"), 2 * 4 * 3, "{seen:?}");
+    assert_eq!(count("W8A8"), 6 + 2 * (4 + 2), "{seen:?}");
+    assert_eq!(count("W8A16"), 3, "{seen:?}");
+    let c = check(&tmp.join("glm4_moe-out"), &[]);
+    c.assert_ok();
+    assert!(c.stdout.contains("ok:"), "{}", c.stdout);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::calibrated::write_calib_ids;
 use common::check::check_output;
 use common::check::Scheme;
 use common::*;
@@ -362,4 +363,62 @@ fn a_second_run_on_the_same_folder_is_refused_at_once() {
     victim.wait().unwrap();
     quant(&model, &killed, "w8a16", &[], &[]).assert_ok();
     check_output(&model, &killed, Scheme::W8A16, None);
+}
+
+/// `deq_scale`'s dtype is the serving dtype's (F32 for bfloat16, the F32 bits in I64 for float16): decided
+/// by `--serving_dtype`, default config.json's `torch_dtype`, recorded in the description's metadata and
+/// read back by `lamina check`; a float32 model needs the flag for static W8A8, which float32 cannot serve.
+#[test]
+fn deq_scale_follows_the_serving_dtype() {
+    let tmp = TempDir::new("serving");
+    let model = fixture("qwen3");
+    let (bf, fp) = (tmp.join("bf16"), tmp.join("fp16"));
+    let data = tmp.join("calib.jsonl");
+    write_calib_ids(&model, &data, 2, 16, 1000, 3);
+    let d = data.display().to_string();
+    let calib = ["--calib_data", d.as_str(), "--calib_samples", "2", "--calib_seq_len", "16"];
+    let r = quant(&model, &bf, "w8a8", &calib, &[]);
+    r.assert_ok();
+    assert!(r.stderr.contains("served in bfloat16") && r.stderr.contains("deq_scale stored as F32"), "{}", r.stderr);
+    let mut extra = calib.to_vec();
+    extra.extend(["--serving_dtype", "float16"]);
+    let r = quant(&model, &fp, "w8a8", &extra, &[]);
+    r.assert_ok();
+    assert!(r.stderr.contains("deq_scale stored as I64"), "{}", r.stderr);
+    let (a, b) =
+        (read_st(&bf.join("quant_model_weights.safetensors")), read_st(&fp.join("quant_model_weights.safetensors")));
+    let name = "model.layers.0.self_attn.q_proj.deq_scale";
+    assert_eq!((a[name].dtype.as_str(), b[name].dtype.as_str()), ("F32", "I64"));
+    // The same f32 values, as bits in int64 (msModelSlim's deqscale2int64).
+    let bits: Vec<i64> = b[name].data.chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let vals: Vec<f32> = a[name].f32s();
+    assert_eq!(bits, vals.iter().map(|v| v.to_bits() as i32 as i64).collect::<Vec<_>>());
+    for (dir, dtype) in [(&bf, "bfloat16"), (&fp, "float16")] {
+        let desc = read_json(&dir.join("quant_model_description.json"));
+        assert_eq!(desc["metadata"]["serving_dtype"], dtype);
+        check(dir, &[]).assert_ok();
+    }
+    let r = check(&fp, &["--serving_dtype", "bfloat16"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stdout.contains("[deq_scale dtype]"), "{}", r.stdout);
+    // A float32 checkpoint: vLLM-Ascend creates no deq_scale in float32.
+    let m = copy_fixture("qwen2", &tmp.join("fp32"));
+    let path = m.join("model.safetensors");
+    let converted = read_st(&path)
+        .into_iter()
+        .map(|(n, t)| {
+            let data = t.f32s().iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n, St { dtype: "F32".into(), shape: t.shape, data })
+        })
+        .collect();
+    write_st(&path, &converted);
+    let mut c = read_json(&m.join("config.json"));
+    c.as_object_mut().unwrap().remove("dtype");
+    c["torch_dtype"] = json!("float32");
+    write_json(&m.join("config.json"), &c);
+    run(&["plan", "--model_path", &m.display().to_string(), "--quant_type", "w8a8"], &[])
+        .assert_fails_with(&["cannot be served in float32", "--serving_dtype bfloat16 or float16"]);
+    run(&["plan", "--model_path", &m.display().to_string(), "--quant_type", "w8a8", "--serving_dtype", "float16"], &[])
+        .assert_ok();
+    run(&["plan", "--model_path", &m.display().to_string(), "--quant_type", "w8a8_dynamic"], &[]).assert_ok();
 }

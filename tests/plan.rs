@@ -89,3 +89,19 @@ fn plan_of_a_checkpoint() {
     assert_eq!(field(&r.stdout, "architecture"), "qwen3_vl_moe (checkpoint)");
     assert_eq!(field(&r.stdout, "fits"), "yes");
 }
+
+/// GLM-4.6 (`glm4_moe`, tests/fixtures/configs/glm-4.6: 92 layers, 160 experts top-8, one shared
+/// expert, the first 3 layers dense, one MTP layer) fits a 64 GiB card layer by layer.
+#[test]
+fn glm_4_6_fits_64_gib_on_paper() {
+    let r = plan(&config("glm-4.6"), "64");
+    r.assert_ok();
+    assert_eq!(field(&r.stdout, "architecture"), "glm4_moe (config.json only, on paper)");
+    assert!(field(&r.stdout, "text").starts_with("92 layers, hidden 5120"), "{}", r.stdout);
+    assert!(field(&r.stdout, "text").contains("160 experts top-8"), "{}", r.stdout);
+    // 92 decoder layers, the MTP layer, the embeddings and the head.
+    let units: usize = field(&r.stdout, "units").parse().unwrap();
+    assert_eq!(units, 92 + 1 + 2, "{}", r.stdout);
+    assert!(r.stdout.contains("model.layers.92 (MTP)"), "{}", r.stdout);
+    assert_eq!(field(&r.stdout, "fits"), "yes");
+}

@@ -74,9 +74,12 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
     let (root, experts) = match name {
         "qwen3_moe" => ("model.layers", 4),
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
+        "glm4_moe" => ("model.layers", 4),
         _ => return,
     };
-    for layer in 0..2 {
+    // GLM-4.5's first layer is dense (first_k_dense_replace).
+    let layers = if name == "glm4_moe" { 1..3 } else { 0..2 };
+    for layer in layers {
         for j in 0..experts {
             for part in ["gate_proj", "up_proj", "down_proj"] {
                 let m = format!("{root}.{layer}.mlp.experts.{j}.{part}");
@@ -140,6 +143,39 @@ fn qwen3_vl_realvocab() {
 #[test]
 fn glm4() {
     quantize_every_scheme("glm4");
+}
+#[test]
+fn glm4_moe() {
+    quantize_every_scheme("glm4_moe");
+}
+
+/// GLM-4.5's multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is no decoder layer
+/// lamina computes: every scheme writes it float, as vLLM-Ascend serves the MTP draft, and the
+/// description says FLOAT for each of its tensors; the decoder layers are quantized as usual.
+#[test]
+fn glm4_moe_mtp_layer_stays_float() {
+    let tmp = TempDir::new("glm4-moe-mtp");
+    let model = with_mtp_layer("glm4_moe", &tmp.join("model"), 5);
+    for qt in ["w8a8_dynamic", "w4a8_dynamic"] {
+        let save = tmp.join(qt);
+        quant(&model, &save, qt, &[], &[]).assert_ok();
+        let seen = check_output_for(&model, &save, qt, "vllm-ascend", None);
+        let mtp: Vec<&String> = seen.float.iter().filter(|n| n.starts_with("model.layers.3.")).collect();
+        assert!(mtp.iter().any(|n| n.ends_with("self_attn.q_proj.weight")), "{mtp:?}");
+        assert!(mtp.iter().any(|n| n.ends_with("mlp.experts.0.down_proj.weight")), "{mtp:?}");
+        assert!(mtp.iter().any(|n| n.ends_with("eh_proj.weight")), "{mtp:?}");
+        assert!(seen.quantized.contains("model.layers.2.mlp.experts.3.up_proj"), "{seen:?}");
+        let desc = read_json(&save.join("quant_model_description.json"));
+        let mtp_types: std::collections::BTreeSet<&str> = desc
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("model.layers.3."))
+            .map(|(_, v)| v.as_str().unwrap())
+            .collect();
+        assert_eq!(mtp_types, ["FLOAT"].into(), "{qt}");
+        check(&save, &[]).assert_ok();
+    }
 }
 
 /// Rewrites a Qwen3-VL-MoE copy's fused experts in the transformers-5 layout

@@ -118,7 +118,10 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     crate::export::write_atomically(path, &bytes)
 }
 
-fn parse_header(buf: &[u8]) -> Result<Vec<TensorEntry>> {
+/// Parses and validates a safetensors file's header from the file's bytes: every entry's dtype, shape and
+/// offsets, sorted by offset, or an error naming what is wrong (and the tensor, when one is). Never panics,
+/// whatever the bytes (fuzzed in the tests below and by `fuzz/`).
+pub fn parse_header(buf: &[u8]) -> Result<Vec<TensorEntry>> {
     if buf.len() < 8 {
         bail!("truncated: the file is {} bytes, shorter than the 8-byte header length", buf.len());
     }
@@ -261,6 +264,186 @@ pub(crate) mod tests {
         save(&p, &[("a".into(), a.clone()), ("c".into(), c.clone()), ("b".into(), b.clone())]).unwrap();
         let m = load_all(&p).unwrap();
         assert_eq!((m["a"].clone(), m["b"].clone(), m["c"].clone()), (a, b, c));
+    }
+
+    /// A small xorshift generator: the property tests are deterministic.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// A valid file's bytes: tensors of several dtypes and shapes, one empty, with metadata.
+    fn valid_file() -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut off = 0;
+        for (name, dt, shape, size) in [
+            ("model.layers.0.self_attn.q_proj.weight", "BF16", vec![4, 8], 2),
+            ("model.layers.0.self_attn.q_proj.weight_scale", "F32", vec![4, 1], 4),
+            ("model.layers.0.mlp.experts.3.up_proj.weight", "I8", vec![2, 16], 1),
+            ("model.embed_tokens.weight", "F16", vec![8, 4], 2),
+            ("model.layers.0.self_attn.q_proj.deq_scale", "I64", vec![4], 8),
+            ("empty", "F32", vec![0, 3], 4),
+        ] {
+            let n = shape.iter().product::<usize>() * size;
+            header
+                .insert(name.into(), serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}));
+            off += n;
+        }
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut buf = (h.len() as u64).to_le_bytes().to_vec();
+        buf.extend_from_slice(&h);
+        buf.extend((0..off).map(|i| i as u8));
+        buf
+    }
+
+    /// One random change to a file: bytes flipped, the file cut, the header length lied about, numbers in
+    /// the header swapped for extreme ones, JSON structure broken, or plain noise.
+    fn mutate(rng: &mut Rng, valid: &[u8]) -> Vec<u8> {
+        let mut b = valid.to_vec();
+        let hlen = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let extreme = [
+            "18446744073709551615",
+            "9223372036854775808",
+            "-1",
+            "1e300",
+            "4294967296",
+            "0",
+            "3.5",
+            "null",
+            "\"x\"",
+            "[]",
+            "{}",
+        ];
+        for _ in 0..1 + rng.below(3) {
+            match rng.below(9) {
+                0 => {
+                    let i = rng.below(b.len());
+                    b[i] ^= 1 << rng.below(8);
+                }
+                1 => b.truncate(rng.below(b.len() + 1)),
+                2 => {
+                    let lie: u64 = match rng.below(4) {
+                        0 => rng.next(),
+                        1 => (hlen as u64).wrapping_add(rng.below(16) as u64).wrapping_sub(8),
+                        2 => u64::MAX,
+                        _ => 0,
+                    };
+                    if b.len() >= 8 {
+                        b[..8].copy_from_slice(&lie.to_le_bytes());
+                    }
+                }
+                3 | 4 => {
+                    // Replace a run of digits inside the header with an extreme value.
+                    let end = (8 + hlen).min(b.len());
+                    let digits: Vec<usize> = (8..end).filter(|&i| b[i].is_ascii_digit()).collect();
+                    if let Some(&i) = digits.get(rng.below(digits.len())) {
+                        let mut j = i;
+                        while j < end && b[j].is_ascii_digit() {
+                            j += 1;
+                        }
+                        let with = extreme[rng.below(extreme.len())].as_bytes();
+                        b.splice(i..j, with.iter().copied());
+                        let new_len = hlen + with.len() - (j - i);
+                        b[..8].copy_from_slice(&(new_len as u64).to_le_bytes());
+                    }
+                }
+                5 => {
+                    // Swap a dtype for another string.
+                    let names = ["BF16", "F32", "I8", "F16", "I64", "F8_E4M3", "Q4", "bf16", "", "F64"];
+                    let text = String::from_utf8_lossy(&b[8..(8 + hlen).min(b.len())]).to_string();
+                    let from = names[rng.below(5)];
+                    let to = names[rng.below(names.len())];
+                    let new = text.replacen(&format!("\"{from}\""), &format!("\"{to}\""), 1);
+                    let mut nb = (new.len() as u64).to_le_bytes().to_vec();
+                    nb.extend_from_slice(new.as_bytes());
+                    nb.extend_from_slice(&b[(8 + hlen).min(b.len())..]);
+                    b = nb;
+                }
+                6 => {
+                    // Insert a random byte string into the header (broken JSON, non-UTF-8, deep nesting).
+                    let at = 8 + rng.below(hlen.min(b.len().saturating_sub(8)) + 1);
+                    let junk: Vec<u8> = match rng.below(3) {
+                        0 => (0..rng.below(8) + 1).map(|_| rng.next() as u8).collect(),
+                        1 => vec![b'['; 200 + rng.below(400)],
+                        _ => b"\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},".to_vec(),
+                    };
+                    let n = junk.len();
+                    b.splice(at.min(b.len())..at.min(b.len()), junk);
+                    if b.len() >= 8 && rng.below(2) == 0 {
+                        b[..8].copy_from_slice(&((hlen + n) as u64).to_le_bytes());
+                    }
+                }
+                7 => b = (0..rng.below(64)).map(|_| rng.next() as u8).collect(),
+                _ => {
+                    // Append or drop data bytes.
+                    if rng.below(2) == 0 {
+                        b.extend((0..rng.below(32)).map(|_| rng.next() as u8));
+                    } else {
+                        let keep = b.len().saturating_sub(rng.below(32));
+                        b.truncate(keep);
+                    }
+                }
+            }
+            if b.len() < 8 {
+                break;
+            }
+        }
+        b
+    }
+
+    /// Random and mutated headers: the parser never panics; it refuses with a message, or it accepts a
+    /// header whose every entry is consistent (in bounds, sized by dtype × shape, not overlapping).
+    #[test]
+    fn fuzzed_headers_never_panic_and_errors_say_what_is_wrong() {
+        let valid = valid_file();
+        assert_eq!(parse_header(&valid).unwrap().len(), 6);
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let (mut refused, mut accepted) = (0, 0);
+        for case in 0..20_000 {
+            let buf = mutate(&mut rng, &valid);
+            let got = std::panic::catch_unwind(|| parse_header(&buf));
+            let Ok(got) = got else { panic!("case {case}: the parser panicked on {} bytes", buf.len()) };
+            match got {
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    assert!(!msg.is_empty() && msg.len() < 2000, "case {case}: {msg}");
+                    let known = ["truncated", "header length", "not UTF-8", "not a JSON object", "tensor ", "tensors "];
+                    assert!(known.iter().any(|k| msg.contains(k)), "case {case}: unclear error {msg}");
+                    refused += 1;
+                }
+                Ok(entries) => {
+                    let data_start = 8 + u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+                    for e in &entries {
+                        assert!(e.start >= data_start && e.start <= e.end && e.end <= buf.len(), "case {case}: {e:?}");
+                        assert_eq!(e.nbytes(), e.shape.iter().product::<usize>() * e.dtype.size(), "case {case}");
+                    }
+                    for w in entries.windows(2) {
+                        assert!(w[1].start >= w[0].end, "case {case}: overlap");
+                    }
+                    accepted += 1;
+                }
+            }
+        }
+        // The mutations reach both sides.
+        assert!(refused > 10_000 && accepted > 100, "refused {refused}, accepted {accepted}");
+        // Through a file, every error names it.
+        let p = tmp("fuzz-file");
+        for _ in 0..50 {
+            let buf = mutate(&mut rng, &valid);
+            std::fs::write(&p, &buf).unwrap();
+            if let Err(e) = SafetensorsFile::open(&p) {
+                assert!(format!("{e:#}").contains("m.safetensors"), "{e:#}");
+            }
+        }
     }
 
     #[test]

@@ -25,12 +25,15 @@ pub enum Family {
     Llava,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
+    /// GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): first layers dense, then sigmoid-routed experts with a
+    /// correction bias beside shared experts; a multi-token-prediction layer after the last.
+    Glm4Moe,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 13] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -43,6 +46,7 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::Glm4,
+        Family::Glm4Moe,
     ];
 
     /// The `model_type` of config.json.
@@ -60,6 +64,7 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::Glm4 => "glm4",
+            Family::Glm4Moe => "glm4_moe",
             Family::Generic => "generic",
         }
     }
@@ -96,6 +101,7 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("Glm4ForCausalLM", Family::Glm4),
+            ("Glm4MoeForCausalLM", Family::Glm4Moe),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -140,8 +146,6 @@ pub struct DecoderNames {
     pub gate: &'static str,
     pub up: &'static str,
     pub down: &'static str,
-    /// A routed MoE's root (`mlp`: `mlp.gate` router, `mlp.experts.J.*`).
-    pub moe: &'static str,
 }
 
 /// The query, key and value projections: three linears, or one fused linear.
@@ -175,7 +179,6 @@ impl DecoderNames {
         gate: "mlp.gate_proj",
         up: "mlp.up_proj",
         down: "mlp.down_proj",
-        moe: "mlp",
     };
     /// InternLM2's modeling file (`InternLM2DecoderLayer`).
     pub const INTERNLM2: DecoderNames = DecoderNames {
@@ -189,7 +192,6 @@ impl DecoderNames {
         gate: "feed_forward.w1",
         up: "feed_forward.w3",
         down: "feed_forward.w2",
-        moe: "feed_forward",
     };
     /// Qwen (1)'s modeling file (`QWenBlock`): its MLP computes `c_proj(w1(x) · silu(w2(x)))`, so
     /// `w2` is the gate and `w1` the up projection.
@@ -204,7 +206,6 @@ impl DecoderNames {
         gate: "mlp.w2",
         up: "mlp.w1",
         down: "mlp.c_proj",
-        moe: "mlp",
     };
 
     /// The linears reading the attention norm, in order.
@@ -285,6 +286,7 @@ fn rules(family: Family) -> Rules {
         | Family::Qwen3Moe
         | Family::InternLm2
         | Family::Glm4
+        | Family::Glm4Moe
         | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
@@ -330,6 +332,29 @@ pub fn row_splits(family: Family) -> &'static [(&'static str, &'static [&'static
     }
 }
 
+/// Where a family keeps its multi-token-prediction (MTP) layers, which the decoder's forward does not
+/// run: each is a unit of its own ([`UnitKind::Mtp`]), processed after the head and written with the
+/// rest; their linears stay float (see `crate::pipeline::plan::plan_unit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MtpLayout {
+    /// DeepSeek-V3: `{text}.layers.{first + k}.*`, after the `first` decoder layers
+    /// (`num_hidden_layers`): enorm, hnorm, eh_proj, a full decoder layer, shared_head, embed_tokens.
+    AfterDecoder { first: usize },
+    /// Everything under one prefix (Qwen3-Next's `mtp.*`), one unit.
+    Prefix(String),
+}
+
+impl MtpLayout {
+    /// The MTP layers of a family, given its config.
+    pub fn of(family: Family, text: &TextConfig) -> Option<MtpLayout> {
+        match family {
+            // Any layer past num_hidden_layers is an MTP layer, whether or not the config counts it.
+            Family::Glm4Moe => Some(MtpLayout::AfterDecoder { first: text.num_layers }),
+            _ => None,
+        }
+    }
+}
+
 /// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
 const EMBEDDING_MODULES: [&str; 8] = [
     "embed_tokens",
@@ -359,6 +384,8 @@ pub struct Layout {
     vision_pre: Vec<String>,
     vision_post: Vec<String>,
     pub projector: Option<String>,
+    /// Where the MTP layers are, for families that have them ([`Layout::with_mtp`]).
+    pub mtp: Option<MtpLayout>,
 }
 
 impl Layout {
@@ -401,12 +428,19 @@ impl Layout {
             vision_pre: r.vision_pre.iter().map(|s| s.to_string()).collect(),
             vision_post: r.vision_post.iter().map(|s| s.to_string()).collect(),
             projector,
+            mtp: None,
         })
     }
 
     /// The layout of a model whose config is `config` (for a text-only family, the family's own).
     pub fn for_config(family: Family, config: &Value, names: &[&str]) -> Result<Layout> {
         Layout::resolve(family, family.text_family(config)?, names)
+    }
+
+    /// The same layout with the family's MTP layers placed.
+    pub fn with_mtp(mut self, mtp: Option<MtpLayout>) -> Layout {
+        self.mtp = mtp;
+        self
     }
 
     pub fn text_layer(&self, i: usize) -> String {
@@ -437,6 +471,11 @@ impl Layout {
         let vision_root = || self.vision.as_ref().map(|v| format!("{v}.")).unwrap_or_default();
         match kind {
             UnitKind::TextLayer(i) => format!("{}.", self.text_layer(i)),
+            UnitKind::Mtp(k) => match &self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) => format!("{}.", self.text_layer(first + k)),
+                Some(MtpLayout::Prefix(p)) => format!("{p}."),
+                None => String::new(),
+            },
             UnitKind::VisionBlock(i) => self.vision_block(i).map(|b| format!("{b}.")).unwrap_or_default(),
             UnitKind::VisionPre => vision_root(),
             UnitKind::VisionPost if self.projector.is_none() => vision_root(),
@@ -447,7 +486,15 @@ impl Layout {
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
         if let Some(i) = layer_index(name, &format!("{}.{}.", self.text, self.names.layers)) {
-            return UnitKind::TextLayer(i);
+            return match self.mtp {
+                Some(MtpLayout::AfterDecoder { first }) if i >= first => UnitKind::Mtp(i - first),
+                _ => UnitKind::TextLayer(i),
+            };
+        }
+        if let Some(MtpLayout::Prefix(p)) = &self.mtp {
+            if name.starts_with(&format!("{p}.")) {
+                return UnitKind::Mtp(0);
+            }
         }
         if name == self.embed_tokens() {
             return UnitKind::Embed;
@@ -487,6 +534,7 @@ impl Layout {
             UnitKind::Embed => self.embed_tokens().trim_end_matches(".weight").to_string(),
             UnitKind::TextLayer(i) => self.text_layer(i),
             UnitKind::Head => format!("{}.{}, {}", self.text, self.names.norm, self.lm_head),
+            UnitKind::Mtp(k) => format!("{} (MTP)", self.unit_prefix(UnitKind::Mtp(k)).trim_end_matches('.')),
             UnitKind::Other => "other tensors".into(),
         }
     }
@@ -494,7 +542,7 @@ impl Layout {
 
 /// A checkpoint is processed in units, in this order: the vision tower's embeddings, its blocks,
 /// its mergers and projector, the token embeddings, the text layers, the final norm and head,
-/// then anything unclaimed.
+/// the multi-token-prediction layers, then anything unclaimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum UnitKind {
     VisionPre,
@@ -503,6 +551,8 @@ pub enum UnitKind {
     Embed,
     TextLayer(usize),
     Head,
+    /// MTP layer `k` (see [`MtpLayout`]).
+    Mtp(usize),
     Other,
 }
 
@@ -553,78 +603,112 @@ pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
 pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(String, Vec<usize>)>> {
     let t = TextConfig::from_json(config)?;
     let layout = Layout::for_config(family, config, &[])?;
-    let (h, hd) = (t.hidden_size, t.head_dim);
+    let h = t.hidden_size;
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
-    let tf = layout.text_family;
-    let bias = matches!(tf, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen)
-        || t.attention_bias == Some(true);
-    let glm4 = tf == Family::Glm4;
-    let qk_norm = matches!(tf, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe);
-    let fused_experts = family == Family::Qwen3VlMoe;
-    let d = layout.names.decoder;
-
-    push(layout.embed_tokens(), &[t.vocab_size, h]);
+    out.push((layout.embed_tokens(), vec![t.vocab_size, h]));
     for i in 0..t.num_layers {
-        let l = layout.text_layer(i);
-        push(format!("{l}.{}.weight", d.attn_norm), &[h]);
-        push(format!("{l}.{}.weight", d.mlp_norm), &[h]);
-        if glm4 {
-            push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
-            push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
-        }
-        let (q_rows, kv_rows) = (t.num_heads * hd, t.num_kv_heads * hd);
-        let projections: Vec<(&str, usize)> = match d.qkv {
-            QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
-            QkvNames::Fused { module, .. } => vec![(module, q_rows + 2 * kv_rows)],
-        };
-        for (p, rows) in projections {
-            push(format!("{l}.{p}.weight"), &[rows, h]);
-            if bias {
-                push(format!("{l}.{p}.bias"), &[rows]);
-            }
-        }
-        push(format!("{l}.{}.weight", d.o_proj), &[h, t.num_heads * hd]);
-        if qk_norm {
-            push(format!("{l}.{}.weight", d.q_norm), &[hd]);
-            push(format!("{l}.{}.weight", d.k_norm), &[hd]);
-        }
-        match &t.moe {
-            Some(m) if m.is_moe_layer(i) => {
-                let inter = m.moe_intermediate_size;
-                let mlp = d.moe;
-                push(format!("{l}.{mlp}.gate.weight"), &[m.num_experts, h]);
-                if fused_experts {
-                    push(format!("{l}.{mlp}.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
-                    push(format!("{l}.{mlp}.experts.down_proj"), &[m.num_experts, inter, h]);
-                } else {
-                    for j in 0..m.num_experts {
-                        push(format!("{l}.{mlp}.experts.{j}.gate_proj.weight"), &[inter, h]);
-                        push(format!("{l}.{mlp}.experts.{j}.up_proj.weight"), &[inter, h]);
-                        push(format!("{l}.{mlp}.experts.{j}.down_proj.weight"), &[h, inter]);
-                    }
-                }
-            }
-            _ => {
-                let inter = t.intermediate_size;
-                if glm4 {
-                    push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
-                } else {
-                    push(format!("{l}.{}.weight", d.gate), &[inter, h]);
-                    push(format!("{l}.{}.weight", d.up), &[inter, h]);
-                }
-                push(format!("{l}.{}.weight", d.down), &[h, inter]);
-            }
+        synthesize_layer(&layout, &t, &layout.text_layer(i), i, &mut out);
+    }
+    // Multi-token-prediction layers after the last (GLM-4.5's `num_nextn_predict_layers`): a
+    // decoder layer with the projection of [embedding; hidden] and its norms.
+    let nextn = config.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    for k in 0..nextn {
+        let l = layout.text_layer(t.num_layers + k);
+        synthesize_layer(&layout, &t, &l, t.num_layers + k, &mut out);
+        out.push((format!("{l}.eh_proj.weight"), vec![h, 2 * h]));
+        for n in ["enorm", "hnorm", "shared_head.norm"] {
+            out.push((format!("{l}.{n}.weight"), vec![h]));
         }
     }
-    push(layout.final_norm(), &[h]);
+    out.push((layout.final_norm(), vec![h]));
     if !t.tie_word_embeddings {
-        push(layout.lm_head_weight(), &[t.vocab_size, h]);
+        out.push((layout.lm_head_weight(), vec![t.vocab_size, h]));
     }
     if let Some(v) = super::config::vision_view(config) {
         synthesize_vision(family, &layout, &v, h, &mut out)?;
     }
     Ok(out)
+}
+
+/// Decoder layer `i` (at `l`) of a family's release layout.
+fn synthesize_layer(layout: &Layout, t: &TextConfig, l: &str, i: usize, out: &mut Vec<(String, Vec<usize>)>) {
+    let (h, hd) = (t.hidden_size, t.head_dim);
+    let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let family = layout.text_family;
+    let d = layout.names.decoder;
+    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen)
+        || t.attention_bias == Some(true);
+    let glm4 = family == Family::Glm4;
+    let qk_norm =
+        matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe);
+    let fused_experts = family == Family::Qwen3VlMoe;
+    push(format!("{l}.{}.weight", d.attn_norm), &[h]);
+    push(format!("{l}.{}.weight", d.mlp_norm), &[h]);
+    if glm4 {
+        push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
+        push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
+    }
+    let (q_rows, kv_rows) = (t.num_heads * hd, t.num_kv_heads * hd);
+    let projections: Vec<(&str, usize)> = match d.qkv {
+        QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
+        QkvNames::Fused { module, .. } => vec![(module, q_rows + 2 * kv_rows)],
+    };
+    for (p, rows) in projections {
+        push(format!("{l}.{p}.weight"), &[rows, h]);
+        if bias {
+            push(format!("{l}.{p}.bias"), &[rows]);
+        }
+    }
+    push(format!("{l}.{}.weight", d.o_proj), &[h, t.num_heads * hd]);
+    if qk_norm {
+        push(format!("{l}.{}.weight", d.q_norm), &[hd]);
+        push(format!("{l}.{}.weight", d.k_norm), &[hd]);
+    }
+    let mlp = "mlp";
+    match &t.moe {
+        Some(m) if m.is_moe_layer(i) => {
+            let inter = m.moe_intermediate_size;
+            push(format!("{l}.{mlp}.gate.weight"), &[m.num_experts, h]);
+            if family == Family::Glm4Moe {
+                push(format!("{l}.{mlp}.gate.e_score_correction_bias"), &[m.num_experts]);
+            }
+            if fused_experts {
+                push(format!("{l}.{mlp}.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
+                push(format!("{l}.{mlp}.experts.down_proj"), &[m.num_experts, inter, h]);
+            } else {
+                for j in 0..m.num_experts {
+                    push(format!("{l}.{mlp}.experts.{j}.gate_proj.weight"), &[inter, h]);
+                    push(format!("{l}.{mlp}.experts.{j}.up_proj.weight"), &[inter, h]);
+                    push(format!("{l}.{mlp}.experts.{j}.down_proj.weight"), &[h, inter]);
+                }
+            }
+            // The shared experts as the decoder takes them (`Take::ffn`): DeepSeek's and GLM-4.5's
+            // `shared_experts` of `n_shared_experts` experts' width, or Qwen2-MoE's gated `shared_expert`.
+            let shared = if m.n_shared_experts > 0 {
+                Some(("shared_experts", m.n_shared_experts * inter, false))
+            } else {
+                m.shared_expert_intermediate_size.map(|w| ("shared_expert", w, true))
+            };
+            if let Some((s, w, gated)) = shared {
+                push(format!("{l}.{mlp}.{s}.gate_proj.weight"), &[w, h]);
+                push(format!("{l}.{mlp}.{s}.up_proj.weight"), &[w, h]);
+                push(format!("{l}.{mlp}.{s}.down_proj.weight"), &[h, w]);
+                if gated {
+                    push(format!("{l}.{mlp}.shared_expert_gate.weight"), &[1, h]);
+                }
+            }
+        }
+        _ => {
+            let inter = t.intermediate_size;
+            if glm4 {
+                push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
+            } else {
+                push(format!("{l}.{}.weight", d.gate), &[inter, h]);
+                push(format!("{l}.{}.weight", d.up), &[inter, h]);
+            }
+            push(format!("{l}.{}.weight", d.down), &[h, inter]);
+        }
+    }
 }
 
 fn synthesize_vision(

@@ -49,8 +49,8 @@ impl Model {
                 }
             }
         };
-        let layout = Layout::for_config(family, config, names)?;
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
+        let layout = Layout::for_config(family, config, names)?.with_mtp(layout::MtpLayout::of(family, &text));
         Ok(Model { family, layout, text, config: config.clone() })
     }
 }

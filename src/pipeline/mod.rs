@@ -83,6 +83,25 @@ pub struct Prepared {
     pub activation_budget: u64,
 }
 
+impl Prepared {
+    /// The target server and serving dtype, and the `deq_scale` dtype they decided when the plan has static
+    /// W8A8 linears: `lamina plan` and `lamina quant` say it.
+    pub fn serving_note(&self) -> String {
+        let e = &self.exporter;
+        let statics = self.plan.outputs().any(|o| o.meta.name.ends_with(".deq_scale"));
+        let deq = match rules::deq_scale_dtype(e.serving) {
+            Some(d) if statics => format!("; static W8A8 deq_scale stored as {}", d.name()),
+            _ => String::new(),
+        };
+        format!(
+            "{} (--target {}), served in {} (--serving_dtype){deq}",
+            e.target.server(),
+            e.target.name(),
+            e.serving.torch_name()
+        )
+    }
+}
+
 /// Opens the model (or its config alone), picks the recipe and plans the run.
 pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     crate::device::open(&args.device)?;
@@ -388,6 +407,7 @@ pub fn print_plan(p: &Prepared) -> bool {
     }
     println!();
     println!("recipe       : {}", plan.recipe.name);
+    println!("loads in     : {}", p.serving_note());
     let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
     for o in plan.outputs() {
         if o.meta.name.ends_with(".weight") || o.meta.name.ends_with(".weight_packed") {
@@ -452,6 +472,8 @@ pub struct Summary {
     pub shards: usize,
     pub already_done: bool,
     pub resumed_from: usize,
+    /// The server and serving dtype the output is for, and what that decided.
+    pub serving: String,
 }
 
 /// `lamina quant`.
@@ -471,6 +493,9 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
     let calibration =
         if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };
     let mut fingerprint = fingerprint(args, ckpt, plan)?;
+    // The description records them: another target or serving dtype is another output.
+    fingerprint["target"] = serde_json::json!(p.exporter.target.name());
+    fingerprint["serving_dtype"] = serde_json::json!(p.exporter.serving.torch_name());
     if let Some(samples) = &calibration {
         let mut h = crc32fast::Hasher::new();
         for s in samples {
@@ -492,6 +517,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
             shards: plan.shards.files.len(),
             already_done: true,
             resumed_from: plan.units.len(),
+            serving: p.serving_note(),
         });
     }
     let history = history.unwrap_or_default();
@@ -558,6 +584,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         shards: plan.shards.files.len(),
         already_done: false,
         resumed_from: start,
+        serving: p.serving_note(),
     })
 }
 

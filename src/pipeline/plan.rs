@@ -3,6 +3,7 @@
 
 use crate::export::{Exporter, OutMeta, FLOAT};
 use crate::io::shards::ShardLayout;
+use crate::model::layout::UnitKind;
 use crate::model::{LogicalTensor, Model, Source, Unit};
 use crate::quant::{QuantSpec, Recipe};
 use anyhow::Result;
@@ -101,6 +102,12 @@ pub fn plan_unit(unit: Unit, recipe: &Recipe, exporter: &dyn Exporter) -> Result
         let Some(module) = t.linear_module() else {
             continue;
         };
+        // Multi-token-prediction layers are written as they are: vLLM-Ascend serves the MTP draft
+        // unquantized and reads its linears as FLOAT (vllm_ascend/quantization/modelslim_config.py:
+        // "The quantized MTP layer of deepseek on the NPU is not quantized").
+        if matches!(unit.kind, UnitKind::Mtp(_)) {
+            continue;
+        }
         let Some(spec) = recipe.linear_spec(module) else {
             continue;
         };

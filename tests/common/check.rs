@@ -171,6 +171,22 @@ pub fn stays_float(module: &str) -> bool {
         || (module.contains("encoder.layers.") && module.ends_with("mlp.fc2"))
 }
 
+/// Whether a module belongs to a multi-token-prediction layer, which every recipe writes float
+/// (vLLM-Ascend serves the MTP draft unquantized): `model.layers.{N}` at or past
+/// `num_hidden_layers` (GLM-4.5, DeepSeek-V3), or under `mtp.` (Qwen3-Next).
+pub fn mtp_layers(config: &serde_json::Value) -> impl Fn(&str) -> bool {
+    let layers = config["num_hidden_layers"].as_u64().map(|n| n as usize);
+    move |module: &str| {
+        let past = module
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .zip(layers)
+            .is_some_and(|(i, n)| i >= n);
+        past || module.starts_with("mtp.")
+    }
+}
+
 /// The scheme the bundled data-free recipe of `quant_type` for `target` means to give the linear
 /// `module`, stated from the linear's role (not from the recipes' globs):
 /// - vision-tower linears are 8-bit, as in their family's W8A8 recipe: weight-only (W8A16) for the
@@ -311,8 +327,12 @@ pub fn check_output_for(input: &Path, out: &Path, quant_type: &str, target: &str
     let (outputs, file_of) = read_output(out, limit);
     let mut seen = Seen { shards: file_of.values().collect::<BTreeSet<_>>().len(), ..Default::default() };
     let mut accounted: BTreeSet<String> = BTreeSet::new();
+    let mtp = mtp_layers(&read_json(&input.join("config.json")));
     let scheme_of = |name: &str, shape: &[usize]| -> Option<Scheme> {
         let module = name.strip_suffix(".weight")?;
+        if mtp(module) {
+            return None;
+        }
         intended(quant_type, target, module, shape)
     };
     let modules: BTreeMap<String, Scheme> = inputs

@@ -409,3 +409,46 @@ pub fn unshare_works() -> bool {
     let script = format!("mount -t tmpfs -o size=64k tmpfs '{}'", std::env::temp_dir().display());
     Command::new("unshare").args(["-rm", "sh", "-c", &script]).output().is_ok_and(|o| o.status.success())
 }
+
+/// A copy of a GLM-4.5 fixture (`glm4_moe`) with the multi-token-prediction layer its release
+/// stores after the decoder layers and config.json counts in `num_nextn_predict_layers`:
+/// `model.layers.{N}` holds a full decoder layer (random bf16 values in the shapes of the last
+/// layer's tensors) plus `enorm`, `hnorm`, `eh_proj` ([hidden, 2·hidden]), `shared_head.norm` and
+/// `shared_head.head` ([vocab, hidden]). Reference activations are kept: the MTP layer is not part
+/// of the forward they record.
+pub fn with_mtp_layer(name: &str, dir: &Path, seed: u64) -> PathBuf {
+    copy_dir(&fixture(name), dir);
+    let config = read_json(&dir.join("config.json"));
+    let n = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let (h, vocab) =
+        (config["hidden_size"].as_u64().unwrap() as usize, config["vocab_size"].as_u64().unwrap() as usize);
+    let path = dir.join("model.safetensors");
+    let mut all = read_st(&path);
+    let mut rng = Rng::new(seed);
+    let mut random = |shape: &[usize], norm: bool| {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| if norm { 1.0 + 0.1 * rng.signed() } else { rng.signed() * 0.05 })
+            .collect();
+        St::bf16(shape, &v)
+    };
+    let last = format!("model.layers.{}.", n - 1);
+    let copies: Vec<(String, Vec<usize>)> =
+        all.iter().filter_map(|(k, t)| k.strip_prefix(&last).map(|tail| (tail.to_string(), t.shape.clone()))).collect();
+    let mtp = format!("model.layers.{n}");
+    for (tail, shape) in copies {
+        let t = random(&shape, tail.contains("norm"));
+        all.insert(format!("{mtp}.{tail}"), t);
+    }
+    for (tail, shape, norm) in [
+        ("enorm.weight", vec![h], true),
+        ("hnorm.weight", vec![h], true),
+        ("eh_proj.weight", vec![h, 2 * h], false),
+        ("shared_head.norm.weight", vec![h], true),
+        ("shared_head.head.weight", vec![vocab, h], false),
+    ] {
+        let t = random(&shape, norm);
+        all.insert(format!("{mtp}.{tail}"), t);
+    }
+    write_st(&path, &all);
+    dir.to_path_buf()
+}

@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //!
 //! An architecture gives two things:
@@ -82,6 +82,7 @@ impl Arch {
             | Family::Qwen3Vl
             | Family::Qwen3VlMoe
             | Family::Llava
+            | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
         }
@@ -436,6 +437,10 @@ mod tests {
     fn parity_glm4() {
         parity("glm4");
     }
+    #[test]
+    fn parity_glm4_moe() {
+        parity("glm4_moe");
+    }
 
     /// The scalings that act only beyond the trained length, switched on by a shorter trained
     /// length in the config: every layer and the logits against tests/fixtures/gen/long_context.py.
@@ -494,11 +499,11 @@ mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for name in ["qwen3_moe", "qwen3_vl_moe"] {
+        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1)] {
             let f = fixture(name);
             let positions = f.positions();
-            let x = f.states(&format!("{}.in", f.model.layout.text_layer(0)));
-            let layer = f.layer(0);
+            let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
+            let layer = f.layer(i);
             let (mut routed, mut all) = (Recorder(BTreeMap::new()), Recorder(BTreeMap::new()));
             let a = layer
                 .forward(&Cpu, x.view(), &positions, &mut routed, ForwardOptions { moe_all_experts: false })
@@ -519,6 +524,15 @@ mod tests {
             assert_eq!(routed.0["mlp.gate"], seq);
             assert_eq!(all.0["self_attn.q_proj"], seq);
             assert_eq!(all.0["self_attn.kv_cache"], seq);
+            if moe.n_shared_experts > 0 {
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    assert_eq!(
+                        routed.0[&format!("mlp.shared_experts.{p}")],
+                        seq,
+                        "{name}: shared experts see every token"
+                    );
+                }
+            }
         }
     }
 
@@ -526,7 +540,7 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "internlm2", "qwen1", "glm4"] {
+        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "internlm2", "qwen1", "glm4", "glm4_moe"] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());

@@ -2,9 +2,9 @@
 //! with its projections, the SwiGLU MLP, a routed mixture of experts, the embedding lookup, and
 //! [`Take`], which hands a layer its tensors by name and refuses the ones no part of the layer used.
 
-use super::ForwardOptions;
+use super::{ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
-use crate::model::config::{GroupScore, MoeConfig, Scoring};
+use crate::model::config::{GroupScore, MoeConfig, Scoring, TextConfig};
 use crate::model::layout::{DecoderNames, FusedQkv, QkvNames};
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::RopeAngles;
@@ -320,6 +320,13 @@ impl SwiGlu {
 /// groups are eligible; the top-k by score (plus the correction bias, which only steers the
 /// choice); weights renormalised to sum 1 when `norm_topk_prob`, then multiplied by
 /// `routed_scaling_factor`.
+///
+/// As transformers computes it (`DeepseekV2TopkRouter`, `DeepseekV3TopkRouter`,
+/// `Glm4MoeTopkRouter`, Qwen's softmax routers): groups are ranked on the biased scores, by their
+/// best expert (V2's `group_limited_greedy`) or the sum of their two best (`noaux_tc`); experts of
+/// the other groups are masked to −∞ before the top-k (V2 masks to 0, which picks the same experts
+/// since softmax scores are positive and the config leaves enough eligible experts); the
+/// renormalising denominator carries transformers' `+ 1e-20`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
     pub top_k: usize,
@@ -377,15 +384,14 @@ impl Routing {
                     })
                     .collect();
                 let keep = top_indices(&group_scores, self.topk_group);
-                // transformers masks the other groups' scores to 0 (not -inf) before the top-k.
                 for (g, chunk) in choice.chunks_mut(per).enumerate() {
                     if !keep.contains(&g) {
-                        chunk.fill(0.0);
+                        chunk.fill(f32::NEG_INFINITY);
                     }
                 }
             }
             let top = top_indices(&choice, self.top_k);
-            let norm = if self.norm_topk_prob { top.iter().map(|&e| scores[e]).sum::<f32>() } else { 1.0 };
+            let norm = if self.norm_topk_prob { top.iter().map(|&e| scores[e]).sum::<f32>() + 1e-20 } else { 1.0 };
             for &e in &top {
                 routes[e].push((t, scores[e] / norm * self.routed_scaling_factor));
             }
@@ -487,6 +493,65 @@ pub fn run_experts(
     Ok(out)
 }
 
+/// A decoder layer's feed-forward block: a SwiGLU MLP, or routed experts.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(Box<SwiGlu>),
+    Moe(Box<SparseMoe>),
+}
+
+impl Ffn {
+    pub fn forward(
+        &self,
+        device: &dyn Device,
+        x: ArrayView2<f32>,
+        hook: &mut dyn LinearHook,
+        opts: ForwardOptions,
+    ) -> Result<Array2<f32>> {
+        match self {
+            Ffn::Dense(mlp) => mlp.forward(device, x, hook),
+            Ffn::Moe(moe) => moe.forward(device, x, hook, opts),
+        }
+    }
+}
+
+/// How layer `index`'s feed-forward block (under `mlp.`, reading `norm`'s output) connects: the
+/// router, every expert's gate/up and the shared experts' read the norm; up feeds down through
+/// the gated product in each; every down writes the residual; a server fuses gate/up of the dense
+/// MLP and of the shared experts, and all the routed experts into one module.
+pub fn ffn_graph(cfg: &TextConfig, index: usize, norm: &str, g: &mut LayerGraph) {
+    let mut consumers = Vec::new();
+    let swiglu = |g: &mut LayerGraph, consumers: &mut Vec<String>, module: &str, fuse_gate_up: bool| {
+        let p = |l: &str| format!("{module}.{l}");
+        consumers.extend([p("gate_proj"), p("up_proj")]);
+        g.linear_linears.push((p("up_proj"), p("down_proj"), LinearPath::GatedProduct));
+        g.residual_writers.push(p("down_proj"));
+        if fuse_gate_up {
+            g.fused.push(vec![p("gate_proj"), p("up_proj")]);
+        }
+    };
+    match &cfg.moe {
+        Some(m) if m.is_moe_layer(index) => {
+            consumers.push("mlp.gate".to_string());
+            let mut experts = Vec::new();
+            for j in 0..m.num_experts {
+                let e = format!("mlp.experts.{j}");
+                swiglu(g, &mut consumers, &e, false);
+                experts.extend(["gate_proj", "up_proj", "down_proj"].map(|p| format!("{e}.{p}")));
+            }
+            g.fused.push(experts);
+            if m.n_shared_experts > 0 {
+                swiglu(g, &mut consumers, "mlp.shared_experts", true);
+            } else if m.shared_expert_intermediate_size.is_some() {
+                swiglu(g, &mut consumers, "mlp.shared_expert", true);
+                consumers.push("mlp.shared_expert_gate".to_string());
+            }
+        }
+        _ => swiglu(g, &mut consumers, "mlp", true),
+    }
+    g.norm_linears.push(NormLinears { norm: norm.to_string(), consumers });
+}
+
 /// Looks token ids up in the embedding table `[vocab, hidden]`.
 pub fn embed(table: ArrayView2<f32>, ids: &[i64]) -> Result<Array2<f32>> {
     let vocab = table.nrows();
@@ -552,6 +617,43 @@ impl Take {
             up_proj: self.linear(up, inter, hidden)?,
             down_proj: self.linear(down, hidden, inter)?,
         })
+    }
+
+    /// Layer `index`'s feed-forward block under `mlp.`: routed experts when the config makes it a
+    /// MoE layer (the router `mlp.gate`, DeepSeek's `e_score_correction_bias` when stored, and the
+    /// shared experts the config declares: DeepSeek's `mlp.shared_experts` of `n_shared_experts`
+    /// experts' width, or Qwen2-MoE's gated `mlp.shared_expert`), else a SwiGLU MLP.
+    pub fn ffn(&mut self, cfg: &TextConfig, index: usize) -> Result<Ffn> {
+        let hidden = cfg.hidden_size;
+        let Some(moe) = cfg.moe.as_ref().filter(|m| m.is_moe_layer(index)) else {
+            return Ok(Ffn::Dense(Box::new(self.swiglu("mlp", hidden, cfg.intermediate_size)?)));
+        };
+        let inter = moe.moe_intermediate_size;
+        let experts = (0..moe.num_experts)
+            .map(|j| self.swiglu(&format!("mlp.experts.{j}"), hidden, inter))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = if moe.n_shared_experts > 0 {
+            Some(SharedExpert {
+                mlp: self.swiglu("mlp.shared_experts", hidden, inter * moe.n_shared_experts)?,
+                gate: None,
+            })
+        } else if let Some(width) = moe.shared_expert_intermediate_size {
+            let gate = self.linear("mlp.shared_expert_gate", 1, hidden)?;
+            Some(SharedExpert {
+                mlp: self.swiglu("mlp.shared_expert", hidden, width)?,
+                gate: Some(("mlp.shared_expert_gate".to_string(), gate)),
+            })
+        } else {
+            None
+        };
+        Ok(Ffn::Moe(Box::new(SparseMoe {
+            router_name: "mlp.gate".into(),
+            router: self.linear("mlp.gate", moe.num_experts, hidden)?,
+            correction_bias: self.optional_vector("mlp.gate.e_score_correction_bias", moe.num_experts)?,
+            experts,
+            routing: Routing::from_config(moe),
+            shared,
+        })))
     }
 
     pub fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {

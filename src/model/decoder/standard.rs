@@ -15,7 +15,7 @@
 //! Qwen (1)'s logn attention scaling and the dynamic NTK rotary scalings only act beyond the
 //! trained length; both are implemented exactly.
 
-use super::parts::{Attention, Heads, Norm, Routing, SparseMoe, SwiGlu, Take};
+use super::parts::{ffn_graph, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -33,15 +33,9 @@ pub struct Layer {
     input_layernorm: Norm,
     post_attention_layernorm: Norm,
     attn: Attention,
-    mlp: Mlp,
+    mlp: Ffn,
     rope: Rope,
     eps: f32,
-}
-
-#[derive(Debug, Clone)]
-enum Mlp {
-    Dense(Box<SwiGlu>),
-    Moe(Box<SparseMoe>),
 }
 
 impl Layer {
@@ -57,29 +51,10 @@ impl Layer {
         let mut w = Take::new(weights);
         let heads = Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd };
         let attn = Attention::take_named(&mut w, names, hidden, heads, cfg.rms_norm_eps as f32, cfg.logn_attention)?;
+        // MoE layers are named as every MoE family lamina reads names them (`mlp.gate`, `mlp.experts.J.*`).
         let mlp = match &cfg.moe {
-            Some(moe) if moe.is_moe_layer(index) => {
-                let inter = moe.moe_intermediate_size;
-                let root = names.moe;
-                let experts = (0..moe.num_experts)
-                    .map(|j| w.swiglu(&format!("{root}.experts.{j}"), hidden, inter))
-                    .collect::<Result<Vec<_>>>()?;
-                ensure!(
-                    (1..=moe.num_experts).contains(&moe.top_k),
-                    "num_experts_per_tok {} does not fit {} experts",
-                    moe.top_k,
-                    moe.num_experts
-                );
-                Mlp::Moe(Box::new(SparseMoe {
-                    router_name: format!("{root}.gate"),
-                    router: w.linear(&format!("{root}.gate"), moe.num_experts, hidden)?,
-                    correction_bias: None,
-                    experts,
-                    routing: Routing::from_config(moe),
-                    shared: None,
-                }))
-            }
-            _ => Mlp::Dense(Box::new(w.swiglu_named(
+            Some(m) if m.is_moe_layer(index) => w.ffn(cfg, index)?,
+            _ => Ffn::Dense(Box::new(w.swiglu_named(
                 [names.gate, names.up, names.down],
                 hidden,
                 cfg.intermediate_size,
@@ -116,20 +91,7 @@ impl Layer {
             g.linear_linears.push((v.into(), names.o_proj.into(), LinearPath::ValueOutput));
         }
         match &cfg.moe {
-            Some(m) if m.is_moe_layer(index) => {
-                let root = names.moe;
-                let expert = |j: usize, p: &str| format!("{root}.experts.{j}.{p}");
-                let mut consumers = vec![format!("{root}.gate")];
-                let mut experts = Vec::new();
-                for j in 0..m.num_experts {
-                    consumers.extend([expert(j, "gate_proj"), expert(j, "up_proj")]);
-                    experts.extend([expert(j, "gate_proj"), expert(j, "up_proj"), expert(j, "down_proj")]);
-                    g.linear_linears.push((expert(j, "up_proj"), expert(j, "down_proj"), LinearPath::GatedProduct));
-                    g.residual_writers.push(expert(j, "down_proj"));
-                }
-                g.norm_linears.push(NormLinears { norm: names.mlp_norm.into(), consumers });
-                g.fused.push(experts);
-            }
+            Some(m) if m.is_moe_layer(index) => ffn_graph(cfg, index, names.mlp_norm, &mut g),
             _ => {
                 let gate_up = vec![names.gate.to_string(), names.up.to_string()];
                 g.norm_linears.push(NormLinears { norm: names.mlp_norm.into(), consumers: gate_up.clone() });
@@ -171,10 +133,7 @@ impl DecoderBlock for Layer {
         ensure!(out.dim() == x.dim(), "layer {}: {} returned shape {:?}", self.index, self.attn.o_name, out.dim());
         out += &x;
         let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = match &self.mlp {
-            Mlp::Dense(mlp) => mlp.forward(device, h.view(), hook)?,
-            Mlp::Moe(moe) => moe.forward(device, h.view(), hook, opts)?,
-        };
+        let m = self.mlp.forward(device, h.view(), hook, opts)?;
         ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
         out += &m;
         Ok(out)
