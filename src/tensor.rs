@@ -4,8 +4,11 @@ use anyhow::{bail, Result};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayD, IxDyn};
 
-/// The element types lamina reads and writes. Checkpoints with other dtypes (FP8, FP4, complex)
-/// are refused when they are opened.
+/// The element types lamina reads and writes. `F8E4M3` is read only, as the weights of FP8
+/// block-quantized checkpoints (DeepSeek-V3, the Qwen3 FP8 releases): it is not a float type on
+/// its own ([`DType::is_float`] is false), because its values mean something only times their block
+/// scale (see `crate::model::fp8`). Checkpoints with other dtypes (E5M2, FP4, complex) are refused
+/// when they are opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     BOOL,
@@ -18,12 +21,14 @@ pub enum DType {
     BF16,
     F32,
     F64,
+    /// `float8_e4m3fn`: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities.
+    F8E4M3,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::BOOL | DType::U8 | DType::I8 => 1,
+            DType::BOOL | DType::U8 | DType::I8 | DType::F8E4M3 => 1,
             DType::I16 | DType::F16 | DType::BF16 => 2,
             DType::I32 | DType::F32 => 4,
             DType::I64 | DType::F64 => 8,
@@ -47,6 +52,7 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F32 => "F32",
             DType::F64 => "F64",
+            DType::F8E4M3 => "F8_E4M3",
         }
     }
 
@@ -63,6 +69,7 @@ impl DType {
             S::BF16 => DType::BF16,
             S::F32 => DType::F32,
             S::F64 => DType::F64,
+            S::F8_E4M3 => DType::F8E4M3,
             _ => return None,
         })
     }
@@ -100,6 +107,7 @@ impl DType {
             "BF16" => DType::BF16,
             "F32" => DType::F32,
             "F64" => DType::F64,
+            "F8_E4M3" => DType::F8E4M3,
             _ => return None,
         })
     }
@@ -185,7 +193,30 @@ pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The value of every `float8_e4m3fn` byte (0x7F and 0xFF are NaN).
+static F8E4M3_VALUES: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new(|| {
+    let mut t = [0f32; 256];
+    for (b, v) in t.iter_mut().enumerate() {
+        *v = f8e4m3_value(b as u8);
+    }
+    t
+});
+
+/// Decodes one `float8_e4m3fn` byte: `(-1)^s · 2^(e-7) · (1 + m/8)`, subnormals `(-1)^s · 2^-6 · m/8`;
+/// exponent and mantissa all ones is NaN (the format has no infinities, its largest value is 448).
+pub fn f8e4m3_value(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((b >> 3) & 0x0F, b & 0x07);
+    if e == 0x0F && m == 0x07 {
+        return f32::NAN;
+    }
+    let magnitude =
+        if e == 0 { m as f32 / 8.0 * 2f32.powi(-6) } else { (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7) };
+    sign * magnitude
+}
+
 /// Widens little-endian float bytes into a caller's buffer (which must hold exactly the elements).
+/// FP8 bytes give their raw values, without any block scale.
 pub fn decode_f32_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let n = out.len();
     anyhow::ensure!(bytes.len() == n * dtype.size(), "byte length does not match the element count");
@@ -208,6 +239,12 @@ pub fn decode_f32_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()
         DType::F64 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
                 *o = f64::from_le_bytes(c.try_into().unwrap()) as f32;
+            }
+        }
+        DType::F8E4M3 => {
+            let table = &*F8E4M3_VALUES;
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = table[b as usize];
             }
         }
         other => bail!("dtype {} is not a float type", other.name()),
@@ -248,6 +285,29 @@ mod tests {
         assert_eq!(t.to_f32().unwrap(), vec![0.5, -1.25]);
         let t = Tensor::from_f32_as(DType::F64, &[1], &[7.0]).unwrap();
         assert_eq!(t.to_f32().unwrap(), vec![7.0]);
+    }
+
+    /// Every E4M3FN byte against torch's `float8_e4m3fn` table at a few hand-checked points, and
+    /// the format's defining values: 448 the largest, 2^-9 the smallest subnormal, NaN at 0x7F.
+    #[test]
+    fn fp8_e4m3fn_values() {
+        let v = |b: u8| decode_f32(DType::F8E4M3, &[b]).unwrap()[0];
+        assert_eq!(v(0x00), 0.0);
+        assert_eq!(v(0x38), 1.0); // e = 7, m = 0
+        assert_eq!(v(0x3C), 1.5);
+        assert_eq!(v(0xC0), -2.0);
+        assert_eq!(v(0x7E), 448.0);
+        assert_eq!(v(0xFE), -448.0);
+        assert_eq!(v(0x01), 2f32.powi(-9));
+        assert_eq!(v(0x08), 2f32.powi(-6)); // smallest normal
+        assert_eq!(v(0x07), 7.0 / 8.0 * 2f32.powi(-6)); // largest subnormal
+        assert!(v(0x7F).is_nan() && v(0xFF).is_nan());
+        assert_eq!(v(0x80), -0.0);
+        // Monotonic over the positive codes.
+        let pos: Vec<f32> = (0u8..0x7F).map(v).collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]));
+        assert!(!DType::F8E4M3.is_float());
+        assert_eq!(DType::from_name("F8_E4M3"), Some(DType::F8E4M3));
     }
 
     #[test]

@@ -98,6 +98,12 @@ fn llama() {
 fn qwen2() {
     quantize_every_scheme("qwen2");
 }
+/// A Qwen3 FP8 release (block scales of 32 × 48, ragged on both axes): each linear checked
+/// against the test's own dequantization.
+#[test]
+fn qwen3_fp8() {
+    quantize_every_scheme("qwen3_fp8");
+}
 #[test]
 fn qwen3() {
     quantize_every_scheme("qwen3");

@@ -95,8 +95,11 @@ impl ConfigView {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     pub theta: f64,
-    /// `default` or `mrope`; other kinds (llama3, yarn) are read but only a forward refuses them.
+    /// `default`, `mrope` or `yarn`; other kinds (llama3, linear, dynamic) are read but only a
+    /// forward refuses them.
     pub kind: String,
+    /// YaRN's settings when `kind` is `yarn` (DeepSeek-V2/V3 and long-context releases).
+    pub yarn: Option<YarnConfig>,
     /// M-RoPE sections (temporal, height, width) in frequency pairs, for Qwen VL models.
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
@@ -126,6 +129,79 @@ pub enum RopeScaling {
     QwenNtk {
         seq_length: usize,
     },
+}
+
+/// YaRN (`rope_type: yarn`): frequencies interpolated between the original and the `factor`-times
+/// longer context (transformers' `_compute_yarn_parameters`), and an attention factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YarnConfig {
+    pub factor: f64,
+    pub original_max_position_embeddings: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// `mscale` and `mscale_all_dim`: the cos/sin scale is `m(factor, mscale) / m(factor,
+    /// mscale_all_dim)` and DeepSeek's MLA multiplies its softmax scale by `m(factor, mscale_all_dim)²`,
+    /// where `m(s, k) = 0.1·k·ln s + 1` (1 for `s ≤ 1`).
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    /// An explicit cos/sin scale (`attention_factor`), overriding the mscales.
+    pub attention_factor: Option<f64>,
+    /// Whether the correction range is rounded outward (transformers' default: true).
+    pub truncate: bool,
+}
+
+impl YarnConfig {
+    /// `0.1·k·ln(s) + 1`, or 1 when `s ≤ 1` (transformers' and DeepSeek's `yarn_get_mscale`).
+    pub fn get_mscale(scale: f64, k: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * k * scale.ln() + 1.0
+        }
+    }
+
+    /// The factor cos and sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale, self.mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                Self::get_mscale(self.factor, m) / Self::get_mscale(self.factor, all)
+            }
+            _ => Self::get_mscale(self.factor, 1.0),
+        }
+    }
+
+    /// What DeepSeek's MLA multiplies the softmax scale by: `m(factor, mscale_all_dim)²`, or 1.
+    pub fn softmax_mscale(&self) -> f64 {
+        match self.mscale_all_dim {
+            Some(all) if all != 0.0 => Self::get_mscale(self.factor, all).powi(2),
+            _ => 1.0,
+        }
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through a low-rank pair (`q_a_proj` →
+/// `q_a_layernorm` → `q_b_proj`) or one `q_proj`, keys and values from a shared latent
+/// (`kv_a_proj_with_mqa` → `kv_a_layernorm` → `kv_b_proj`) plus one rotated key head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// `None`: queries come from `q_proj` directly (V2-Lite, Coder-V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Whether the rotary dims turn in adjacent pairs `(x0, x1), (x2, x3), ...` (DeepSeek's layout:
+    /// always in transformers' DeepSeek-V2, unless `rope_interleave` is false in V3) rather than halves.
+    pub rope_interleave: bool,
+}
+
+impl MlaConfig {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
 }
 
 /// How a router scores experts.
@@ -203,6 +279,11 @@ pub struct TextConfig {
     /// Qwen (1)'s `use_logn_attn`: queries at 1-based position `i > seq_length` are scaled by
     /// `log(i) / log(seq_length)`. Holds `seq_length`.
     pub logn_attention: Option<usize>,
+    /// DeepSeek's multi-head latent attention, when `kv_lora_rank` is set; `head_dim` is then its
+    /// query/key head (`qk_nope_head_dim + qk_rope_head_dim`).
+    pub mla: Option<MlaConfig>,
+    /// Multi-token-prediction layers stored after the decoder layers (`num_nextn_predict_layers`).
+    pub mtp_layers: usize,
 }
 
 impl TextConfig {
@@ -221,7 +302,24 @@ impl TextConfig {
         let hidden_size = c.usize(&["hidden_size", "n_embd", "d_model"])?;
         let num_heads = c.usize(&["num_attention_heads", "n_head"])?;
         let num_kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads);
-        let head_dim = c.opt_usize(&["head_dim", "kv_channels"])?.unwrap_or(hidden_size / num_heads.max(1));
+        let mla = match c.opt_usize(&["kv_lora_rank"])? {
+            Some(kv_lora_rank) => Some(MlaConfig {
+                q_lora_rank: c.opt_usize(&["q_lora_rank"])?,
+                kv_lora_rank,
+                qk_nope_head_dim: c.usize(&["qk_nope_head_dim"])?,
+                qk_rope_head_dim: c.usize(&["qk_rope_head_dim"])?,
+                v_head_dim: c.usize(&["v_head_dim"])?,
+                rope_interleave: c.bool(&["rope_interleave"]).unwrap_or(true)
+                    || c.str(&["model_type"]) == Some("deepseek_v2"),
+            }),
+            None => None,
+        };
+        // transformers writes head_dim = qk_rope_head_dim into DeepSeek configs; MLA's query/key head
+        // is the nope and rope parts together.
+        let head_dim = match &mla {
+            Some(m) => m.qk_head_dim(),
+            None => c.opt_usize(&["head_dim", "kv_channels"])?.unwrap_or(hidden_size / num_heads.max(1)),
+        };
         // Qwen (1)'s `intermediate_size` counts both halves of its MLP (w1 and w2).
         let qwen1 = c.str(&["model_type"]) == Some("qwen");
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -232,6 +330,7 @@ impl TextConfig {
             let model_type = c.str(&["model_type"]).unwrap_or("");
             // DeepSeek-V3 and GLM-4.5 score with a sigmoid (their configs may not say so).
             let sigmoid_family = ["deepseek_v3", "glm4_moe", "kimi_k2"].contains(&model_type);
+            let top_k = c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?;
             let scoring = match c.str(&["scoring_func"]) {
                 Some("sigmoid") => Scoring::Sigmoid,
                 Some("softmax") => Scoring::Softmax,
@@ -257,9 +356,16 @@ impl TextConfig {
                     "config.json: {num_experts} experts cannot form {n_group} groups of which {topk_group} are chosen"
                 );
             }
+            if top_k == 0 || top_k > topk_group * (num_experts / n_group) {
+                bail!(
+                    "config.json: num_experts_per_tok {top_k} cannot be chosen from the {} experts of {topk_group} \
+                     eligible group(s)",
+                    topk_group * (num_experts / n_group)
+                );
+            }
             Some(MoeConfig {
                 num_experts,
-                top_k: c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?,
+                top_k,
                 moe_intermediate_size: c.usize(&["moe_intermediate_size", "intermediate_size"])?,
                 // Qwen3-VL-MoE's router always renormalises its top-k (transformers'
                 // Qwen3VLMoeTextTopKRouter), whatever the config says.
@@ -300,6 +406,8 @@ impl TextConfig {
                 (true, Some(true)) => Some(c.usize(&["seq_length"])?),
                 _ => None,
             },
+            mla,
+            mtp_layers: c.opt_usize(&["num_nextn_predict_layers", "num_mtp_layers"])?.unwrap_or(0),
         })
     }
 }
@@ -320,6 +428,8 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         None => (None, false),
     };
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
+    // vLLM and older transformers spell DeepSeek's YaRN `deepseek_yarn`.
+    let kind = if kind == "deepseek_yarn" { "yarn".to_string() } else { kind };
     let partial_rotary_factor = match c.f64(&["partial_rotary_factor", "rotary_pct"])? {
         Some(f) => f,
         None => params.as_ref().map(|p| p.f64(&["partial_rotary_factor"])).transpose()?.flatten().unwrap_or(1.0),
@@ -340,7 +450,31 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         }
         _ => RopeScaling::None,
     };
-    Ok(RopeConfig { theta, kind, mrope_section, mrope_interleaved, partial_rotary_factor, alpha, scaling })
+    let yarn = match (&params, kind.as_str()) {
+        (Some(p), "yarn") => {
+            let max_pos = c.f64(&["max_position_embeddings"])?;
+            let original = p
+                .f64(&["original_max_position_embeddings"])?
+                .or(max_pos)
+                .context("config.json: yarn rope scaling needs original_max_position_embeddings")?;
+            let factor = match p.f64(&["factor"])? {
+                Some(f) => f,
+                None => max_pos.context("config.json: yarn rope scaling needs factor")? / original,
+            };
+            Some(YarnConfig {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: p.f64(&["beta_fast"])?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: p.f64(&["beta_slow"])?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                mscale: p.f64(&["mscale"])?,
+                mscale_all_dim: p.f64(&["mscale_all_dim"])?,
+                attention_factor: p.f64(&["attention_factor"])?,
+                truncate: p.bool(&["truncate"]).unwrap_or(true),
+            })
+        }
+        _ => None,
+    };
+    Ok(RopeConfig { theta, kind, yarn, mrope_section, mrope_interleaved, partial_rotary_factor, alpha, scaling })
 }
 
 /// The `vision_config` object (Qwen-VL: `visual`), if the model has one.

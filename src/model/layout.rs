@@ -25,6 +25,10 @@ pub enum Family {
     Llava,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
+    /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
+    DeepseekV2,
+    /// DeepSeek-V3, R1, V3.1 and Kimi-K2 (MLA, sigmoid router, FP8 releases, an MTP layer).
+    DeepseekV3,
     /// GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): first layers dense, then sigmoid-routed experts with a
     /// correction bias beside shared experts; a multi-token-prediction layer after the last.
     Glm4Moe,
@@ -33,7 +37,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 13] = [
+    pub const ALL: [Family; 15] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -46,6 +50,8 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::Glm4,
+        Family::DeepseekV2,
+        Family::DeepseekV3,
         Family::Glm4Moe,
     ];
 
@@ -64,6 +70,8 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::Glm4 => "glm4",
+            Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
             Family::Glm4Moe => "glm4_moe",
             Family::Generic => "generic",
         }
@@ -101,6 +109,8 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("Glm4ForCausalLM", Family::Glm4),
+            ("DeepseekV2ForCausalLM", Family::DeepseekV2),
+            ("DeepseekV3ForCausalLM", Family::DeepseekV3),
             ("Glm4MoeForCausalLM", Family::Glm4Moe),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
@@ -286,6 +296,8 @@ fn rules(family: Family) -> Rules {
         | Family::Qwen3Moe
         | Family::InternLm2
         | Family::Glm4
+        | Family::DeepseekV2
+        | Family::DeepseekV3
         | Family::Glm4Moe
         | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
@@ -349,7 +361,9 @@ impl MtpLayout {
     pub fn of(family: Family, text: &TextConfig) -> Option<MtpLayout> {
         match family {
             // Any layer past num_hidden_layers is an MTP layer, whether or not the config counts it.
-            Family::Glm4Moe => Some(MtpLayout::AfterDecoder { first: text.num_layers }),
+            Family::DeepseekV2 | Family::DeepseekV3 | Family::Glm4Moe => {
+                Some(MtpLayout::AfterDecoder { first: text.num_layers })
+            }
             _ => None,
         }
     }

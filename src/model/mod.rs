@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod fp8;
 pub mod layout;
 pub mod moe;
 pub mod nn;
@@ -24,6 +25,8 @@ pub struct Model {
     pub layout: Layout,
     pub text: TextConfig,
     pub config: Value,
+    /// `quantization_config.weight_block_size` of an FP8 block-quantized checkpoint.
+    pub fp8: Option<fp8::BlockSize>,
 }
 
 impl Model {
@@ -51,7 +54,8 @@ impl Model {
         };
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
         let layout = Layout::for_config(family, config, names)?.with_mtp(layout::MtpLayout::of(family, &text));
-        Ok(Model { family, layout, text, config: config.clone() })
+        let fp8 = fp8::Fp8Config::from_config(config)?;
+        Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
 }
 
@@ -68,6 +72,9 @@ pub enum Source {
     /// Rows `start..start + rows` of a stored tensor: one linear of a row-wise fused pair (GLM-4's
     /// `mlp.gate_up_proj` holds gate's rows, then up's), or that linear's bias.
     Rows { fused: String, fused_shape: Vec<usize>, start: usize, rows: usize },
+    /// A linear stored in FP8 (`weight`, `F8_E4M3`) with its block scale `scale`
+    /// (`weight_scale_inv`), dequantized as it is read (see [`fp8`]).
+    BlockFp8 { weight: String, scale: String, block: [usize; 2] },
 }
 
 impl Source {
@@ -75,6 +82,7 @@ impl Source {
         match self {
             Source::Stored(n) | Source::Computed(n) => n,
             Source::Expert { fused, .. } | Source::Rows { fused, .. } => fused,
+            Source::BlockFp8 { weight, .. } => weight,
         }
     }
 }
@@ -100,6 +108,28 @@ impl LogicalTensor {
     }
 }
 
+/// An error about one stored tensor, which the caller can place in its file (the model module sees
+/// tensor names, not files): `pipeline` adds the file's path.
+#[derive(Debug)]
+pub struct TensorError {
+    pub tensor: String,
+    pub error: anyhow::Error,
+}
+
+impl TensorError {
+    pub fn new(tensor: &str, error: anyhow::Error) -> TensorError {
+        TensorError { tensor: tensor.to_string(), error }
+    }
+}
+
+impl std::fmt::Display for TensorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for TensorError {}
+
 /// A group of tensors processed, written and released together.
 #[derive(Debug, Clone)]
 pub struct Unit {
@@ -112,8 +142,11 @@ pub struct Unit {
     pub stored_bytes: u64,
 }
 
-/// Groups a checkpoint's tensors into units, splitting fused MoE experts.
+/// Groups a checkpoint's tensors into units, splitting fused MoE experts and pairing FP8 weights
+/// with their block scales (a scale is read with its weight, never a tensor of its own).
 pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>> {
+    let fp8 = fp8::pair_scales(model.fp8.as_ref(), inventory)?;
+    let float_dtype = fp8::float_dtype(&model.config);
     let mut groups: BTreeMap<UnitKind, Vec<&TensorMeta>> = BTreeMap::new();
     for t in inventory {
         groups.entry(model.layout.classify(&t.name)).or_default().push(t);
@@ -135,6 +168,13 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
         };
         for m in &metas {
             if let Some((fused, parts)) = split_of(&m.name) {
+                if fp8.weights.contains_key(&m.name) {
+                    let e = anyhow::anyhow!(
+                        "tensor {} is FP8 and fused by rows; lamina splits only float fused linears",
+                        m.name
+                    );
+                    return Err(TensorError::new(&m.name, e).into());
+                }
                 tensors.extend(split_rows(m, layer.as_deref().unwrap(), fused, parts)?);
             } else if let Some(prefix) = m.name.strip_suffix(moe::GATE_UP) {
                 tensors.extend(split_experts(model, prefix, m, &by_name)?);
@@ -142,6 +182,13 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
                 && by_name.contains_key(format!("{}{}", m.name.strip_suffix(moe::DOWN).unwrap(), moe::GATE_UP).as_str())
             {
                 // Split together with its gate_up partner.
+            } else if fp8.scales.contains(&m.name) {
+                // Read with its FP8 weight.
+            } else if let Some(f) = fp8.weights.get(&m.name) {
+                tensors.push(LogicalTensor {
+                    meta: TensorMeta::new(m.name.clone(), float_dtype, &m.shape),
+                    source: Source::BlockFp8 { weight: m.name.clone(), scale: f.scale.clone(), block: f.block },
+                });
             } else {
                 tensors.push(LogicalTensor { meta: (*m).clone(), source: Source::Stored(m.name.clone()) });
             }

@@ -8,14 +8,19 @@
 //!   while each axis has sections left, the rest use t;
 //! - GLM-4's rotation of adjacent pairs (`x[2i]`, `x[2i+1]`; vLLM's `is_neox_style=False`), chosen
 //!   by the architecture with [`Rope::with_adjacent_pairs`];
+//! - YaRN (`rope_type: yarn`, DeepSeek-V2/V3 and long-context releases): each frequency blends its
+//!   original value and the value `factor` times slower, by a linear ramp between the dims that turn
+//!   `beta_fast` and `beta_slow` times over `original_max_position_embeddings` (transformers'
+//!   `_compute_yarn_parameters`), and cos/sin are multiplied by the attention factor (DeepSeek's
+//!   MLA turns adjacent pairs, as GLM-4 does; its softmax mscale is the attention's business);
 //! - HunYuan's NTK-alpha base (`rope_scaling: {type: dynamic, alpha}`): the base becomes
 //!   `theta · alpha^(d / (d − 2))` for every length up to `max_position_embeddings`.
 //!
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
 
-use super::config::{RopeConfig, RopeScaling};
-use anyhow::{bail, ensure, Result};
+use super::config::{RopeConfig, RopeScaling, YarnConfig};
+use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array2;
 
 /// Position ids of one sequence: one row (text) or three rows (M-RoPE temporal, height, width).
@@ -74,6 +79,8 @@ pub struct Rope {
     /// Whether the model reads three position axes.
     multimodal: bool,
     pairs: Pairs,
+    /// YaRN's factor on cos and sin (1 otherwise).
+    attention_factor: f32,
 }
 
 /// Which dims of a head rotate together.
@@ -86,15 +93,16 @@ pub enum Pairs {
 }
 
 impl Rope {
-    /// Refuses the rope types lamina does not implement (llama3, yarn, linear, ...).
+    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic with neither a
+    /// factor nor an alpha, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
         let alpha = cfg.alpha.filter(|_| cfg.kind == "dynamic");
         let growing = matches!(cfg.scaling, RopeScaling::DynamicNtk { .. }) && cfg.kind == "dynamic";
-        if !matches!(cfg.kind.as_str(), "default" | "mrope") && alpha.is_none() && !growing {
+        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") && alpha.is_none() && !growing {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE, the Qwen VL M-RoPE, dynamic NTK with a factor and HunYuan's \
-                 NTK-alpha); data-free quantization does not need it",
+                 (supported: default RoPE, YaRN, the Qwen VL M-RoPE, dynamic NTK with a factor and \
+                 HunYuan's NTK-alpha); data-free quantization does not need it",
                 cfg.kind
             );
         }
@@ -122,16 +130,33 @@ impl Rope {
             }
             None => cfg.theta,
         };
-        let inv_freq = inverse_frequencies(theta, rotary_dim);
+        let mut inv_freq = inverse_frequencies(theta, rotary_dim);
+        let mut attention_factor = 1.0;
+        if cfg.kind == "yarn" {
+            let y = cfg.yarn.as_ref().context("config.json: rope type yarn without its settings")?;
+            ensure!(y.factor > 0.0 && y.factor.is_finite(), "yarn factor is {}, expected a positive number", y.factor);
+            inv_freq = yarn_inv_freq(y, theta, rotary_dim);
+            attention_factor = y.attention_factor() as f32;
+        }
         let (axis, multimodal) = match &cfg.mrope_section {
             None => (vec![0; half], false),
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, rotary_dim, theta, scaling: cfg.scaling, inv_freq, axis, multimodal, pairs: Pairs::Halves })
+        Ok(Rope {
+            head_dim,
+            rotary_dim,
+            theta,
+            scaling: cfg.scaling,
+            inv_freq,
+            axis,
+            multimodal,
+            pairs: Pairs::Halves,
+            attention_factor,
+        })
     }
 
-    /// The same frequencies, rotating adjacent pairs (GLM-4) instead of halves.
+    /// The same frequencies, rotating adjacent pairs (GLM-4, DeepSeek's MLA) instead of halves.
     pub fn with_adjacent_pairs(mut self) -> Rope {
         self.pairs = Pairs::Adjacent;
         self
@@ -187,8 +212,8 @@ impl Rope {
             for j in 0..half {
                 // transformers multiplies in f32 (`inv_freq @ position_ids`), then takes cos and sin.
                 let angle = pos.id(self.axis[j], t) as f32 * inv_freq[j];
-                cos[[t, j]] = (angle as f64).cos() as f32;
-                sin[[t, j]] = (angle as f64).sin() as f32;
+                cos[[t, j]] = (angle as f64).cos() as f32 * self.attention_factor;
+                sin[[t, j]] = (angle as f64).sin() as f32 * self.attention_factor;
             }
         }
         Ok(RopeAngles { cos, sin, head_dim: self.head_dim, pairs: self.pairs })
@@ -198,6 +223,34 @@ impl Rope {
 /// `base^(-2i / rotary_dim)` for `i < rotary_dim / 2`, rounded to f32 as transformers stores them.
 fn inverse_frequencies(base: f64, rotary_dim: usize) -> Vec<f32> {
     (0..rotary_dim / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect()
+}
+
+/// YaRN's inverse frequencies: `interpolated · ramp + original · (1 − ramp)`, where the original
+/// frequency of dim pair `i` is `theta^(-2i/dim)`, the interpolated one that divided by `factor`,
+/// and the ramp rises linearly from 0 to 1 between the correction dims of `beta_fast` and
+/// `beta_slow` rotations (`dim · ln(L / (2π·β)) / (2 ln theta)` for the original context `L`,
+/// rounded outward when `truncate`).
+fn yarn_inv_freq(y: &YarnConfig, theta: f64, dim: usize) -> Vec<f32> {
+    let d = dim as f64;
+    let correction = |rot: f64| {
+        d * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let (mut low, mut high) = (correction(y.beta_fast), correction(y.beta_slow));
+    if y.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dim / 2)
+        .map(|i| {
+            let original = 1.0 / theta.powf(2.0 * i as f64 / d);
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            (original / y.factor * ramp + original * (1.0 - ramp)) as f32
+        })
+        .collect()
 }
 
 /// Qwen2-VL: `freq.split(mrope_section)`, block `i` takes axis `i % 3`.
@@ -278,6 +331,7 @@ mod tests {
         RopeConfig {
             theta,
             kind: kind.into(),
+            yarn: None,
             mrope_section: section,
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
@@ -288,6 +342,44 @@ mod tests {
 
     fn close(a: f32, b: f64) -> bool {
         (a as f64 - b).abs() <= 1e-6
+    }
+
+    /// DeepSeek-V3's YaRN (factor 40, β 32/1, original context 4096, rotary dim 64, theta 10000)
+    /// against the formula worked by hand: the correction dims are
+    /// `64·ln(4096/(2π·β))/(2·ln 10000)` = 10.47 for β = 32 and 22.51 for β = 1, rounded out to 10
+    /// and 23, so pairs below 10 keep their frequency, pairs from 23 on are 40 times slower, and pair
+    /// 16 is blended with ramp (16 − 10)/13.
+    #[test]
+    fn yarn_frequencies_and_attention_factor() {
+        let y = YarnConfig {
+            factor: 40.0,
+            original_max_position_embeddings: 4096.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(1.0),
+            mscale_all_dim: Some(0.707),
+            attention_factor: None,
+            truncate: true,
+        };
+        let mut c = cfg(10000.0, "yarn", None, false);
+        c.yarn = Some(y.clone());
+        let rope = Rope::new(&c, 64).unwrap();
+        let orig = |i: usize| 10000f64.powf(-((2 * i) as f64) / 64.0);
+        for i in [0, 5, 9] {
+            assert!((rope.inv_freq[i] as f64 - orig(i)).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        for i in [23, 31] {
+            assert!((rope.inv_freq[i] as f64 - orig(i) / 40.0).abs() <= 1e-7 * orig(i), "pair {i}");
+        }
+        let r = 6.0 / 13.0;
+        let want = orig(16) / 40.0 * r + orig(16) * (1.0 - r);
+        assert!((rope.inv_freq[16] as f64 - want).abs() <= 1e-7 * want);
+        // mscale 1 over mscale_all_dim 0.707: (0.1 ln 40 + 1) / (0.0707 ln 40 + 1).
+        let m = |k: f64| 0.1 * k * 40f64.ln() + 1.0;
+        assert!((y.attention_factor() - m(1.0) / m(0.707)).abs() < 1e-12);
+        assert!((y.softmax_mscale() - m(0.707) * m(0.707)).abs() < 1e-12);
+        let a = rope.angles(&Positions::sequential(2)).unwrap();
+        assert!((a.cos[[0, 0]] as f64 - m(1.0) / m(0.707)).abs() < 1e-6, "cos and sin carry the factor");
     }
 
     #[test]
@@ -403,7 +495,7 @@ mod tests {
 
     #[test]
     fn unsupported_rope_types_are_refused() {
-        for kind in ["llama3", "yarn", "linear"] {
+        for kind in ["llama3", "linear", "dynamic"] {
             let e = Rope::new(&cfg(1e4, kind, None, false), 16).unwrap_err().to_string();
             assert!(e.contains(kind), "{e}");
         }

@@ -1,10 +1,11 @@
 //! Reading logical tensors out of the checkpoint maps, and giving their pages back.
 
 use crate::io::checkpoint::Checkpoint;
+use crate::model::fp8::BlockScale;
 use crate::model::{moe, LogicalTensor, Source, Unit};
 use crate::quant::rtn::{MatrixView, NonFinite};
-use crate::tensor::decode_f32_into;
-use anyhow::{bail, Result};
+use crate::tensor::{decode_f32_into, DType, Tensor};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 /// The tensor's bytes in its stored dtype, de-fused if it is an expert slice.
@@ -24,6 +25,8 @@ pub fn bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
             }
             Ok(moe::extract(f.bytes(e), e.dtype.size(), fused_shape, *layout, *part, *expert))
         }
+        // A kept FP8 linear is written dequantized, in the model's float dtype.
+        Source::BlockFp8 { .. } => Ok(Tensor::from_f32_as(t.meta.dtype, &t.meta.shape, &f32s(ckpt, t)?)?.bytes),
         Source::Rows { fused, fused_shape, .. } => {
             let (f, e) = ckpt.require(fused)?;
             if e.shape != *fused_shape {
@@ -71,22 +74,33 @@ pub fn take_bytes(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<u8>> {
 /// The tensor widened to f32, refusing NaN and infinities (which would poison every scale).
 pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
     let raw;
+    let mut out = vec![0f32; t.meta.numel()];
     let src: &[u8] = match &t.source {
         Source::Stored(name) => ckpt.bytes(name)?,
         Source::Computed(_) | Source::Expert { .. } | Source::Rows { .. } => {
             raw = bytes(ckpt, t)?;
             &raw
         }
+        Source::BlockFp8 { .. } => {
+            let view = matrix_view(ckpt, t)?;
+            let cols = view.cols.max(1);
+            out.par_chunks_mut(cols * 64).enumerate().for_each(|(b, o)| view.read_rows_into(b * 64, o));
+            return finite(ckpt, t, out);
+        }
     };
     let dtype = t.meta.dtype;
     if !dtype.is_float() {
         bail!("tensor {} in {} has dtype {}, not a float type", t.name(), file_of(ckpt, t), dtype.name());
     }
-    let mut out = vec![0f32; t.meta.numel()];
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK * dtype.size()))
         .try_for_each(|(o, s)| decode_f32_into(dtype, s, o))?;
+    finite(ckpt, t, out)
+}
+
+/// `out`, unless it holds a NaN or an infinity.
+fn finite(ckpt: &Checkpoint, t: &LogicalTensor, out: Vec<f32>) -> Result<Vec<f32>> {
     if let Some(i) = out.par_iter().position_any(|x| !x.is_finite()) {
         let shape = &t.meta.shape;
         let at = if shape.len() == 2 { format!("[{}, {}]", i / shape[1], i % shape[1]) } else { format!("{i}") };
@@ -104,6 +118,27 @@ pub fn f32s(ckpt: &Checkpoint, t: &LogicalTensor) -> Result<Vec<f32>> {
 /// at its place in the fused tensor (transposed in the release layout). Nothing is copied.
 pub fn matrix_view<'a>(ckpt: &'a Checkpoint, t: &LogicalTensor) -> Result<MatrixView<'a>> {
     let dtype = t.meta.dtype;
+    if let Source::BlockFp8 { weight, scale, block } = &t.source {
+        let (f, e) = ckpt.require(weight)?;
+        let (sf, se) = ckpt.require(scale)?;
+        ensure!(
+            e.dtype == DType::F8E4M3 && e.shape == t.meta.shape,
+            "tensor {weight} in {} is {} {:?}, the plan expected an FP8 weight {:?}",
+            f.path.display(),
+            e.dtype.name(),
+            e.shape,
+            t.meta.shape
+        );
+        let grid_cols = e.shape[1].div_ceil(block[1]);
+        ensure!(
+            se.shape == [e.shape[0].div_ceil(block[0]), grid_cols],
+            "tensor {scale} in {} has shape {:?}, not the block grid of {weight}",
+            sf.path.display(),
+            se.shape
+        );
+        let scale = BlockScale { dtype: se.dtype, bytes: sf.bytes(se), block: *block, grid_cols };
+        return Ok(MatrixView::block_fp8(f.bytes(e), e.shape[0], e.shape[1], scale));
+    }
     if !dtype.is_float() || t.meta.shape.len() != 2 {
         bail!(
             "tensor {} in {} has dtype {} and shape {:?}, not a 2D float matrix",
@@ -127,7 +162,16 @@ pub fn matrix_view<'a>(ckpt: &'a Checkpoint, t: &LogicalTensor) -> Result<Matrix
                     fused_shape
                 );
             }
-            Ok(MatrixView { dtype, bytes, rows, cols, offset: start * cols, row_stride: cols, col_stride: 1 })
+            Ok(MatrixView {
+                dtype,
+                bytes,
+                rows,
+                cols,
+                offset: start * cols,
+                row_stride: cols,
+                col_stride: 1,
+                scale: None,
+            })
         }
         Source::Expert { fused, fused_shape, layout, part, expert } => {
             if e.shape != *fused_shape || e.dtype != dtype {
@@ -147,8 +191,10 @@ pub fn matrix_view<'a>(ckpt: &'a Checkpoint, t: &LogicalTensor) -> Result<Matrix
                 offset: p.offset,
                 row_stride: p.row_stride,
                 col_stride: p.col_stride,
+                scale: None,
             })
         }
+        Source::BlockFp8 { .. } => unreachable!("handled above"),
     }
 }
 
@@ -174,7 +220,7 @@ pub fn file_of(ckpt: &Checkpoint, t: &LogicalTensor) -> String {
 pub fn span(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(std::path::PathBuf, usize, usize)> {
     let (f, e) = ckpt.entry(t.source.stored_name())?;
     let (s, end) = match &t.source {
-        Source::Stored(_) | Source::Computed(_) => (e.start, e.end),
+        Source::Stored(_) | Source::Computed(_) | Source::BlockFp8 { .. } => (e.start, e.end),
         Source::Expert { fused_shape, expert, .. } => {
             let per = fused_shape[1] * fused_shape[2] * e.dtype.size();
             (e.start + expert * per, e.start + (expert + 1) * per)
@@ -184,10 +230,15 @@ pub fn span(ckpt: &Checkpoint, t: &LogicalTensor) -> Option<(std::path::PathBuf,
     Some((f.path.clone(), s, end))
 }
 
-/// Gives a tensor's mapped pages back once it is processed.
+/// Gives a tensor's mapped pages back once it is processed (an FP8 weight's scale with it).
 pub fn release(ckpt: &Checkpoint, t: &LogicalTensor) {
     if let (Some((f, _)), Some((_, s, e))) = (ckpt.entry(t.source.stored_name()), span(ckpt, t)) {
         f.release(s, e);
+    }
+    if let Source::BlockFp8 { scale, .. } = &t.source {
+        if let Some((f, e)) = ckpt.entry(scale) {
+            f.release(e.start, e.end);
+        }
     }
 }
 
@@ -211,10 +262,14 @@ pub fn check_inputs(ckpt: &Checkpoint, unit: &Unit) -> Result<()> {
     for t in unit.tensors.iter().filter(|t| !matches!(t.source, Source::Computed(_))) {
         let name = t.source.stored_name();
         let (f, e) = ckpt.require(name)?;
-        if let Source::Stored(_) = t.source {
-            if e.shape != t.meta.shape || e.dtype != t.meta.dtype {
+        match &t.source {
+            Source::Stored(_) if e.shape != t.meta.shape || e.dtype != t.meta.dtype => {
                 bail!("tensor {name} in {} changed since it was planned", f.path.display());
             }
+            Source::BlockFp8 { .. } => {
+                matrix_view(ckpt, t)?;
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -143,6 +143,7 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     let serving = args.serving_dtype.unwrap_or(source_dtype);
     let exporter = AscendExporter { serving, target: args.target };
     let units = build_units(&model, &inventory)
+        .map_err(|e| in_its_file(e, ckpt.as_ref()))
         .with_context(|| format!("grouping the tensors of {}", args.model_path.display()))?;
     let calibrated = needs_calibration(&recipe, &units)?;
     let mut units = plan_units(&model, units, &recipe, &exporter, calibrated)?;
@@ -290,6 +291,18 @@ fn bundled_quant_types_that_load(
         }
     }
     ok
+}
+
+/// Names the file of the tensor an error is about ([`crate::model::TensorError`]).
+fn in_its_file(e: anyhow::Error, ckpt: Option<&Checkpoint>) -> anyhow::Error {
+    let file = e
+        .downcast_ref::<crate::model::TensorError>()
+        .and_then(|t| ckpt?.entry(&t.tensor))
+        .map(|(f, _)| f.path.display().to_string());
+    match file {
+        Some(f) => e.context(format!("in {f}")),
+        None => e,
+    }
 }
 
 /// Whether the recipe needs calibration data: a smoothing step, or a linear whose scheme has a

@@ -11,6 +11,7 @@
 //! by column, and only its integers are transposed.
 
 use super::spec::QuantSpec;
+use crate::model::fp8::BlockScale;
 use crate::tensor::{decode_f32_into, DType};
 use rayon::prelude::*;
 
@@ -138,7 +139,8 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Quanti
 
 /// A `[rows, cols]` matrix read in place from a float tensor's bytes: element `(r, c)` is element
 /// `offset + r * row_stride + c * col_stride` of `bytes`. A plain row-major tensor has strides `(cols, 1)`;
-/// a linear stored transposed inside a fused expert tensor has `(1, stored row length)`.
+/// a linear stored transposed inside a fused expert tensor has `(1, stored row length)`. An FP8 weight
+/// carries its block scale, which multiplies each value as it is widened.
 #[derive(Debug, Clone, Copy)]
 pub struct MatrixView<'a> {
     pub dtype: DType,
@@ -148,12 +150,25 @@ pub struct MatrixView<'a> {
     pub offset: usize,
     pub row_stride: usize,
     pub col_stride: usize,
+    pub scale: Option<BlockScale<'a>>,
 }
 
 impl<'a> MatrixView<'a> {
     /// A row-major tensor.
     pub fn row_major(dtype: DType, bytes: &'a [u8], rows: usize, cols: usize) -> MatrixView<'a> {
-        MatrixView { dtype, bytes, rows, cols, offset: 0, row_stride: cols, col_stride: 1 }
+        MatrixView { dtype, bytes, rows, cols, offset: 0, row_stride: cols, col_stride: 1, scale: None }
+    }
+
+    /// A row-major FP8 weight with its block scale.
+    pub fn block_fp8(bytes: &'a [u8], rows: usize, cols: usize, scale: BlockScale<'a>) -> MatrixView<'a> {
+        MatrixView { scale: Some(scale), ..MatrixView::row_major(DType::F8E4M3, bytes, rows, cols) }
+    }
+
+    /// Widens the rows from `r0` on that `out` holds (`out.len() / cols` of them, row-major), block
+    /// scales applied.
+    pub fn read_rows_into(&self, r0: usize, out: &mut [f32]) {
+        let n = out.len() / self.cols.max(1);
+        self.read_rows(r0, n, out);
     }
 
     /// Widens rows `r0..r0 + n` into `out` (`n × cols`, row-major).
@@ -178,6 +193,11 @@ impl<'a> MatrixView<'a> {
                 }
             }
         }
+        if let Some(scale) = &self.scale {
+            for (k, row) in out[..n * cols].chunks_mut(cols.max(1)).enumerate() {
+                scale.apply_row(r0 + k, 0, row);
+            }
+        }
     }
 
     /// For a transposed view (`row_stride == 1`): widens column `c`, which is contiguous in the stored
@@ -186,6 +206,9 @@ impl<'a> MatrixView<'a> {
         let es = self.dtype.size();
         let s = (self.offset + c * self.col_stride) * es;
         decode(self.dtype, &self.bytes[s..s + self.rows * es], out);
+        if let Some(scale) = &self.scale {
+            scale.apply_column(c, 0, &mut out[..self.rows]);
+        }
     }
 }
 
@@ -207,7 +230,7 @@ const BLOCK_ROWS: usize = 32;
 /// Quantizes a matrix read in place, blocks of rows in parallel, refusing NaN and infinities (which would
 /// poison every scale). The result is identical to widening the matrix to f32 and calling [`quantize`].
 pub fn quantize_view(m: &MatrixView, spec: &QuantSpec) -> Result<QuantizedWeight, NonFinite> {
-    assert!(m.dtype.is_float(), "quantize_view needs a float tensor");
+    assert!(m.dtype.is_float() || m.scale.is_some(), "quantize_view needs a float tensor or an FP8 one with its scale");
     let (rows, cols) = (m.rows, m.cols);
     let group = spec.group_len(cols);
     let groups = cols.div_ceil(group);
@@ -448,8 +471,16 @@ mod tests {
             }
         }
         let tb = bf16_bytes(&t);
-        let view =
-            MatrixView { dtype: DType::BF16, bytes: &tb, rows, cols, offset: 3, row_stride: 1, col_stride: stride };
+        let view = MatrixView {
+            dtype: DType::BF16,
+            bytes: &tb,
+            rows,
+            cols,
+            offset: 3,
+            row_stride: 1,
+            col_stride: stride,
+            scale: None,
+        };
         for spec in ["w8a8_dynamic", "w4a16", "w4a8_dynamic"] {
             let spec = QuantSpec::preset(spec).unwrap();
             assert_eq!(quantize_view(&view, &spec).unwrap(), quantize(&widened(&bytes), rows, cols, &spec));
@@ -480,8 +511,16 @@ mod tests {
         }
         t[6 * 40 + 39] = f32::INFINITY; // a later row: the first in row order is still (37, 5)
         let tb: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view =
-            MatrixView { dtype: DType::F32, bytes: &tb, rows: 40, cols: 8, offset: 0, row_stride: 1, col_stride: 40 };
+        let view = MatrixView {
+            dtype: DType::F32,
+            bytes: &tb,
+            rows: 40,
+            cols: 8,
+            offset: 0,
+            row_stride: 1,
+            col_stride: 40,
+            scale: None,
+        };
         let e = quantize_view(&view, &QuantSpec::preset("w8a16").unwrap()).unwrap_err();
         assert_eq!((e.row, e.col), (37, 5));
     }

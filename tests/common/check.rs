@@ -54,6 +54,9 @@ impl Scheme {
 pub struct Logical {
     pub st: St,
     pub from_fused: bool,
+    /// Dequantized here from an FP8 weight and its block scale (`st` is F32): kept float, the
+    /// output holds it in bf16.
+    pub from_fp8: bool,
 }
 
 /// Reads a checkpoint folder (single file or index + shards) with the `safetensors` crate.
@@ -80,9 +83,19 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
     let fused_rows = config["model_type"] == "glm4";
     let stored = read_checkpoint(dir);
+    let block = config["quantization_config"]["weight_block_size"]
+        .as_array()
+        .map(|b| [b[0].as_u64().unwrap() as usize, b[1].as_u64().unwrap() as usize]);
     let mut out = BTreeMap::new();
     for (name, t) in &stored {
-        if let Some(prefix) = name.strip_suffix("mlp.gate_up_proj.weight").filter(|_| fused_rows) {
+        if name.ends_with(".weight_scale_inv") {
+            continue;
+        }
+        if t.dtype == "F8_E4M3" {
+            let scale = &stored[&name.replace(".weight", ".weight_scale_inv")];
+            let st = dequantize_fp8(t, scale, block.expect("FP8 weights need weight_block_size"));
+            out.insert(name.clone(), Logical { st, from_fused: false, from_fp8: true });
+        } else if let Some(prefix) = name.strip_suffix("mlp.gate_up_proj.weight").filter(|_| fused_rows) {
             let half = t.data.len() / 2;
             let shape = vec![t.shape[0] / 2, t.shape[1]];
             for (k, part) in ["gate_proj", "up_proj"].iter().enumerate() {
@@ -91,21 +104,51 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
                     shape: shape.clone(),
                     data: t.data[k * half..(k + 1) * half].to_vec(),
                 };
-                out.insert(format!("{prefix}mlp.{part}.weight"), Logical { st, from_fused: true });
+                out.insert(format!("{prefix}mlp.{part}.weight"), Logical { st, from_fused: true, from_fp8: false });
             }
         } else if let Some(prefix) = name.strip_suffix("mlp.experts.gate_up_proj") {
             let down = &stored[&format!("{prefix}mlp.experts.down_proj")];
             let inter = inter.expect("fused experts need moe_intermediate_size");
             for (j, [gate, up, d]) in split_fused(t, down, hidden, inter).into_iter().enumerate() {
                 for (part, st) in [("gate_proj", gate), ("up_proj", up), ("down_proj", d)] {
-                    out.insert(format!("{prefix}mlp.experts.{j}.{part}.weight"), Logical { st, from_fused: true });
+                    out.insert(
+                        format!("{prefix}mlp.experts.{j}.{part}.weight"),
+                        Logical { st, from_fused: true, from_fp8: false },
+                    );
                 }
             }
         } else if !name.ends_with("mlp.experts.down_proj") {
-            out.insert(name.clone(), Logical { st: t.clone(), from_fused: false });
+            out.insert(name.clone(), Logical { st: t.clone(), from_fused: false, from_fp8: false });
         }
     }
     out
+}
+
+/// `float8_e4m3fn` by its definition: sign, 4 exponent bits of bias 7, 3 mantissa bits, subnormals
+/// below exponent 1, NaN at exponent and mantissa all ones.
+pub fn e4m3(b: u8) -> f32 {
+    let (s, e, m) = (if b >> 7 == 1 { -1.0 } else { 1.0 }, ((b >> 3) & 15) as i32, (b & 7) as f32);
+    if e == 15 && m == 7.0 {
+        f32::NAN
+    } else if e == 0 {
+        s * m / 8.0 * 2f32.powi(-6)
+    } else {
+        s * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// An FP8 weight times its block scale (`[ceil(rows / b0), ceil(cols / b1)]`), as F32.
+pub fn dequantize_fp8(w: &St, scale: &St, block: [usize; 2]) -> St {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    assert_eq!(scale.shape, vec![rows.div_ceil(block[0]), cols.div_ceil(block[1])], "test fixture: scale grid");
+    let s = scale.f32s();
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|k| {
+            let (r, c) = (k / cols, k % cols);
+            e4m3(w.data[k]) * s[(r / block[0]) * scale.shape[1] + c / block[1]]
+        })
+        .collect();
+    St { dtype: "F32".into(), shape: w.shape.clone(), data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
 }
 
 /// Per expert `[gate, up, down]` as `[out, in]` bf16 matrices, from the release layout
@@ -149,7 +192,9 @@ pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<
 /// Whether a tensor is a linear's weight the bundled recipes keep float: embedding tables, lm_head, MoE
 /// routers, and what each family's W8A8 recipe keeps float in its vision tower (the second MLP
 /// projection: Qwen3-VL `linear_fc2`, Qwen2-VL `blocks.*.mlp.fc2`, Qwen2.5-VL `blocks.*.mlp.down_proj`,
-/// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector).
+/// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector), and in
+/// DeepSeek's MLA `kv_b_proj` (vLLM-Ascend reads it unquantized) and the MTP layer's `eh_proj` and
+/// `shared_head.head`.
 pub fn stays_float(module: &str) -> bool {
     let last = module.rsplit('.').next().unwrap();
     [
@@ -161,8 +206,11 @@ pub fn stays_float(module: &str) -> bool {
         "lm_head",
         "output",
         "shared_expert_gate",
+        "kv_b_proj",
+        "eh_proj",
     ]
     .contains(&last)
+        || module.ends_with("shared_head.head")
         || module.ends_with("mlp.gate")
         || module.contains("linear_fc2")
         || module.contains("merger")
@@ -352,7 +400,12 @@ pub fn check_output_for(input: &Path, out: &Path, quant_type: &str, target: &str
             assert_eq!(b.f32s(), l.st.f32s(), "bias {name} of {module} must be the input's values");
         } else {
             let o = outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
-            assert!(o == &l.st, "float tensor {name} is not bit-identical to the input");
+            if l.from_fp8 {
+                let want = St::bf16(&l.st.shape, &l.st.f32s());
+                assert!(o == &want, "FP8 tensor {name} kept float must be written dequantized in bf16");
+            } else {
+                assert!(o == &l.st, "float tensor {name} is not bit-identical to the input");
+            }
             assert!(!l.from_fused, "{name} is an expert linear and should be quantized");
             seen.float.insert(name.clone());
             accounted.insert(name.clone());

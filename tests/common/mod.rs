@@ -194,6 +194,7 @@ fn st_dtype(name: &str) -> safetensors::Dtype {
         "I32" => D::I32,
         "I64" => D::I64,
         "U8" => D::U8,
+        "F8_E4M3" => D::F8_E4M3,
         d => panic!("test helper cannot write {d}"),
     }
 }

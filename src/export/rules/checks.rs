@@ -446,6 +446,12 @@ fn check_fused(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
         let present: BTreeSet<&str> = members.iter().map(|(l, _)| *l).collect();
         let missing: Vec<&&str> = all.iter().filter(|l| !present.contains(**l)).collect();
         let subject = format!("{parent}.{fused}");
+        // vLLM builds fused_qkv_a_proj only when the model has q_lora_rank (models/deepseek_v2.py,
+        // DeepseekV2MLAAttention); without q_a_proj (DeepSeek-V2-Lite) kv_a_proj_with_mqa is a layer
+        // of its own.
+        if *fused == "fused_qkv_a_proj" && !present.contains("q_a_proj") {
+            continue;
+        }
         if !missing.is_empty() {
             out.push(problem(
                 "fused",

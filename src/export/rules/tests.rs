@@ -267,6 +267,12 @@ fn fused_modules_share_one_type() {
     let p = check(&build(std::slice::from_ref(&mla), 0), &setting(Target::VllmAscend, "deepseek_v3"));
     find(&p, "fused", "model.layers.0.self_attn.fused_qkv_a_proj");
     assert_eq!(check(&build(&[mla], 0), &setting(Target::VllmAscend, "llama")), vec![]);
+    // Without q_lora_rank (DeepSeek-V2-Lite) there is no q_a_proj and vLLM fuses nothing.
+    let lite = vec![
+        (format!("{L}.self_attn.q_proj"), "W8A8_DYNAMIC", 3072, 2048),
+        (format!("{L}.self_attn.kv_a_proj_with_mqa"), "W8A8_DYNAMIC", 576, 2048),
+    ];
+    assert_eq!(check(&build(&[lite], 0), &setting(Target::VllmAscend, "deepseek_v2")), vec![]);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
+//! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -24,6 +25,7 @@
 //! decoder is its language model's: [`Arch::of`] takes the layout's `text_family`.
 
 pub mod glm4;
+pub mod mla;
 pub mod parts;
 pub mod standard;
 
@@ -66,6 +68,8 @@ pub trait DecoderBlock: Send + Sync {
 pub enum Arch {
     Standard,
     Glm4,
+    /// DeepSeek's multi-head latent attention.
+    Mla,
 }
 
 impl Arch {
@@ -85,6 +89,7 @@ impl Arch {
             | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
+            Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
         }
     }
 }
@@ -96,6 +101,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
     Ok(match Arch::of(model.layout.text_family) {
         Arch::Standard => Box::new(standard::Layer::new(&model.text, names, index, weights)?),
         Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
+        Arch::Mla => Box::new(mla::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -104,6 +110,7 @@ pub fn graph(model: &Model, index: usize) -> LayerGraph {
     match Arch::of(model.layout.text_family) {
         Arch::Standard => standard::Layer::graph(&model.text, &model.layout.names.decoder, index),
         Arch::Glm4 => glm4::Layer::graph(&model.text, index),
+        Arch::Mla => mla::Layer::graph(&model.text, index),
     }
 }
 
@@ -122,6 +129,9 @@ pub enum LinearPath {
     ValueOutput,
     /// The up projection through the gated product (SwiGLU) to the down projection.
     GatedProduct,
+    /// MLA's `kv_b_proj` to `o_proj`: the value rows of each head's `[k_nope | v]` block of
+    /// `kv_b_proj` reach that head's columns of `o_proj` (the no-rope key rows do not).
+    LatentValueOutput,
 }
 
 /// How a decoder layer's linears connect, names relative to the layer.
@@ -144,7 +154,8 @@ pub struct LayerGraph {
     /// gate/up, all the experts of a MoE layer.
     pub fused: Vec<Vec<String>>,
     /// Attention modules whose keys and values are cached (`self_attn`): they call
-    /// [`LinearHook::kv_cache`].
+    /// [`LinearHook::kv_cache`] (MLA caches its latent as the values and its one rotated key head
+    /// as the keys).
     pub kv_cache: Vec<String>,
 }
 
@@ -255,7 +266,7 @@ impl Head {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::Cpu;
     use crate::io::checkpoint::Checkpoint;
@@ -309,7 +320,7 @@ mod tests {
                 None => Positions::sequential(self.ids().len()),
             }
         }
-        fn weights(&self, i: usize) -> Weights {
+        pub(crate) fn weights(&self, i: usize) -> Weights {
             let prefix = format!("{}.", self.model.layout.text_layer(i));
             Weights::load(&self.ckpt, self.unit(UnitKind::TextLayer(i)), &prefix).unwrap()
         }
@@ -437,6 +448,28 @@ mod tests {
     fn parity_glm4() {
         parity("glm4");
     }
+    /// FP8 block-scaled linears (dequantized as they load), MLA with q_lora_rank, interleaved
+    /// rotary pairs, YaRN, sigmoid routing limited to groups, a shared expert.
+    #[test]
+    fn parity_deepseek_v3() {
+        parity("deepseek_v3");
+    }
+    /// bf16, rope_interleave false, a non-zero correction bias, 2 of 4 groups eligible.
+    #[test]
+    fn parity_deepseek_v3_bf16() {
+        parity("deepseek_v3_bf16");
+    }
+    /// MLA without q_lora_rank, softmax group-limited greedy routing, two shared experts, YaRN with
+    /// mscale != mscale_all_dim.
+    #[test]
+    fn parity_deepseek_v2() {
+        parity("deepseek_v2");
+    }
+    /// A Qwen3 FP8 release: block scales of 32 × 48, ragged on both axes.
+    #[test]
+    fn parity_qwen3_fp8() {
+        parity("qwen3_fp8");
+    }
     #[test]
     fn parity_glm4_moe() {
         parity("glm4_moe");
@@ -499,7 +532,9 @@ mod tests {
 
     #[test]
     fn all_experts_see_every_token_and_change_nothing() {
-        for (name, i) in [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1)] {
+        for (name, i) in
+            [("qwen3_moe", 0), ("qwen3_vl_moe", 0), ("glm4_moe", 1), ("deepseek_v3", 1), ("deepseek_v2", 2)]
+        {
             let f = fixture(name);
             let positions = f.positions();
             let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
@@ -522,7 +557,8 @@ mod tests {
             }
             assert_eq!(routed_tokens, seq * moe.top_k);
             assert_eq!(routed.0["mlp.gate"], seq);
-            assert_eq!(all.0["self_attn.q_proj"], seq);
+            let first = if f.model.text.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()) { "q_a" } else { "q" };
+            assert_eq!(all.0[&format!("self_attn.{first}_proj")], seq);
             assert_eq!(all.0["self_attn.kv_cache"], seq);
             if moe.n_shared_experts > 0 {
                 for p in ["gate_proj", "up_proj", "down_proj"] {
@@ -540,7 +576,18 @@ mod tests {
     /// linear the layer computes: the graph is the layer's, not a guess.
     #[test]
     fn graphs_name_exactly_the_linears_the_layers_run() {
-        for name in ["llama", "qwen2", "qwen3_moe", "qwen3_vl_moe", "internlm2", "qwen1", "glm4", "glm4_moe"] {
+        for name in [
+            "llama",
+            "qwen2",
+            "qwen3_moe",
+            "qwen3_vl_moe",
+            "internlm2",
+            "qwen1",
+            "glm4",
+            "glm4_moe",
+            "deepseek_v3",
+            "deepseek_v2",
+        ] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());

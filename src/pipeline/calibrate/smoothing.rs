@@ -132,13 +132,14 @@ pub fn layer_subgraphs(
         let wanted = match path {
             LinearPath::ValueOutput => s.ov,
             LinearPath::GatedProduct => s.up_down,
+            LinearPath::LatentValueOutput => false,
         };
         for (producer, consumer, _) in graph.linear_linears.iter().filter(|(_, _, p)| *p == path && wanted) {
             let c = vec![consumer.clone()];
             if selected(&c) {
                 let kind = match path {
                     LinearPath::ValueOutput => Kind::Ov { producer: producer.clone() },
-                    LinearPath::GatedProduct => Kind::UpDown { producer: producer.clone() },
+                    _ => Kind::UpDown { producer: producer.clone() },
                 };
                 out.push(Subgraph { kind, consumers: c, shift: false });
             }
