@@ -132,6 +132,11 @@ fn qwen3_vl_moe() {
 fn llava() {
     quantize_every_scheme("llava");
 }
+
+#[test]
+fn internvl_chat() {
+    quantize_every_scheme("internvl_chat");
+}
 #[test]
 fn internlm2() {
     quantize_every_scheme("internlm2");

@@ -4,7 +4,7 @@
 //! of its own.
 
 use super::config::TextConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -23,6 +23,10 @@ pub enum Family {
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
+    /// InternVL 2 / 2.5 / 3 / 3.5 as released (remote code `internvl_chat`, `InternVLChatModel`):
+    /// InternViT (`vision_model.*`), the `mlp1` projector, and the language model its `llm_config`
+    /// names (Qwen2, Qwen3, LLaMA or InternLM2), in that model's own names under `language_model.`.
+    InternVlChat,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
     /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
@@ -37,7 +41,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 16] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -49,6 +53,7 @@ impl Family {
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
+        Family::InternVlChat,
         Family::Glm4,
         Family::DeepseekV2,
         Family::DeepseekV3,
@@ -69,6 +74,7 @@ impl Family {
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
+            Family::InternVlChat => "internvl_chat",
             Family::Glm4 => "glm4",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -82,7 +88,15 @@ impl Family {
     }
 
     pub fn is_vision_language(self) -> bool {
-        matches!(self, Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Llava)
+        matches!(
+            self,
+            Family::Qwen2Vl
+                | Family::Qwen25Vl
+                | Family::Qwen3Vl
+                | Family::Qwen3VlMoe
+                | Family::Llava
+                | Family::InternVlChat
+        )
     }
 
     /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
@@ -108,6 +122,7 @@ impl Family {
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
+            ("InternVLChatModel", Family::InternVlChat),
             ("Glm4ForCausalLM", Family::Glm4),
             ("DeepseekV2ForCausalLM", Family::DeepseekV2),
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
@@ -116,10 +131,33 @@ impl Family {
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
 
-    /// The family whose decoder (and naming inside the text model) the language model uses: for
-    /// every family lamina reads today the family itself. A "qwen" config with a `visual` section
-    /// is Qwen-VL, whose vision tower lamina does not read: refused rather than quantized as text.
+    /// The family whose decoder (and naming inside the text model) the language model uses: the
+    /// family itself, or for InternVL the family of its `llm_config` (by `model_type`, else
+    /// `architectures`). A "qwen" config with a `visual` section is Qwen-VL, whose vision tower
+    /// lamina does not read: refused rather than quantized as text.
     pub fn text_family(self, config: &Value) -> Result<Family> {
+        if self == Family::InternVlChat {
+            let llm = config
+                .get("llm_config")
+                .filter(|v| v.is_object())
+                .context("config.json of internvl_chat has no llm_config")?;
+            let arch = llm.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+            let family = llm
+                .get("model_type")
+                .and_then(Value::as_str)
+                .and_then(Family::from_model_type)
+                .or_else(|| arch.and_then(Family::from_architecture));
+            return match family {
+                Some(f @ (Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2)) => {
+                    Ok(f)
+                }
+                _ => bail!(
+                    "the language model of this InternVL checkpoint ({}) is not one lamina computes \
+                     (InternLM2, Qwen2, Qwen3, Qwen3-MoE and LLaMA are)",
+                    arch.or(llm.get("model_type").and_then(Value::as_str)).unwrap_or("unnamed")
+                ),
+            };
+        }
         if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
             bail!(
                 "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section); lamina reads \
@@ -137,6 +175,16 @@ pub enum VisionKind {
     Qwen25Vl,
     Qwen3Vl,
     Clip,
+    /// InternViT with InternVL's pixel shuffle and `mlp1` (see `vision::internvit`).
+    InternVit,
+}
+
+impl VisionKind {
+    /// Whether the language model takes M-RoPE positions from `get_rope_index` for image prompts
+    /// (the Qwen VL towers); the others use 1D positions.
+    pub fn uses_mrope(self) -> bool {
+        matches!(self, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::Qwen3Vl)
+    }
 }
 
 /// How the language model names the modules inside a decoder layer, relative to the layer.
@@ -328,6 +376,16 @@ fn rules(family: Family) -> Rules {
             projector: &["multi_modal_projector", "model.multi_modal_projector"],
             head_prefix: &["language_model.", ""],
         },
+        // The release layout; the language model's own names follow (`TextNames`).
+        Family::InternVlChat => Rules {
+            text: &["language_model.model"],
+            vision: &["vision_model"],
+            vision_blocks: "encoder.layers",
+            vision_pre: &["embeddings"],
+            vision_post: &[],
+            projector: &["mlp1"],
+            head_prefix: &["language_model."],
+        },
     }
 }
 
@@ -428,6 +486,7 @@ impl Layout {
             Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
+            Family::InternVlChat => Some(VisionKind::InternVit),
             _ => None,
         };
         Ok(Layout {

@@ -32,6 +32,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
     ("internlm2-w8a8.yaml", include_str!("../../pipelines/internlm2-w8a8.yaml")),
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
+    ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
 ];

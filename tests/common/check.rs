@@ -192,7 +192,8 @@ pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<
 /// Whether a tensor is a linear's weight the bundled recipes keep float: embedding tables, lm_head, MoE
 /// routers, and what each family's W8A8 recipe keeps float in its vision tower (the second MLP
 /// projection: Qwen3-VL `linear_fc2`, Qwen2-VL `blocks.*.mlp.fc2`, Qwen2.5-VL `blocks.*.mlp.down_proj`,
-/// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector), and in
+/// CLIP and InternViT `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers, LLaVA's and InternVL's
+/// (`mlp1`) projectors), and in
 /// DeepSeek's MLA `kv_b_proj` (vLLM-Ascend reads it unquantized) and the MTP layer's `eh_proj` and
 /// `shared_head.head`.
 pub fn stays_float(module: &str) -> bool {
@@ -215,6 +216,7 @@ pub fn stays_float(module: &str) -> bool {
         || module.contains("linear_fc2")
         || module.contains("merger")
         || module.contains("multi_modal_projector")
+        || module.starts_with("mlp1.")
         || (module.contains("blocks.") && (module.ends_with("mlp.fc2") || module.ends_with("mlp.down_proj")))
         || (module.contains("encoder.layers.") && module.ends_with("mlp.fc2"))
 }

@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava and internvl_chat (by its `llm_config`) |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //!
@@ -86,6 +86,7 @@ impl Arch {
             | Family::Qwen3Vl
             | Family::Qwen3VlMoe
             | Family::Llava
+            | Family::InternVlChat
             | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
@@ -333,7 +334,10 @@ pub(crate) mod tests {
         }
         fn image_token(&self) -> Option<i64> {
             let c = &self.ckpt.config;
-            c.get("image_token_id").or(c.get("image_token_index")).and_then(|v| v.as_i64())
+            c.get("image_token_id")
+                .or(c.get("image_token_index"))
+                .or(c.get("img_context_token_id"))
+                .and_then(|v| v.as_i64())
         }
     }
 
@@ -469,6 +473,11 @@ pub(crate) mod tests {
     #[test]
     fn parity_qwen3_fp8() {
         parity("qwen3_fp8");
+    }
+    #[test]
+    fn parity_internvl() {
+        parity("internvl_chat");
+        parity("internvl_chat_6b");
     }
     #[test]
     fn parity_glm4_moe() {
