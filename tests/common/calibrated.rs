@@ -155,14 +155,13 @@ fn role(rest: &str) -> Option<Role> {
         "mlp.gate_proj" | "mlp.up_proj" | "feed_forward.w1" | "feed_forward.w3" | "mlp.w1" | "mlp.w2" => Role::GateUp,
         "mlp.down_proj" | "feed_forward.w2" | "mlp.c_proj" => Role::Down,
         "mlp.gate" => Role::Router,
-        r if r.contains(".experts.") => {
-            if r.ends_with("down_proj") {
-                Role::Down
-            } else {
-                Role::GateUp
-            }
-        }
-        _ => return None,
+        // Routed and shared experts (`mlp.experts.J.*`, `mlp.shared_experts.*`, `mlp.shared_expert.*`)
+        // by their leaf, as the standard names go.
+        r => match r.rsplit('.').next() {
+            Some("gate_proj" | "up_proj") => Role::GateUp,
+            Some("down_proj") => Role::Down,
+            _ => return None,
+        },
     })
 }
 
