@@ -371,15 +371,13 @@ fn vision_forward(
         src.release(kind);
         Ok(w)
     };
-    // CLIP states are `[images · tokens, dim]`; the reference keeps the image axis.
-    let images = if matches!(tower, VisionTower::Clip(_)) { input.pixel_values.shape()[0] } else { 1 };
+    // CLIP (and InternViT's tile) states are `[images · tokens, dim]`; the reference keeps the image axis.
+    let per_image = matches!(tower, VisionTower::Clip(_) | VisionTower::InternVit(_));
+    let images = if per_image { input.pixel_values.shape()[0] } else { 1 };
     let as_tensor = |h: &Array2<f32>| {
         let (rows, dim) = h.dim();
-        let shape: Vec<usize> = if images > 1 || matches!(tower, VisionTower::Clip(_)) {
-            vec![images, rows / images, dim]
-        } else {
-            vec![rows, dim]
-        };
+        let shape: Vec<usize> =
+            if images > 1 || per_image { vec![images, rows / images, dim] } else { vec![rows, dim] };
         Tensor::from_f32(&shape, h.as_slice().expect("hidden states are contiguous"))
     };
     let mut state = tower.embed(device, &load(UnitKind::VisionPre)?.0, input)?;

@@ -77,7 +77,7 @@ pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, St> {
 /// The input's tensors as linears and float tensors, fused experts split in the test's own code.
 pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let config = read_json(&dir.join("config.json"));
-    let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
+    let text = ["text_config", "llm_config"].iter().map(|k| &config[*k]).find(|t| t.is_object()).unwrap_or(&config);
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
     // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
