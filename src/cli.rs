@@ -130,8 +130,8 @@ struct QuantCli {
     /// model type (see pipelines/).
     #[arg(long = "quant_type", alias = "quant-type")]
     quant_type: Option<String>,
-    /// The model family (llama, qwen2, qwen3, qwen3_moe, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe,
-    /// llava). Default: config.json's model_type.
+    /// The model family (llama, qwen2, qwen3, qwen3_moe, internlm2, qwen, qwen2_vl, qwen2_5_vl,
+    /// qwen3_vl, qwen3_vl_moe, llava, glm4). Default: config.json's model_type.
     #[arg(long = "model_type", alias = "model-type")]
     model_type: Option<String>,
     /// The compute device. Only cpu exists in this build.
@@ -150,8 +150,10 @@ struct QuantCli {
     /// variant (w8a8-fast, w8a8-all-static).
     #[arg(long = "config_path", alias = "config-path")]
     config_path: Option<PathBuf>,
-    /// Accepted for msModelSlim compatibility; lamina never runs code from the model folder.
-    #[arg(long = "trust_remote_code", alias = "trust-remote-code")]
+    /// msModelSlim's switch for models with remote code (InternLM2, Qwen (1)):
+    /// `--trust_remote_code True`. Accepted and not needed: lamina never runs the model's Python;
+    /// it reads config.json and the tensors, and copies the model's .py files to the output.
+    #[arg(long = "trust_remote_code", alias = "trust-remote-code", value_parser = parse_python_bool)]
     trust_remote_code: Option<bool>,
     /// Discard an earlier run's output in the save folder and start over.
     #[arg(long)]
@@ -210,6 +212,15 @@ struct CheckCli {
     /// recorded in the description's metadata, else config.json's torch_dtype.
     #[arg(long = "serving_dtype", alias = "serving-dtype", value_parser = parse_serving_dtype)]
     serving_dtype: Option<DType>,
+}
+
+/// `True` / `False` as msModelSlim's command line spells them (Python's), or `true` / `false`.
+fn parse_python_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{s:?} is not True or False")),
+    }
 }
 
 impl QuantCli {

@@ -42,13 +42,15 @@ fn quant_calibrated(model: &Path, save: &Path, data: &Path, extra: &[&str], env:
 /// the text-only run of a VL model below.)
 fn w8a8_scheme(module: &str) -> Option<&'static str> {
     let leaf = module.rsplit('.').next().unwrap();
-    if leaf == "lm_head" || module.ends_with("mlp.gate") || module.contains("visual.") {
+    if matches!(leaf, "lm_head" | "output") || module.ends_with("mlp.gate") || module.contains("visual.") {
         return None;
     }
     if module.contains(".mlp.experts.") {
         return Some("W8A8_DYNAMIC");
     }
-    Some(if leaf == "down_proj" { "W8A16" } else { "W8A8" })
+    // The down projection: down_proj, InternLM2's feed_forward.w2, Qwen (1)'s mlp.c_proj.
+    let down = leaf == "down_proj" || module.ends_with("feed_forward.w2") || module.ends_with("mlp.c_proj");
+    Some(if down { "W8A16" } else { "W8A8" })
 }
 
 /// The default recipes round the MoE experts to nearest and everything else with GPTQ.
@@ -129,6 +131,8 @@ fn quantize_and_check_at(
     let save = tmp.join(&format!("{name}-out"));
     quant_calibrated(&model, &save, &data, extra, &[]).assert_ok();
     let seen = check_calibrated(&model, &save, &Expect { scheme, rtn: expect_rtn, up_down: false, calib: &calib });
+    // The loaders' rules (fused members typed alike, one input scale per fused layer, ...).
+    check(&save, &[]).assert_ok();
     let (ids, want) = reference(&model);
     let float = rel_l2(&logits(&model, None, &ids), &want);
     assert!(float <= 1e-4, "{name}: the float model is {float} off the reference");
@@ -141,21 +145,26 @@ fn quantize_and_check_at(
 #[test]
 fn default_w8a8_is_complete_consistent_and_close_to_the_reference() {
     let tmp = TempDir::new("w8a8");
-    for name in ["llama", "qwen2", "qwen3", "qwen3_moe", "glm4"] {
+    for name in ["llama", "qwen2", "qwen3", "qwen3_moe", "glm4", "internlm2", "qwen1"] {
         let seen = quantize_and_check(name, &tmp, &["--quant_type", "w8a8"], &default_rtn);
         let layers = 2;
         let count = |k: &str| seen.by_kind.get(k).copied().unwrap_or(0);
         if name == "qwen3_moe" {
             assert_eq!(count("W8A8_DYNAMIC"), layers * 4 * 3, "{name}: every expert linear is dynamic");
             assert_eq!(count("W8A8"), layers * 4, "{name}: attention is static");
+        } else if ["internlm2", "qwen1"].contains(&name) {
+            // The fused q/k/v projection is one linear.
+            assert_eq!(count("W8A16"), layers, "{name}: one down projection per layer is W8A16");
+            assert_eq!(count("W8A8"), layers * 4, "{name}: qkv, o, gate/up are static");
         } else {
             assert_eq!(count("W8A16"), layers, "{name}: one down_proj per layer is W8A16");
             assert_eq!(count("W8A8"), layers * 6, "{name}: q/k/v/o, gate/up are static");
         }
         // q/k, gate/up (or the experts' and the router), down_proj: scales checked against the
         // smoothed weights; q/k/v of layer 0 against the textbook activation range.
-        assert!(seen.scales_checked >= 5 * layers, "{name}: {seen:?}");
-        assert_eq!(seen.ranges_checked, 3, "{name}: {seen:?}");
+        let fused = ["internlm2", "qwen1"].contains(&name);
+        assert!(seen.scales_checked >= if fused { 4 } else { 5 } * layers, "{name}: {seen:?}");
+        assert_eq!(seen.ranges_checked, if fused { 1 } else { 3 }, "{name}: {seen:?}");
     }
 }
 

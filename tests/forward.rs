@@ -93,8 +93,24 @@ fn qwen3_moe_matches_transformers() {
 }
 
 #[test]
+fn remote_code_text_families_match_their_references() {
+    for name in ["internlm2", "qwen1"] {
+        matches_reference(name);
+    }
+}
+
+#[test]
 fn vision_language_models_match_transformers_from_pixels() {
-    for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "qwen3_vl_realvocab"] {
+    for name in [
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+        "llava",
+        "qwen3_vl_realvocab",
+        "internvl_chat",
+        "internvl_chat_6b",
+    ] {
         matches_reference(name);
     }
 }

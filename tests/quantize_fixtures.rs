@@ -137,6 +137,21 @@ fn qwen3_vl_moe() {
 fn llava() {
     quantize_every_scheme("llava");
 }
+
+#[test]
+fn internvl_chat() {
+    quantize_every_scheme("internvl_chat");
+}
+#[test]
+fn internlm2() {
+    quantize_every_scheme("internlm2");
+}
+
+#[test]
+fn qwen1() {
+    quantize_every_scheme("qwen1");
+}
+
 #[test]
 fn qwen3_vl_realvocab() {
     quantize_every_scheme("qwen3_vl_realvocab");

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const VL_FIXTURES: [&str; 6] = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "qwen3_vl_realvocab"];
+const VL_FIXTURES: [&str; 7] =
+    ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "qwen3_vl_realvocab", "internvl_chat"];
 
 fn photos() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images")
@@ -30,6 +31,11 @@ fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
     let id = |k: &str| config[k].as_i64();
     let specials: Vec<(String, i64)> = match id("image_token_index") {
         Some(image) => vec![("<image>".into(), image)],
+        None if id("img_context_token_id").is_some() => vec![
+            ("<img>".into(), id("img_start_token_id").unwrap()),
+            ("</img>".into(), id("img_end_token_id").unwrap()),
+            ("<IMG_CONTEXT>".into(), id("img_context_token_id").unwrap()),
+        ],
         None => vec![
             ("<|vision_start|>".into(), id("vision_start_token_id").unwrap()),
             ("<|vision_end|>".into(), id("vision_end_token_id").unwrap()),
@@ -118,7 +124,9 @@ fn check_vl_output(name: &str, save: &Path, form: &str) {
         .filter(|(k, t)| {
             t.as_str() == "W8A8"
                 && k.ends_with(".weight")
-                && (k.contains("visual.blocks.") || k.contains("vision_tower.vision_model.encoder.layers."))
+                && (k.contains("visual.blocks.")
+                    || k.contains("vision_tower.vision_model.encoder.layers.")
+                    || k.starts_with("vision_model.encoder.layers."))
         })
         .map(|(k, _)| k)
         .collect();
@@ -135,7 +143,13 @@ fn check_vl_output(name: &str, save: &Path, form: &str) {
         assert_eq!(tensors[w].dtype, "I8", "{name} ({form}): {w}");
     }
     for (k, t) in &types {
-        if k.contains("merger") || k.contains("linear_fc2") || k.contains("multi_modal_projector") {
+        let internvit_fc2 = k.starts_with("vision_model.encoder.layers.") && k.contains(".mlp.fc2.");
+        if k.contains("merger")
+            || k.contains("linear_fc2")
+            || k.contains("multi_modal_projector")
+            || k.starts_with("mlp1.")
+            || internvit_fc2
+        {
             assert_eq!(t, "FLOAT", "{name} ({form}): {k} should stay float");
         }
     }
@@ -174,6 +188,7 @@ fn every_vl_fixture_calibrates_from_each_form_of_image_set() {
             let r = quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]);
             r.assert_ok();
             check_vl_output(name, &save, form);
+            check(&save, &[]).assert_ok();
             let (agreement, relative) = logit_error(name, &model, &save);
             // The fixtures' random logits are small and nearly tied, and per-tensor static ranges
             // calibrated on a few photographs are coarse for them (measured 5–65% relative

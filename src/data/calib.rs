@@ -333,6 +333,8 @@ enum ImageTokens {
     /// LLaVA: one `<image>` per vision feature, `(H/patch)*(W/patch)` (+1 for the CLS feature
     /// when `vision_feature_select_strategy` is `full`).
     Llava { image: i64, patch_size: usize, keeps_cls: bool },
+    /// InternVL: `<img>` + `tokens_per_tile` IMG_CONTEXT tokens per tile + `</img>`.
+    InternVl { image: i64, start: i64, end: i64, tokens_per_tile: usize },
 }
 
 /// What a vision-language model folder needs to turn records into samples.
@@ -365,7 +367,31 @@ impl VisionModel {
             .with_context(|| config_path.display().to_string())?
             .vocab_size;
         let processor = ImageProcessor::load(model_dir)?;
+        let tokenizer =
+            if model_dir.join("tokenizer.json").is_file() { Some(TextTokenizer::load(model_dir)?) } else { None };
         let tokens = match &processor {
+            ImageProcessor::InternVl(p) => {
+                // config.json's ids when it has them, else the tokenizer's (as the chat scripts do).
+                let id = |key: &str, token: &str| -> Result<i64> {
+                    match config.get(key).and_then(Value::as_i64) {
+                        Some(id) => Ok(id),
+                        None => tokenizer.as_ref().and_then(|t| t.token_to_id(token)).with_context(|| {
+                            format!("{}: no {key} and no {token} in a tokenizer.json", config_path.display())
+                        }),
+                    }
+                };
+                let vision = crate::model::config::vision_view(&config)
+                    .with_context(|| format!("{}: no vision_config", config_path.display()))?;
+                let patch = vision.usize(&["patch_size"])?;
+                let ratio = config.get("downsample_ratio").and_then(Value::as_f64).unwrap_or(0.5);
+                let side = (p.image_size / patch) as f64 * ratio;
+                ImageTokens::InternVl {
+                    image: id("img_context_token_id", "<IMG_CONTEXT>")?,
+                    start: id("img_start_token_id", "<img>")?,
+                    end: id("img_end_token_id", "</img>")?,
+                    tokens_per_tile: (side * side).round() as usize,
+                }
+            }
             ImageProcessor::QwenVl(p) => ImageTokens::Qwen {
                 image: config_i64(&config, &["image_token_id"], 151655)?,
                 vision_start: config_i64(&config, &["vision_start_token_id"], 151652)?,
@@ -384,8 +410,6 @@ impl VisionModel {
                 }
             }
         };
-        let tokenizer =
-            if model_dir.join("tokenizer.json").is_file() { Some(TextTokenizer::load(model_dir)?) } else { None };
         let template = ChatTemplate::load(model_dir)?;
         Ok(VisionModel { dir: model_dir.to_path_buf(), processor, tokens, vocab_size, tokenizer, template })
     }
@@ -393,7 +417,9 @@ impl VisionModel {
     /// The image token id.
     pub fn image_token(&self) -> i64 {
         match self.tokens {
-            ImageTokens::Qwen { image, .. } | ImageTokens::Llava { image, .. } => image,
+            ImageTokens::Qwen { image, .. }
+            | ImageTokens::Llava { image, .. }
+            | ImageTokens::InternVl { image, .. } => image,
         }
     }
 
@@ -407,6 +433,7 @@ impl VisionModel {
                 let (h, w) = (img.shape[2], img.shape[3]);
                 (h / patch_size) * (w / patch_size) + usize::from(*keeps_cls)
             }
+            ImageTokens::InternVl { tokens_per_tile, .. } => img.shape[0] * tokens_per_tile,
         }
     }
 
@@ -428,6 +455,10 @@ impl VisionModel {
                 (format!("{}{}{}", name(vision_start)?, name(image)?, name(vision_end)?), name(image)?)
             }
             ImageTokens::Llava { image, .. } => (format!("{}\n", name(image)?), name(image)?),
+            // InternVL's chat puts `<image>\n` before the question and replaces `<image>` by this.
+            ImageTokens::InternVl { image, start, end, .. } => {
+                (format!("{}{}{}\n", name(start)?, name(image)?, name(end)?), name(image)?)
+            }
         };
         Ok((placeholder, image))
     }
@@ -465,6 +496,33 @@ impl VisionModel {
             image_grid_thw: processed.grid_thw.map(|g| g.map(|x| x as i64)),
         })
     }
+}
+
+/// InternVL releases leave the ids of `<IMG_CONTEXT>`, `<img>` and `</img>` to the tokenizer (the
+/// chat scripts look them up); this copies them into `config` from the folder's `tokenizer.json`,
+/// so that the image token is known wherever the config goes (the splice of image features, the
+/// check that a text-only prompt holds no image token). Other models, configs that have the ids,
+/// and folders without a tokenizer are left as they are.
+pub fn complete_image_tokens(model_dir: &Path, config: &mut Value) -> Result<()> {
+    if config.get("model_type").and_then(Value::as_str) != Some("internvl_chat") {
+        return Ok(());
+    }
+    let keys =
+        [("img_context_token_id", "<IMG_CONTEXT>"), ("img_start_token_id", "<img>"), ("img_end_token_id", "</img>")];
+    if keys.iter().all(|(k, _)| config.get(*k).is_some_and(|v| v.is_i64()))
+        || !model_dir.join("tokenizer.json").is_file()
+    {
+        return Ok(());
+    }
+    let tokenizer = TextTokenizer::load(model_dir)?;
+    for (key, token) in keys {
+        if !config.get(key).is_some_and(|v| v.is_i64()) {
+            if let Some(id) = tokenizer.token_to_id(token) {
+                config[key] = Value::from(id);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every sample of a vision-language calibration set, preprocessed for the model in
@@ -531,7 +589,7 @@ mod tests {
     /// fixture's input_ids, pixel_values and image_grid_thw.
     #[test]
     fn fixtures_from_pretokenized_listings() {
-        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava"] {
+        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat"] {
             let model = VisionModel::load(&fixture(name)).unwrap();
             let ids = collapsed(&reference_ids(name), model.image_token());
             assert_eq!(ids.iter().filter(|&&t| t == model.image_token()).count(), 1);
@@ -691,6 +749,52 @@ mod tests {
 
     /// A hand-written word-level tokenizer whose post-processor puts `<s>` (id 0) before every
     /// text, like Llama's.
+    /// A release config without the image token ids: they come from the tokenizer, for the
+    /// config (complete_image_tokens) and for the prompts (VisionModel), and the text prompt is
+    /// `<img>` + one IMG_CONTEXT per image token + `</img>` + newline + the text.
+    #[test]
+    fn internvl_image_tokens_come_from_the_tokenizer() {
+        let dir = scratch("internvl-tokenizer");
+        for f in ["config.json", "model.safetensors", "image.png"] {
+            std::fs::copy(fixture("internvl_chat").join(f), dir.join(f)).unwrap();
+        }
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        for k in ["img_context_token_id", "img_start_token_id", "img_end_token_id"] {
+            config.as_object_mut().unwrap().remove(k);
+        }
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        assert!(VisionModel::load(&dir).is_err(), "no ids anywhere");
+        // <s>=0, <unk>=1, then the words from 2.
+        word_tokenizer(&dir, &["<img>", "</img>", "<IMG_CONTEXT>", "Describe", "it"]);
+        // The three image tokens are added (special) tokens, as in the releases' tokenizer.json.
+        let path = dir.join("tokenizer.json");
+        let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (id, t) in [(2, "<img>"), (3, "</img>"), (4, "<IMG_CONTEXT>")] {
+            tok["added_tokens"].as_array_mut().unwrap().push(json!({"id": id, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        }
+        std::fs::write(&path, tok.to_string()).unwrap();
+        let mut completed = config.clone();
+        complete_image_tokens(&dir, &mut completed).unwrap();
+        assert_eq!(
+            [
+                completed["img_start_token_id"].as_i64(),
+                completed["img_end_token_id"].as_i64(),
+                completed["img_context_token_id"].as_i64()
+            ],
+            [Some(2), Some(3), Some(4)]
+        );
+        let model = VisionModel::load(&dir).unwrap();
+        let s = model.sample(&dir.join("image.png"), &Prompt::Text("Describe it".into()), "test").unwrap();
+        // Three tiles (two and the thumbnail) of 4 tokens.
+        let mut want = vec![0, 2];
+        want.extend([4; 12]);
+        want.extend([3, 5, 6]);
+        assert_eq!(s.input_ids, want);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     fn word_tokenizer(dir: &Path, words: &[&str]) {
         let mut vocab = serde_json::Map::new();
         vocab.insert("<s>".into(), json!(0));

@@ -7,6 +7,8 @@
 //!   `temporal_patch_size` times and flatten into patches `[grid_t*grid_h*grid_w, C*T*P*P]`
 //!   ordered by merge window, plus `image_grid_thw`.
 //! - LLaVA (CLIP): resize the shortest edge, center crop, rescale, normalize: `[1, 3, H, W]`.
+//! - InternVL (`internvl_chat`): the remote code's dynamic tiling (see [`InternVlProcessor`]):
+//!   `[tiles, 3, S, S]`, with its settings from config.json.
 //!
 //! transformers has two implementations of each processor, and which one runs matters at the
 //! level of single pixel values: the PIL/numpy one ("slow": Pillow's fixed-point resize, rescale
@@ -16,7 +18,7 @@
 //! slow one otherwise (Qwen2-VL, Qwen2.5-VL, LLaVA 1.5 releases); [`Backend`] follows that rule.
 
 use super::resample::{self, Filter, Image8};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
@@ -130,12 +132,13 @@ pub enum ClipSize {
 pub enum ImageProcessor {
     QwenVl(QwenVlProcessor),
     Clip(ClipProcessor),
+    InternVl(InternVlProcessor),
 }
 
 /// An image turned into model inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedImage {
-    /// Qwen: `[grid_t*grid_h*grid_w, C*T*P*P]`; CLIP: `[1, 3, H, W]`.
+    /// Qwen: `[grid_t*grid_h*grid_w, C*T*P*P]`; CLIP: `[1, 3, H, W]`; InternVL: `[tiles, 3, S, S]`.
     pub shape: Vec<usize>,
     pub pixel_values: Vec<f32>,
     /// Qwen only: `[grid_t, grid_h, grid_w]` in patches.
@@ -147,6 +150,7 @@ pub fn family_of(model_type: &str) -> Option<&'static str> {
     match model_type {
         "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => Some("qwen_vl"),
         "llava" => Some("clip"),
+        "internvl_chat" => Some("internvl"),
         _ => None,
     }
 }
@@ -159,6 +163,14 @@ impl ImageProcessor {
         let config_path = model_dir.join("config.json");
         let config = read_json(&config_path)?;
         let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if family_of(model_type) == Some("internvl") {
+            // The chat scripts tile by config.json; preprocessor_config.json (when present) only
+            // confirms the mean and std.
+            let pre = read_processor_json(model_dir).ok().map(|(_, j)| j);
+            return InternVlProcessor::from_config(&config, pre.as_ref())
+                .with_context(|| config_path.display().to_string())
+                .map(ImageProcessor::InternVl);
+        }
         let (path, json) = read_processor_json(model_dir)?;
         let what = path.display().to_string();
         match family_of(model_type) {
@@ -187,6 +199,7 @@ impl ImageProcessor {
         match self {
             ImageProcessor::QwenVl(p) => p.process(img),
             ImageProcessor::Clip(p) => p.process(img),
+            ImageProcessor::InternVl(p) => p.process(img),
         }
     }
 }
@@ -512,6 +525,133 @@ fn center_crop(img: &Image8, crop_h: usize, crop_w: usize, backend: Backend) -> 
     Image8::new(crop_w, crop_h, ch, out)
 }
 
+/// `IMAGENET_MEAN` / `IMAGENET_STD`, which InternVL's `build_transform` normalises with.
+const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// InternVL's preprocessing (`load_image` of the model cards and chat scripts): the image is
+/// resized with Pillow's bicubic to the grid of `image_size` tiles whose aspect ratio is closest
+/// to the image's (among the grids of `min_tiles..=max_tiles` tiles), cut into those tiles row by
+/// row, and followed by a thumbnail (the whole image at `image_size`) when there is more than one
+/// tile; each tile becomes `ToTensor` (`v / 255` in f32) then ImageNet-normalised: `[tiles, 3, S, S]`.
+/// The settings come from config.json (`force_image_size`, `min_dynamic_patch`,
+/// `max_dynamic_patch`, `use_thumbnail`, `dynamic_image_size`), as the chat scripts read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InternVlProcessor {
+    pub image_size: usize,
+    pub min_tiles: usize,
+    pub max_tiles: usize,
+    pub use_thumbnail: bool,
+    /// Off: the image is resized to one tile.
+    pub dynamic: bool,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl InternVlProcessor {
+    /// From config.json, with the image mean/std of `preprocessor` when it has them (the releases'
+    /// hold ImageNet's).
+    pub fn from_config(config: &Value, preprocessor: Option<&Value>) -> Result<InternVlProcessor> {
+        let vision = config.get("vision_config").cloned().unwrap_or(Value::Null);
+        let image_size = match opt_usize(config, "force_image_size")? {
+            Some(s) => s,
+            None => opt_usize(&vision, "image_size")?
+                .context("config.json has neither force_image_size nor vision_config.image_size")?,
+        };
+        let p = InternVlProcessor {
+            image_size,
+            min_tiles: opt_usize(config, "min_dynamic_patch")?.unwrap_or(1),
+            max_tiles: opt_usize(config, "max_dynamic_patch")?.unwrap_or(12),
+            use_thumbnail: flag(config, "use_thumbnail", true)?,
+            dynamic: flag(config, "dynamic_image_size", true)?,
+            mean: preprocessor.map(|j| triple(j, "image_mean", IMAGENET_MEAN)).transpose()?.unwrap_or(IMAGENET_MEAN),
+            std: preprocessor.map(|j| triple(j, "image_std", IMAGENET_STD)).transpose()?.unwrap_or(IMAGENET_STD),
+        };
+        ensure!(p.image_size > 0, "config.json: force_image_size is 0");
+        ensure!(
+            p.min_tiles >= 1 && p.min_tiles <= p.max_tiles,
+            "config.json: min_dynamic_patch {} and max_dynamic_patch {} do not make a range of tile counts",
+            p.min_tiles,
+            p.max_tiles
+        );
+        ensure!(p.std.iter().all(|&s| s != 0.0 && s.is_finite()), "image_std {:?} must be finite and non-zero", p.std);
+        Ok(p)
+    }
+
+    /// The `(columns, rows)` of tiles for an image of this size: InternVL's
+    /// `find_closest_aspect_ratio` over the grids sorted by tile count. On an exact tie of the
+    /// aspect-ratio distance, a later (larger) grid wins when the image's area exceeds half of the
+    /// grid's pixels. (Grids of equal tile count are ordered by columns, descending; the remote code
+    /// orders them as a Python set iterates, which only matters on an exact tie between two grids
+    /// of the same count, which a closer grid always beats when `min_dynamic_patch` is 1.)
+    pub fn grid(&self, width: usize, height: usize) -> (usize, usize) {
+        if !self.dynamic {
+            return (1, 1);
+        }
+        let mut grids: Vec<(usize, usize)> = (1..=self.max_tiles)
+            .flat_map(|i| (1..=self.max_tiles).map(move |j| (i, j)))
+            .filter(|&(i, j)| (self.min_tiles..=self.max_tiles).contains(&(i * j)))
+            .collect();
+        grids.sort_by_key(|&(i, j)| (i * j, std::cmp::Reverse(i)));
+        let aspect = width as f64 / height as f64;
+        let area = (width * height) as f64;
+        let size = self.image_size as f64;
+        let (mut best, mut best_diff) = ((1, 1), f64::INFINITY);
+        for (i, j) in grids {
+            let diff = (aspect - i as f64 / j as f64).abs();
+            if diff < best_diff {
+                (best, best_diff) = ((i, j), diff);
+            } else if diff == best_diff && area > 0.5 * size * size * (i * j) as f64 {
+                best = (i, j);
+            }
+        }
+        best
+    }
+
+    pub fn process(&self, img: &Image8) -> Result<ProcessedImage> {
+        ensure!(img.width > 0 && img.height > 0, "the image is empty ({}x{})", img.width, img.height);
+        let s = self.image_size;
+        let (cols, rows) = self.grid(img.width, img.height);
+        let resized = if (img.width, img.height) == (cols * s, rows * s) {
+            img.clone()
+        } else {
+            resample::resize(img, cols * s, rows * s, Filter::Bicubic)?
+        };
+        let mut tiles: Vec<Image8> = Vec::with_capacity(cols * rows + 1);
+        for r in 0..rows {
+            for c in 0..cols {
+                tiles.push(crop(&resized, c * s, r * s, s, s));
+            }
+        }
+        if self.use_thumbnail && tiles.len() != 1 {
+            tiles.push(if (img.width, img.height) == (s, s) {
+                img.clone()
+            } else {
+                resample::resize(img, s, s, Filter::Bicubic)?
+            });
+        }
+        let mut pixel_values = Vec::with_capacity(tiles.len() * 3 * s * s);
+        for tile in &tiles {
+            for c in 0..3 {
+                let (mean, std) = (self.mean[c] as f32, self.std[c] as f32);
+                pixel_values.extend((0..s * s).map(|i| (tile.data[i * 3 + c] as f32 / 255.0 - mean) / std));
+            }
+        }
+        Ok(ProcessedImage { shape: vec![tiles.len(), 3, s, s], pixel_values, grid_thw: None })
+    }
+}
+
+/// The `width × height` region of `img` at `(left, top)` (inside the image).
+fn crop(img: &Image8, left: usize, top: usize, width: usize, height: usize) -> Image8 {
+    let ch = img.channels;
+    let mut out = Vec::with_capacity(width * height * ch);
+    for y in top..top + height {
+        let start = (y * img.width + left) * ch;
+        out.extend_from_slice(&img.data[start..start + width * ch]);
+    }
+    Image8::new(width, height, ch, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,7 +782,9 @@ mod tests {
     /// gives the fixture's pixel_values and image_grid_thw.
     #[test]
     fn fixtures_match_transformers() {
-        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_realvocab", "llava"] {
+        for name in
+            ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_realvocab", "llava", "internvl_chat"]
+        {
             let dir = fixture(name);
             let processor = ImageProcessor::load(&dir).unwrap();
             let img = crate::data::image::load_rgb(&dir.join("image.png")).unwrap();
@@ -651,6 +793,45 @@ mod tests {
             assert_matches(name, &got, &reference, "");
             assert_eq!(matches!(processor, ImageProcessor::Clip(_)), name == "llava");
         }
+    }
+
+    /// InternVL's tiling of real photographs (downscaled, 6 and 13 tiles with the thumbnail)
+    /// against its own `dynamic_preprocess` + `build_transform` in tests/fixtures/gen/internvl.py,
+    /// and its grid choice on real camera sizes, extreme panoramas and exact ties.
+    #[test]
+    fn internvl_tiles_real_photographs_as_its_chat_scripts() {
+        let dir = fixture("real_photos");
+        let reference = load_all(&dir.join("internvl.safetensors")).unwrap();
+        let cases = read_json(&dir.join("internvl.json")).unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        let settings = |image_size: u64, max: u64| {
+            InternVlProcessor::from_config(
+                &serde_json::json!({"force_image_size": image_size, "min_dynamic_patch": 1, "max_dynamic_patch": max}),
+                None,
+            )
+            .unwrap()
+        };
+        for (name, cfg) in cases.as_object().unwrap() {
+            let p = settings(cfg["image_size"].as_u64().unwrap(), cfg["max_num"].as_u64().unwrap());
+            let img = crate::data::image::load_rgb(&photos.join(cfg["photo"].as_str().unwrap())).unwrap();
+            let ratio: Vec<usize> =
+                cfg["ratio"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(p.grid(img.width, img.height), (ratio[0], ratio[1]), "{name}");
+            assert_matches(name, &p.process(&img).unwrap(), &reference, &format!("{name}."));
+        }
+        assert_eq!(cases.as_object().unwrap().len(), 4);
+        let rows = i64s(&reference["internvl.grids"]);
+        for r in rows.chunks(5) {
+            let p = settings(448, r[2] as u64);
+            assert_eq!(p.grid(r[0] as usize, r[1] as usize), (r[3] as usize, r[4] as usize), "{r:?}");
+        }
+        assert!(rows.len() >= 50 * 5);
+        // One tile without dynamic tiling; nonsense settings are refused.
+        let one = InternVlProcessor { dynamic: false, ..settings(28, 6) };
+        let img = Image8::new(90, 30, 3, vec![7; 90 * 30 * 3]);
+        assert_eq!(one.process(&img).unwrap().shape, vec![1, 3, 28, 28]);
+        let bad = serde_json::json!({"force_image_size": 448, "min_dynamic_patch": 5, "max_dynamic_patch": 4});
+        assert!(InternVlProcessor::from_config(&bad, None).is_err());
     }
 
     /// Real photographs resized by transformers' PIL-backed processors (Pillow's antialiased

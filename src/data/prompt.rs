@@ -179,6 +179,10 @@ impl TextTokenizer {
         Ok(with[..with.len().saturating_sub(without.len())].to_vec())
     }
 
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.tokenizer.token_to_id(token).map(i64::from)
+    }
+
     pub fn id_to_token(&self, id: i64) -> Option<String> {
         u32::try_from(id).ok().and_then(|i| self.tokenizer.id_to_token(i))
     }

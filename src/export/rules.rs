@@ -591,6 +591,19 @@ pub const FAMILIES: &[FamilyRule] = &[
     // `in_proj`: vLLM-Ascend's Gated DeltaNet (ops/gdn.py) runs in_proj_qkvz and in_proj_ba as two
     // layers, each typed on its own (msModelSlim's Qwen3-Next practice quantizes qkvz, not ba).
     FamilyRule { model_type: "qwen3_next", packed: QKV_GATE_UP, experts: true },
+    // vLLM's remote-code decoders keep their stored attention projection as one layer and fuse the
+    // SwiGLU halves: internlm2.py {"wqkv": ["wqkv"], "gate_up_proj": ["w1", "w3"]}, qwen.py
+    // {"c_attn": ["c_attn"], "gate_up_proj": ["w2", "w1"]}.
+    FamilyRule {
+        model_type: "internlm2",
+        packed: &[("wqkv", &["wqkv"]), ("gate_up_proj", &["w1", "w3"])],
+        experts: false,
+    },
+    FamilyRule {
+        model_type: "qwen",
+        packed: &[("c_attn", &["c_attn"]), ("gate_up_proj", &["w2", "w1"])],
+        experts: false,
+    },
     FamilyRule { model_type: "deepseek_v2", packed: MLA, experts: true },
     FamilyRule { model_type: "deepseek_v3", packed: MLA, experts: true },
     FamilyRule { model_type: "kimi_k2", packed: MLA, experts: true },

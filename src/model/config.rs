@@ -104,10 +104,31 @@ pub struct RopeConfig {
     pub mrope_section: Option<Vec<usize>>,
     /// Qwen3-VL interleaves the three sections instead of concatenating them.
     pub mrope_interleaved: bool,
-    /// Fraction of head_dim that is rotated (GLM-4 0.5, Qwen3-Next 0.25, else 1).
+    /// Fraction of head_dim that is rotated (GLM-4 0.5, Qwen3-Next 0.25, Qwen's `rotary_pct`, else 1).
     pub partial_rotary_factor: f64,
-    /// HunYuan's NTK-alpha (`rope_scaling: {type: dynamic, alpha}`).
+    /// HunYuan's NTK-alpha (`rope_scaling: {type: dynamic, alpha}`): a fixed larger base.
     pub alpha: Option<f64>,
+    /// Scaling of the rotary base that depends on the sequence's length.
+    pub scaling: RopeScaling,
+}
+
+/// Rotary scaling that acts only on sequences longer than the model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// transformers' "dynamic" rope with a `factor`, as InternLM2's
+    /// `InternLM2DynamicNTKScalingRotaryEmbedding`: when the largest position + 1 (`len`) exceeds
+    /// `max_positions`, the base becomes `base · (factor · len / max_positions − (factor − 1))^(dim / (dim − 2))`.
+    DynamicNtk {
+        factor: f64,
+        max_positions: usize,
+    },
+    /// Qwen (1)'s `use_dynamic_ntk`: for a sequence of `len` tokens the base becomes
+    /// `base · α^(dim / (dim − 2))` with `α = max(2^⌈log2(len / seq_length) + 1⌉ − 1, 1)`, which
+    /// is 1 up to `seq_length` tokens.
+    QwenNtk {
+        seq_length: usize,
+    },
 }
 
 /// YaRN (`rope_type: yarn`): frequencies interpolated between the original and the `factor`-times
@@ -255,6 +276,9 @@ pub struct TextConfig {
     pub rope: RopeConfig,
     pub moe: Option<MoeConfig>,
     pub attention_bias: Option<bool>,
+    /// Qwen (1)'s `use_logn_attn`: queries at 1-based position `i > seq_length` are scaled by
+    /// `log(i) / log(seq_length)`. Holds `seq_length`.
+    pub logn_attention: Option<usize>,
     /// DeepSeek's multi-head latent attention, when `kv_lora_rank` is set; `head_dim` is then its
     /// query/key head (`qk_nope_head_dim + qk_rope_head_dim`).
     pub mla: Option<MlaConfig>,
@@ -290,11 +314,14 @@ impl LinearAttnConfig {
 }
 
 impl TextConfig {
-    /// Reads the text decoder's config: `text_config` where present, else the top level.
+    /// Reads the text decoder's config: `text_config` (or InternVL's `llm_config`) where present,
+    /// else the top level.
     pub fn from_json(config: &Value) -> Result<TextConfig> {
         let mut layers = Vec::new();
-        if let Some(t) = config.get("text_config").filter(|t| t.is_object()) {
-            layers.push(t.clone());
+        for key in ["text_config", "llm_config"] {
+            if let Some(t) = config.get(key).filter(|t| t.is_object()) {
+                layers.push(t.clone());
+            }
         }
         layers.push(config.clone());
         let c = ConfigView::new("config.json", layers);
@@ -318,8 +345,10 @@ impl TextConfig {
         // is the nope and rope parts together.
         let head_dim = match &mla {
             Some(m) => m.qk_head_dim(),
-            None => c.opt_usize(&["head_dim"])?.unwrap_or(hidden_size / num_heads.max(1)),
+            None => c.opt_usize(&["head_dim", "kv_channels"])?.unwrap_or(hidden_size / num_heads.max(1)),
         };
+        // Qwen (1)'s `intermediate_size` counts both halves of its MLP (w1 and w2).
+        let qwen1 = c.str(&["model_type"]) == Some("qwen");
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("config.json: {num_heads} attention heads cannot be shared by {num_kv_heads} key/value heads");
         }
@@ -390,14 +419,21 @@ impl TextConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            intermediate_size: c.opt_usize(&["intermediate_size"])?.unwrap_or(4 * hidden_size),
+            intermediate_size: c
+                .opt_usize(&["intermediate_size"])?
+                .map(|i| if qwen1 { i / 2 } else { i })
+                .unwrap_or(4 * hidden_size),
             vocab_size: c.usize(&["vocab_size"])?,
-            rms_norm_eps: c.f64(&["rms_norm_eps", "layer_norm_eps"])?.unwrap_or(1e-6),
+            rms_norm_eps: c.f64(&["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"])?.unwrap_or(1e-6),
             tie_word_embeddings: c.bool(&["tie_word_embeddings"]).unwrap_or(false),
             hidden_act: c.str(&["hidden_act"]).unwrap_or("silu").to_string(),
             rope: rope_config(&c)?,
             moe,
             attention_bias: c.bool(&["attention_bias"]),
+            logn_attention: match (qwen1, c.bool(&["use_logn_attn"])) {
+                (true, Some(true)) => Some(c.usize(&["seq_length"])?),
+                _ => None,
+            },
             mla,
             mtp_layers: c.opt_usize(&["num_nextn_predict_layers", "num_mtp_layers"])?.unwrap_or(0),
             linear_attn: match c.opt_usize(&["linear_num_value_heads"])? {
@@ -428,7 +464,8 @@ impl TextConfig {
     }
 }
 
-/// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases).
+/// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases); Qwen (1)'s
+/// `rotary_emb_base`, `rotary_pct` and `use_dynamic_ntk`.
 fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
     let params = c.sub(&["rope_parameters", "rope_scaling"]);
     let theta = params
@@ -436,7 +473,7 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         .map(|p| p.f64(&["rope_theta"]))
         .transpose()?
         .flatten()
-        .or(c.f64(&["rope_theta"])?)
+        .or(c.f64(&["rope_theta", "rotary_emb_base"])?)
         .unwrap_or(10000.0);
     let (mrope_section, mrope_interleaved) = match &params {
         Some(p) => (p.usize_list(&["mrope_section"])?, p.bool(&["mrope_interleaved"]).unwrap_or(false)),
@@ -445,11 +482,26 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
     let kind = params.as_ref().and_then(|p| p.str(&["rope_type", "type"])).unwrap_or("default").to_string();
     // vLLM and older transformers spell DeepSeek's YaRN `deepseek_yarn`.
     let kind = if kind == "deepseek_yarn" { "yarn".to_string() } else { kind };
-    let partial_rotary_factor = match c.f64(&["partial_rotary_factor"])? {
+    let partial_rotary_factor = match c.f64(&["partial_rotary_factor", "rotary_pct"])? {
         Some(f) => f,
         None => params.as_ref().map(|p| p.f64(&["partial_rotary_factor"])).transpose()?.flatten().unwrap_or(1.0),
     };
     let alpha = params.as_ref().map(|p| p.f64(&["alpha"])).transpose()?.flatten();
+    // "dynamic" with an `alpha` is HunYuan's fixed base; with a `factor` it grows with the length.
+    let scaling = match (&params, kind.as_str(), alpha) {
+        (Some(p), "dynamic", None) => {
+            let factor = p.f64(&["factor"])?.context("config.json: the dynamic rope scaling has no factor")?;
+            let max_positions = match p.opt_usize(&["original_max_position_embeddings"])? {
+                Some(m) => m,
+                None => c.usize(&["original_max_position_embeddings", "max_position_embeddings"])?,
+            };
+            RopeScaling::DynamicNtk { factor, max_positions }
+        }
+        _ if c.str(&["model_type"]) == Some("qwen") && c.bool(&["use_dynamic_ntk"]) == Some(true) => {
+            RopeScaling::QwenNtk { seq_length: c.usize(&["seq_length"])? }
+        }
+        _ => RopeScaling::None,
+    };
     let yarn = match (&params, kind.as_str()) {
         (Some(p), "yarn") => {
             let max_pos = c.f64(&["max_position_embeddings"])?;
@@ -474,13 +526,14 @@ fn rope_config(c: &ConfigView) -> Result<RopeConfig> {
         }
         _ => None,
     };
-    Ok(RopeConfig { theta, kind, yarn, mrope_section, mrope_interleaved, partial_rotary_factor, alpha })
+    Ok(RopeConfig { theta, kind, yarn, mrope_section, mrope_interleaved, partial_rotary_factor, alpha, scaling })
 }
 
-/// The `vision_config` object, if the model has one.
+/// The `vision_config` object (Qwen-VL: `visual`), if the model has one.
 pub fn vision_view(config: &Value) -> Option<ConfigView> {
-    config
-        .get("vision_config")
+    ["vision_config", "visual"]
+        .iter()
+        .find_map(|k| config.get(*k))
         .filter(|v| v.is_object())
         .map(|v| ConfigView::new("config.json vision_config", vec![v.clone()]))
 }

@@ -4,7 +4,7 @@
 //! of its own.
 
 use super::config::TextConfig;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -14,11 +14,19 @@ pub enum Family {
     Qwen2,
     Qwen3,
     Qwen3Moe,
+    /// InternLM2 (remote code): fused `attention.wqkv` grouped per KV head, `feed_forward.w1/w3/w2`.
+    InternLm2,
+    /// Qwen (1) (remote code): `transformer.h.N`, fused `attn.c_attn`, `mlp.w2` (gate) / `w1` (up).
+    Qwen,
     Qwen2Vl,
     Qwen25Vl,
     Qwen3Vl,
     Qwen3VlMoe,
     Llava,
+    /// InternVL 2 / 2.5 / 3 / 3.5 as released (remote code `internvl_chat`, `InternVLChatModel`):
+    /// InternViT (`vision_model.*`), the `mlp1` projector, and the language model its `llm_config`
+    /// names (Qwen2, Qwen3, LLaMA or InternLM2), in that model's own names under `language_model.`.
+    InternVlChat,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
     /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
@@ -36,16 +44,19 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 17] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
         Family::Qwen3Moe,
+        Family::InternLm2,
+        Family::Qwen,
         Family::Qwen2Vl,
         Family::Qwen25Vl,
         Family::Qwen3Vl,
         Family::Qwen3VlMoe,
         Family::Llava,
+        Family::InternVlChat,
         Family::Glm4,
         Family::DeepseekV2,
         Family::DeepseekV3,
@@ -60,11 +71,14 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::InternLm2 => "internlm2",
+            Family::Qwen => "qwen",
             Family::Qwen2Vl => "qwen2_vl",
             Family::Qwen25Vl => "qwen2_5_vl",
             Family::Qwen3Vl => "qwen3_vl",
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
+            Family::InternVlChat => "internvl_chat",
             Family::Glm4 => "glm4",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -79,7 +93,15 @@ impl Family {
     }
 
     pub fn is_vision_language(self) -> bool {
-        matches!(self, Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Llava)
+        matches!(
+            self,
+            Family::Qwen2Vl
+                | Family::Qwen25Vl
+                | Family::Qwen3Vl
+                | Family::Qwen3VlMoe
+                | Family::Llava
+                | Family::InternVlChat
+        )
     }
 
     /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
@@ -89,16 +111,23 @@ impl Family {
             return Some(f);
         }
         let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+        Family::from_architecture(arch)
+    }
+
+    fn from_architecture(arch: &str) -> Option<Family> {
         let by_arch = [
             ("LlamaForCausalLM", Family::Llama),
             ("Qwen2ForCausalLM", Family::Qwen2),
             ("Qwen3ForCausalLM", Family::Qwen3),
             ("Qwen3MoeForCausalLM", Family::Qwen3Moe),
+            ("InternLM2ForCausalLM", Family::InternLm2),
+            ("QWenLMHeadModel", Family::Qwen),
             ("Qwen2VLForConditionalGeneration", Family::Qwen2Vl),
             ("Qwen2_5_VLForConditionalGeneration", Family::Qwen25Vl),
             ("Qwen3VLForConditionalGeneration", Family::Qwen3Vl),
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
+            ("InternVLChatModel", Family::InternVlChat),
             ("Glm4ForCausalLM", Family::Glm4),
             ("DeepseekV2ForCausalLM", Family::DeepseekV2),
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
@@ -106,6 +135,42 @@ impl Family {
             ("Qwen3NextForCausalLM", Family::Qwen3Next),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
+    }
+
+    /// The family whose decoder (and naming inside the text model) the language model uses: the
+    /// family itself, or for InternVL the family of its `llm_config` (by `model_type`, else
+    /// `architectures`). A "qwen" config with a `visual` section is Qwen-VL, whose vision tower
+    /// lamina does not read: refused rather than quantized as text.
+    pub fn text_family(self, config: &Value) -> Result<Family> {
+        if self == Family::InternVlChat {
+            let llm = config
+                .get("llm_config")
+                .filter(|v| v.is_object())
+                .context("config.json of internvl_chat has no llm_config")?;
+            let arch = llm.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+            let family = llm
+                .get("model_type")
+                .and_then(Value::as_str)
+                .and_then(Family::from_model_type)
+                .or_else(|| arch.and_then(Family::from_architecture));
+            return match family {
+                Some(f @ (Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::InternLm2)) => {
+                    Ok(f)
+                }
+                _ => bail!(
+                    "the language model of this InternVL checkpoint ({}) is not one lamina computes \
+                     (InternLM2, Qwen2, Qwen3, Qwen3-MoE and LLaMA are)",
+                    arch.or(llm.get("model_type").and_then(Value::as_str)).unwrap_or("unnamed")
+                ),
+            };
+        }
+        if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
+            bail!(
+                "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section); lamina reads \
+                 the text-only Qwen (1) but not yet Qwen-VL's vision tower"
+            );
+        }
+        Ok(self)
     }
 }
 
@@ -116,6 +181,140 @@ pub enum VisionKind {
     Qwen25Vl,
     Qwen3Vl,
     Clip,
+    /// InternViT with InternVL's pixel shuffle and `mlp1` (see `vision::internvit`).
+    InternVit,
+}
+
+impl VisionKind {
+    /// Whether the language model takes M-RoPE positions from `get_rope_index` for image prompts
+    /// (the Qwen VL towers); the others use 1D positions.
+    pub fn uses_mrope(self) -> bool {
+        matches!(self, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::Qwen3Vl)
+    }
+}
+
+/// How the language model names the modules inside a decoder layer, relative to the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderNames {
+    /// The norm before attention, and the one before the MLP.
+    pub attn_norm: &'static str,
+    pub mlp_norm: &'static str,
+    /// The attention module (its KV cache is keyed by this name).
+    pub attn: &'static str,
+    pub qkv: QkvNames,
+    pub o_proj: &'static str,
+    /// Qwen3's per-head q/k RMSNorms (optional tensors).
+    pub q_norm: &'static str,
+    pub k_norm: &'static str,
+    /// The dense SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+/// The query, key and value projections: three linears, or one fused linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkvNames {
+    Separate { q: &'static str, k: &'static str, v: &'static str },
+    Fused { module: &'static str, rows: FusedQkv },
+}
+
+/// The order of the output rows of a fused query/key/value projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedQkv {
+    /// All query rows, then all key rows, then all value rows (Qwen's `c_attn`).
+    Concatenated,
+    /// For each key/value head: its group of query heads, then its key head, then its value head
+    /// (InternLM2's `wqkv`, which its modeling file splits with
+    /// `rearrange("b q (h gs d) -> b q h gs d", gs=2 + groups)`).
+    PerKvHead,
+}
+
+impl DecoderNames {
+    /// Llama, Qwen2/3 and the Qwen2/2.5/3-VL and LLaVA language models.
+    pub const STANDARD: DecoderNames = DecoderNames {
+        attn_norm: "input_layernorm",
+        mlp_norm: "post_attention_layernorm",
+        attn: "self_attn",
+        qkv: QkvNames::Separate { q: "self_attn.q_proj", k: "self_attn.k_proj", v: "self_attn.v_proj" },
+        o_proj: "self_attn.o_proj",
+        q_norm: "self_attn.q_norm",
+        k_norm: "self_attn.k_norm",
+        gate: "mlp.gate_proj",
+        up: "mlp.up_proj",
+        down: "mlp.down_proj",
+    };
+    /// InternLM2's modeling file (`InternLM2DecoderLayer`).
+    pub const INTERNLM2: DecoderNames = DecoderNames {
+        attn_norm: "attention_norm",
+        mlp_norm: "ffn_norm",
+        attn: "attention",
+        qkv: QkvNames::Fused { module: "attention.wqkv", rows: FusedQkv::PerKvHead },
+        o_proj: "attention.wo",
+        q_norm: "attention.q_norm",
+        k_norm: "attention.k_norm",
+        gate: "feed_forward.w1",
+        up: "feed_forward.w3",
+        down: "feed_forward.w2",
+    };
+    /// Qwen (1)'s modeling file (`QWenBlock`): its MLP computes `c_proj(w1(x) · silu(w2(x)))`, so
+    /// `w2` is the gate and `w1` the up projection.
+    pub const QWEN: DecoderNames = DecoderNames {
+        attn_norm: "ln_1",
+        mlp_norm: "ln_2",
+        attn: "attn",
+        qkv: QkvNames::Fused { module: "attn.c_attn", rows: FusedQkv::Concatenated },
+        o_proj: "attn.c_proj",
+        q_norm: "attn.q_norm",
+        k_norm: "attn.k_norm",
+        gate: "mlp.w2",
+        up: "mlp.w1",
+        down: "mlp.c_proj",
+    };
+
+    /// The linears reading the attention norm, in order.
+    pub fn qkv_modules(&self) -> Vec<String> {
+        match self.qkv {
+            QkvNames::Separate { q, k, v } => vec![q.into(), k.into(), v.into()],
+            QkvNames::Fused { module, .. } => vec![module.into()],
+        }
+    }
+}
+
+/// How a language model names its text model's parts: the layer container, the token embedding,
+/// the final norm and the output projection (relative to the text root / head prefix), and the
+/// modules inside a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextNames {
+    pub layers: &'static str,
+    pub embed: &'static str,
+    pub norm: &'static str,
+    pub head: &'static str,
+    pub decoder: DecoderNames,
+}
+
+impl TextNames {
+    pub fn of(text_family: Family) -> TextNames {
+        match text_family {
+            Family::InternLm2 => TextNames {
+                layers: "layers",
+                embed: "tok_embeddings",
+                norm: "norm",
+                head: "output",
+                decoder: DecoderNames::INTERNLM2,
+            },
+            Family::Qwen => {
+                TextNames { layers: "h", embed: "wte", norm: "ln_f", head: "lm_head", decoder: DecoderNames::QWEN }
+            }
+            _ => TextNames {
+                layers: "layers",
+                embed: "embed_tokens",
+                norm: "norm",
+                head: "lm_head",
+                decoder: DecoderNames::STANDARD,
+            },
+        }
+    }
 }
 
 /// Candidate prefixes of one family: the first is the release layout, later ones are the
@@ -129,7 +328,8 @@ struct Rules {
     vision_post: &'static [&'static str],
     /// Modules outside the vision root that belong to the vision side (LLaVA's projector).
     projector: &'static [&'static str],
-    lm_head: &'static [&'static str],
+    /// What goes before the output projection's name (`language_model.` in LLaVA's release).
+    head_prefix: &'static [&'static str],
 }
 
 const DECODER: Rules = Rules {
@@ -139,7 +339,7 @@ const DECODER: Rules = Rules {
     vision_pre: &[],
     vision_post: &[],
     projector: &[],
-    lm_head: &["lm_head"],
+    head_prefix: &[""],
 };
 
 fn rules(family: Family) -> Rules {
@@ -148,12 +348,14 @@ fn rules(family: Family) -> Rules {
         | Family::Qwen2
         | Family::Qwen3
         | Family::Qwen3Moe
+        | Family::InternLm2
         | Family::Glm4
         | Family::DeepseekV2
         | Family::DeepseekV3
         | Family::Glm4Moe
         | Family::Qwen3Next
         | Family::Generic => DECODER,
+        Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -161,7 +363,7 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["patch_embed"],
             vision_post: &["merger"],
             projector: &[],
-            lm_head: &["lm_head"],
+            head_prefix: &[""],
         },
         Family::Qwen3Vl | Family::Qwen3VlMoe => Rules {
             text: &["model.language_model", "model"],
@@ -170,7 +372,7 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["patch_embed", "pos_embed"],
             vision_post: &["merger", "deepstack_merger_list"],
             projector: &[],
-            lm_head: &["lm_head"],
+            head_prefix: &[""],
         },
         Family::Llava => Rules {
             text: &["language_model.model", "model.language_model"],
@@ -179,7 +381,17 @@ fn rules(family: Family) -> Rules {
             vision_pre: &["embeddings", "pre_layrnorm"],
             vision_post: &["post_layernorm"],
             projector: &["multi_modal_projector", "model.multi_modal_projector"],
-            lm_head: &["language_model.lm_head", "lm_head"],
+            head_prefix: &["language_model.", ""],
+        },
+        // The release layout; the language model's own names follow (`TextNames`).
+        Family::InternVlChat => Rules {
+            text: &["language_model.model"],
+            vision: &["vision_model"],
+            vision_blocks: "encoder.layers",
+            vision_pre: &["embeddings"],
+            vision_post: &[],
+            projector: &["mlp1"],
+            head_prefix: &["language_model."],
         },
     }
 }
@@ -224,15 +436,27 @@ impl MtpLayout {
 }
 
 /// Module names that hold embedding tables: 2D `.weight` tensors that are not linears.
-const EMBEDDING_MODULES: [&str; 7] =
-    ["embed_tokens", "pos_embed", "position_embedding", "wte", "wpe", "word_embeddings", "class_embedding"];
+const EMBEDDING_MODULES: [&str; 8] = [
+    "embed_tokens",
+    "tok_embeddings",
+    "pos_embed",
+    "position_embedding",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "class_embedding",
+];
 
 /// Where the parts of one checkpoint live.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
     pub family: Family,
-    /// The text model's root: `{text}.layers.N`, `{text}.embed_tokens`, `{text}.norm`.
+    /// The family whose decoder the language model is (see [`Family::text_family`]).
+    pub text_family: Family,
+    /// The text model's root: `{text}.{layers}.N`, `{text}.{embed}`, `{text}.{norm}`.
     pub text: String,
+    pub names: TextNames,
+    /// The output projection's module (`lm_head`, `language_model.output`).
     pub lm_head: String,
     pub vision: Option<String>,
     pub vision_kind: Option<VisionKind>,
@@ -246,9 +470,10 @@ pub struct Layout {
 
 impl Layout {
     /// Picks the layout variant whose names the checkpoint holds; with no names (a config alone)
-    /// the release layout is used.
-    pub fn resolve(family: Family, names: &[&str]) -> Result<Layout> {
+    /// the release layout is used. `text_family` is [`Family::text_family`] of the config.
+    pub fn resolve(family: Family, text_family: Family, names: &[&str]) -> Result<Layout> {
         let r = rules(family);
+        let tn = TextNames::of(text_family);
         let has_prefix = |p: &str| names.iter().any(|n| n.starts_with(p));
         let pick = |cands: &[&str], probe: &dyn Fn(&str) -> String| -> Option<String> {
             if cands.is_empty() {
@@ -259,22 +484,25 @@ impl Layout {
         let text = if family == Family::Generic {
             generic_text_root(names)?
         } else {
-            pick(r.text, &|c| format!("{c}.layers.")).unwrap()
+            pick(r.text, &|c| format!("{c}.{}.", tn.layers)).unwrap()
         };
         let vision = pick(r.vision, &|c| format!("{c}.{}.", r.vision_blocks));
         let projector = pick(r.projector, &|c| format!("{c}."));
-        let lm_head = pick(r.lm_head, &|c| format!("{c}.")).unwrap();
+        let head_prefix = pick(r.head_prefix, &|c| format!("{c}{}.", tn.head)).unwrap_or_default();
         let vision_kind = match family {
             Family::Qwen2Vl => Some(VisionKind::Qwen2Vl),
             Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
+            Family::InternVlChat => Some(VisionKind::InternVit),
             _ => None,
         };
         Ok(Layout {
             family,
+            text_family,
             text,
-            lm_head,
+            names: tn,
+            lm_head: format!("{head_prefix}{}", tn.head),
             vision,
             vision_kind,
             vision_blocks: r.vision_blocks.to_string(),
@@ -283,6 +511,11 @@ impl Layout {
             projector,
             mtp: None,
         })
+    }
+
+    /// The layout of a model whose config is `config` (for a text-only family, the family's own).
+    pub fn for_config(family: Family, config: &Value, names: &[&str]) -> Result<Layout> {
+        Layout::resolve(family, family.text_family(config)?, names)
     }
 
     /// The same layout with the family's MTP layers placed.
@@ -303,7 +536,10 @@ impl Layout {
             }
             (resolved.to_string(), v)
         };
-        let mut out = vec![spell(&self.text, r.text), spell(&self.lm_head, r.lm_head)];
+        let head = TextNames::of(self.text_family).head;
+        let heads: Vec<String> = r.head_prefix.iter().map(|p| format!("{p}{head}")).collect();
+        let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
+        let mut out = vec![spell(&self.text, r.text), spell(&self.lm_head, &heads)];
         if let Some(v) = &self.vision {
             out.push(spell(v, r.vision));
         }
@@ -314,13 +550,13 @@ impl Layout {
     }
 
     pub fn text_layer(&self, i: usize) -> String {
-        format!("{}.layers.{i}", self.text)
+        format!("{}.{}.{i}", self.text, self.names.layers)
     }
     pub fn embed_tokens(&self) -> String {
-        format!("{}.embed_tokens.weight", self.text)
+        format!("{}.{}.weight", self.text, self.names.embed)
     }
     pub fn final_norm(&self) -> String {
-        format!("{}.norm.weight", self.text)
+        format!("{}.{}.weight", self.text, self.names.norm)
     }
     pub fn lm_head_weight(&self) -> String {
         format!("{}.weight", self.lm_head)
@@ -381,7 +617,7 @@ impl Layout {
 
     /// Which unit a tensor belongs to.
     pub fn classify(&self, name: &str) -> UnitKind {
-        if let Some(i) = layer_index(name, &format!("{}.layers.", self.text)) {
+        if let Some(i) = layer_index(name, &format!("{}.{}.", self.text, self.names.layers)) {
             return match self.mtp {
                 Some(MtpLayout::AfterDecoder { first }) if i >= first => UnitKind::Mtp(i - first),
                 _ => UnitKind::TextLayer(i),
@@ -395,7 +631,9 @@ impl Layout {
         if name == self.embed_tokens() {
             return UnitKind::Embed;
         }
-        if name.starts_with(&format!("{}.norm.", self.text)) || name.starts_with(&format!("{}.", self.lm_head)) {
+        if name.starts_with(&format!("{}.{}.", self.text, self.names.norm))
+            || name.starts_with(&format!("{}.", self.lm_head))
+        {
             return UnitKind::Head;
         }
         if let Some(v) = &self.vision {
@@ -403,7 +641,8 @@ impl Layout {
                 return UnitKind::VisionBlock(i);
             }
             if let Some(rel) = name.strip_prefix(&format!("{v}.")) {
-                if self.vision_pre.iter().any(|p| rel.starts_with(&format!("{p}."))) {
+                let module = |p: &String| rel == p || rel.starts_with(&format!("{p}."));
+                if self.vision_pre.iter().any(module) {
                     return UnitKind::VisionPre;
                 }
                 return UnitKind::VisionPost;
@@ -424,9 +663,9 @@ impl Layout {
             UnitKind::VisionPre => format!("{vision} (embeddings)"),
             UnitKind::VisionBlock(i) => self.vision_block(i).unwrap_or_default(),
             UnitKind::VisionPost => format!("{vision} (mergers, projector)"),
-            UnitKind::Embed => format!("{}.embed_tokens", self.text),
+            UnitKind::Embed => self.embed_tokens().trim_end_matches(".weight").to_string(),
             UnitKind::TextLayer(i) => self.text_layer(i),
-            UnitKind::Head => format!("{}.norm, {}", self.text, self.lm_head),
+            UnitKind::Head => format!("{}.{}, {}", self.text, self.names.norm, self.lm_head),
             UnitKind::Mtp(k) => format!("{} (MTP)", self.unit_prefix(UnitKind::Mtp(k)).trim_end_matches('.')),
             UnitKind::Other => "other tensors".into(),
         }
@@ -495,13 +734,13 @@ pub fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
 /// of real shapes for benchmarks.
 pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(String, Vec<usize>)>> {
     let t = TextConfig::from_json(config)?;
-    let layout = Layout::resolve(family, &[])?;
+    let layout = Layout::for_config(family, config, &[])?;
     let h = t.hidden_size;
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     out.push((layout.embed_tokens(), vec![t.vocab_size, h]));
     for i in 0..t.num_layers {
         let linear = t.linear_attn.as_ref().is_some_and(|la| la.is_linear(i));
-        synthesize_layer(family, &t, &layout.text_layer(i), i, linear, &mut out);
+        synthesize_layer(&layout, &t, &layout.text_layer(i), i, linear, &mut out);
     }
     // Qwen3-Next's MTP block: the projection of [embedding; hidden], its norms, and full-attention
     // MoE decoder layers (`mtp_num_hidden_layers`, 1 in the releases).
@@ -512,7 +751,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
             out.push((format!("mtp.{n}.weight"), vec![h]));
         }
         for k in 0..layers {
-            synthesize_layer(family, &t, &format!("mtp.layers.{k}"), t.num_layers - 1, false, &mut out);
+            synthesize_layer(&layout, &t, &format!("mtp.layers.{k}"), t.num_layers - 1, false, &mut out);
         }
     }
     // Multi-token-prediction layers after the last (GLM-4.5's `num_nextn_predict_layers`): a
@@ -520,7 +759,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     let nextn = config.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     for k in 0..nextn {
         let l = layout.text_layer(t.num_layers + k);
-        synthesize_layer(family, &t, &l, t.num_layers + k, false, &mut out);
+        synthesize_layer(&layout, &t, &l, t.num_layers + k, false, &mut out);
         out.push((format!("{l}.eh_proj.weight"), vec![h, 2 * h]));
         for n in ["enorm", "hnorm", "shared_head.norm"] {
             out.push((format!("{l}.{n}.weight"), vec![h]));
@@ -539,7 +778,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
 /// Decoder layer `i` (at `l`) of a family's release layout; `linear`: a Gated DeltaNet layer
 /// (Qwen3-Next) rather than an attention one.
 fn synthesize_layer(
-    family: Family,
+    layout: &Layout,
     t: &TextConfig,
     l: &str,
     i: usize,
@@ -548,6 +787,8 @@ fn synthesize_layer(
 ) {
     let (h, hd) = (t.hidden_size, t.head_dim);
     let mut push = |n: String, s: &[usize]| out.push((n, s.to_vec()));
+    let family = layout.text_family;
+    let d = layout.names.decoder;
     let next = family == Family::Qwen3Next;
     if let (true, Some(la)) = (linear, &t.linear_attn) {
         let (nk, nv, dk, dv) = (la.num_k_heads, la.num_v_heads, la.k_head_dim, la.v_head_dim);
@@ -559,15 +800,16 @@ fn synthesize_layer(
         push(format!("{l}.linear_attn.norm.weight"), &[dv]);
         push(format!("{l}.linear_attn.out_proj.weight"), &[h, nv * dv]);
     }
-    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl) || t.attention_bias == Some(true);
+    let bias = matches!(family, Family::Qwen2 | Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen)
+        || t.attention_bias == Some(true);
     let glm4 = family == Family::Glm4;
     let qk_norm = matches!(
         family,
         Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe | Family::Qwen3Next
     );
     let fused_experts = family == Family::Qwen3VlMoe;
-    push(format!("{l}.input_layernorm.weight"), &[h]);
-    push(format!("{l}.post_attention_layernorm.weight"), &[h]);
+    push(format!("{l}.{}.weight", d.attn_norm), &[h]);
+    push(format!("{l}.{}.weight", d.mlp_norm), &[h]);
     if glm4 {
         push(format!("{l}.post_self_attn_layernorm.weight"), &[h]);
         push(format!("{l}.post_mlp_layernorm.weight"), &[h]);
@@ -590,48 +832,54 @@ fn synthesize_layer(
     } else if !linear {
         // Qwen3-Next's q_proj also yields the attention's output gate.
         let q_rows = if next { 2 * t.num_heads * hd } else { t.num_heads * hd };
-        for (p, rows) in [("q", q_rows), ("k", t.num_kv_heads * hd), ("v", t.num_kv_heads * hd)] {
-            push(format!("{l}.self_attn.{p}_proj.weight"), &[rows, h]);
+        let kv_rows = t.num_kv_heads * hd;
+        let projections: Vec<(&str, usize)> = match d.qkv {
+            QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
+            QkvNames::Fused { module, .. } => vec![(module, q_rows + 2 * kv_rows)],
+        };
+        for (p, rows) in projections {
+            push(format!("{l}.{p}.weight"), &[rows, h]);
             if bias {
-                push(format!("{l}.self_attn.{p}_proj.bias"), &[rows]);
+                push(format!("{l}.{p}.bias"), &[rows]);
             }
         }
-        push(format!("{l}.self_attn.o_proj.weight"), &[h, t.num_heads * hd]);
+        push(format!("{l}.{}.weight", d.o_proj), &[h, t.num_heads * hd]);
     }
     if qk_norm && !linear {
-        push(format!("{l}.self_attn.q_norm.weight"), &[hd]);
-        push(format!("{l}.self_attn.k_norm.weight"), &[hd]);
+        push(format!("{l}.{}.weight", d.q_norm), &[hd]);
+        push(format!("{l}.{}.weight", d.k_norm), &[hd]);
     }
+    let mlp = "mlp";
     match &t.moe {
         Some(m) if m.is_moe_layer(i) => {
             let inter = m.moe_intermediate_size;
-            push(format!("{l}.mlp.gate.weight"), &[m.num_experts, h]);
+            push(format!("{l}.{mlp}.gate.weight"), &[m.num_experts, h]);
             if matches!(family, Family::Glm4Moe | Family::DeepseekV3) {
-                push(format!("{l}.mlp.gate.e_score_correction_bias"), &[m.num_experts]);
+                push(format!("{l}.{mlp}.gate.e_score_correction_bias"), &[m.num_experts]);
             }
             if fused_experts {
-                push(format!("{l}.mlp.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
-                push(format!("{l}.mlp.experts.down_proj"), &[m.num_experts, inter, h]);
+                push(format!("{l}.{mlp}.experts.gate_up_proj"), &[m.num_experts, h, 2 * inter]);
+                push(format!("{l}.{mlp}.experts.down_proj"), &[m.num_experts, inter, h]);
             } else {
                 for j in 0..m.num_experts {
-                    push(format!("{l}.mlp.experts.{j}.gate_proj.weight"), &[inter, h]);
-                    push(format!("{l}.mlp.experts.{j}.up_proj.weight"), &[inter, h]);
-                    push(format!("{l}.mlp.experts.{j}.down_proj.weight"), &[h, inter]);
+                    push(format!("{l}.{mlp}.experts.{j}.gate_proj.weight"), &[inter, h]);
+                    push(format!("{l}.{mlp}.experts.{j}.up_proj.weight"), &[inter, h]);
+                    push(format!("{l}.{mlp}.experts.{j}.down_proj.weight"), &[h, inter]);
                 }
             }
             // The shared experts as the decoder takes them (`Take::ffn`): DeepSeek's and GLM-4.5's
             // `shared_experts` of `n_shared_experts` experts' width, or Qwen2-MoE's gated `shared_expert`.
             let shared = if m.n_shared_experts > 0 {
-                Some(("mlp.shared_experts", m.n_shared_experts * inter, false))
+                Some(("shared_experts", m.n_shared_experts * inter, false))
             } else {
-                m.shared_expert_intermediate_size.map(|w| ("mlp.shared_expert", w, true))
+                m.shared_expert_intermediate_size.map(|w| ("shared_expert", w, true))
             };
             if let Some((s, w, gated)) = shared {
-                push(format!("{l}.{s}.gate_proj.weight"), &[w, h]);
-                push(format!("{l}.{s}.up_proj.weight"), &[w, h]);
-                push(format!("{l}.{s}.down_proj.weight"), &[h, w]);
+                push(format!("{l}.{mlp}.{s}.gate_proj.weight"), &[w, h]);
+                push(format!("{l}.{mlp}.{s}.up_proj.weight"), &[w, h]);
+                push(format!("{l}.{mlp}.{s}.down_proj.weight"), &[h, w]);
                 if gated {
-                    push(format!("{l}.mlp.shared_expert_gate.weight"), &[1, h]);
+                    push(format!("{l}.{mlp}.shared_expert_gate.weight"), &[1, h]);
                 }
             }
         }
@@ -640,10 +888,10 @@ fn synthesize_layer(
             if glm4 {
                 push(format!("{l}.mlp.gate_up_proj.weight"), &[2 * inter, h]);
             } else {
-                push(format!("{l}.mlp.gate_proj.weight"), &[inter, h]);
-                push(format!("{l}.mlp.up_proj.weight"), &[inter, h]);
+                push(format!("{l}.{}.weight", d.gate), &[inter, h]);
+                push(format!("{l}.{}.weight", d.up), &[inter, h]);
             }
-            push(format!("{l}.mlp.down_proj.weight"), &[h, inter]);
+            push(format!("{l}.{}.weight", d.down), &[h, inter]);
         }
     }
 }
@@ -747,11 +995,11 @@ mod tests {
     #[test]
     fn release_and_transformers5_layouts_resolve() {
         let old = ["model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"];
-        let l = Layout::resolve(Family::Qwen2Vl, &old).unwrap();
+        let l = Layout::resolve(Family::Qwen2Vl, Family::Qwen2Vl, &old).unwrap();
         assert_eq!(l.text, "model");
         assert_eq!(l.vision.as_deref(), Some("visual"));
         let new = ["model.language_model.layers.0.mlp.up_proj.weight", "model.visual.blocks.0.attn.qkv.weight"];
-        let l = Layout::resolve(Family::Qwen2Vl, &new).unwrap();
+        let l = Layout::resolve(Family::Qwen2Vl, Family::Qwen2Vl, &new).unwrap();
         assert_eq!(l.text, "model.language_model");
         assert_eq!(l.vision.as_deref(), Some("model.visual"));
         assert_eq!(l.classify("model.visual.blocks.3.norm1.weight"), UnitKind::VisionBlock(3));
@@ -765,7 +1013,7 @@ mod tests {
     #[test]
     fn llava_names() {
         let names = ["language_model.model.layers.0.mlp.up_proj.weight", "language_model.lm_head.weight"];
-        let l = Layout::resolve(Family::Llava, &names).unwrap();
+        let l = Layout::resolve(Family::Llava, Family::Llava, &names).unwrap();
         assert_eq!(l.classify("language_model.model.layers.1.self_attn.q_proj.weight"), UnitKind::TextLayer(1));
         assert_eq!(l.classify("language_model.lm_head.weight"), UnitKind::Head);
         assert_eq!(l.classify("vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"), UnitKind::VisionBlock(2));
@@ -775,30 +1023,31 @@ mod tests {
 
     #[test]
     fn vision_outputs_are_the_projections_into_the_text_stream() {
-        let q = Layout::resolve(Family::Qwen3VlMoe, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        let q = Layout::resolve(Family::Qwen3VlMoe, Family::Qwen3VlMoe, &["model.visual.blocks.0.attn.qkv.weight"])
+            .unwrap();
         assert!(q.is_vision_output("model.visual.merger.linear_fc2"));
         assert!(q.is_vision_output("model.visual.deepstack_merger_list.2.linear_fc2"));
         assert!(!q.is_vision_output("model.visual.merger.linear_fc1"));
         assert!(!q.is_vision_output("model.visual.blocks.1.mlp.linear_fc2"));
-        let q2 = Layout::resolve(Family::Qwen2Vl, &["visual.blocks.0.attn.qkv.weight"]).unwrap();
+        let q2 = Layout::resolve(Family::Qwen2Vl, Family::Qwen2Vl, &["visual.blocks.0.attn.qkv.weight"]).unwrap();
         assert!(q2.is_vision_output("visual.merger.mlp.2") && !q2.is_vision_output("visual.merger.mlp.0"));
-        let l = Layout::resolve(Family::Llava, &["multi_modal_projector.linear_1.weight"]).unwrap();
+        let l = Layout::resolve(Family::Llava, Family::Llava, &["multi_modal_projector.linear_1.weight"]).unwrap();
         assert!(
             l.is_vision_output("multi_modal_projector.linear_2")
                 && !l.is_vision_output("multi_modal_projector.linear_1")
         );
-        assert!(!Layout::resolve(Family::Llama, &[]).unwrap().is_vision_output("lm_head"));
+        assert!(!Layout::resolve(Family::Llama, Family::Llama, &[]).unwrap().is_vision_output("lm_head"));
     }
 
     #[test]
     fn unit_prefixes_make_names_relative() {
-        let q = Layout::resolve(Family::Qwen3Vl, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        let q = Layout::resolve(Family::Qwen3Vl, Family::Qwen3Vl, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
         assert_eq!(q.unit_prefix(UnitKind::VisionBlock(2)), "model.visual.blocks.2.");
         assert_eq!(q.unit_prefix(UnitKind::VisionPre), "model.visual.");
         assert_eq!(q.unit_prefix(UnitKind::VisionPost), "model.visual.");
         assert_eq!(q.unit_prefix(UnitKind::TextLayer(1)), "model.language_model.layers.1.");
         // LLaVA's projector lives outside the vision root: its post unit keeps whole names.
-        let l = Layout::resolve(Family::Llava, &[]).unwrap();
+        let l = Layout::resolve(Family::Llava, Family::Llava, &[]).unwrap();
         assert_eq!(l.unit_prefix(UnitKind::VisionBlock(0)), "vision_tower.vision_model.encoder.layers.0.");
         assert_eq!(l.unit_prefix(UnitKind::VisionPost), "");
     }
@@ -811,10 +1060,10 @@ mod tests {
             "backbone.layers.1.mixer.weight",
             "backbone.embed.weight",
         ];
-        let l = Layout::resolve(Family::Generic, &names).unwrap();
+        let l = Layout::resolve(Family::Generic, Family::Generic, &names).unwrap();
         assert_eq!(l.text, "backbone");
         assert_eq!(l.classify("backbone.layers.1.mixer.weight"), UnitKind::TextLayer(1));
-        assert!(Layout::resolve(Family::Generic, &["a.b.weight"]).is_err());
+        assert!(Layout::resolve(Family::Generic, Family::Generic, &["a.b.weight"]).is_err());
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Model {
                         if names.is_empty() {
                             bail!("unknown model_type {t:?} in config.json (known: {}); with a config alone there are no tensor names to fall back on", known.join(", "));
                         }
-                        Layout::resolve(Family::Generic, names).with_context(|| {
+                        Layout::resolve(Family::Generic, Family::Generic, names).with_context(|| {
                         format!("unknown model_type {t:?} in config.json (known: {}) and no generic decoder layout fits", known.join(", "))
                     })?;
                         Family::Generic
@@ -53,7 +53,7 @@ impl Model {
             }
         };
         let text = TextConfig::from_json(config).context("reading the text model's config")?;
-        let layout = Layout::resolve(family, names)?.with_mtp(layout::MtpLayout::of(family, &text));
+        let layout = Layout::for_config(family, config, names)?.with_mtp(layout::MtpLayout::of(family, &text));
         let fp8 = fp8::Fp8Config::from_config(config)?;
         Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
@@ -162,7 +162,7 @@ pub fn build_units(model: &Model, inventory: &[TensorMeta]) -> Result<Vec<Unit>>
         let split_of = |name: &str| {
             let l = layer.as_deref()?;
             let rel = name.strip_prefix(l)?.strip_prefix('.')?;
-            layout::row_splits(model.family)
+            layout::row_splits(model.layout.text_family)
                 .iter()
                 .find(|(fused, _)| rel.strip_prefix(fused).is_some_and(|r| r == ".weight" || r == ".bias"))
         };

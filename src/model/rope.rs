@@ -19,7 +19,7 @@
 //! A [`Rope`] is built once from the config; [`Rope::angles`] turns a sequence's positions into the
 //! cos/sin tables every layer of that sequence shares.
 
-use super::config::{RopeConfig, YarnConfig};
+use super::config::{RopeConfig, RopeScaling, YarnConfig};
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::Array2;
 
@@ -68,6 +68,10 @@ impl Positions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     head_dim: usize,
+    /// The rotated dims (`head_dim · partial_rotary_factor`) and the unscaled base.
+    rotary_dim: usize,
+    theta: f64,
+    scaling: RopeScaling,
     /// `rotary_dim / 2` inverse frequencies (`theta^(-2i/rotary_dim)`), rounded to f32 as transformers stores them.
     inv_freq: Vec<f32>,
     /// For each frequency: 0 (temporal / text), 1 (height) or 2 (width).
@@ -89,15 +93,23 @@ pub enum Pairs {
 }
 
 impl Rope {
-    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic without alpha, ...).
+    /// Refuses the rope types lamina does not implement (llama3, linear, dynamic with neither a
+    /// factor nor an alpha, ...).
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Result<Rope> {
         let alpha = cfg.alpha.filter(|_| cfg.kind == "dynamic");
-        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") && alpha.is_none() {
+        let growing = matches!(cfg.scaling, RopeScaling::DynamicNtk { .. }) && cfg.kind == "dynamic";
+        if !matches!(cfg.kind.as_str(), "default" | "mrope" | "yarn") && alpha.is_none() && !growing {
             bail!(
                 "config.json asks for rope type {:?}, which lamina's forward does not implement \
-                 (supported: default RoPE, YaRN, the Qwen VL M-RoPE and HunYuan's dynamic NTK-alpha); \
-                 data-free quantization does not need it",
+                 (supported: default RoPE, YaRN, the Qwen VL M-RoPE, dynamic NTK with a factor and \
+                 HunYuan's NTK-alpha); data-free quantization does not need it",
                 cfg.kind
+            );
+        }
+        if let RopeScaling::DynamicNtk { factor, max_positions } = cfg.scaling {
+            ensure!(
+                factor.is_finite() && factor >= 1.0 && max_positions > 0,
+                "the dynamic rope scaling needs a factor >= 1 and max_position_embeddings > 0 (got {factor} and {max_positions})"
             );
         }
         let rotary_dim = (head_dim as f64 * cfg.partial_rotary_factor) as usize;
@@ -118,8 +130,7 @@ impl Rope {
             }
             None => cfg.theta,
         };
-        let mut inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
+        let mut inv_freq = inverse_frequencies(theta, rotary_dim);
         let mut attention_factor = 1.0;
         if cfg.kind == "yarn" {
             let y = cfg.yarn.as_ref().context("config.json: rope type yarn without its settings")?;
@@ -132,13 +143,45 @@ impl Rope {
             Some(sections) if cfg.mrope_interleaved => (interleaved_axes(sections, half)?, true),
             Some(sections) => (sectioned_axes(sections, half)?, true),
         };
-        Ok(Rope { head_dim, inv_freq, axis, multimodal, pairs: Pairs::Halves, attention_factor })
+        Ok(Rope {
+            head_dim,
+            rotary_dim,
+            theta,
+            scaling: cfg.scaling,
+            inv_freq,
+            axis,
+            multimodal,
+            pairs: Pairs::Halves,
+            attention_factor,
+        })
     }
 
     /// The same frequencies, rotating adjacent pairs (GLM-4, DeepSeek's MLA) instead of halves.
     pub fn with_adjacent_pairs(mut self) -> Rope {
         self.pairs = Pairs::Adjacent;
         self
+    }
+
+    /// The base of a sequence of `tokens` tokens whose largest position id is `max_position`:
+    /// the configured one, or the dynamic NTK scalings' larger one beyond the trained length.
+    fn base_for(&self, tokens: usize, max_position: i64) -> f64 {
+        let dim = self.rotary_dim as f64;
+        match self.scaling {
+            RopeScaling::None => self.theta,
+            RopeScaling::DynamicNtk { factor, max_positions } => {
+                let len = (max_position + 1).max(0) as f64;
+                if len > max_positions as f64 {
+                    self.theta * (factor * len / max_positions as f64 - (factor - 1.0)).powf(dim / (dim - 2.0))
+                } else {
+                    self.theta
+                }
+            }
+            RopeScaling::QwenNtk { seq_length } => {
+                let context = (tokens as f64 / seq_length as f64).log2() + 1.0;
+                let alpha = (2f64.powf(context.ceil()) - 1.0).max(1.0);
+                self.theta * alpha.powf(dim / (dim - 2.0))
+            }
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -155,18 +198,31 @@ impl Rope {
             bail!("three rows of position ids (M-RoPE) were given to a model without mrope_section in its config");
         }
         let (seq, half) = (pos.len(), self.inv_freq.len());
+        let base = self.base_for(seq, pos.ids.iter().copied().max().unwrap_or(0));
+        let scaled;
+        let inv_freq = if base == self.theta {
+            &self.inv_freq
+        } else {
+            scaled = inverse_frequencies(base, self.rotary_dim);
+            &scaled
+        };
         let mut cos = Array2::zeros((seq, half));
         let mut sin = Array2::zeros((seq, half));
         for t in 0..seq {
             for j in 0..half {
                 // transformers multiplies in f32 (`inv_freq @ position_ids`), then takes cos and sin.
-                let angle = pos.id(self.axis[j], t) as f32 * self.inv_freq[j];
+                let angle = pos.id(self.axis[j], t) as f32 * inv_freq[j];
                 cos[[t, j]] = (angle as f64).cos() as f32 * self.attention_factor;
                 sin[[t, j]] = (angle as f64).sin() as f32 * self.attention_factor;
             }
         }
         Ok(RopeAngles { cos, sin, head_dim: self.head_dim, pairs: self.pairs })
     }
+}
+
+/// `base^(-2i / rotary_dim)` for `i < rotary_dim / 2`, rounded to f32 as transformers stores them.
+fn inverse_frequencies(base: f64, rotary_dim: usize) -> Vec<f32> {
+    (0..rotary_dim / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect()
 }
 
 /// YaRN's inverse frequencies: `interpolated · ramp + original · (1 − ramp)`, where the original
@@ -280,6 +336,7 @@ mod tests {
             mrope_interleaved: interleaved,
             partial_rotary_factor: 1.0,
             alpha: None,
+            scaling: RopeScaling::None,
         }
     }
 

@@ -107,7 +107,8 @@ pub struct FloatModel {
 
 impl FloatModel {
     pub fn open(model_path: &Path, model_type: Option<&str>) -> Result<FloatModel> {
-        let ckpt = Checkpoint::open(model_path)?;
+        let mut ckpt = Checkpoint::open(model_path)?;
+        crate::data::calib::complete_image_tokens(&ckpt.dir, &mut ckpt.config)?;
         let names: Vec<&str> = ckpt.names().collect();
         let model = Model::new(&ckpt.config, model_type, &names)?;
         let inventory: Vec<TensorMeta> = names.iter().map(|n| ckpt.entry(n).unwrap().1.meta()).collect();
@@ -333,19 +334,18 @@ pub fn decoder_inputs(
     Ok(seqs)
 }
 
-/// `get_rope_index` for Qwen VL models fed images (LLaVA and text-only inputs use 1D positions).
+/// `get_rope_index` for Qwen VL models fed images (LLaVA, InternVL and text-only inputs use 1D
+/// positions).
 pub fn rope_index(model: &Model, with_images: bool) -> Result<Option<RopeIndex>> {
     match model.layout.vision_kind {
-        Some(kind) if with_images && kind != crate::model::layout::VisionKind::Clip => {
-            Ok(Some(RopeIndex::from_model(model)?))
-        }
+        Some(kind) if with_images && kind.uses_mrope() => Ok(Some(RopeIndex::from_model(model)?)),
         _ => Ok(None),
     }
 }
 
 /// A sequence without images; image tokens in it are an error.
 pub fn text_only(model: &Model, ids: &[i64], embeds: Array2<f32>) -> Result<DecoderInput> {
-    let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "video_token_id"]
+    let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "img_context_token_id", "video_token_id"]
         .iter()
         .filter_map(|k| model.config.get(*k).and_then(|v| v.as_i64()))
         .collect();
@@ -395,15 +395,13 @@ fn vision_forward(
         src.release(kind);
         Ok(w)
     };
-    // CLIP states are `[images · tokens, dim]`; the reference keeps the image axis.
-    let images = if matches!(tower, VisionTower::Clip(_)) { input.pixel_values.shape()[0] } else { 1 };
+    // CLIP (and InternViT's tile) states are `[images · tokens, dim]`; the reference keeps the image axis.
+    let per_image = matches!(tower, VisionTower::Clip(_) | VisionTower::InternVit(_));
+    let images = if per_image { input.pixel_values.shape()[0] } else { 1 };
     let as_tensor = |h: &Array2<f32>| {
         let (rows, dim) = h.dim();
-        let shape: Vec<usize> = if images > 1 || matches!(tower, VisionTower::Clip(_)) {
-            vec![images, rows / images, dim]
-        } else {
-            vec![rows, dim]
-        };
+        let shape: Vec<usize> =
+            if images > 1 || per_image { vec![images, rows / images, dim] } else { vec![rows, dim] };
         Tensor::from_f32(&shape, h.as_slice().expect("hidden states are contiguous"))
     };
     let mut state = tower.embed(device, &load(UnitKind::VisionPre)?.0, input)?;

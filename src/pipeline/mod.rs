@@ -122,12 +122,15 @@ pub fn prepare(args: &QuantArgs) -> Result<Prepared> {
     // A config.json alone (or a folder without weights, for `plan`) is planned on paper.
     let on_paper = args.model_path.is_file()
         || (args.save_path.is_none() && args.model_path.is_dir() && !has_weights(&args.model_path));
-    let (config, ckpt) = if on_paper {
+    let (mut config, ckpt) = if on_paper {
         (checkpoint::read_config(&args.model_path)?, None)
     } else {
         let c = Checkpoint::open(&args.model_path)?;
         (c.config.clone(), Some(c))
     };
+    if args.model_path.is_dir() {
+        crate::data::calib::complete_image_tokens(&args.model_path, &mut config)?;
+    }
     let names: Vec<&str> = ckpt.as_ref().map(|c| c.names().collect()).unwrap_or_default();
     let config_file =
         if args.model_path.is_file() { args.model_path.clone() } else { args.model_path.join(checkpoint::CONFIG) };

@@ -36,6 +36,9 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
     ("deepseek_v3-w8a8.yaml", include_str!("../../pipelines/deepseek_v3-w8a8.yaml")),
     ("deepseek_v3-w4a8_dynamic.yaml", include_str!("../../pipelines/deepseek_v3-w4a8_dynamic.yaml")),
+    ("internlm2-w8a8.yaml", include_str!("../../pipelines/internlm2-w8a8.yaml")),
+    ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
+    ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
     ("w8a8-quarot.yaml", include_str!("../../pipelines/w8a8-quarot.yaml")),
@@ -485,7 +488,7 @@ mod tests {
     /// linear's role rather than from the recipes' globs.
     fn intended_w8a8(module: &str) -> Option<&'static str> {
         let leaf = module.rsplit('.').next().unwrap();
-        if leaf == "lm_head" || module.ends_with("mlp.gate") {
+        if matches!(leaf, "lm_head" | "output") || module.ends_with("mlp.gate") {
             return None;
         }
         if module.contains(".mlp.experts.") {
@@ -500,7 +503,9 @@ mod tests {
                 || matches!(leaf, "fc2" | "linear_fc2" | "down_proj");
             return (!float).then_some("W8A8");
         }
-        Some(if leaf == "down_proj" { "W8A16" } else { "W8A8" })
+        // The down projection: down_proj, InternLM2's feed_forward.w2, Qwen's mlp.c_proj.
+        let down = leaf == "down_proj" || module.ends_with("feed_forward.w2") || module.ends_with("mlp.c_proj");
+        Some(if down { "W8A16" } else { "W8A8" })
     }
 
     #[test]
@@ -517,6 +522,8 @@ mod tests {
             ("qwen3_vl", "qwen3_vl-w8a8"),
             ("qwen3_vl_moe", "qwen3_vl_moe-w8a8"),
             ("llava", "llava-w8a8"),
+            ("internlm2", "internlm2-w8a8"),
+            ("qwen1", "qwen-w8a8"),
         ];
         for (fixture, recipe_name) in fixtures {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
@@ -569,6 +576,19 @@ mod tests {
                 "qwen3_vl" => {
                     has("model.language_model.layers.1.mlp.down_proj", Some("W8A16"));
                     has("model.visual.blocks.1.mlp.linear_fc2", None);
+                }
+                "internlm2" => {
+                    has("model.layers.0.attention.wqkv", Some("W8A8"));
+                    has("model.layers.0.feed_forward.w1", Some("W8A8"));
+                    has("model.layers.0.feed_forward.w3", Some("W8A8"));
+                    has("model.layers.1.feed_forward.w2", Some("W8A16"));
+                    has("output", None);
+                }
+                "qwen1" => {
+                    has("transformer.h.0.attn.c_attn", Some("W8A8"));
+                    has("transformer.h.0.mlp.w2", Some("W8A8"));
+                    has("transformer.h.1.mlp.c_proj", Some("W8A16"));
+                    has("lm_head", None);
                 }
                 _ => has("model.layers.1.mlp.down_proj", Some("W8A16")),
             }

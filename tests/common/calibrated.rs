@@ -54,7 +54,7 @@ pub fn write_calib_ids(
 pub fn is_linear(name: &str, shape: &[usize]) -> bool {
     let Some(module) = name.strip_suffix(".weight") else { return false };
     let last = module.rsplit('.').next().unwrap();
-    shape.len() == 2 && !["embed_tokens", "pos_embed", "position_embedding"].contains(&last)
+    shape.len() == 2 && !["embed_tokens", "tok_embeddings", "wte", "pos_embed", "position_embedding"].contains(&last)
 }
 
 /// What a check should expect of a run.
@@ -112,17 +112,71 @@ fn deq_scale(t: &St, model_is_bf16: bool, module: &str) -> Vec<f32> {
     }
 }
 
-/// The text decoder layer a module belongs to: `(prefix up to and including "layers.N.", rest)`.
+/// The text decoder layer a module belongs to: `(prefix up to and including "layers.N." or Qwen
+/// (1)'s "h.N.", rest)`.
 fn text_layer(module: &str) -> Option<(&str, &str)> {
-    if module.contains("visual.") || module.contains("vision_tower.") {
+    if module.contains("visual.") || module.contains("vision_tower.") || module.contains("vision_model.") {
         return None;
     }
-    let at = module.find("layers.")?;
-    let after = &module[at + "layers.".len()..];
-    let dot = after.find('.')?;
-    after[..dot].parse::<usize>().ok()?;
-    let split = at + "layers.".len() + dot + 1;
-    Some((&module[..split], &module[split..]))
+    for container in ["layers.", "transformer.h."] {
+        let Some(at) = module.find(container) else { continue };
+        let after = &module[at + container.len()..];
+        let dot = after.find('.')?;
+        after[..dot].parse::<usize>().ok()?;
+        let split = at + container.len() + dot + 1;
+        return Some((&module[..split], &module[split..]));
+    }
+    None
+}
+
+/// What a text-layer linear does, by the names of the checkpoints the fixtures follow (Llama /
+/// Qwen, InternLM2's remote code, Qwen (1)'s remote code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Reads the attention norm, its rows are not rescaled by v -> o smoothing: q, k, and the
+    /// fused q/k/v projections (whose value rows no smoothing touches).
+    QueryKey,
+    Value,
+    /// The attention output projection; `fused` when the layer's q/k/v are fused (no v -> o pair).
+    Output {
+        fused: bool,
+    },
+    GateUp,
+    Down,
+    Router,
+}
+
+fn role(rest: &str) -> Option<Role> {
+    Some(match rest {
+        "self_attn.q_proj" | "self_attn.k_proj" | "attention.wqkv" | "attn.c_attn" => Role::QueryKey,
+        // Qwen3-Next's Gated DeltaNet projections read the attention norm; no smoothing pairs with them.
+        "linear_attn.in_proj_qkvz" | "linear_attn.in_proj_ba" => Role::QueryKey,
+        "self_attn.v_proj" => Role::Value,
+        "self_attn.o_proj" => Role::Output { fused: false },
+        "attention.wo" | "attn.c_proj" => Role::Output { fused: true },
+        "mlp.gate_proj" | "mlp.up_proj" | "feed_forward.w1" | "feed_forward.w3" | "mlp.w1" | "mlp.w2" => Role::GateUp,
+        "mlp.down_proj" | "feed_forward.w2" | "mlp.c_proj" => Role::Down,
+        // The router and Qwen3-Next's shared-expert gate read the MLP norm, as the experts do.
+        "mlp.gate" | "mlp.shared_expert_gate" => Role::Router,
+        // Routed and shared experts (`mlp.experts.J.*`, `mlp.shared_experts.*`, `mlp.shared_expert.*`)
+        // by their leaf, as the standard names go.
+        r => match r.rsplit('.').next() {
+            Some("gate_proj" | "up_proj") => Role::GateUp,
+            Some("down_proj") => Role::Down,
+            _ => return None,
+        },
+    })
+}
+
+/// The attention norm and the MLP norm of the layer whose linears are named like `rest`.
+fn norms_of(rest: &str) -> (&'static str, &'static str) {
+    if rest.starts_with("attention.") || rest.starts_with("feed_forward.") {
+        ("attention_norm", "ffn_norm")
+    } else if rest.starts_with("attn.") || rest == "mlp.w1" || rest == "mlp.w2" || rest == "mlp.c_proj" {
+        ("ln_1", "ln_2")
+    } else {
+        ("input_layernorm", "post_attention_layernorm")
+    }
 }
 
 /// The per-input-channel smoothing scales `s = g / g'` of a norm, from the input's and the
@@ -171,14 +225,14 @@ fn smoothed_weight(
 ) -> Option<Vec<f32>> {
     let wv = f32s(w);
     let Some((layer, rest)) = text_layer(module) else { return Some(wv) };
-    let leaf = rest.rsplit('.').next().unwrap();
-    let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj" | "in_proj_qkvz" | "in_proj_ba") => "input_layernorm",
-        (_, "v_proj" | "o_proj") => return None,
-        (_, "up_proj") if up_down => return None,
-        (_, "down_proj") if up_down => return None,
-        (_, "down_proj") => return Some(wv),
-        (_, "gate_proj" | "up_proj" | "shared_expert_gate") | ("mlp.gate", _) => "post_attention_layernorm",
+    let (attn_norm, mlp_norm) = norms_of(rest);
+    let up = rest.ends_with("up_proj") || rest == "feed_forward.w3" || rest == "mlp.w1";
+    let norm = match role(rest) {
+        Some(Role::QueryKey) => attn_norm,
+        Some(Role::Value | Role::Output { fused: false }) => return None,
+        Some(Role::GateUp) if up_down && up => return None,
+        Some(Role::Down) if up_down => return None,
+        Some(Role::GateUp | Role::Router) => mlp_norm,
         _ => return Some(wv),
     };
     let s = norm_scales(&format!("{layer}{norm}"), inputs, outputs);
@@ -189,12 +243,15 @@ fn smoothed_weight(
 /// The norm a text-layer linear reads, when it reads one.
 fn consumed_norm(module: &str) -> Option<String> {
     let (layer, rest) = text_layer(module)?;
-    let leaf = rest.rsplit('.').next().unwrap();
-    let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj" | "v_proj" | "in_proj_qkvz" | "in_proj_ba") => "input_layernorm",
-        (_, "gate_proj" | "up_proj" | "shared_expert_gate") | ("mlp.gate", _) => "post_attention_layernorm",
+    let (attn_norm, mlp_norm) = norms_of(rest);
+    let norm = match role(rest)? {
+        Role::QueryKey | Role::Value => attn_norm,
+        Role::GateUp | Role::Router => mlp_norm,
         _ => return None,
     };
+    if rest.contains(".experts.") && rest.ends_with("down_proj") {
+        return None;
+    }
     Some(format!("{layer}{norm}"))
 }
 
@@ -280,7 +337,7 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
     assert_eq!(global.len(), globals.len(), "global keys");
     assert_eq!((global["version"].as_str(), global["group_size"].as_u64()), (Some("1.0.0"), Some(0)));
 
-    let eps = text_cfg["rms_norm_eps"].as_f64().unwrap();
+    let eps = text_cfg["rms_norm_eps"].as_f64().or(text_cfg["layer_norm_epsilon"].as_f64()).unwrap();
     let ctx = Ctx { inputs, outputs, desc, expect, eps, model_is_bf16 };
     let mut seen = Seen::default();
     let mut accounted: BTreeSet<String> = BTreeSet::new();
@@ -316,8 +373,11 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
         let o = ctx.outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
         assert_eq!(ctx.desc[name], "FLOAT", "description type of {name}");
         assert_eq!((&o.dtype, &o.shape), (&l.st.dtype, &l.st.shape), "{name}");
-        let smoothed_norm = text_layer(name)
-            .is_some_and(|(_, r)| r == "input_layernorm.weight" || r == "post_attention_layernorm.weight");
+        let smoothed_norm = text_layer(name).is_some_and(|(_, r)| {
+            ["input_layernorm", "post_attention_layernorm", "attention_norm", "ffn_norm", "ln_1", "ln_2"]
+                .iter()
+                .any(|n| r == format!("{n}.weight"))
+        });
         if !smoothed_norm {
             assert!(*o == l.st, "float tensor {name} is not the input's bytes");
         }
@@ -325,7 +385,11 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
     }
     // m2 gives a shifted norm a bias, float and finite.
     for (name, t) in &ctx.outputs {
-        let norm_bias = text_layer(name).is_some_and(|(_, r)| r.ends_with("layernorm.bias"));
+        let norm_bias = text_layer(name).is_some_and(|(_, r)| {
+            ["layernorm.bias", "attention_norm.bias", "ffn_norm.bias", "ln_1.bias", "ln_2.bias"]
+                .iter()
+                .any(|n| r.ends_with(n))
+        });
         if norm_bias && !ctx.inputs.contains_key(name) {
             assert_eq!(ctx.desc[name], "FLOAT", "description type of {name}");
             assert!(f32s(t).iter().all(|v| v.is_finite()), "{name} holds a non-finite value");
@@ -427,8 +491,9 @@ impl Ctx<'_> {
             Some(ib) => {
                 let b = l.get("bias");
                 assert_eq!((b.dtype.as_str(), b.shape.clone()), ("F32", vec![rows]), "{module}.bias");
-                // q/k take the norm's column scales only: their bias stays the input's (plus W z).
-                if module.ends_with("q_proj") || module.ends_with("k_proj") {
+                // q/k (and fused q/k/v) take the norm's column scales only: their bias stays the
+                // input's (plus W z).
+                if text_layer(module).and_then(|(_, r)| role(r)) == Some(Role::QueryKey) {
                     let want = with_shift(ib.clone());
                     for (r, (&got, &want)) in f32s(b).iter().zip(&want).enumerate() {
                         let tol = 1e-2 * want.abs() + 1e-3;
@@ -459,7 +524,7 @@ impl Ctx<'_> {
         }
         // Layer 0's q/k/v read the input norm of the embeddings: recompute their range.
         let layer0_qkv = text_layer(module).is_some_and(|(l, r)| {
-            l.ends_with("layers.0.") && ["q_proj", "k_proj", "v_proj"].iter().any(|p| r.ends_with(p))
+            (l.ends_with("layers.0.") || l.ends_with("h.0.")) && matches!(role(r), Some(Role::QueryKey | Role::Value))
         });
         if layer0_qkv {
             let (want_scale, want_offset) =
@@ -518,11 +583,15 @@ fn layer0_range(
     calib: &[Vec<i64>],
     eps: f64,
 ) -> (f64, f64) {
-    let (layer, _) = text_layer(module).unwrap();
+    let (layer, rest) = text_layer(module).unwrap();
+    let (attn_norm, _) = norms_of(rest);
     let offset = norm_offset(inputs);
-    let norm: Vec<f32> = f32s(&outputs[&format!("{layer}input_layernorm.weight")]).iter().map(|v| v + offset).collect();
-    let bias = outputs.get(&format!("{layer}input_layernorm.bias")).map(f32s);
-    let table_name = inputs.keys().find(|k| k.ends_with("embed_tokens.weight")).expect("an embedding table");
+    let norm: Vec<f32> = f32s(&outputs[&format!("{layer}{attn_norm}.weight")]).iter().map(|v| v + offset).collect();
+    let bias = outputs.get(&format!("{layer}{attn_norm}.bias")).map(f32s);
+    let table_name = inputs
+        .keys()
+        .find(|k| ["embed_tokens.weight", "tok_embeddings.weight", "wte.weight"].iter().any(|e| k.ends_with(e)))
+        .expect("an embedding table");
     let table = &inputs[table_name].st;
     let hidden = table.shape[1];
     let values = f32s(table);

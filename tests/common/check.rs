@@ -77,7 +77,7 @@ pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, St> {
 /// The input's tensors as linears and float tensors, fused experts split in the test's own code.
 pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let config = read_json(&dir.join("config.json"));
-    let text = if config["text_config"].is_object() { &config["text_config"] } else { &config };
+    let text = ["text_config", "llm_config"].iter().map(|k| &config[*k]).find(|t| t.is_object()).unwrap_or(&config);
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
     // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
@@ -192,18 +192,31 @@ pub fn split_fused(gate_up: &St, down: &St, hidden: usize, inter: usize) -> Vec<
 /// Whether a tensor is a linear's weight the bundled recipes keep float: embedding tables, lm_head, MoE
 /// routers, and what each family's W8A8 recipe keeps float in its vision tower (the second MLP
 /// projection: Qwen3-VL `linear_fc2`, Qwen2-VL `blocks.*.mlp.fc2`, Qwen2.5-VL `blocks.*.mlp.down_proj`,
-/// CLIP `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers and LLaVA's projector), and in
+/// CLIP and InternViT `encoder.layers.*.mlp.fc2`; mergers, deepstack mergers, LLaVA's and InternVL's
+/// (`mlp1`) projectors), and in
 /// DeepSeek's MLA `kv_b_proj` (vLLM-Ascend reads it unquantized) and the MTP layer's `eh_proj` and
 /// `shared_head.head`.
 pub fn stays_float(module: &str) -> bool {
     let last = module.rsplit('.').next().unwrap();
-    ["embed_tokens", "pos_embed", "position_embedding", "lm_head", "shared_expert_gate", "kv_b_proj", "eh_proj"]
-        .contains(&last)
+    [
+        "embed_tokens",
+        "tok_embeddings",
+        "wte",
+        "pos_embed",
+        "position_embedding",
+        "lm_head",
+        "output",
+        "shared_expert_gate",
+        "kv_b_proj",
+        "eh_proj",
+    ]
+    .contains(&last)
         || module.ends_with("shared_head.head")
         || module.ends_with("mlp.gate")
         || module.contains("linear_fc2")
         || module.contains("merger")
         || module.contains("multi_modal_projector")
+        || module.starts_with("mlp1.")
         || (module.contains("blocks.") && (module.ends_with("mlp.fc2") || module.ends_with("mlp.down_proj")))
         || (module.contains("encoder.layers.") && module.ends_with("mlp.fc2"))
 }

@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava and internvl_chat (by its `llm_config`) |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
@@ -20,7 +20,10 @@
 //!
 //! Adding an architecture: a file here with a layer type implementing [`DecoderBlock`] and its
 //! graph, a variant of [`Arch`], and the families that use it in [`Arch::of`]. Weights come from
-//! [`Weights`]; which checkpoint names they have is [`crate::model::layout::Layout`]'s business.
+//! [`Weights`]; which checkpoint names they have is [`crate::model::layout::Layout`]'s business
+//! (a family whose math is the standard layer's but whose names or fused projections differ is a
+//! [`crate::model::layout::DecoderNames`] there, not a file here). A vision-language model's
+//! decoder is its language model's: [`Arch::of`] takes the layout's `text_family`.
 
 pub mod gated_delta;
 pub mod glm4;
@@ -80,11 +83,14 @@ impl Arch {
             | Family::Qwen2
             | Family::Qwen3
             | Family::Qwen3Moe
+            | Family::InternLm2
+            | Family::Qwen
             | Family::Qwen2Vl
             | Family::Qwen25Vl
             | Family::Qwen3Vl
             | Family::Qwen3VlMoe
             | Family::Llava
+            | Family::InternVlChat
             | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
             Family::Glm4 => Arch::Glm4,
@@ -97,8 +103,9 @@ impl Arch {
 /// Builds decoder layer `index` of `model` from its weights (names relative to the layer),
 /// taking them over.
 pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn DecoderBlock>> {
-    Ok(match Arch::of(model.family) {
-        Arch::Standard => Box::new(standard::Layer::new(&model.text, index, weights)?),
+    let names = &model.layout.names.decoder;
+    Ok(match Arch::of(model.layout.text_family) {
+        Arch::Standard => Box::new(standard::Layer::new(&model.text, names, index, weights)?),
         Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
         Arch::Mla => Box::new(mla::Layer::new(&model.text, index, weights)?),
         Arch::Qwen3Next => Box::new(qwen3_next::Layer::new(&model.text, index, weights)?),
@@ -107,8 +114,8 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
 
 /// How decoder layer `index` of `model` connects its linears.
 pub fn graph(model: &Model, index: usize) -> LayerGraph {
-    match Arch::of(model.family) {
-        Arch::Standard => standard::Layer::graph(&model.text, index),
+    match Arch::of(model.layout.text_family) {
+        Arch::Standard => standard::Layer::graph(&model.text, &model.layout.names.decoder, index),
         Arch::Glm4 => glm4::Layer::graph(&model.text, index),
         Arch::Mla => mla::Layer::graph(&model.text, index),
         Arch::Qwen3Next => qwen3_next::Layer::graph(&model.text, index),
@@ -335,7 +342,10 @@ pub(crate) mod tests {
         }
         fn image_token(&self) -> Option<i64> {
             let c = &self.ckpt.config;
-            c.get("image_token_id").or(c.get("image_token_index")).and_then(|v| v.as_i64())
+            c.get("image_token_id")
+                .or(c.get("image_token_index"))
+                .or(c.get("img_context_token_id"))
+                .and_then(|v| v.as_i64())
         }
     }
 
@@ -351,12 +361,12 @@ pub(crate) mod tests {
     /// Embedding, every layer, final norm and logits against the transformers reference.
     fn parity(name: &'static str) {
         let f = fixture(name);
-        let text = &f.model.layout.text;
+        let layout = &f.model.layout;
         let mut report = vec![];
 
         // Embedding: at VL models' image positions the reference holds spliced image features.
         let embedded = embed(f.embed_table().view(), &f.ids()).unwrap();
-        let first_in = format!("{text}.layers.0.in");
+        let first_in = format!("{}.in", layout.text_layer(0));
         let reference =
             f.states(if f.reference.contains_key("lm.inputs_embeds") { "lm.inputs_embeds" } else { &first_in });
         let text_rows: Vec<usize> = (0..f.ids().len()).filter(|&t| Some(f.ids()[t]) != f.image_token()).collect();
@@ -367,16 +377,16 @@ pub(crate) mod tests {
         let positions = f.positions();
         let n = f.model.text.num_layers;
         for i in 0..n {
-            let x = f.states(&format!("{text}.layers.{i}.in"));
+            let x = f.states(&format!("{}.in", layout.text_layer(i)));
             let out = f.layer(i).forward(&Cpu, x.view(), &positions, &mut Plain, ForwardOptions::default()).unwrap();
-            let e = rel_err(out.view(), f.states(&format!("{text}.layers.{i}.out")).view());
+            let e = rel_err(out.view(), f.states(&format!("{}.out", layout.text_layer(i))).view());
             report.push(format!("layer {i} {e:.2e}"));
             assert!(e <= TOLERANCE, "{name}: layer {i} error {e}");
         }
 
         // Qwen3-VL adds deepstack features at the image positions after the first layers, the
         // last layer included when there are as many deepstack levels as layers.
-        let mut last = f.states(&format!("{text}.layers.{}.out", n - 1));
+        let mut last = f.states(&format!("{}.out", layout.text_layer(n - 1)));
         if let Some(d) = f.reference.get(&format!("visual.deepstack.{}", n - 1)) {
             let feats = Array2::from_shape_vec((d.shape[0], d.shape[1]), d.to_f32().unwrap()).unwrap();
             let image_rows = (0..f.ids().len()).filter(|&t| Some(f.ids()[t]) == f.image_token());
@@ -431,6 +441,14 @@ pub(crate) mod tests {
         parity("qwen3_vl_moe");
     }
     #[test]
+    fn parity_internlm2() {
+        parity("internlm2");
+    }
+    #[test]
+    fn parity_qwen1() {
+        parity("qwen1");
+    }
+    #[test]
     fn parity_llava() {
         parity("llava");
     }
@@ -465,6 +483,11 @@ pub(crate) mod tests {
         parity("qwen3_fp8");
     }
     #[test]
+    fn parity_internvl() {
+        parity("internvl_chat");
+        parity("internvl_chat_6b");
+    }
+    #[test]
     fn parity_glm4_moe() {
         parity("glm4_moe");
     }
@@ -473,6 +496,48 @@ pub(crate) mod tests {
     #[test]
     fn parity_qwen3_next() {
         parity("qwen3_next");
+    }
+
+    /// The scalings that act only beyond the trained length, switched on by a shorter trained
+    /// length in the config: every layer and the logits against tests/fixtures/gen/long_context.py.
+    fn long_context(name: &'static str, overrides: serde_json::Value) {
+        let mut f = fixture(name);
+        let mut config = f.ckpt.config.clone();
+        for (k, v) in overrides.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let names: Vec<&str> = f.ckpt.names().collect();
+        f.model = Model::new(&config, None, &names).unwrap();
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(name);
+        f.reference = load_all(&dir.join("long.safetensors")).unwrap();
+        let positions = Positions::sequential(f.ids().len());
+        let mut x = embed(f.embed_table().view(), &f.ids()).unwrap();
+        for i in 0..f.model.text.num_layers {
+            let layer = f.layer(i);
+            let key = f.model.layout.text_layer(i);
+            let from_ref = layer
+                .forward(&Cpu, f.states(&format!("{key}.in")).view(), &positions, &mut Plain, ForwardOptions::default())
+                .unwrap();
+            let e = rel_err(from_ref.view(), f.states(&format!("{key}.out")).view());
+            assert!(e <= TOLERANCE, "{name}: long-context layer {i} error {e}");
+            x = layer.forward(&Cpu, x.view(), &positions, &mut Plain, ForwardOptions::default()).unwrap();
+        }
+        let head_w = Weights::load(&f.ckpt, f.unit(UnitKind::Head), "").unwrap();
+        let head = Head::new(&f.model.text, &f.model.layout, head_w, || Ok(f.embed_table())).unwrap();
+        let logits = head.logits(&Cpu, head.final_norm(x.view()).view(), &mut Plain);
+        let e = rel_err(logits.view(), f.states("logits").view());
+        assert!(e <= TOLERANCE, "{name}: long-context logits error {e}");
+    }
+
+    #[test]
+    fn internlm2_dynamic_ntk_beyond_the_trained_length() {
+        let rope = serde_json::json!({"type": "dynamic", "factor": 2.0});
+        long_context("internlm2", serde_json::json!({"max_position_embeddings": 16, "rope_scaling": rope}));
+    }
+
+    #[test]
+    fn qwen1_logn_and_dynamic_ntk_beyond_the_trained_length() {
+        long_context("qwen1", serde_json::json!({"seq_length": 8}));
     }
 
     /// Records which linears ran and on how many tokens, and the cached keys' shapes.
@@ -499,9 +564,8 @@ pub(crate) mod tests {
             ("qwen3_next", 3),
         ] {
             let f = fixture(name);
-            let text = &f.model.layout.text;
             let positions = f.positions();
-            let x = f.states(&format!("{text}.layers.{i}.in"));
+            let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
             let layer = f.layer(i);
             let (mut routed, mut all) = (Recorder(BTreeMap::new()), Recorder(BTreeMap::new()));
             let a = layer
@@ -545,6 +609,8 @@ pub(crate) mod tests {
             "qwen2",
             "qwen3_moe",
             "qwen3_vl_moe",
+            "internlm2",
+            "qwen1",
             "glm4",
             "glm4_moe",
             "deepseek_v3",
@@ -554,7 +620,7 @@ pub(crate) mod tests {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
-                let x = f.states(&format!("{}.layers.{i}.in", f.model.layout.text));
+                let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
                 let opts = ForwardOptions { moe_all_experts: true };
                 f.layer(i).forward(&Cpu, x.view(), &f.positions(), &mut rec, opts).unwrap();
                 let ran: std::collections::BTreeSet<&str> =
@@ -574,9 +640,13 @@ pub(crate) mod tests {
                 for (_, norm) in &g.post_norms {
                     assert!(w.has(&format!("{norm}.weight")), "{name} layer {i}: {norm}");
                 }
+                // The linears reading one norm share one input group; the output projection reads its own.
                 let groups = g.input_groups();
-                assert_eq!(groups.of("self_attn.v_proj"), "self_attn.q_proj");
-                assert_eq!(groups.of("self_attn.o_proj"), "self_attn.o_proj");
+                let d = f.model.layout.names.decoder;
+                let qkv = d.qkv_modules();
+                assert!(qkv.iter().all(|m| groups.of(m) == qkv[0]), "{name}");
+                assert_eq!(groups.of(d.up), d.gate, "{name}");
+                assert_eq!(groups.of(d.o_proj), d.o_proj, "{name}");
             }
         }
     }

@@ -5,6 +5,7 @@
 use super::{ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{GroupScore, MoeConfig, Scoring, TextConfig};
+use crate::model::layout::{DecoderNames, FusedQkv, QkvNames};
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::RopeAngles;
 use crate::model::weights::Weights;
@@ -117,35 +118,78 @@ pub fn causal_attention(
     context
 }
 
-/// Grouped-query attention with its projections (`self_attn.{q,k,v,o}_proj`, their biases when
-/// stored) and optional per-head RMSNorms of queries and keys, applied before RoPE (Qwen3,
-/// GLM-4.5).
+/// Grouped-query attention with its projections (`self_attn.{q,k,v,o}_proj` by default, their
+/// biases when stored) and optional per-head RMSNorms of queries and keys, applied before RoPE
+/// (Qwen3, GLM-4.5). The query, key and value projections may be stored as one fused linear
+/// (InternLM2's `attention.wqkv`, Qwen (1)'s `attn.c_attn`): it runs as that one linear, under its
+/// own name (so calibration observes, quantizes and writes it as the servers load it), and its
+/// output columns are split into q, k and v.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    /// The attention module's name (`self_attn`), for the KV-cache hook.
+    pub name: &'static str,
+    pub qkv: Qkv,
+    pub o_name: &'static str,
     pub o_proj: Linear,
     pub q_norm: Option<Array1<f32>>,
     pub k_norm: Option<Array1<f32>>,
     pub heads: Heads,
     pub eps: f32,
+    /// Qwen (1)'s logn scaling of the queries beyond `seq_length` (see [`logn_scale`]).
+    pub logn: Option<usize>,
+}
+
+/// The query, key and value projections as stored.
+#[derive(Debug, Clone)]
+pub enum Qkv {
+    Separate { names: [&'static str; 3], q: Box<Linear>, k: Box<Linear>, v: Box<Linear> },
+    Fused { name: &'static str, linear: Linear, rows: FusedQkv },
 }
 
 impl Attention {
     /// Takes `self_attn.*` from a layer's weights; `norms` names the optional q/k norms
     /// (`q_norm`, `k_norm`).
     pub fn take(w: &mut Take, hidden: usize, heads: Heads, norms: (&str, &str), eps: f32) -> Result<Attention> {
+        let mut a = Attention::take_named(w, &DecoderNames::STANDARD, hidden, heads, eps, None)?;
+        if norms != ("q_norm", "k_norm") {
+            a.q_norm = w.optional_vector(&format!("self_attn.{}.weight", norms.0), heads.qk_dim)?;
+            a.k_norm = w.optional_vector(&format!("self_attn.{}.weight", norms.1), heads.qk_dim)?;
+        }
+        Ok(a)
+    }
+
+    /// Takes the attention of a layer that names its modules as `names` says.
+    pub fn take_named(
+        w: &mut Take,
+        names: &DecoderNames,
+        hidden: usize,
+        heads: Heads,
+        eps: f32,
+        logn: Option<usize>,
+    ) -> Result<Attention> {
         let Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: vd } = heads;
+        let qkv = match names.qkv {
+            QkvNames::Separate { q, k, v } => Qkv::Separate {
+                names: [q, k, v],
+                q: Box::new(w.linear(q, nh * hd, hidden)?),
+                k: Box::new(w.linear(k, nkv * hd, hidden)?),
+                v: Box::new(w.linear(v, nkv * vd, hidden)?),
+            },
+            QkvNames::Fused { module, rows } => {
+                ensure!(vd == hd, "{module}: a fused q/k/v projection needs value heads as wide as query heads");
+                Qkv::Fused { name: module, linear: w.linear(module, (nh + 2 * nkv) * hd, hidden)?, rows }
+            }
+        };
         Ok(Attention {
-            q_proj: w.linear("self_attn.q_proj", nh * hd, hidden)?,
-            k_proj: w.linear("self_attn.k_proj", nkv * hd, hidden)?,
-            v_proj: w.linear("self_attn.v_proj", nkv * vd, hidden)?,
-            o_proj: w.linear("self_attn.o_proj", hidden, nh * vd)?,
-            q_norm: w.optional_vector(&format!("self_attn.{}.weight", norms.0), hd)?,
-            k_norm: w.optional_vector(&format!("self_attn.{}.weight", norms.1), hd)?,
+            name: names.attn,
+            qkv,
+            o_name: names.o_proj,
+            o_proj: w.linear(names.o_proj, hidden, nh * vd)?,
+            q_norm: w.optional_vector(&format!("{}.weight", names.q_norm), hd)?,
+            k_norm: w.optional_vector(&format!("{}.weight", names.k_norm), hd)?,
             heads,
             eps,
+            logn,
         })
     }
 
@@ -156,15 +200,62 @@ impl Attention {
         rope: &RopeAngles,
         hook: &mut dyn LinearHook,
     ) -> Result<Array2<f32>> {
-        let mut q = project(device, hook, "self_attn.q_proj", &self.q_proj, x)?;
-        let mut k = project(device, hook, "self_attn.k_proj", &self.k_proj, x)?;
-        let mut v = project(device, hook, "self_attn.v_proj", &self.v_proj, x)?;
+        let (mut q, mut k, mut v) = match &self.qkv {
+            Qkv::Separate { names: [qn, kn, vn], q, k, v } => {
+                (project(device, hook, qn, q, x)?, project(device, hook, kn, k, x)?, project(device, hook, vn, v, x)?)
+            }
+            Qkv::Fused { name, linear, rows } => {
+                split_fused(project(device, hook, name, linear, x)?, *rows, self.heads)
+            }
+        };
         norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
         norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
-        hook.kv_cache("self_attn", &mut k, &mut v);
+        if let Some(seq_length) = self.logn {
+            logn_scale(&mut q, seq_length);
+        }
+        hook.kv_cache(self.name, &mut k, &mut v);
         let scale = (self.heads.qk_dim as f32).powf(-0.5);
         let context = causal_attention(device, q.view(), k.view(), v.view(), self.heads, scale);
-        Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
+        Ok(hook.linear(device, self.o_name, &self.o_proj, context.view()))
+    }
+}
+
+/// The query, key and value columns of a fused projection's output `[seq, (heads + 2·kv_heads)·d]`.
+pub fn split_fused(y: Array2<f32>, rows: FusedQkv, heads: Heads) -> (Array2<f32>, Array2<f32>, Array2<f32>) {
+    let Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: d, .. } = heads;
+    match rows {
+        FusedQkv::Concatenated => (
+            y.slice(s![.., ..nh * d]).to_owned(),
+            y.slice(s![.., nh * d..(nh + nkv) * d]).to_owned(),
+            y.slice(s![.., (nh + nkv) * d..]).to_owned(),
+        ),
+        FusedQkv::PerKvHead => {
+            let group = nh / nkv;
+            let seq = y.nrows();
+            let (mut q, mut k, mut v) =
+                (Array2::zeros((seq, nh * d)), Array2::zeros((seq, nkv * d)), Array2::zeros((seq, nkv * d)));
+            // Key/value head `h` owns columns `h·(group + 2)·d ..`: its query heads, its key, its value.
+            for h in 0..nkv {
+                let base = h * (group + 2) * d;
+                q.slice_mut(s![.., h * group * d..(h + 1) * group * d])
+                    .assign(&y.slice(s![.., base..base + group * d]));
+                let kc = base + group * d;
+                k.slice_mut(s![.., h * d..(h + 1) * d]).assign(&y.slice(s![.., kc..kc + d]));
+                v.slice_mut(s![.., h * d..(h + 1) * d]).assign(&y.slice(s![.., kc + d..kc + 2 * d]));
+            }
+            (q, k, v)
+        }
+    }
+}
+
+/// Qwen (1)'s logn attention: the query of the token at 1-based position `i > seq_length` is
+/// multiplied by `log(i) / log(seq_length)` (in f64, then rounded to f32 as its `logn_tensor` is).
+pub fn logn_scale(q: &mut Array2<f32>, seq_length: usize) {
+    for (t, mut row) in q.rows_mut().into_iter().enumerate() {
+        let i = t + 1;
+        if i > seq_length {
+            row *= ((i as f64).ln() / (seq_length as f64).ln()) as f32;
+        }
     }
 }
 
@@ -201,10 +292,12 @@ pub fn project(
     Ok(if y.is_standard_layout() { y } else { y.as_standard_layout().into_owned() })
 }
 
-/// `down(silu(gate(x)) · up(x))`; `name` is the module (`mlp`, `mlp.experts.3`).
+/// `down(silu(gate(x)) · up(x))`; `names` are the three linears' module names (`mlp.gate_proj`,
+/// `mlp.up_proj`, `mlp.down_proj`; `mlp.experts.3.*`; InternLM2's `feed_forward.w1/w3/w2`).
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
-    pub name: String,
+    /// Gate, up and down, in that order.
+    pub names: [String; 3],
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
@@ -212,13 +305,13 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>, hook: &mut dyn LinearHook) -> Result<Array2<f32>> {
-        let name = |p: &str| format!("{}.{p}", self.name);
-        let gate = hook.linear(device, &name("gate_proj"), &self.gate_proj, x);
-        let up = hook.linear(device, &name("up_proj"), &self.up_proj, x);
-        ensure!(gate.dim() == up.dim(), "{} and {} disagree in shape", name("gate_proj"), name("up_proj"));
+        let [gate_name, up_name, down_name] = &self.names;
+        let gate = hook.linear(device, gate_name, &self.gate_proj, x);
+        let up = hook.linear(device, up_name, &self.up_proj, x);
+        ensure!(gate.dim() == up.dim(), "{gate_name} and {up_name} disagree in shape");
         let mut act = gate;
         act.zip_mut_with(&up, |g, &u| *g = *g / (1.0 + (-*g).exp()) * u);
-        Ok(hook.linear(device, &name("down_proj"), &self.down_proj, act.view()))
+        Ok(hook.linear(device, down_name, &self.down_proj, act.view()))
     }
 }
 
@@ -551,12 +644,19 @@ impl Take {
         (0..n).map(|j| self.swiglu(&format!("{module}.{j}"), hidden, inter)).collect()
     }
 
+    /// `{module}.gate_proj`, `{module}.up_proj`, `{module}.down_proj`.
     pub fn swiglu(&mut self, module: &str, hidden: usize, inter: usize) -> Result<SwiGlu> {
+        let [g, u, d] = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{module}.{p}"));
+        self.swiglu_named([&g, &u, &d], hidden, inter)
+    }
+
+    /// A SwiGLU MLP whose gate, up and down linears have these module names.
+    pub fn swiglu_named(&mut self, [gate, up, down]: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
         Ok(SwiGlu {
-            name: module.to_string(),
-            gate_proj: self.linear(&format!("{module}.gate_proj"), inter, hidden)?,
-            up_proj: self.linear(&format!("{module}.up_proj"), inter, hidden)?,
-            down_proj: self.linear(&format!("{module}.down_proj"), hidden, inter)?,
+            names: [gate, up, down].map(String::from),
+            gate_proj: self.linear(gate, inter, hidden)?,
+            up_proj: self.linear(up, inter, hidden)?,
+            down_proj: self.linear(down, hidden, inter)?,
         })
     }
 
@@ -724,6 +824,29 @@ mod tests {
         let (a, b, c) = (1f32.exp(), 2f32.exp(), 1.0);
         assert!((out[[2, 0]] - (a + 2.0 * b + 4.0 * c) / (a + b + c)).abs() < 1e-5);
         assert_eq!(out[[0, 0]], 1.0);
+    }
+
+    #[test]
+    fn fused_rows_split_as_the_modeling_files_do() {
+        // Two kv heads of two query heads each, head_dim 1: InternLM2's wqkv rows are
+        // [q0 q1 k0 v0 | q2 q3 k1 v1]; Qwen's c_attn rows are [q0..q3 | k0 k1 | v0 v1].
+        let heads = Heads { num_heads: 4, num_kv_heads: 2, qk_dim: 1, v_dim: 1 };
+        let y = Array2::from_shape_vec((1, 8), (0..8).map(|v| v as f32).collect()).unwrap();
+        let (q, k, v) = split_fused(y.clone(), FusedQkv::PerKvHead, heads);
+        let rows =
+            |q: Array2<f32>, k: Array2<f32>, v: Array2<f32>| (q.row(0).to_vec(), k.row(0).to_vec(), v.row(0).to_vec());
+        assert_eq!(rows(q, k, v), (vec![0.0, 1.0, 4.0, 5.0], vec![2.0, 6.0], vec![3.0, 7.0]));
+        let (q, k, v) = split_fused(y, FusedQkv::Concatenated, heads);
+        assert_eq!(rows(q, k, v), (vec![0.0, 1.0, 2.0, 3.0], vec![4.0, 5.0], vec![6.0, 7.0]));
+    }
+
+    #[test]
+    fn logn_scales_only_beyond_the_trained_length() {
+        let mut q = Array2::<f32>::ones((6, 2));
+        logn_scale(&mut q, 4);
+        assert_eq!(q.column(0).to_vec()[..4], [1.0; 4]);
+        // Positions 5 and 6 (1-based): log 5 / log 4 and log 6 / log 4.
+        assert!((q[[4, 1]] - 1.160_964_1).abs() < 1e-6 && (q[[5, 0]] - 1.292_481_2).abs() < 1e-6, "{q:?}");
     }
 
     #[test]

@@ -1,16 +1,25 @@
-//! The standard pre-norm decoder layer: Llama, Qwen2, Qwen3, Qwen3-MoE, and the language models
-//! of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and LLaVA.
+//! The standard pre-norm decoder layer: Llama, Qwen2, Qwen3, Qwen3-MoE, InternLM2, Qwen (1), and
+//! the language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and LLaVA.
 //!
 //! ```text
-//! x ─ RMSNorm ─ q,k,v (+bias) ─ [q/k RMSNorm] ─ RoPE ─ causal GQA attention ─ o ─ + ─┐
-//! └───────────────────────────────────────────────────────────────────────────────┘  │
-//! h ─ RMSNorm ─ SwiGLU MLP, or MoE (router softmax, top-k, experts) ──────────────── + ─ out
+//! x ─ RMSNorm ─ q,k,v (+bias) ─ [q/k RMSNorm] ─ RoPE ─ [logn] ─ causal GQA attention ─ o ─ + ─┐
+//! └───────────────────────────────────────────────────────────────────────────────────────┘  │
+//! h ─ RMSNorm ─ SwiGLU MLP, or MoE (router softmax, top-k, experts) ──────────────────────── + ─ out
 //! ```
+//!
+//! The families differ only in names ([`DecoderNames`]) and in how the query, key and value
+//! projections are stored: three linears, or one fused linear whose output rows are all queries,
+//! keys, values (Qwen's `c_attn`) or grouped per key/value head (InternLM2's `wqkv`). A fused
+//! projection runs as the one linear it is stored as (so calibration observes, quantizes and writes
+//! it under its own name, as the servers load it) and its output columns are split into q, k, v.
+//! Qwen (1)'s logn attention scaling and the dynamic NTK rotary scalings only act beyond the
+//! trained length; both are implemented exactly.
 
 use super::parts::{ffn_graph, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
+use crate::model::layout::{DecoderNames, QkvNames};
 use crate::model::nn::LinearHook;
 use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
@@ -30,10 +39,10 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Builds layer `index` from its weights (names relative to the layer), taking them over.
-    /// Every tensor of the layer must be used: a tensor this forward does not know (a shared
-    /// expert, an extra norm) is an error rather than a silently different model.
-    pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
+    /// Builds layer `index` from its weights (names relative to the layer, as `names` spells
+    /// them), taking them over. Every tensor of the layer must be used: a tensor this forward does
+    /// not know (a shared expert, an extra norm) is an error rather than a silently different model.
+    pub fn new(cfg: &TextConfig, names: &DecoderNames, index: usize, weights: Weights) -> Result<Layer> {
         if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
             bail!("hidden_act {:?} is not supported by lamina's text forward (only silu)", cfg.hidden_act);
         }
@@ -41,12 +50,20 @@ impl Layer {
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let mut w = Take::new(weights);
         let heads = Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd };
-        let attn = Attention::take(&mut w, hidden, heads, ("q_norm", "k_norm"), cfg.rms_norm_eps as f32)?;
-        let mlp = w.ffn(cfg, index)?;
+        let attn = Attention::take_named(&mut w, names, hidden, heads, cfg.rms_norm_eps as f32, cfg.logn_attention)?;
+        // MoE layers are named as every MoE family lamina reads names them (`mlp.gate`, `mlp.experts.J.*`).
+        let mlp = match &cfg.moe {
+            Some(m) if m.is_moe_layer(index) => w.ffn(cfg, index)?,
+            _ => Ffn::Dense(Box::new(w.swiglu_named(
+                [names.gate, names.up, names.down],
+                hidden,
+                cfg.intermediate_size,
+            )?)),
+        };
         let layer = Layer {
             index,
-            input_layernorm: w.norm("input_layernorm", hidden)?,
-            post_attention_layernorm: w.norm("post_attention_layernorm", hidden)?,
+            input_layernorm: w.norm(names.attn_norm, hidden)?,
+            post_attention_layernorm: w.norm(names.mlp_norm, hidden)?,
             attn,
             mlp,
             rope: Rope::new(&cfg.rope, hd)?,
@@ -57,18 +74,32 @@ impl Layer {
     }
 
     /// How this family's layer `index` connects its linears.
-    pub fn graph(cfg: &TextConfig, index: usize) -> LayerGraph {
-        let attn = |p: &str| format!("self_attn.{p}_proj");
-        let qkv: Vec<String> = ["q", "k", "v"].iter().map(|p| attn(p)).collect();
+    ///
+    /// A fused query/key/value projection has no separate value projection, so no v → o pair is
+    /// listed for it (smoothing cannot scale the value rows alone).
+    pub fn graph(cfg: &TextConfig, names: &DecoderNames, index: usize) -> LayerGraph {
+        let qkv = names.qkv_modules();
         let mut g = LayerGraph {
-            norm_linears: vec![NormLinears { norm: "input_layernorm".into(), consumers: qkv.clone() }],
-            linear_linears: vec![(attn("v"), attn("o"), LinearPath::ValueOutput)],
-            residual_writers: vec![attn("o")],
+            norm_linears: vec![NormLinears { norm: names.attn_norm.into(), consumers: qkv.clone() }],
+            linear_linears: Vec::new(),
+            residual_writers: vec![names.o_proj.into()],
             fused: vec![qkv],
-            kv_cache: vec!["self_attn".into()],
+            kv_cache: vec![names.attn.into()],
             ..LayerGraph::default()
         };
-        ffn_graph(cfg, index, "post_attention_layernorm", &mut g);
+        if let QkvNames::Separate { v, .. } = names.qkv {
+            g.linear_linears.push((v.into(), names.o_proj.into(), LinearPath::ValueOutput));
+        }
+        match &cfg.moe {
+            Some(m) if m.is_moe_layer(index) => ffn_graph(cfg, index, names.mlp_norm, &mut g),
+            _ => {
+                let gate_up = vec![names.gate.to_string(), names.up.to_string()];
+                g.norm_linears.push(NormLinears { norm: names.mlp_norm.into(), consumers: gate_up.clone() });
+                g.linear_linears.push((names.up.into(), names.down.into(), LinearPath::GatedProduct));
+                g.residual_writers.push(names.down.into());
+                g.fused.push(gate_up);
+            }
+        }
         g
     }
 }
@@ -99,7 +130,7 @@ impl DecoderBlock for Layer {
         let rope = self.rope.angles(positions)?;
         let h = self.input_layernorm.forward(x, self.eps);
         let mut out = self.attn.forward(device, h.view(), &rope, hook)?;
-        ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
+        ensure!(out.dim() == x.dim(), "layer {}: {} returned shape {:?}", self.index, self.attn.o_name, out.dim());
         out += &x;
         let h = self.post_attention_layernorm.forward(out.view(), self.eps);
         let m = self.mlp.forward(device, h.view(), hook, opts)?;

@@ -198,7 +198,8 @@ mod tests {
 
     #[test]
     fn feature_layers_resolve_like_python_indices() {
-        let layout = Layout::resolve(crate::model::layout::Family::Llava, &[]).unwrap();
+        let layout =
+            Layout::resolve(crate::model::layout::Family::Llava, crate::model::layout::Family::Llava, &[]).unwrap();
         let mut c = json!({"vision_config": {"num_hidden_layers": 3, "hidden_size": 8, "num_attention_heads": 2,
             "patch_size": 4}, "vision_feature_layer": -2});
         assert_eq!(Config::from_json(&c, &layout).unwrap().feature_layers, vec![2]);

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Each architecture is one file: [`qwen2_vl`], [`qwen2_5_vl`], [`qwen3_vl`] (also Qwen3-VL-MoE)
-//! and [`clip`] (LLaVA). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
+//! [`clip`] (LLaVA) and [`internvit`] (InternVL). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
 //! linear is computed through the [`LinearHook`] under that relative name (`attn.qkv`,
 //! `merger.linear_fc1`, `multi_modal_projector.linear_1`). The patch-embedding convolutions are
 //! computed as linears over flattened patches but not through the hook: they are not 2D linears
@@ -19,6 +19,7 @@
 //! text layers.
 
 pub mod clip;
+pub mod internvit;
 pub mod mrope;
 pub mod ops;
 pub mod qwen2_5_vl;
@@ -41,7 +42,7 @@ use ops::{Rotary, Spans};
 #[derive(Debug, Clone)]
 pub struct VisionInput {
     /// Qwen: `[patches, channels·temporal_patch·patch·patch]` in merge-window order.
-    /// CLIP: `[images, channels, height, width]`.
+    /// CLIP: `[images, channels, height, width]`; InternVL: `[tiles, channels, size, size]`.
     pub pixel_values: ArrayD<f32>,
     /// Qwen: `(t, h, w)` of every image in patches. Empty for CLIP.
     pub image_grid_thw: Vec<[usize; 3]>,
@@ -124,6 +125,7 @@ pub enum VisionTower {
     Qwen25Vl(qwen2_5_vl::Config),
     Qwen3Vl(qwen3_vl::Config),
     Clip(clip::Config),
+    InternVit(internvit::Config),
 }
 
 impl VisionTower {
@@ -137,6 +139,9 @@ impl VisionTower {
             VisionKind::Qwen25Vl => VisionTower::Qwen25Vl(qwen2_5_vl::Config::from_json(&model.config)?),
             VisionKind::Qwen3Vl => VisionTower::Qwen3Vl(qwen3_vl::Config::from_json(&model.config)?),
             VisionKind::Clip => VisionTower::Clip(clip::Config::from_json(&model.config, &model.layout)?),
+            VisionKind::InternVit => {
+                VisionTower::InternVit(internvit::Config::from_json(&model.config, &model.layout)?)
+            }
         })
     }
 
@@ -147,6 +152,7 @@ impl VisionTower {
             VisionTower::Qwen25Vl(c) => c.depth,
             VisionTower::Qwen3Vl(c) => c.depth,
             VisionTower::Clip(c) => c.depth,
+            VisionTower::InternVit(c) => c.depth,
         }
     }
 
@@ -157,6 +163,7 @@ impl VisionTower {
             VisionTower::Qwen25Vl(c) => c.embed(device, w, input),
             VisionTower::Qwen3Vl(c) => c.embed(device, w, input),
             VisionTower::Clip(c) => c.embed(device, w, input),
+            VisionTower::InternVit(c) => c.embed(device, w, input),
         }
         .with_context(|| format!("vision embeddings ({})", w.prefix))
     }
@@ -178,6 +185,7 @@ impl VisionTower {
             VisionTower::Qwen25Vl(c) => c.block(device, i, w, state, hook),
             VisionTower::Qwen3Vl(c) => c.block(device, i, w, state, hook),
             VisionTower::Clip(c) => c.block(device, i, w, state, hook),
+            VisionTower::InternVit(c) => c.block(device, i, w, state, hook),
         }
         .with_context(|| format!("vision block {}", w.prefix))
     }
@@ -195,6 +203,7 @@ impl VisionTower {
             VisionTower::Qwen25Vl(c) => c.finish(device, w, state, hook),
             VisionTower::Qwen3Vl(c) => c.finish(device, w, state, hook),
             VisionTower::Clip(c) => c.finish(device, w, state, hook),
+            VisionTower::InternVit(c) => c.finish(device, w, state, hook),
         }
         .with_context(|| {
             format!("vision mergers / projector ({})", if w.prefix.is_empty() { "whole names" } else { &w.prefix })

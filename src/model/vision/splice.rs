@@ -6,13 +6,15 @@ use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayView2};
 use serde_json::Value;
 
-/// The image placeholder token: `image_token_id` (Qwen), `image_token_index` (LLaVA).
+/// The image placeholder token: `image_token_id` (Qwen), `image_token_index` (LLaVA),
+/// `img_context_token_id` (InternVL; the releases' config.json leaves it to the tokenizer's
+/// `<IMG_CONTEXT>`, which calibration looks up and which inputs files must use).
 pub fn image_token_id(config: &Value) -> Result<i64> {
     let text = config.get("text_config");
-    ["image_token_id", "image_token_index"]
+    ["image_token_id", "image_token_index", "img_context_token_id"]
         .iter()
         .find_map(|k| config.get(*k).or_else(|| text.and_then(|t| t.get(*k))).and_then(|v| v.as_i64()))
-        .context("config.json names no image token (image_token_id or image_token_index)")
+        .context("config.json names no image token (image_token_id, image_token_index or img_context_token_id)")
 }
 
 /// The positions of the image tokens in a sequence.

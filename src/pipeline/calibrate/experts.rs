@@ -225,7 +225,9 @@ impl StreamedExperts {
                 let (Some(down_proj), Some(up_proj), Some(gate_proj)) = (parts.pop(), parts.pop(), parts.pop()) else {
                     unreachable!("three linears an expert")
                 };
-                built.push(SwiGlu { name: format!("{MODULE}.{}", first + k), gate_proj, up_proj, down_proj });
+                let name = format!("{MODULE}.{}", first + k);
+                let names = ["gate_proj", "up_proj", "down_proj"].map(|p| format!("{name}.{p}"));
+                built.push(SwiGlu { names, gate_proj, up_proj, down_proj });
             }
             for ((x, routes), sum) in pending.iter().zip(sums.iter_mut()) {
                 let chosen = &routes[first..first + group.len()];

@@ -257,7 +257,8 @@ mod tests {
         for (act, shift) in [("per_tensor", true), ("per_token", false)] {
             let r = Recipe::parse(&y(act), "t").unwrap();
             let s = Smoothing::from_recipe(&r).unwrap().unwrap();
-            let g = layer_subgraphs(&s, &Layer::graph(&cfg, 0), &r, &full, &|_| false);
+            let names = crate::model::layout::DecoderNames::STANDARD;
+            let g = layer_subgraphs(&s, &Layer::graph(&cfg, &names, 0), &r, &full, &|_| false);
             assert_eq!(g.len(), 4);
             assert!(g.iter().filter(|x| matches!(x.kind, Kind::NormLinear { .. })).all(|x| x.shift == shift));
         }
