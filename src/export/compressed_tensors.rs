@@ -278,7 +278,7 @@ impl CtExporter {
 
     /// The root (index into `roots`, or `usize::MAX` when none applies) a module lives under, and its
     /// name relative to it.
-    fn split<'a>(&self, module: &'a str) -> (usize, String) {
+    fn split(&self, module: &str) -> (usize, String) {
         let mut best: Option<(usize, &str)> = None;
         for (i, (root, _)) in self.roots.iter().enumerate() {
             let rest = if module == root { Some("") } else { module.strip_prefix(&format!("{root}.")) };
