@@ -6,8 +6,12 @@
 //!   `deq_scale = input_scale * weight_scale` and `quant_bias = round(bias / deq_scale -
 //!   input_offset * Σ_k q[:, k])`;
 //! - SmoothQuant's fold, read back from the norms: a norm's new weight is `g / s`, so the test
-//!   knows `s = g / g'` and the smoothed weight `W diag(s)` of every linear reading that norm;
-//!   weight scales are that weight's row absmax / 127, the router stays `W diag(s)` in bf16;
+//!   knows `s = g / g'` and the smoothed weight `W diag(s)` of every linear reading that norm
+//!   (MLA's too: `q_a_proj` / `kv_a_proj_with_mqa` read `input_layernorm`, `q_b_proj` and
+//!   `kv_b_proj` the low-rank norms); weight scales are that weight's row absmax / 127, the router
+//!   stays `W diag(s)` in bf16; m2's shift `z = -b' s`, read back from the bias a norm gained,
+//!   is in its static consumers' `quant_bias` as `W z` (the original `W`);
+//! - float linears are the input's bytes (an FP8 weight: its dequantized values in bf16);
 //! - layer 0's activation range: the textbook RMSNorm of the calibration tokens' embeddings
 //!   times the stored norm weight, min-max over every token and channel.
 
@@ -145,9 +149,30 @@ fn norm_scales(norm: &str, inputs: &BTreeMap<String, Logical>, outputs: &BTreeMa
         .collect()
 }
 
+/// The norm a text-layer linear reads, relative to its layer, when it reads one: the attention's
+/// input projections read `input_layernorm` (MLA's `q_a_proj` and `kv_a_proj_with_mqa` too), MLA's
+/// `q_b_proj` and `kv_b_proj` read the low-rank norms `q_a_layernorm` and `kv_a_layernorm`, the
+/// MLPs' (and experts') gate/up and the router read `post_attention_layernorm`.
+fn norm_of(rest: &str) -> Option<&'static str> {
+    let leaf = rest.rsplit('.').next().unwrap();
+    Some(match (rest, leaf) {
+        (_, "q_proj" | "k_proj" | "v_proj" | "q_a_proj" | "kv_a_proj_with_mqa") => "input_layernorm",
+        ("self_attn.q_b_proj", _) => "self_attn.q_a_layernorm",
+        ("self_attn.kv_b_proj", _) => "self_attn.kv_a_layernorm",
+        (_, "gate_proj" | "up_proj") | ("mlp.gate", _) => "post_attention_layernorm",
+        _ => return None,
+    })
+}
+
+/// Every norm [`norm_of`] names: the ones smoothing may rescale.
+const READ_NORMS: [&str; 4] =
+    ["input_layernorm", "post_attention_layernorm", "self_attn.q_a_layernorm", "self_attn.kv_a_layernorm"];
+
 /// The weight the recipe's smoothing made of `module`'s, `[rows * cols]`, when the test can know
 /// it: norm consumers get `W diag(s)`; linears no smoothing touches keep `W`; v_proj, o_proj (and
 /// up_proj, down_proj under up-down smoothing) take scales the output does not record: `None`.
+/// MLA has no v_proj: its o_proj reads the heads' values through kv_b_proj, a path no smoothing
+/// subgraph (ov is v_proj → o_proj) crosses, so it keeps `W`.
 fn smoothed_weight(
     module: &str,
     w: &St,
@@ -158,30 +183,23 @@ fn smoothed_weight(
     let wv = f32s(w);
     let Some((layer, rest)) = text_layer(module) else { return Some(wv) };
     let leaf = rest.rsplit('.').next().unwrap();
-    let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj") => "input_layernorm",
-        (_, "v_proj" | "o_proj") => return None,
-        (_, "up_proj") if up_down => return None,
-        (_, "down_proj") if up_down => return None,
-        (_, "down_proj") => return Some(wv),
-        (_, "gate_proj" | "up_proj") | ("mlp.gate", _) => "post_attention_layernorm",
-        _ => return Some(wv),
-    };
+    let has_v_proj = inputs.contains_key(&format!("{layer}self_attn.v_proj.weight"));
+    match leaf {
+        "v_proj" => return None,
+        "o_proj" if has_v_proj => return None,
+        "up_proj" | "down_proj" if up_down => return None,
+        _ => {}
+    }
+    let Some(norm) = norm_of(rest) else { return Some(wv) };
     let s = norm_scales(&format!("{layer}{norm}"), inputs, outputs);
     let cols = w.shape[1];
     Some(wv.iter().enumerate().map(|(k, &v)| v * s[k % cols]).collect())
 }
 
-/// The norm a text-layer linear reads, when it reads one.
+/// The norm a text-layer linear reads, when it reads one (full name).
 fn consumed_norm(module: &str) -> Option<String> {
     let (layer, rest) = text_layer(module)?;
-    let leaf = rest.rsplit('.').next().unwrap();
-    let norm = match (rest, leaf) {
-        (_, "q_proj" | "k_proj" | "v_proj") => "input_layernorm",
-        (_, "gate_proj" | "up_proj") | ("mlp.gate", _) => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("{layer}{norm}"))
+    Some(format!("{layer}{}", norm_of(rest)?))
 }
 
 /// m2's shift of a norm's output, `z = -b' · s`, read back from the bias the smoothing gave a
@@ -229,6 +247,9 @@ struct Ctx<'a> {
 struct LinearOut<'a> {
     module: &'a str,
     weight: &'a St,
+    /// What the weight is written as when it stays float: the input's bytes, or for an FP8
+    /// weight its dequantized values in bf16.
+    float_weight: St,
     input_bias: Option<Vec<f32>>,
     tensors: BTreeMap<&'a str, &'a St>,
 }
@@ -277,9 +298,11 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
         .map(|(n, _)| n.strip_suffix(".weight").unwrap().to_string())
         .collect();
     for module in &modules {
+        let input = &ctx.inputs[&format!("{module}.weight")];
         let l = LinearOut {
             module,
-            weight: &ctx.inputs[&format!("{module}.weight")].st,
+            weight: &input.st,
+            float_weight: if input.from_fp8 { St::bf16(&input.st.shape, &f32s(&input.st)) } else { input.st.clone() },
             input_bias: ctx.inputs.get(&format!("{module}.bias")).map(|l| f32s(&l.st)),
             tensors: ctx
                 .outputs
@@ -302,8 +325,8 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
         let o = ctx.outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
         assert_eq!(ctx.desc[name], "FLOAT", "description type of {name}");
         assert_eq!((&o.dtype, &o.shape), (&l.st.dtype, &l.st.shape), "{name}");
-        let smoothed_norm = text_layer(name)
-            .is_some_and(|(_, r)| r == "input_layernorm.weight" || r == "post_attention_layernorm.weight");
+        let smoothed_norm =
+            text_layer(name).is_some_and(|(_, r)| r.strip_suffix(".weight").is_some_and(|n| READ_NORMS.contains(&n)));
         if !smoothed_norm {
             assert!(*o == l.st, "float tensor {name} is not the input's bytes");
         }
@@ -338,7 +361,8 @@ impl Ctx<'_> {
         let smoothed = smoothed_weight(module, l.weight, &self.inputs, &self.outputs, self.expect.up_down);
         let Some(kind) = want else {
             let got = l.get("weight");
-            assert_eq!((&got.dtype, &got.shape), (&l.weight.dtype, &l.weight.shape), "{module}.weight");
+            let want = &l.float_weight;
+            assert_eq!((&got.dtype, &got.shape), (&want.dtype, &want.shape), "{module}.weight");
             match smoothed {
                 // A float consumer of a smoothed norm (the router): W diag(s), in its dtype.
                 Some(sw) if text_layer(module).is_some() && module.ends_with("mlp.gate") => {
@@ -347,7 +371,7 @@ impl Ctx<'_> {
                     }
                     seen.scales_checked += 1;
                 }
-                _ => assert!(*got == *l.weight, "float linear {module} must be the input's bytes"),
+                _ => assert!(*got == *want, "float linear {module} must be the input's bytes (FP8: bf16 values)"),
             }
             return;
         };
@@ -442,10 +466,10 @@ impl Ctx<'_> {
                 qb[r]
             );
         }
-        // Layer 0's q/k/v read the input norm of the embeddings: recompute their range.
-        let layer0_qkv = text_layer(module).is_some_and(|(l, r)| {
-            l.ends_with("layers.0.") && ["q_proj", "k_proj", "v_proj"].iter().any(|p| r.ends_with(p))
-        });
+        // Layer 0's q/k/v (MLA: q_a_proj, kv_a_proj_with_mqa) read the input norm of the
+        // embeddings: recompute their range.
+        let layer0_qkv =
+            text_layer(module).is_some_and(|(l, r)| l.ends_with("layers.0.") && norm_of(r) == Some("input_layernorm"));
         if layer0_qkv {
             let (want_scale, want_offset) =
                 layer0_range(module, &self.inputs, &self.outputs, self.expect.calib, self.eps);
