@@ -171,7 +171,8 @@ fn glm_4_1v_9b_plans_on_paper() {
     assert!(field(&r.stdout, "text").starts_with("40 layers, hidden 4096"), "{}", r.stdout);
     let units: usize = field(&r.stdout, "units").parse().unwrap();
     assert_eq!(units, 1 + 24 + 1 + 1 + 40 + 1, "{}", r.stdout);
-    assert!(r.stdout.contains("model.visual.blocks.23"), "{}", r.stdout);
+    assert!(r.stdout.contains("model.visual.blocks.0 "), "{}", r.stdout);
+    assert!(r.stdout.contains("model.language_model.layers.39"), "{}", r.stdout);
     assert_eq!(field(&r.stdout, "fits"), "yes");
 }
 
