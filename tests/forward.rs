@@ -110,6 +110,8 @@ fn vision_language_models_match_transformers_from_pixels() {
         "qwen3_vl_realvocab",
         "internvl_chat",
         "internvl_chat_6b",
+        "glm4v",
+        "glm4v_wide",
     ] {
         matches_reference(name);
     }

@@ -169,6 +169,22 @@ fn glm_4_6_fits_64_gib_on_paper() {
     assert_eq!(field(&r.stdout, "fits"), "yes");
 }
 
+/// GLM-4.1V-9B (`glm4v`, tests/fixtures/configs/glm-4.1v-9b: 40 GLM-4 layers with M-RoPE, a 24-block
+/// vision tower) on paper with its recipe: the tower's embeddings, 24 blocks and merger, then the
+/// embeddings, 40 layers and the head; a few GiB at most per unit, so it fits a 64 GiB card.
+#[test]
+fn glm_4_1v_9b_plans_on_paper() {
+    let r = plan(&config("glm-4.1v-9b"), "64");
+    r.assert_ok();
+    assert_eq!(field(&r.stdout, "architecture"), "glm4v (config.json only, on paper)");
+    assert!(field(&r.stdout, "text").starts_with("40 layers, hidden 4096"), "{}", r.stdout);
+    let units: usize = field(&r.stdout, "units").parse().unwrap();
+    assert_eq!(units, 1 + 24 + 1 + 1 + 40 + 1, "{}", r.stdout);
+    assert!(r.stdout.contains("model.visual.blocks.0 "), "{}", r.stdout);
+    assert!(r.stdout.contains("model.language_model.layers.39"), "{}", r.stdout);
+    assert_eq!(field(&r.stdout, "fits"), "yes");
+}
+
 /// DeepSeek-V3 / R1 (671B: tests/fixtures/configs/deepseek-v3, 61 layers of 256 routed experts
 /// top-8 plus a shared one, MLA, FP8 with 128 × 128 block scales, one MTP layer): the data-free W8A8
 /// run fits one 64 GiB card, layer by layer (and the calibrated one: see the 16 GiB test above).

@@ -31,6 +31,11 @@ fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
     let id = |k: &str| config[k].as_i64();
     let specials: Vec<(String, i64)> = match id("image_token_index") {
         Some(image) => vec![("<image>".into(), image)],
+        None if id("image_start_token_id").is_some() => vec![
+            ("<|begin_of_image|>".into(), id("image_start_token_id").unwrap()),
+            ("<|end_of_image|>".into(), id("image_end_token_id").unwrap()),
+            ("<|image|>".into(), id("image_token_id").unwrap()),
+        ],
         None if id("img_context_token_id").is_some() => vec![
             ("<img>".into(), id("img_start_token_id").unwrap()),
             ("</img>".into(), id("img_end_token_id").unwrap()),
@@ -200,6 +205,67 @@ fn every_vl_fixture_calibrates_from_each_form_of_image_set() {
             assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
         }
     }
+}
+
+/// GLM-4.1V with its recipe (msModelSlim's GLM-4.1V practice): calibrated from each form of image
+/// set; every text linear but down_proj static W8A8, the whole vision tower and every down_proj
+/// float; the description also holds the names vLLM-Ascend looks them up under (glm4_1v.py: the
+/// vision `attn.qkv_proj` packed from q/k/v_proj, every `gate_up_proj` packed from itself), and
+/// `lamina check` refuses the output without them.
+#[test]
+fn glm4v_calibrates_from_images_with_its_recipe() {
+    let name = "glm4v";
+    let tmp = TempDir::new("vl-glm4v");
+    let model = model_with_tokenizer(name, tmp.path());
+    for (form, set) in calibration_sets(&model, &tmp.join("calib")) {
+        let save = tmp.join(&format!("out-{}", form.replace(' ', "-")));
+        quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]).assert_ok();
+        let (types, tensors) = read_output(&save);
+        for k in tensors.keys() {
+            assert!(types.contains_key(k), "{form}: {k} is not described");
+        }
+        for l in 0..2 {
+            let layer = format!("model.language_model.layers.{l}");
+            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+                .into_iter()
+                .chain(["mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj"])
+            {
+                assert_eq!(types[&format!("{layer}.{m}.weight")], "W8A8", "{form}: {layer}.{m}");
+            }
+            assert_eq!(types[&format!("{layer}.mlp.down_proj.weight")], "FLOAT", "{form}");
+            // The fused name is a lookup key only; the weights are split as vLLM's glm4.py loads them.
+            assert!(!tensors.contains_key(&format!("{layer}.mlp.gate_up_proj.weight")));
+            let scale = tensors[&format!("{layer}.mlp.gate_proj.input_scale")].f32s();
+            assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{form}: {scale:?}");
+        }
+        let vision: Vec<(&String, &String)> = types.iter().filter(|(k, _)| k.starts_with("model.visual.")).collect();
+        assert!(vision.len() > 20, "{form}: {}", vision.len());
+        for (k, t) in vision {
+            assert_eq!(t, "FLOAT", "{form}: {k} should stay float (msModelSlim's GLM-4.1V practice)");
+        }
+        for alias in ["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_up_proj"] {
+            assert_eq!(types[&format!("model.visual.blocks.1.{alias}.weight")], "FLOAT", "{form}: {alias}");
+        }
+        assert_eq!(types["model.visual.merger.gate_up_proj.weight"], "FLOAT");
+        check(&save, &[]).assert_ok();
+        let (agreement, relative) = logit_error(name, &model, &save);
+        eprintln!("{name} ({form}): top-1 agreement {agreement}, logit relative error {relative}");
+        assert!(relative < 0.8, "{name} ({form}): logit relative error {relative}");
+        assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
+    }
+    // Without the lookup names vLLM-Ascend's load fails (KeyError), and `lamina check` says so.
+    let save = tmp.join("out-folder-of-images");
+    let path = save.join("quant_model_description.json");
+    let mut desc: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    desc.remove("model.visual.blocks.0.attn.k_proj.weight");
+    desc.remove("model.language_model.layers.1.mlp.gate_up_proj.weight");
+    std::fs::write(&path, Value::Object(desc).to_string()).unwrap();
+    let r = check(&save, &[]);
+    assert_ne!(r.code, Some(0));
+    let text = format!("{}{}", r.stdout, r.stderr);
+    assert!(text.contains("model.visual.blocks.0.attn.k_proj.weight"), "{text}");
+    assert!(text.contains("model.language_model.layers.1.mlp.gate_up_proj.weight"), "{text}");
 }
 
 #[test]

@@ -394,8 +394,9 @@ impl VisionModel {
             }
             ImageProcessor::QwenVl(p) => ImageTokens::Qwen {
                 image: config_i64(&config, &["image_token_id"], 151655)?,
-                vision_start: config_i64(&config, &["vision_start_token_id"], 151652)?,
-                vision_end: config_i64(&config, &["vision_end_token_id"], 151653)?,
+                // GLM-4.1V: `<|begin_of_image|>` / `<|end_of_image|>` (image_start / image_end_token_id).
+                vision_start: config_i64(&config, &["vision_start_token_id", "image_start_token_id"], 151652)?,
+                vision_end: config_i64(&config, &["vision_end_token_id", "image_end_token_id"], 151653)?,
                 merge_size: p.merge_size,
             },
             ImageProcessor::Clip(_) => {
@@ -589,7 +590,7 @@ mod tests {
     /// fixture's input_ids, pixel_values and image_grid_thw.
     #[test]
     fn fixtures_from_pretokenized_listings() {
-        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat"] {
+        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat", "glm4v"] {
             let model = VisionModel::load(&fixture(name)).unwrap();
             let ids = collapsed(&reference_ids(name), model.image_token());
             assert_eq!(ids.iter().filter(|&&t| t == model.image_token()).count(), 1);

@@ -6,6 +6,9 @@
 //!   within `[min_pixels, max_pixels]`, resize, rescale, normalize, repeat the frame
 //!   `temporal_patch_size` times and flatten into patches `[grid_t*grid_h*grid_w, C*T*P*P]`
 //!   ordered by merge window, plus `image_grid_thw`.
+//! - GLM-4.1V / 4.5V / 4.6V (`Glm4vImageProcessor`): the same patches, with GLM's `smart_resize`
+//!   ([`glm4v_smart_resize`]: the pixel budget counts the `temporal_patch_size` frames, images
+//!   smaller than a merged patch are first scaled up to one).
 //! - LLaVA (CLIP): resize the shortest edge, center crop, rescale, normalize: `[1, 3, H, W]`.
 //! - InternVL (`internvl_chat`): the remote code's dynamic tiling (see [`InternVlProcessor`]):
 //!   `[tiles, 3, S, S]`, with its settings from config.json.
@@ -94,9 +97,20 @@ impl Normalize {
     }
 }
 
-/// `Qwen2VLImageProcessor` settings (also used by Qwen2.5-VL and Qwen3-VL).
+/// Whose `smart_resize` a patch processor follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeRule {
+    /// Qwen2-VL's (also Qwen2.5-VL and Qwen3-VL): [`smart_resize`].
+    Qwen,
+    /// GLM-4.1V's: [`glm4v_smart_resize`].
+    Glm4v,
+}
+
+/// `Qwen2VLImageProcessor` settings (also used by Qwen2.5-VL and Qwen3-VL), and
+/// `Glm4vImageProcessor`'s, which differ only in [`ResizeRule`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct QwenVlProcessor {
+    pub resize: ResizeRule,
     pub backend: Backend,
     pub do_resize: bool,
     pub filter: Filter,
@@ -151,6 +165,7 @@ pub fn family_of(model_type: &str) -> Option<&'static str> {
         "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => Some("qwen_vl"),
         "llava" => Some("clip"),
         "internvl_chat" => Some("internvl"),
+        "glm4v" | "glm4v_moe" => Some("glm4v"),
         _ => None,
     }
 }
@@ -177,10 +192,15 @@ impl ImageProcessor {
             Some("qwen_vl") => {
                 Ok(ImageProcessor::QwenVl(QwenVlProcessor::from_json(&json).with_context(|| what.clone())?))
             }
+            Some("glm4v") => {
+                Ok(ImageProcessor::QwenVl(QwenVlProcessor::glm4v_from_json(&json).with_context(|| what.clone())?))
+            }
             Some(_) => Ok(ImageProcessor::Clip(ClipProcessor::from_json(&json).with_context(|| what.clone())?)),
             None => {
                 let kind = json.get("image_processor_type").and_then(Value::as_str).unwrap_or("");
-                if kind.starts_with("Qwen2VL") || kind.starts_with("Qwen2_5_VL") {
+                if kind.starts_with("Glm4v") {
+                    Ok(ImageProcessor::QwenVl(QwenVlProcessor::glm4v_from_json(&json).with_context(|| what.clone())?))
+                } else if kind.starts_with("Qwen2VL") || kind.starts_with("Qwen2_5_VL") {
                     Ok(ImageProcessor::QwenVl(QwenVlProcessor::from_json(&json).with_context(|| what.clone())?))
                 } else if kind.starts_with("CLIP") {
                     Ok(ImageProcessor::Clip(ClipProcessor::from_json(&json).with_context(|| what.clone())?))
@@ -283,6 +303,16 @@ impl QwenVlProcessor {
     /// Reads the settings with `Qwen2VLImageProcessor`'s defaults. `min_pixels` / `max_pixels`
     /// take precedence over `size.shortest_edge` / `size.longest_edge`, as in transformers.
     pub fn from_json(json: &Value) -> Result<QwenVlProcessor> {
+        Self::read(json, ResizeRule::Qwen, (56 * 56, 28 * 28 * 1280))
+    }
+
+    /// `Glm4vImageProcessor`'s settings and defaults (`size` 112² to 28²·15000 pixels, counted
+    /// over the `temporal_patch_size` frames).
+    pub fn glm4v_from_json(json: &Value) -> Result<QwenVlProcessor> {
+        Self::read(json, ResizeRule::Glm4v, (112 * 112, 28 * 28 * 15000))
+    }
+
+    fn read(json: &Value, resize: ResizeRule, (default_min, default_max): (usize, usize)) -> Result<QwenVlProcessor> {
         let size = json.get("size").filter(|v| v.is_object());
         let from_size = |keys: &[&str]| -> Result<Option<usize>> {
             for k in keys {
@@ -294,13 +324,14 @@ impl QwenVlProcessor {
         };
         let min_pixels = match opt_usize(json, "min_pixels")? {
             Some(v) => v,
-            None => from_size(&["shortest_edge", "min_pixels"])?.unwrap_or(56 * 56),
+            None => from_size(&["shortest_edge", "min_pixels"])?.unwrap_or(default_min),
         };
         let max_pixels = match opt_usize(json, "max_pixels")? {
             Some(v) => v,
-            None => from_size(&["longest_edge", "max_pixels"])?.unwrap_or(28 * 28 * 1280),
+            None => from_size(&["longest_edge", "max_pixels"])?.unwrap_or(default_max),
         };
         let p = QwenVlProcessor {
+            resize,
             backend: Backend::from_json(json),
             do_resize: flag(json, "do_resize", true)?,
             filter: filter_from_json(json)?,
@@ -325,7 +356,19 @@ impl QwenVlProcessor {
         if !self.do_resize {
             return Ok((height, width));
         }
-        smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        let factor = self.patch_size * self.merge_size;
+        match self.resize {
+            ResizeRule::Qwen => smart_resize(height, width, factor, self.min_pixels, self.max_pixels),
+            ResizeRule::Glm4v => glm4v_smart_resize(
+                self.temporal_patch_size,
+                height,
+                width,
+                self.temporal_patch_size,
+                factor,
+                self.min_pixels,
+                self.max_pixels,
+            ),
+        }
     }
 
     /// The number of image tokens the language model sees for an image of this grid.
@@ -404,6 +447,52 @@ pub fn smart_resize(
         w_bar = (wf * beta / ff).ceil() as usize * factor;
     }
     Ok((h_bar, w_bar))
+}
+
+/// GLM-4.1V's `smart_resize` (`image_processing_glm4v.py`) for `num_frames` frames: a side
+/// shorter than `factor` first scales the image up (sides truncated to integers), then the sides
+/// round to multiples of `factor` (halves to even) and the frames to a multiple of
+/// `temporal_factor`; when `frames × height × width` leaves `[min_pixels, max_pixels]`, both sides
+/// scale by the square root of the excess, floored (down) or ceiled (up) to multiples of `factor`.
+pub fn glm4v_smart_resize(
+    num_frames: usize,
+    height: usize,
+    width: usize,
+    temporal_factor: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
+    ensure!(height > 0 && width > 0, "cannot resize an empty {width}x{height} image");
+    ensure!(
+        num_frames >= temporal_factor && temporal_factor > 0,
+        "{num_frames} frames are fewer than the temporal patch size {temporal_factor}"
+    );
+    let (mut hf, mut wf, ff) = (height as f64, width as f64, factor as f64);
+    if height < factor || width < factor {
+        let scale = (ff / hf).max(ff / wf);
+        hf = (hf * scale).trunc();
+        wf = (wf * scale).trunc();
+    }
+    let ratio = hf.max(wf) / hf.min(wf);
+    ensure!(
+        ratio <= 200.0,
+        "a {width}x{height} image has an aspect ratio of {ratio:.1}; the processor accepts at most 200"
+    );
+    let frames = num_frames as f64;
+    let mut h_bar = (hf / ff).round_ties_even() * ff;
+    let mut w_bar = (wf / ff).round_ties_even() * ff;
+    let t_bar = (frames / temporal_factor as f64).round_ties_even() * temporal_factor as f64;
+    if t_bar * h_bar * w_bar > max_pixels as f64 {
+        let beta = (frames * hf * wf / max_pixels as f64).sqrt();
+        h_bar = ff.max((hf / beta / ff).floor() * ff);
+        w_bar = ff.max((wf / beta / ff).floor() * ff);
+    } else if t_bar * h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (frames * hf * wf)).sqrt();
+        h_bar = (hf * beta / ff).ceil() * ff;
+        w_bar = (wf * beta / ff).ceil() * ff;
+    }
+    Ok((h_bar as usize, w_bar as usize))
 }
 
 fn dict_or_int(json: &Value, key: &str) -> Option<Value> {
@@ -702,6 +791,7 @@ mod tests {
         // A 4x4-patch image (patch 1, merge 2) whose pixel value encodes its position: row r of
         // pixel_values must be the pixel at the r-th position in merge-window order.
         let p = QwenVlProcessor {
+            resize: ResizeRule::Qwen,
             backend: Backend::Pillow,
             do_resize: false,
             filter: Filter::Bicubic,
@@ -782,9 +872,16 @@ mod tests {
     /// gives the fixture's pixel_values and image_grid_thw.
     #[test]
     fn fixtures_match_transformers() {
-        for name in
-            ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_realvocab", "llava", "internvl_chat"]
-        {
+        for name in [
+            "qwen2_vl",
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "qwen3_vl_moe",
+            "qwen3_vl_realvocab",
+            "llava",
+            "internvl_chat",
+            "glm4v",
+        ] {
             let dir = fixture(name);
             let processor = ImageProcessor::load(&dir).unwrap();
             let img = crate::data::image::load_rgb(&dir.join("image.png")).unwrap();
@@ -793,6 +890,52 @@ mod tests {
             assert_matches(name, &got, &reference, "");
             assert_eq!(matches!(processor, ImageProcessor::Clip(_)), name == "llava");
         }
+    }
+
+    /// GLM-4.1V's processor against transformers' `Glm4vImageProcessorPil` (tests/fixtures/gen/glm4v.py):
+    /// every real photograph under a small pixel budget, the two images of the glm4v_wide fixture
+    /// (downscaled photographs, 6×10 and 8×4 patches), and `smart_resize` on camera, panorama,
+    /// tiny and the photographs' sizes with the real GLM-4.1V settings.
+    #[test]
+    fn glm4v_processes_real_photographs_as_transformers() {
+        let dir = fixture("real_photos");
+        let reference = load_all(&dir.join("glm4v.safetensors")).unwrap();
+        let cases = read_json(&dir.join("glm4v.json")).unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        let base = read_json(&fixture("glm4v").join("preprocessor_config.json")).unwrap();
+        for (name, case) in cases.as_object().unwrap() {
+            let mut json = base.clone();
+            json["size"] = case["size"].clone();
+            let p = QwenVlProcessor::glm4v_from_json(&json).unwrap();
+            let img = crate::data::image::load_rgb(&photos.join(case["photo"].as_str().unwrap())).unwrap();
+            assert_matches(name, &p.process(&img).unwrap(), &reference, &format!("{name}."));
+        }
+        assert_eq!(cases.as_object().unwrap().len(), 3);
+
+        let wide = fixture("glm4v_wide");
+        let ImageProcessor::QwenVl(p) = ImageProcessor::load(&wide).unwrap() else {
+            panic!("glm4v is a patch processor")
+        };
+        assert_eq!(p.resize, ResizeRule::Glm4v);
+        let want = load_all(&wide.join("reference.safetensors")).unwrap();
+        let (mut values, mut grids) = (Vec::new(), Vec::new());
+        for f in ["image.png", "image2.png"] {
+            let got = p.process(&crate::data::image::load_rgb(&wide.join(f)).unwrap()).unwrap();
+            values.extend(got.pixel_values);
+            grids.extend(got.grid_thw.unwrap().map(|x| x as i64));
+        }
+        assert_eq!(grids, i64s(&want["image_grid_thw"]));
+        let err = max_abs_diff(&values, &want["pixel_values"].to_f32().unwrap());
+        assert!(err <= 1e-5, "glm4v_wide: max abs error {err}");
+
+        let rows = i64s(&reference["glm4v.smart_resize"]);
+        for r in rows.chunks(4) {
+            let got = glm4v_smart_resize(2, r[0] as usize, r[1] as usize, 2, 28, 12544, 9633792).unwrap();
+            assert_eq!((got.0 as i64, got.1 as i64), (r[2], r[3]), "{r:?}");
+        }
+        assert!(rows.len() >= 16 * 4);
+        assert!(glm4v_smart_resize(2, 10, 2500, 2, 28, 12544, 9633792).is_err());
+        assert!(glm4v_smart_resize(1, 100, 100, 2, 28, 12544, 9633792).is_err());
     }
 
     /// InternVL's tiling of real photographs (downscaled, 6 and 13 tiles with the thumbnail)

@@ -240,6 +240,12 @@ impl Exporter for AscendExporter {
         for o in outputs {
             desc.insert(o.meta.name.clone(), Value::String(o.kind.to_string()));
         }
+        // The names vLLM-Ascend looks some linears up under (GLM-4.1V's vision qkv_proj, gate_up_proj).
+        let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let aliases = rules::lookup_alias_entries(model_type, outputs.iter().map(|o| (o.meta.name.as_str(), o.kind)))?;
+        for (key, kind) in aliases {
+            desc.entry(key).or_insert(Value::String(kind));
+        }
         desc.extend(self.globals(outputs, &specs));
         let mut files =
             vec![("config.json".to_string(), super::json_bytes(&super::config_without_quantization(config))?)];

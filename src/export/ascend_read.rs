@@ -46,7 +46,8 @@ impl AscendModel {
         .with_context(|| format!("{} is not valid JSON", desc_path.display()))?;
         let group_size = desc.get("group_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
         let c8 = desc.get("kv_cache_type").and_then(|v| v.as_str()) == Some(rules::C8);
-        let description = desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
+        let mut description: BTreeMap<String, String> =
+            desc.into_iter().filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string()))).collect();
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -65,6 +66,15 @@ impl AscendModel {
                 where_.insert(t.name.clone(), i);
             }
         }
+        // The names vLLM-Ascend looks some linears up under (rules::lookup_aliases) hold no tensors.
+        let model_type = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|c| c.get("model_type").and_then(|v| v.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        let stored = description.iter().filter(|(n, _)| where_.contains_key(*n)).map(|(n, k)| (n.as_str(), k.as_str()));
+        let aliases = rules::lookup_alias_entries(&model_type, stored).unwrap_or_default();
+        description.retain(|k, _| where_.contains_key(k) || !aliases.contains_key(k));
         Ok(AscendModel { dir: dir.to_path_buf(), group_size, c8, description, files, where_ })
     }
 

@@ -618,6 +618,59 @@ pub fn family(model_type: &str) -> &'static FamilyRule {
     FAMILIES.iter().find(|f| f.model_type == model_type).unwrap_or(&DEFAULT_FAMILY)
 }
 
+/// The description keys (module names) vLLM-Ascend looks a stored linear's type up under besides
+/// its own name, for families whose vLLM modules are named differently from the checkpoint:
+///
+/// - GLM-4.1V / 4.5V / 4.6V (`glm4_1v.py`): the vision attention's fused `attn.qkv` is built as
+///   `QKVParallelLinear` with the prefix `attn.qkv_proj` whenever a quantization config is given
+///   ("to align with GLM-4.5V-FP8"), so its type is looked up from the packed members
+///   `attn.q_proj`, `attn.k_proj`, `attn.v_proj` (`get_linear_quant_type`, `is_layer_skipped_ascend`:
+///   a missing member is a KeyError).
+/// - GLM-4.1V (`glm4v`, not in vLLM-Ascend's `packed_modules_model_mapping`): the model class packs
+///   `"gate_up_proj": ["gate_up_proj"]`, so every SwiGLU (the text MLP, the vision blocks' and the
+///   merger's `gate_up_proj` merged from `gate_proj` and `up_proj`) is looked up as `gate_up_proj`.
+///   GLM-4.5V's entry in the table packs `gate_proj` + `up_proj` and needs no alias.
+pub fn lookup_aliases(model_type: &str, module: &str) -> Vec<String> {
+    if !matches!(model_type, "glm4v" | "glm4v_moe") {
+        return Vec::new();
+    }
+    let (parent, leaf) = module.rsplit_once('.').unwrap_or(("", module));
+    let mut out = Vec::new();
+    if leaf == "qkv" && parent.ends_with(".attn") && module.contains("visual.") {
+        out.extend(["q_proj", "k_proj", "v_proj"].map(|l| format!("{parent}.{l}")));
+    }
+    if model_type == "glm4v" && matches!(leaf, "gate_proj" | "up_proj") {
+        out.push(format!("{parent}.gate_up_proj"));
+    }
+    out
+}
+
+/// The alias entries ([`lookup_aliases`]) a description of these `(tensor, type)` entries needs:
+/// `(alias.weight, the type of the linear it stands for)`. Two linears that one alias stands for
+/// must have one type (vLLM serves them as one layer).
+pub fn lookup_alias_entries<'a>(
+    model_type: &str,
+    types: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (name, kind) in types {
+        let Some(module) = name.strip_suffix(".weight") else { continue };
+        for alias in lookup_aliases(model_type, module) {
+            let key = format!("{alias}.weight");
+            match out.get(&key) {
+                Some((k, other)) if k != kind => bail!(
+                    "{module} ({kind}) and {other} ({k}) are served by vLLM as one layer {alias} and need one type"
+                ),
+                Some(_) => {}
+                None => {
+                    out.insert(key, (kind.to_string(), module.to_string()));
+                }
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(k, (kind, _))| (k, kind)).collect())
+}
+
 mod checks;
 pub use checks::*;
 

@@ -27,6 +27,9 @@ pub enum Family {
     /// InternViT (`vision_model.*`), the `mlp1` projector, and the language model its `llm_config`
     /// names (Qwen2, Qwen3, LLaMA or InternLM2), in that model's own names under `language_model.`.
     InternVlChat,
+    /// GLM-4.1V (`Glm4vForConditionalGeneration`): the GLM-4.1V vision tower (`model.visual.*`) and a
+    /// GLM-4 language model (`model.language_model.*`, sandwich norms) with M-RoPE positions.
+    Glm4v,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
     /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
@@ -44,7 +47,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 17] = [
+    pub const ALL: [Family; 18] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -57,6 +60,7 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::InternVlChat,
+        Family::Glm4v,
         Family::Glm4,
         Family::DeepseekV2,
         Family::DeepseekV3,
@@ -79,6 +83,7 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::InternVlChat => "internvl_chat",
+            Family::Glm4v => "glm4v",
             Family::Glm4 => "glm4",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -101,6 +106,7 @@ impl Family {
                 | Family::Qwen3VlMoe
                 | Family::Llava
                 | Family::InternVlChat
+                | Family::Glm4v
         )
     }
 
@@ -128,6 +134,7 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("InternVLChatModel", Family::InternVlChat),
+            ("Glm4vForConditionalGeneration", Family::Glm4v),
             ("Glm4ForCausalLM", Family::Glm4),
             ("DeepseekV2ForCausalLM", Family::DeepseekV2),
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
@@ -164,6 +171,11 @@ impl Family {
                 ),
             };
         }
+        // GLM-4.1V's language model is GLM-4 (glm4.rs) under its own names, with M-RoPE positions
+        // (`text_config.rope_parameters.mrope_section`).
+        if self == Family::Glm4v {
+            return Ok(Family::Glm4);
+        }
         if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
             bail!(
                 "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section); lamina reads \
@@ -183,13 +195,15 @@ pub enum VisionKind {
     Clip,
     /// InternViT with InternVL's pixel shuffle and `mlp1` (see `vision::internvit`).
     InternVit,
+    /// GLM-4.1V / 4.5V / 4.6V's tower (see `vision::glm4v`).
+    Glm4v,
 }
 
 impl VisionKind {
     /// Whether the language model takes M-RoPE positions from `get_rope_index` for image prompts
     /// (the Qwen VL towers); the others use 1D positions.
     pub fn uses_mrope(self) -> bool {
-        matches!(self, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::Qwen3Vl)
+        matches!(self, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::Qwen3Vl | VisionKind::Glm4v)
     }
 }
 
@@ -384,6 +398,16 @@ fn rules(family: Family) -> Rules {
             head_prefix: &["language_model.", ""],
         },
         // The release layout; the language model's own names follow (`TextNames`).
+        // GLM-4.1V and 4.5V releases (transformers 4.53+ layout), and the older saver's names.
+        Family::Glm4v => Rules {
+            text: &["model.language_model", "model"],
+            vision: &["model.visual", "visual"],
+            vision_blocks: "blocks",
+            vision_pre: &["patch_embed", "embeddings", "post_conv_layernorm"],
+            vision_post: &["post_layernorm", "downsample", "merger"],
+            projector: &[],
+            head_prefix: &[""],
+        },
         Family::InternVlChat => Rules {
             text: &["language_model.model"],
             vision: &["vision_model"],
@@ -495,6 +519,7 @@ impl Layout {
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
             Family::InternVlChat => Some(VisionKind::InternVit),
+            Family::Glm4v => Some(VisionKind::Glm4v),
             _ => None,
         };
         Ok(Layout {
@@ -611,6 +636,7 @@ impl Layout {
                         })
             }
             Family::Llava => under(&self.projector, "linear_2"),
+            Family::Glm4v => under(&self.vision, "merger.down_proj"),
             _ => false,
         }
     }
@@ -980,6 +1006,44 @@ fn synthesize_vision(
                 linear(&mut push, m("merger.mlp.2"), out_h, merged);
             }
         }
+        Family::Glm4v => {
+            // vision/glm4v.rs: the block MLP is out_hidden_size wide, the merger intermediate_size.
+            let dim = v.usize(&["hidden_size"])?;
+            let out_h = v.opt_usize(&["out_hidden_size"])?.unwrap_or(text_hidden);
+            let inter = v.usize(&["intermediate_size"])?;
+            let patch = v.usize(&["patch_size"])?;
+            let side = v.usize(&["image_size"])? / patch;
+            let tps = v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2);
+            let cin = v.opt_usize(&["in_channels"])?.unwrap_or(3);
+            let merge = v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2);
+            let qkv_bias = v.bool(&["attention_bias"]).unwrap_or(false);
+            push(m("patch_embed.proj.weight"), &[dim, cin, tps, patch, patch]);
+            push(m("patch_embed.proj.bias"), &[dim]);
+            push(m("embeddings.position_embedding.weight"), &[side * side, dim]);
+            push(m("post_conv_layernorm.weight"), &[dim]);
+            for b in 0..depth {
+                let blk = layout.vision_block(b).unwrap();
+                push(format!("{blk}.norm1.weight"), &[dim]);
+                push(format!("{blk}.norm2.weight"), &[dim]);
+                push(format!("{blk}.attn.qkv.weight"), &[3 * dim, dim]);
+                if qkv_bias {
+                    push(format!("{blk}.attn.qkv.bias"), &[3 * dim]);
+                }
+                push(format!("{blk}.attn.proj.weight"), &[dim, dim]);
+                push(format!("{blk}.mlp.gate_proj.weight"), &[out_h, dim]);
+                push(format!("{blk}.mlp.up_proj.weight"), &[out_h, dim]);
+                push(format!("{blk}.mlp.down_proj.weight"), &[dim, out_h]);
+            }
+            push(m("post_layernorm.weight"), &[dim]);
+            push(m("downsample.weight"), &[out_h, dim, merge, merge]);
+            push(m("downsample.bias"), &[out_h]);
+            push(m("merger.proj.weight"), &[out_h, out_h]);
+            push(m("merger.post_projection_norm.weight"), &[out_h]);
+            push(m("merger.post_projection_norm.bias"), &[out_h]);
+            push(m("merger.gate_proj.weight"), &[inter, out_h]);
+            push(m("merger.up_proj.weight"), &[inter, out_h]);
+            push(m("merger.down_proj.weight"), &[out_h, inter]);
+        }
         Family::Llava => {
             bail!("planning LLaVA from a config alone is not supported; point --model_path at the checkpoint")
         }
@@ -1064,6 +1128,24 @@ mod tests {
         assert_eq!(l.text, "backbone");
         assert_eq!(l.classify("backbone.layers.1.mixer.weight"), UnitKind::TextLayer(1));
         assert!(Layout::resolve(Family::Generic, Family::Generic, &["a.b.weight"]).is_err());
+    }
+
+    /// GLM-4.1V: the tower's units by its release names, the merger's last projection feeds the
+    /// text stream, and the GLM-4 decoder's names; GLM-4.5V (glm4v_moe) is refused, not guessed.
+    #[test]
+    fn glm4v_names() {
+        let l = Layout::resolve(Family::Glm4v, Family::Glm4, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
+        assert_eq!(l.classify("model.visual.embeddings.position_embedding.weight"), UnitKind::VisionPre);
+        assert_eq!(l.classify("model.visual.post_conv_layernorm.weight"), UnitKind::VisionPre);
+        assert_eq!(l.classify("model.visual.blocks.3.mlp.up_proj.weight"), UnitKind::VisionBlock(3));
+        assert_eq!(l.classify("model.visual.downsample.weight"), UnitKind::VisionPost);
+        assert_eq!(l.classify("model.language_model.layers.2.mlp.gate_up_proj.weight"), UnitKind::TextLayer(2));
+        assert!(l.is_vision_output("model.visual.merger.down_proj"));
+        assert!(!l.is_vision_output("model.visual.blocks.0.mlp.down_proj"));
+        assert_eq!(Family::Glm4v.text_family(&Value::Null).unwrap(), Family::Glm4);
+        let moe = serde_json::json!({"model_type": "glm4v_moe", "text_config": {"hidden_size": 8}});
+        let e = crate::model::Model::new(&moe, None, &["model.language_model.layers.0.mlp.gate.weight"]).unwrap_err();
+        assert!(format!("{e:#}").contains("glm4v_moe"), "{e:#}");
     }
 
     #[test]

@@ -307,7 +307,9 @@ fn check_loadable(
         .flat_map(|u| u.jobs.iter())
         .filter_map(|j| if let plan::Job::Quantize { spec, .. } = j { Some(*spec) } else { None })
         .collect();
-    let problems = rules::check(&Described::planned(&outputs, exporter.globals(&outputs, &specs)), setting);
+    let planned =
+        Described::planned(&outputs, exporter.globals(&outputs, &specs)).with_lookup_aliases(&setting.model_type)?;
+    let problems = rules::check(&planned, setting);
     let mut why = if problems.is_empty() { None } else { Some(rules::report(&problems)) };
     if let (None, Some(qt)) = (&why, bundled_quant_type) {
         let headline = headline_type(qt);
@@ -388,7 +390,8 @@ fn bundled_quant_types_that_load(
                 .collect();
             let headline = headline_type(qt);
             let present = headline.is_none_or(|h| outputs.iter().any(|o| o.kind == h));
-            let described = Described::planned(&outputs, exporter.globals(&outputs, &specs));
+            let described = Described::planned(&outputs, exporter.globals(&outputs, &specs))
+                .with_lookup_aliases(&setting.model_type)?;
             Ok(present && rules::check(&described, setting).is_empty())
         };
         if attempt().unwrap_or(false) {

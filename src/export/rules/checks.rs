@@ -63,6 +63,15 @@ impl Described {
         d
     }
 
+    /// The same with the alias entries the loader of `model_type` looks up ([`lookup_aliases`]),
+    /// as the Ascend writer adds them.
+    pub fn with_lookup_aliases(mut self, model_type: &str) -> Result<Described> {
+        let stored = self.types.iter().map(|(n, k)| (n.as_str(), k.as_str()));
+        let aliases = lookup_alias_entries(model_type, stored)?;
+        self.types.extend(aliases);
+        Ok(self)
+    }
+
     /// What `lamina quant` plans to write.
     pub fn planned(outputs: &[OutMeta], globals: Map<String, Value>) -> Described {
         Described {
@@ -114,7 +123,8 @@ struct Module<'a> {
 /// as far as names, types, dtypes and shapes go ([`check_values`] looks at the numbers).
 pub fn check(d: &Described, s: &Setting) -> Vec<Problem> {
     let mut out = Vec::new();
-    described_and_present(d, &mut out);
+    described_and_present(d, s, &mut out);
+    check_lookups(d, s, &mut out);
     let modules = modules(d, &mut out);
     for m in modules.values() {
         check_module(m, d, s, &mut out);
@@ -128,7 +138,43 @@ pub fn check(d: &Described, s: &Setting) -> Vec<Problem> {
     out
 }
 
-fn described_and_present(d: &Described, out: &mut Vec<Problem>) {
+/// The loader's lookups under other names than the stored linears' ([`lookup_aliases`]): each must
+/// be described, with the type of the linear it stands for.
+fn check_lookups(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
+    if s.target != Target::VllmAscend {
+        return;
+    }
+    let stored = d.types.iter().filter(|(n, _)| d.tensors.contains_key(*n)).map(|(n, k)| (n.as_str(), k.as_str()));
+    let wanted = match lookup_alias_entries(&s.model_type, stored) {
+        Ok(w) => w,
+        Err(e) => {
+            out.push(problem("lookup", s.model_type.as_str(), format!("{e:#}")));
+            return;
+        }
+    };
+    for (key, kind) in wanted {
+        match d.types.get(&key) {
+            Some(k) if *k == kind => {}
+            Some(k) => out.push(problem(
+                "lookup",
+                &key,
+                format!("is described {k}, but the linear(s) vLLM serves under this name are {kind}"),
+            )),
+            None => out.push(problem(
+                "lookup",
+                &key,
+                format!(
+                    "is not described, but vLLM-Ascend looks the type of a stored {kind} linear up under this name (model_type {:?}: see rules::lookup_aliases); the load fails with a KeyError",
+                    s.model_type
+                ),
+            )),
+        }
+    }
+}
+
+fn described_and_present(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
+    let stored = d.types.iter().filter(|(n, _)| d.tensors.contains_key(*n)).map(|(n, k)| (n.as_str(), k.as_str()));
+    let aliases = lookup_alias_entries(&s.model_type, stored).unwrap_or_default();
     for name in d.tensors.keys() {
         if !d.types.contains_key(name) {
             out.push(problem(
@@ -139,7 +185,7 @@ fn described_and_present(d: &Described, out: &mut Vec<Problem>) {
         }
     }
     for name in d.types.keys() {
-        if !d.tensors.contains_key(name) {
+        if !d.tensors.contains_key(name) && !aliases.contains_key(name) {
             out.push(problem("described", name, "is described but no weights file holds it"));
         }
     }

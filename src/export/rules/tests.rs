@@ -551,3 +551,58 @@ fn w8a8s_is_static_w8a8_with_an_int64_deq_scale() {
     let p = check(&build(&[experts("W8A8S", 1)], 0), &setting(Target::VllmAscend, "qwen3_moe"));
     assert!(rules_broken(&p).contains(&"layer kind"), "{}", report(&p));
 }
+
+/// GLM-4.1V (vLLM's glm4_1v.py): the vision attention is looked up as q/k/v_proj and every SwiGLU as
+/// gate_up_proj. msModelSlim's practice output (the tower float, text linears W8A8) loads on vLLM-Ascend
+/// only with those names described, with the types of the linears they stand for; MindIE does not look
+/// them up. GLM-4.5V's table entry packs gate_proj + up_proj, so only the vision q/k/v names are needed.
+#[test]
+fn glm4v_lookups_under_vllm_names() {
+    let v = "model.visual.blocks.0";
+    let t = "model.language_model.layers.0";
+    let linears = [
+        (format!("{v}.attn.qkv"), FLOAT, 4608, 1536),
+        (format!("{v}.mlp.gate_proj"), FLOAT, 4096, 1536),
+        (format!("{v}.mlp.up_proj"), FLOAT, 4096, 1536),
+        (format!("{t}.mlp.gate_proj"), "W8A8", 13696, 4096),
+        (format!("{t}.mlp.up_proj"), "W8A8", 13696, 4096),
+    ];
+    let outs: Vec<OutMeta> = linears
+        .iter()
+        .flat_map(|(m, k, o, i)| {
+            if *k == FLOAT {
+                vec![OutMeta { meta: TensorMeta::new(format!("{m}.weight"), DType::BF16, &[*o, *i]), kind: FLOAT }]
+            } else {
+                linear_layout(k, m, *o, *i, 1, DType::BF16, &[])
+            }
+        })
+        .collect();
+    let mut g = Map::new();
+    g.insert("model_quant_type".into(), json!("W8A8"));
+    g.insert("version".into(), json!("1.0.0"));
+    g.insert("group_size".into(), json!(0));
+    let bare = Described::planned(&outs, g.clone());
+    let vllm = setting(Target::VllmAscend, "glm4v");
+    let p = check(&bare, &vllm);
+    for key in ["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_up_proj"] {
+        find(&p, "lookup", &format!("{v}.{key}.weight"));
+    }
+    find(&p, "lookup", &format!("{t}.mlp.gate_up_proj.weight"));
+    assert!(check(&bare, &setting(Target::MindIe, "glm4v")).is_empty());
+
+    let full = Described::planned(&outs, g.clone()).with_lookup_aliases("glm4v").unwrap();
+    assert_eq!(full.types[&format!("{t}.mlp.gate_up_proj.weight")], "W8A8");
+    assert_eq!(full.types[&format!("{v}.attn.k_proj.weight")], FLOAT);
+    assert!(check(&full, &vllm).is_empty(), "{}", report(&check(&full, &vllm)));
+
+    // A gate and an up of different types cannot stand behind one gate_up_proj.
+    let mut mixed = outs.clone();
+    mixed.retain(|o| !o.meta.name.starts_with(&format!("{v}.mlp.up_proj")));
+    mixed.extend(linear_layout("W8A8", &format!("{v}.mlp.up_proj"), 4096, 1536, 1, DType::BF16, &[]));
+    assert!(Described::planned(&mixed, g.clone()).with_lookup_aliases("glm4v").is_err());
+
+    let moe = Described::planned(&outs, g).with_lookup_aliases("glm4v_moe").unwrap();
+    assert!(moe.types.contains_key(&format!("{v}.attn.q_proj.weight")));
+    assert!(!moe.types.contains_key(&format!("{t}.mlp.gate_up_proj.weight")));
+    assert!(lookup_aliases("qwen2_5_vl", "visual.blocks.0.attn.qkv").is_empty());
+}

@@ -93,7 +93,7 @@ impl Arch {
             | Family::InternVlChat
             | Family::Glm4Moe
             | Family::Generic => Arch::Standard,
-            Family::Glm4 => Arch::Glm4,
+            Family::Glm4 | Family::Glm4v => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
             Family::Qwen3Next => Arch::Qwen3Next,
         }
@@ -481,6 +481,13 @@ pub(crate) mod tests {
     #[test]
     fn parity_qwen3_fp8() {
         parity("qwen3_fp8");
+    }
+    /// GLM-4.1V's GLM-4 decoder with its M-RoPE positions (sections of a partial rotary turning
+    /// adjacent pairs): one image (shared fixture) and two images spanning several rows.
+    #[test]
+    fn parity_glm4v() {
+        parity("glm4v");
+        parity("glm4v_wide");
     }
     #[test]
     fn parity_internvl() {

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Each architecture is one file: [`qwen2_vl`], [`qwen2_5_vl`], [`qwen3_vl`] (also Qwen3-VL-MoE)
-//! [`clip`] (LLaVA) and [`internvit`] (InternVL). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
+//! [`clip`] (LLaVA), [`internvit`] (InternVL) and [`glm4v`] (GLM-4.1V, 4.5V, 4.6V). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
 //! linear is computed through the [`LinearHook`] under that relative name (`attn.qkv`,
 //! `merger.linear_fc1`, `multi_modal_projector.linear_1`). The patch-embedding convolutions are
 //! computed as linears over flattened patches but not through the hook: they are not 2D linears
@@ -19,6 +19,7 @@
 //! text layers.
 
 pub mod clip;
+pub mod glm4v;
 pub mod internvit;
 pub mod mrope;
 pub mod ops;
@@ -126,6 +127,7 @@ pub enum VisionTower {
     Qwen3Vl(qwen3_vl::Config),
     Clip(clip::Config),
     InternVit(internvit::Config),
+    Glm4v(glm4v::Config),
 }
 
 impl VisionTower {
@@ -142,6 +144,7 @@ impl VisionTower {
             VisionKind::InternVit => {
                 VisionTower::InternVit(internvit::Config::from_json(&model.config, &model.layout)?)
             }
+            VisionKind::Glm4v => VisionTower::Glm4v(glm4v::Config::from_json(&model.config)?),
         })
     }
 
@@ -153,6 +156,7 @@ impl VisionTower {
             VisionTower::Qwen3Vl(c) => c.depth,
             VisionTower::Clip(c) => c.depth,
             VisionTower::InternVit(c) => c.depth,
+            VisionTower::Glm4v(c) => c.depth,
         }
     }
 
@@ -164,6 +168,7 @@ impl VisionTower {
             VisionTower::Qwen3Vl(c) => c.embed(device, w, input),
             VisionTower::Clip(c) => c.embed(device, w, input),
             VisionTower::InternVit(c) => c.embed(device, w, input),
+            VisionTower::Glm4v(c) => c.embed(device, w, input),
         }
         .with_context(|| format!("vision embeddings ({})", w.prefix))
     }
@@ -186,6 +191,7 @@ impl VisionTower {
             VisionTower::Qwen3Vl(c) => c.block(device, i, w, state, hook),
             VisionTower::Clip(c) => c.block(device, i, w, state, hook),
             VisionTower::InternVit(c) => c.block(device, i, w, state, hook),
+            VisionTower::Glm4v(c) => c.block(device, i, w, state, hook),
         }
         .with_context(|| format!("vision block {}", w.prefix))
     }
@@ -204,6 +210,7 @@ impl VisionTower {
             VisionTower::Qwen3Vl(c) => c.finish(device, w, state, hook),
             VisionTower::Clip(c) => c.finish(device, w, state, hook),
             VisionTower::InternVit(c) => c.finish(device, w, state, hook),
+            VisionTower::Glm4v(c) => c.finish(device, w, state, hook),
         }
         .with_context(|| {
             format!("vision mergers / projector ({})", if w.prefix.is_empty() { "whole names" } else { &w.prefix })

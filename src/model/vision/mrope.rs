@@ -38,7 +38,8 @@ impl RopeIndex {
             Family::Qwen25Vl => {
                 TemporalIds::Seconds { tokens_per_second: vision.f64(&["tokens_per_second"])?.unwrap_or(4.0) }
             }
-            Family::Qwen3Vl | Family::Qwen3VlMoe => TemporalIds::PerFrame,
+            // GLM-4.1V: frames are images of their own, separated by timestamp text.
+            Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4v => TemporalIds::PerFrame,
             other => bail!("{} has no M-RoPE position ids", other.model_type()),
         };
         Ok(RopeIndex {
@@ -46,7 +47,10 @@ impl RopeIndex {
             spatial_merge_size: vision.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
             image_token_id: id("image_token_id").context("config.json has no image_token_id")?,
             video_token_id: id("video_token_id"),
-            vision_start_token_id: id("vision_start_token_id").context("config.json has no vision_start_token_id")?,
+            // GLM-4.1V opens an image with `<|begin_of_image|>` (image_start_token_id).
+            vision_start_token_id: id("vision_start_token_id")
+                .or_else(|| id("image_start_token_id"))
+                .context("config.json has neither vision_start_token_id nor image_start_token_id")?,
         })
     }
 
