@@ -384,11 +384,11 @@ impl TextConfig {
                 "config.json: moe_layer_num_skipped > 0 (dense first layers) is not read by lamina's HunYuan decoder"
             );
         }
-        let moe_intermediate_size = match uniform(&c, &["moe_intermediate_size"])? {
-            Some(m) => m,
-            None => c.usize(&["intermediate_size"])?,
-        };
         let moe = if num_experts > 1 || (num_experts == 1 && !hunyuan) {
+            let moe_intermediate_size = match uniform(&c, &["moe_intermediate_size"])? {
+                Some(m) => m,
+                None => c.usize(&["intermediate_size"])?,
+            };
             let model_type = c.str(&["model_type"]).unwrap_or("");
             // DeepSeek-V3 and GLM-4.5 score with a sigmoid (their configs may not say so).
             let sigmoid_family = ["deepseek_v3", "glm4_moe", "kimi_k2"].contains(&model_type);
@@ -506,14 +506,16 @@ impl TextConfig {
 fn uniform(c: &ConfigView, keys: &[&str]) -> Result<Option<usize>> {
     match c.get(keys) {
         Some(Value::Array(_)) => {
-            let list = c.usize_list(keys)?.unwrap_or_default();
+            let key = keys.iter().find(|k| c.get(&[**k]).is_some()).unwrap_or(&keys[0]);
+            let list = c.usize_list(&[key])?.unwrap_or_default();
             match list.first() {
-                None => bail!("config.json: {} is an empty list", keys[0]),
+                None => bail!("config.json: {key} is an empty list"),
                 Some(&v) if list.iter().all(|&x| x == v) => Ok(Some(v)),
-                Some(_) => bail!(
-                    "config.json: {} differs between layers ({list:?}); lamina reads one value for every layer",
-                    keys[0]
-                ),
+                Some(_) => {
+                    bail!(
+                        "config.json: {key} differs between layers ({list:?}); lamina reads one value for every layer"
+                    )
+                }
             }
         }
         _ => c.opt_usize(keys),
@@ -652,6 +654,29 @@ mod tests {
         assert_eq!(t.head_dim, 4);
         assert_eq!(t.num_kv_heads, 2);
         assert_eq!(t.rope.mrope_section, Some(vec![1, 1, 0]));
+    }
+
+    /// Hunyuan-A13B's release config: per-layer lists read when their entries agree, the shared MLP
+    /// `num_shared_expert · intermediate_size` wide (vLLM's hunyuan_v1.py), the router always
+    /// renormalised; lists that differ and cross-layer attention refused by name.
+    #[test]
+    fn hunyuan_per_layer_lists_shared_mlp_and_cla() {
+        let base = json!({"model_type": "hunyuan_v1_moe", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
+            "intermediate_size": 48, "num_experts": 4, "moe_topk": [2, 2], "moe_intermediate_size": [32, 32],
+            "num_shared_expert": [2, 2], "use_mixed_mlp_moe": true, "use_cla": false, "cla_share_factor": 2,
+            "kv_lora_rank": null});
+        let m = TextConfig::from_json(&base).unwrap().moe.unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.moe_intermediate_size, m.norm_topk_prob), (4, 2, 32, true));
+        assert_eq!(m.shared, Some(SharedMlpConfig { module: "mlp.shared_mlp", width: 96, gated: false }));
+        let mut differ = base.clone();
+        differ["moe_topk"] = json!([2, 1]);
+        let e = TextConfig::from_json(&differ).unwrap_err().to_string();
+        assert!(e.contains("moe_topk") && e.contains("differs between layers"), "{e}");
+        let mut cla = base.clone();
+        cla["use_cla"] = json!(true);
+        let e = TextConfig::from_json(&cla).unwrap_err().to_string();
+        assert!(e.contains("cross-layer attention") && e.contains("cla_share_factor 2"), "{e}");
     }
 
     #[test]

@@ -303,6 +303,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hunyuan_large_is_refused_naming_what_is_missing() {
+        let config = serde_json::json!({"model_type": "hunyuan", "architectures": ["HunYuanForCausalLM"],
+            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 8,
+            "use_cla": true, "cla_share_factor": 2});
+        let e = Model::new(&config, None, &["model.layers.0.mlp.gate.wg.weight"]).unwrap_err().to_string();
+        assert!(
+            e.contains("Hunyuan-Large") && e.contains("cross-layer attention") && e.contains("hunyuan_v1_moe"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn row_fused_linears_split_into_their_parts() {
         let config = serde_json::json!({"model_type": "glm4", "hidden_size": 4, "num_hidden_layers": 1,
             "num_attention_heads": 1, "vocab_size": 8, "intermediate_size": 3});
