@@ -2,7 +2,7 @@
 //! memory it holds, on a synthetic checkpoint with the real tensor shapes of a model.
 //!
 //! ```text
-//! cargo bench --bench streaming -- [--config PATH] [--layers N] [--runs R] [--quant_type T]
+//! cargo bench --bench streaming -- [--config PATH] [--layers N] [--experts E] [--runs R] [--quant_type T]
 //!                                  [--shard_gib G] [--dir DIR] [--keep]
 //!                                  [--calib_samples S --calib_seq_len L] [--quant_only]
 //! ```
@@ -15,7 +15,12 @@
 //! 1. Builds a checkpoint from `config.json` (default: Qwen3-VL-30B-A3B) with `--layers` text layers (default
 //!    4), every tensor of the release layout (`model::layout::synthesize_inventory`: fused experts, vision
 //!    tower) filled with random bf16, written as `model-0000k-of-0000N.safetensors` shards of `--shard_gib`
-//!    (default 2) with `model.safetensors.index.json`.
+//!    (default 2) with `model.safetensors.index.json`. A config with an FP8 `quantization_config`
+//!    (`quant_method: fp8`, `weight_block_size`: DeepSeek-V3's, Qwen3's FP8 releases) gets its decoder
+//!    linears as random `F8_E4M3` with an f32 `weight_scale_inv` per block, as those releases store them
+//!    (embeddings, lm_head, norms and routers stay bf16). `--experts E` keeps E routed experts of the real
+//!    shape per MoE layer (a data-free unit's peak is one linear's, whatever the count; fewer experts keep
+//!    the checkpoint within the disk).
 //! 2. `--runs` times (default 3), alternating: a plain read of every input byte (8 MiB at a time, nothing
 //!    written), a plain copy (read every input byte, write as many bytes to the same disk, fsync, as `cp`
 //!    would), then `lamina quant --quant_type T` (default w8a8_dynamic) as a child process, its peak RSS from
@@ -45,6 +50,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 struct Args {
     config: PathBuf,
     layers: usize,
+    experts: Option<usize>,
     runs: usize,
     quant_type: String,
     shard_gib: f64,
@@ -59,6 +65,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs/qwen3-vl-30b-a3b/config.json"),
         layers: 4,
+        experts: None,
         runs: 3,
         quant_type: "w8a8_dynamic".into(),
         shard_gib: 2.0,
@@ -74,6 +81,7 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--config" => a.config = value().into(),
             "--layers" => a.layers = value().parse().expect("--layers N"),
+            "--experts" => a.experts = Some(value().parse().expect("--experts E")),
             "--runs" => a.runs = value().parse().expect("--runs R"),
             "--quant_type" => a.quant_type = value(),
             "--shard_gib" => a.shard_gib = value().parse().expect("--shard_gib G"),
@@ -96,7 +104,7 @@ fn main() {
     std::fs::create_dir_all(&model_dir).unwrap();
 
     let t = Instant::now();
-    let files = write_checkpoint(&args.config, args.layers, args.shard_gib, &model_dir);
+    let files = write_checkpoint(&args.config, args.layers, args.experts, args.shard_gib, &model_dir);
     let bytes_in: u64 = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
     println!(
         "checkpoint   : {} ({} text layers), {:.2} GiB in {} shard(s), written in {:.1} s",
@@ -205,16 +213,41 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// Writes the synthetic checkpoint; returns its shard files.
-fn write_checkpoint(config_path: &Path, layers: usize, shard_gib: f64, dir: &Path) -> Vec<PathBuf> {
+fn write_checkpoint(
+    config_path: &Path,
+    layers: usize,
+    experts: Option<usize>,
+    shard_gib: f64,
+    dir: &Path,
+) -> Vec<PathBuf> {
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).unwrap()).unwrap();
     let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
     text["num_hidden_layers"] = layers.into();
+    if let Some(e) = experts {
+        let key = ["n_routed_experts", "num_experts", "num_local_experts"]
+            .into_iter()
+            .find(|k| text.get(*k).is_some())
+            .expect("--experts needs a MoE config");
+        text[key] = e.into();
+        for k in ["num_experts_per_tok", "topk_group", "n_group"] {
+            if let Some(v) = text.get(k).and_then(|v| v.as_u64()) {
+                text[k] = (v as usize).min(e).into();
+            }
+        }
+    }
+    let block = fp8_block(&config);
     let model = Model::new(&config, None, &[]).unwrap();
-    let metas: Vec<TensorMeta> = layout::synthesize_inventory(model.family, &config)
-        .unwrap()
-        .into_iter()
-        .map(|(n, s)| TensorMeta::new(n, DType::BF16, &s))
-        .collect();
+    let mut metas: Vec<TensorMeta> = Vec::new();
+    for (n, s) in layout::synthesize_inventory(model.family, &config).unwrap() {
+        match block {
+            Some([bh, bw]) if is_fp8_linear(&model, &n, &s) => {
+                let grid = [s[0].div_ceil(bh), s[1].div_ceil(bw)];
+                metas.push(TensorMeta::new(format!("{n}_scale_inv"), DType::F32, &grid));
+                metas.push(TensorMeta::new(n, DType::F8E4M3, &s));
+            }
+            _ => metas.push(TensorMeta::new(n, DType::BF16, &s)),
+        }
+    }
     let limit = (shard_gib * GIB) as u64;
     let shards =
         ShardLayout::plan(&metas, Some(limit), &|k, n| format!("model-{:05}-of-{:05}.safetensors", k + 1, n)).unwrap();
@@ -228,7 +261,11 @@ fn write_checkpoint(config_path: &Path, layers: usize, shard_gib: f64, dir: &Pat
         out.write_all(&f.header).unwrap();
         for t in &f.tensors {
             seed = seed.wrapping_add(1);
-            write_random_bf16(&mut out, t.numel(), seed);
+            match t.dtype {
+                DType::F8E4M3 => write_random_fp8(&mut out, t.numel(), seed),
+                DType::F32 => write_random_scales(&mut out, t.numel(), seed),
+                _ => write_random_bf16(&mut out, t.numel(), seed),
+            }
         }
         let file = out.into_inner().unwrap();
         file.sync_all().unwrap();
@@ -236,6 +273,54 @@ fn write_checkpoint(config_path: &Path, layers: usize, shard_gib: f64, dir: &Pat
         files.push(path);
     }
     files
+}
+
+/// The FP8 block size of a config whose `quantization_config` is block-wise FP8.
+fn fp8_block(config: &serde_json::Value) -> Option<[usize; 2]> {
+    let text = config.get("text_config").unwrap_or(config);
+    let q = config.get("quantization_config").or_else(|| text.get("quantization_config"))?;
+    if q.get("quant_method").and_then(|v| v.as_str()) != Some("fp8") {
+        return None;
+    }
+    let b = q.get("weight_block_size")?.as_array()?;
+    Some([b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize])
+}
+
+/// Whether an FP8 release stores this tensor as FP8: a decoder layer's linear weight (not its router,
+/// nor the MTP layer's `eh_proj`).
+fn is_fp8_linear(model: &Model, name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && name.ends_with("_proj.weight")
+        && layout::layer_index(name, &format!("{}.layers.", model.layout.text)).is_some()
+        && !name.ends_with("eh_proj.weight")
+        && !name.contains("visual")
+}
+
+/// Random e4m3 values of magnitude 2^-3..2^1 and either sign (exponent field 4..=8: never NaN).
+fn write_random_fp8(out: &mut impl Write, n: usize, seed: u64) {
+    const BLOCK: usize = 32 << 20;
+    let mut buf = vec![0u8; BLOCK.min(n)];
+    for (b, start) in (0..n).step_by(BLOCK).enumerate() {
+        let len = BLOCK.min(n - start);
+        buf[..len].par_chunks_mut(1 << 16).enumerate().for_each(|(p, chunk)| {
+            let mut s = seed ^ ((b as u64) << 32) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            for v in chunk.iter_mut() {
+                let z = splitmix64(&mut s);
+                let exp = 4 + (z as u8 % 5);
+                *v = ((z >> 8) as u8 & 0x80) | exp << 3 | ((z >> 16) as u8 & 7);
+            }
+        });
+        out.write_all(&buf[..len]).unwrap();
+    }
+}
+
+/// Random positive f32 block scales around 1e-3.
+fn write_random_scales(out: &mut impl Write, n: usize, seed: u64) {
+    let mut s = seed;
+    for _ in 0..n {
+        let v = 5e-4 + (splitmix64(&mut s) % 1000) as f32 * 1e-6;
+        out.write_all(&v.to_le_bytes()).unwrap();
+    }
 }
 
 /// Random bf16 values of magnitude 2^-7..2^-3 and either sign (no zeros, NaN or Inf), generated in parallel

@@ -514,3 +514,91 @@ fn bad_calibration_data_is_refused_clearly() {
         .assert_fails_with(&[&missing.display().to_string(), "no such calibration file"]);
     assert_no_complete_output(&save);
 }
+
+/// DeepSeek-V3 as released (FP8 block-scaled linears, MLA with q_lora_rank, an MTP layer
+/// `model.layers.2`) under its family's w8a8 recipe (deepseek_v3-w8a8, what `--quant_type w8a8`
+/// picks): the attention's q_a_proj, kv_a_proj_with_mqa, q_b_proj and o_proj static W8A8 (GPTQ,
+/// after m2 smoothing of input_layernorm and q_a_layernorm, whose shift lands in quant_bias); every
+/// MLP linear (the dense layer 0, the shared and the routed experts) W8A8_DYNAMIC rounded to
+/// nearest; kv_b_proj, the router, lm_head and the whole MTP layer float. Checked linear by linear
+/// against the formulas (common::calibrated), by `lamina check`, and by the logits bound.
+#[test]
+fn deepseek_v3_fp8_w8a8() {
+    let tmp = TempDir::new("dsv3-w8a8");
+    let model = fixture("deepseek_v3");
+    let scheme = |m: &str| -> Option<&'static str> {
+        let float =
+            m.starts_with("model.layers.2.") || m == "lm_head" || m.ends_with("mlp.gate") || m.ends_with("kv_b_proj");
+        if float {
+            None
+        } else if m.contains(".mlp.") {
+            Some("W8A8_DYNAMIC")
+        } else {
+            Some("W8A8")
+        }
+    };
+    let rtn = |m: &str| m.contains(".mlp.");
+    let seen = quantize_and_check_at(&model, "deepseek_v3", &tmp, &["--quant_type", "w8a8"], &scheme, &rtn);
+    let count = |k: &str| seen.by_kind.get(k).copied().unwrap_or(0);
+    // q_a_proj, kv_a_proj_with_mqa, q_b_proj, o_proj in each of the 2 layers.
+    assert_eq!(count("W8A8"), 2 * 4, "{seen:?}");
+    // Layer 0's dense MLP; layer 1's 4 routed experts and its shared experts.
+    assert_eq!(count("W8A8_DYNAMIC"), 3 + 4 * 3 + 3, "{seen:?}");
+    // kv_b_proj x2, layer 1's router, lm_head; the MTP layer's eh_proj, 5 MLA linears, router,
+    // 4 experts, shared experts and shared_head.head.
+    assert_eq!(count("FLOAT"), 2 + 1 + 1 + (1 + 5 + 1 + 4 * 3 + 3 + 1), "{seen:?}");
+    // Every static and dynamic linear's scales against its (smoothed) weight; every float linear
+    // reading a norm against that weight times the norm's scales (kv_b_proj x2, layer 1's router,
+    // and the MTP layer's q_a, kv_a, q_b, kv_b, router, 4 experts' and the shared experts' gate/up,
+    // whose norms stay as they were); layer 0's q_a_proj and kv_a_proj_with_mqa against the
+    // embeddings' range.
+    assert_eq!(seen.scales_checked, 2 * 4 + 18 + (2 + 1 + 4 + 1 + 4 * 2 + 2), "{seen:?}");
+    assert_eq!(seen.rounding_checked, 18, "{seen:?}");
+    assert_eq!(seen.ranges_checked, 2, "{seen:?}");
+
+    let save = tmp.join("deepseek_v3-out");
+    let out = read_st(&save.join("quant_model_weights.safetensors"));
+    for layer in 0..2 {
+        let t = |m: &str, s: &str| out[&format!("model.layers.{layer}.self_attn.{m}.{s}")].f32s();
+        // vLLM-Ascend serves q_a_proj and kv_a_proj_with_mqa as one fused_qkv_a_proj with one
+        // input quantizer (mlapo's quant_scale0 / quant_offset0).
+        for s in ["input_scale", "input_offset"] {
+            assert_eq!(t("q_a_proj", s), t("kv_a_proj_with_mqa", s), "layer {layer} {s}");
+        }
+        // m2 shifted the two norms feeding static linears (mlapo reads q_a_layernorm.bias as its
+        // beta1), not kv_a_layernorm (kv_b_proj is float) nor the experts' norm.
+        let has = |n: &str| out.contains_key(&format!("model.layers.{layer}.{n}.bias"));
+        assert!(has("input_layernorm") && has("self_attn.q_a_layernorm"), "layer {layer}");
+        assert!(!has("self_attn.kv_a_layernorm") && !has("post_attention_layernorm"), "layer {layer}");
+    }
+    let c = check(&save, &[]);
+    c.assert_ok();
+    assert!(c.stdout.contains("ok:"), "{}", c.stdout);
+
+    // m2's shift matters: a quant_bias without its `W z` (as if the shifted norm's consumers had
+    // no bias to take it) moves the logits past the bound.
+    let (ids, want) = reference(&model);
+    let file = save.join("quant_model_weights.safetensors");
+    {
+        let mut tensors = out.clone();
+        let consumers = ["q_a_proj", "kv_a_proj_with_mqa", "q_b_proj"];
+        for layer in 0..2 {
+            for m in consumers {
+                let p = format!("model.layers.{layer}.self_attn.{m}");
+                let cols = out[&format!("{p}.weight")].shape[1];
+                let offset = out[&format!("{p}.input_offset")].f32s()[0];
+                let unshifted: Vec<i32> = out[&format!("{p}.weight")]
+                    .i8s()
+                    .chunks(cols)
+                    .map(|row| (-row.iter().map(|&q| q as f32).sum::<f32>() * offset).round() as i32)
+                    .collect();
+                tensors.get_mut(&format!("{p}.quant_bias")).unwrap().data =
+                    unshifted.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
+        }
+        write_st(&file, &tensors);
+        let e = median_token_error(&logits(&model, Some(&save), &ids), &want, ids.len());
+        eprintln!("deepseek_v3: without the shift in {consumers:?}'s quant_bias the logits are {e:.4} off");
+        assert!(e > LOGITS_BOUND, "{consumers:?}: {e}");
+    }
+}

@@ -7,7 +7,7 @@ use super::ascend_read::AscendModel;
 use super::compressed_tensors::INDEX;
 use crate::io::safetensors::SafetensorsFile;
 use crate::model::weights::Weights;
-use crate::pipeline::calibrate::hooks::ActSim;
+use crate::quant::act_sim::ActSim;
 use crate::quant::kv_cache::KvCacheQuant;
 use crate::quant::ActRange;
 use crate::tensor::{decode_f32, decode_i64, DType};

@@ -4,6 +4,8 @@ pub mod config;
 pub mod decoder;
 pub mod fp8;
 pub mod layout;
+pub mod load;
+pub mod matrix;
 pub mod moe;
 pub mod nn;
 pub mod rope;

@@ -1,9 +1,9 @@
 //! A unit's float weights in memory, looked up by names relative to the unit.
 
+use super::load;
 use super::nn::Linear;
 use super::{LogicalTensor, Unit};
 use crate::io::checkpoint::Checkpoint;
-use crate::pipeline::load;
 use anyhow::{Context, Result};
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use std::collections::BTreeMap;

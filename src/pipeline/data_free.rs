@@ -1,11 +1,11 @@
 //! The data-free transform: each job of a unit is copied or quantized on its own, straight from the
 //! mapped checkpoint, and its input pages are given back as soon as no later job needs them.
 
-use super::load;
 use super::plan::{Job, UnitPlan};
 use super::stages::{Emit, Output, UnitProcessor};
 use crate::export::{Exporter, OutMeta, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
+use crate::model::load;
 use crate::model::{LogicalTensor, Source};
 use crate::quant::{rtn, QuantizedLinear};
 use crate::tensor::Tensor;

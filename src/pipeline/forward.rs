@@ -8,13 +8,13 @@
 //! the hidden states of the sequences (and the outputs to write) stay resident.
 
 use super::calibrate::hooks::{SimLinear, Simulate};
-use super::load;
 use crate::device::{self, Device};
 use crate::export::read::QuantizedOutput;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
 use crate::model::decoder::{self, embed, DecoderBlock, ForwardOptions, Head};
 use crate::model::layout::UnitKind;
+use crate::model::load;
 use crate::model::nn::Plain;
 use crate::model::rope::Positions;
 use crate::model::vision::mrope::RopeIndex;

@@ -7,7 +7,7 @@ pub mod data_free;
 pub mod estimate;
 pub mod eval;
 pub mod forward;
-pub mod load;
+
 pub mod memory;
 pub mod plan;
 pub mod progress;
@@ -664,7 +664,7 @@ pub fn quantize(args: &QuantArgs) -> Result<Summary> {
         bail!("the run does not fit the memory budget: {}", shortfall(plan));
     }
     for u in &plan.units {
-        load::check_inputs(ckpt, &u.unit)?;
+        crate::model::load::check_inputs(ckpt, &u.unit)?;
     }
     let calibration =
         if p.calibrated { Some(calibration_samples(args, ckpt, &plan.model, &plan.recipe)?) } else { None };

@@ -78,7 +78,7 @@ pub fn run(
         let stop = &stop;
         let reader = s.spawn(move || {
             let units = plan.units[start..].iter().map(|u| &u.unit);
-            super::load::read_ahead(ckpt, units, plan.memory.read_ahead, stop);
+            crate::model::load::read_ahead(ckpt, units, plan.memory.read_ahead, stop);
         });
         let transform = s.spawn(move || -> Result<()> {
             let _stop_reader = StopOnDrop(stop);

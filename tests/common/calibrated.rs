@@ -6,8 +6,12 @@
 //!   `deq_scale = input_scale * weight_scale` and `quant_bias = round(bias / deq_scale -
 //!   input_offset * Σ_k q[:, k])`;
 //! - SmoothQuant's fold, read back from the norms: a norm's new weight is `g / s`, so the test
-//!   knows `s = g / g'` and the smoothed weight `W diag(s)` of every linear reading that norm;
-//!   weight scales are that weight's row absmax / 127, the router stays `W diag(s)` in bf16;
+//!   knows `s = g / g'` and the smoothed weight `W diag(s)` of every linear reading that norm
+//!   (MLA's too: `q_a_proj` / `kv_a_proj_with_mqa` read `input_layernorm`, `q_b_proj` and
+//!   `kv_b_proj` the low-rank norms); weight scales are that weight's row absmax / 127, the router
+//!   stays `W diag(s)` in bf16; m2's shift `z = -b' s`, read back from the bias a norm gained,
+//!   is in its static consumers' `quant_bias` as `W z` (the original `W`);
+//! - float linears are the input's bytes (an FP8 weight: its dequantized values in bf16);
 //! - layer 0's activation range: the textbook RMSNorm of the calibration tokens' embeddings
 //!   times the stored norm weight, min-max over every token and channel.
 
@@ -137,6 +141,11 @@ enum Role {
     /// fused q/k/v projections (whose value rows no smoothing touches).
     QueryKey,
     Value,
+    /// MLA's projections out of a low-rank latent (`q_b_proj`, `kv_b_proj`): they read that
+    /// latent's norm.
+    LowRank {
+        norm: &'static str,
+    },
     /// The attention output projection; `fused` when the layer's q/k/v are fused (no v -> o pair).
     Output {
         fused: bool,
@@ -149,6 +158,10 @@ enum Role {
 fn role(rest: &str) -> Option<Role> {
     Some(match rest {
         "self_attn.q_proj" | "self_attn.k_proj" | "attention.wqkv" | "attn.c_attn" => Role::QueryKey,
+        // MLA (DeepSeek): the low-rank query and the shared latent read the attention norm.
+        "self_attn.q_a_proj" | "self_attn.kv_a_proj_with_mqa" => Role::QueryKey,
+        "self_attn.q_b_proj" => Role::LowRank { norm: "self_attn.q_a_layernorm" },
+        "self_attn.kv_b_proj" => Role::LowRank { norm: "self_attn.kv_a_layernorm" },
         // Qwen3-Next's Gated DeltaNet projections read the attention norm; no smoothing pairs with them.
         "linear_attn.in_proj_qkvz" | "linear_attn.in_proj_ba" => Role::QueryKey,
         "self_attn.v_proj" => Role::Value,
@@ -213,9 +226,23 @@ fn norm_offset(inputs: &BTreeMap<String, Logical>) -> f32 {
     }
 }
 
+/// Every norm a linear reads ([`consumed_norm`]): the ones smoothing may rescale.
+const READ_NORMS: [&str; 8] = [
+    "input_layernorm",
+    "post_attention_layernorm",
+    "attention_norm",
+    "ffn_norm",
+    "ln_1",
+    "ln_2",
+    "self_attn.q_a_layernorm",
+    "self_attn.kv_a_layernorm",
+];
+
 /// The weight the recipe's smoothing made of `module`'s, `[rows * cols]`, when the test can know
 /// it: norm consumers get `W diag(s)`; linears no smoothing touches keep `W`; v_proj, o_proj (and
 /// up_proj, down_proj under up-down smoothing) take scales the output does not record: `None`.
+/// MLA has no v_proj: its o_proj reads the heads' values through kv_b_proj, a path no smoothing
+/// subgraph (ov is v_proj → o_proj) crosses, so it keeps `W`.
 fn smoothed_weight(
     module: &str,
     w: &St,
@@ -227,9 +254,13 @@ fn smoothed_weight(
     let Some((layer, rest)) = text_layer(module) else { return Some(wv) };
     let (attn_norm, mlp_norm) = norms_of(rest);
     let up = rest.ends_with("up_proj") || rest == "feed_forward.w3" || rest == "mlp.w1";
+    // MLA has no v_proj: its o_proj pairs with no smoothing and keeps its weight.
+    let has_v_proj = inputs.contains_key(&format!("{layer}self_attn.v_proj.weight"));
     let norm = match role(rest) {
         Some(Role::QueryKey) => attn_norm,
-        Some(Role::Value | Role::Output { fused: false }) => return None,
+        Some(Role::LowRank { norm }) => norm,
+        Some(Role::Value) => return None,
+        Some(Role::Output { fused: false }) if has_v_proj => return None,
         Some(Role::GateUp) if up_down && up => return None,
         Some(Role::Down) if up_down => return None,
         Some(Role::GateUp | Role::Router) => mlp_norm,
@@ -240,12 +271,13 @@ fn smoothed_weight(
     Some(wv.iter().enumerate().map(|(k, &v)| v * s[k % cols]).collect())
 }
 
-/// The norm a text-layer linear reads, when it reads one.
+/// The norm a text-layer linear reads, when it reads one (full name).
 fn consumed_norm(module: &str) -> Option<String> {
     let (layer, rest) = text_layer(module)?;
     let (attn_norm, mlp_norm) = norms_of(rest);
     let norm = match role(rest)? {
         Role::QueryKey | Role::Value => attn_norm,
+        Role::LowRank { norm } => norm,
         Role::GateUp | Role::Router => mlp_norm,
         _ => return None,
     };
@@ -300,6 +332,9 @@ struct Ctx<'a> {
 struct LinearOut<'a> {
     module: &'a str,
     weight: &'a St,
+    /// What the weight is written as when it stays float: the input's bytes, or for an FP8
+    /// weight its dequantized values in bf16.
+    float_weight: St,
     input_bias: Option<Vec<f32>>,
     tensors: BTreeMap<&'a str, &'a St>,
 }
@@ -348,9 +383,11 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
         .map(|(n, _)| n.strip_suffix(".weight").unwrap().to_string())
         .collect();
     for module in &modules {
+        let input = &ctx.inputs[&format!("{module}.weight")];
         let l = LinearOut {
             module,
-            weight: &ctx.inputs[&format!("{module}.weight")].st,
+            weight: &input.st,
+            float_weight: if input.from_fp8 { St::bf16(&input.st.shape, &f32s(&input.st)) } else { input.st.clone() },
             input_bias: ctx.inputs.get(&format!("{module}.bias")).map(|l| f32s(&l.st)),
             tensors: ctx
                 .outputs
@@ -373,11 +410,8 @@ pub fn check_calibrated(input: &Path, out: &Path, expect: &Expect) -> Seen {
         let o = ctx.outputs.get(name).unwrap_or_else(|| panic!("float tensor {name} is missing from the output"));
         assert_eq!(ctx.desc[name], "FLOAT", "description type of {name}");
         assert_eq!((&o.dtype, &o.shape), (&l.st.dtype, &l.st.shape), "{name}");
-        let smoothed_norm = text_layer(name).is_some_and(|(_, r)| {
-            ["input_layernorm", "post_attention_layernorm", "attention_norm", "ffn_norm", "ln_1", "ln_2"]
-                .iter()
-                .any(|n| r == format!("{n}.weight"))
-        });
+        let smoothed_norm =
+            text_layer(name).is_some_and(|(_, r)| r.strip_suffix(".weight").is_some_and(|n| READ_NORMS.contains(&n)));
         if !smoothed_norm {
             assert!(*o == l.st, "float tensor {name} is not the input's bytes");
         }
@@ -416,7 +450,8 @@ impl Ctx<'_> {
         let smoothed = smoothed_weight(module, l.weight, &self.inputs, &self.outputs, self.expect.up_down);
         let Some(kind) = want else {
             let got = l.get("weight");
-            assert_eq!((&got.dtype, &got.shape), (&l.weight.dtype, &l.weight.shape), "{module}.weight");
+            let want = &l.float_weight;
+            assert_eq!((&got.dtype, &got.shape), (&want.dtype, &want.shape), "{module}.weight");
             match smoothed {
                 // A float consumer of a smoothed norm (the router, Qwen3-Next's in_proj_ba and
                 // shared expert): W diag(s), in its dtype.
@@ -426,7 +461,7 @@ impl Ctx<'_> {
                     }
                     seen.scales_checked += 1;
                 }
-                _ => assert!(*got == *l.weight, "float linear {module} must be the input's bytes"),
+                _ => assert!(*got == *want, "float linear {module} must be the input's bytes (FP8: bf16 values)"),
             }
             return;
         };
@@ -522,7 +557,8 @@ impl Ctx<'_> {
                 qb[r]
             );
         }
-        // Layer 0's q/k/v read the input norm of the embeddings: recompute their range.
+        // Layer 0's q/k/v (MLA: q_a_proj, kv_a_proj_with_mqa) read the input norm of the
+        // embeddings: recompute their range.
         let layer0_qkv = text_layer(module).is_some_and(|(l, r)| {
             (l.ends_with("layers.0.") || l.ends_with("h.0.")) && matches!(role(r), Some(Role::QueryKey | Role::Value))
         });

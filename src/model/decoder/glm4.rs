@@ -18,7 +18,7 @@
 //!   writers in the graph ([`LayerGraph::post_norms`]); smoothing v→o and up→down is still exact
 //!   (it leaves both projections' product unchanged).
 
-use super::parts::{Attention, Heads, Norm, SwiGlu, Take};
+use super::parts::{check_input, Attention, Heads, Norm, SwiGlu, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -101,20 +101,7 @@ impl DecoderBlock for Layer {
         hook: &mut dyn LinearHook,
         _opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
-        ensure!(
-            x.ncols() == hidden,
-            "layer {} got hidden states of width {}, expected {hidden}",
-            self.index,
-            x.ncols()
-        );
-        ensure!(
-            positions.len() == x.nrows(),
-            "layer {}: {} positions given for {} tokens",
-            self.index,
-            positions.len(),
-            x.nrows()
-        );
+        check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
         let h = self.input_layernorm.forward(x, self.eps);
         let a = self.attn.forward(device, h.view(), &rope, hook)?;

@@ -25,7 +25,7 @@
 //! The multi-token-prediction layer after the decoder layers (`model.layers.{num_hidden_layers}`)
 //! is not part of this forward; it is its own unit, written float (see `crate::pipeline::plan::plan_unit`).
 
-use super::parts::{causal_attention, ffn_graph, project, Ffn, Heads, Norm, Take};
+use super::parts::{causal_attention, check_input, ffn_graph, project, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{MlaConfig, TextConfig};
@@ -166,20 +166,7 @@ impl DecoderBlock for Layer {
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
-        ensure!(
-            x.ncols() == hidden,
-            "layer {} got hidden states of width {}, expected {hidden}",
-            self.index,
-            x.ncols()
-        );
-        ensure!(
-            positions.len() == x.nrows(),
-            "layer {}: {} positions given for {} tokens",
-            self.index,
-            positions.len(),
-            x.nrows()
-        );
+        check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
         let h = self.input_layernorm.forward(x, self.eps);
         let mut out = self.attn.forward(device, h.view(), &rope, hook)?;

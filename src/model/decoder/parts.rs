@@ -7,7 +7,7 @@ use crate::device::Device;
 use crate::model::config::{GroupScore, MoeConfig, Scoring, TextConfig};
 use crate::model::layout::{DecoderNames, FusedQkv, QkvNames};
 use crate::model::nn::{Linear, LinearHook};
-use crate::model::rope::RopeAngles;
+use crate::model::rope::{Positions, RopeAngles};
 use crate::model::weights::Weights;
 use anyhow::{bail, ensure, Context, Result};
 use ndarray::{s, Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis};
@@ -747,6 +747,18 @@ impl Take {
         }
         Ok(())
     }
+}
+
+/// A decoder layer's input checks: `x` is `[tokens, hidden]` and there is one position per token.
+pub fn check_input(index: usize, hidden: usize, x: ArrayView2<f32>, positions: &Positions) -> Result<()> {
+    ensure!(x.ncols() == hidden, "layer {index} got hidden states of width {}, expected {hidden}", x.ncols());
+    ensure!(
+        positions.len() == x.nrows(),
+        "layer {index}: {} positions given for {} tokens",
+        positions.len(),
+        x.nrows()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

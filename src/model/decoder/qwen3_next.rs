@@ -18,7 +18,7 @@
 //!   unit of its own ([`crate::model::layout::MtpLayout`]) and stays float.
 
 use super::gated_delta::GatedDeltaNet;
-use super::parts::{causal_attention, ffn_graph, norm_and_rotate, project, Ffn, Heads, Norm, Take};
+use super::parts::{causal_attention, check_input, ffn_graph, norm_and_rotate, project, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -175,20 +175,7 @@ impl DecoderBlock for Layer {
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
-        ensure!(
-            x.ncols() == hidden,
-            "layer {} got hidden states of width {}, expected {hidden}",
-            self.index,
-            x.ncols()
-        );
-        ensure!(
-            positions.len() == x.nrows(),
-            "layer {}: {} positions given for {} tokens",
-            self.index,
-            positions.len(),
-            x.nrows()
-        );
+        check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let h = self.input_layernorm.forward(x, self.eps);
         let a = match &self.mixer {
             Mixer::Linear(net) => net.forward(device, h.view(), hook)?,

@@ -15,7 +15,7 @@
 //! Qwen (1)'s logn attention scaling and the dynamic NTK rotary scalings only act beyond the
 //! trained length; both are implemented exactly.
 
-use super::parts::{ffn_graph, Attention, Ffn, Heads, Norm, Take};
+use super::parts::{check_input, ffn_graph, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -113,20 +113,7 @@ impl DecoderBlock for Layer {
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
-        ensure!(
-            x.ncols() == hidden,
-            "layer {} got hidden states of width {}, expected {hidden}",
-            self.index,
-            x.ncols()
-        );
-        ensure!(
-            positions.len() == x.nrows(),
-            "layer {}: {} positions given for {} tokens",
-            self.index,
-            positions.len(),
-            x.nrows()
-        );
+        check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
         let h = self.input_layernorm.forward(x, self.eps);
         let mut out = self.attn.forward(device, h.view(), &rope, hook)?;

@@ -996,7 +996,7 @@ impl UnitProcessor for Calibrator<'_> {
             _ => self.data_free(up, emit),
         }?;
         for t in &up.unit.tensors {
-            super::load::release(self.ckpt, t);
+            crate::model::load::release(self.ckpt, t);
         }
         Ok(())
     }

@@ -229,3 +229,52 @@ fn folded_smoothing_leaves_every_fixture_layer_unchanged() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// The same for MLA (DeepSeek-V3 from its FP8 release, DeepSeek-V2-Lite without `q_lora_rank`):
+/// under the family's recipe (deepseek_v3-w8a8: m2 on the attention's norms, whose static
+/// consumers take the shift) and under m2 on every subgraph MLA has. MLA has no v_proj → o_proj
+/// pair (the values come out of kv_b_proj, absorbed by the server), so no ov subgraph; the
+/// low-rank norms q_a_layernorm and kv_a_layernorm smooth q_b_proj and kv_b_proj.
+#[test]
+fn folded_smoothing_leaves_mla_layers_unchanged() {
+    let family =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/deepseek_v3-w8a8.yaml")).unwrap();
+    let family = Recipe::parse(&family, "deepseek_v3-w8a8").unwrap();
+    let every = recipe("type: m2\n      alpha: 0.5\n      enable_subgraph_type: [norm-linear, ov, up-down]");
+    let mut report = Vec::new();
+    for name in ["deepseek_v3", "deepseek_v2"] {
+        let f = Fixture::open(name);
+        let lora = f.model.text.mla.as_ref().unwrap().q_lora_rank.is_some();
+        for layer in 0..f.model.text.num_layers {
+            let moe = f.model.text.moe.as_ref().is_some_and(|m| m.is_moe_layer(layer));
+            for (step, r) in [("family recipe", &family), ("m2 everywhere", &every)] {
+                let folded = f.fold(layer, r);
+                let what = format!("{name} layer {layer} {step}");
+                let mut shifted = vec!["input_layernorm"];
+                if lora {
+                    shifted.push("self_attn.q_a_layernorm");
+                }
+                let kinds: BTreeSet<&str> = if step == "family recipe" {
+                    ["norm-linear"].into()
+                } else {
+                    // Every static consumer takes the shift; a MoE layer's float router has no
+                    // bias for it, so its norm is only scaled.
+                    shifted.push("self_attn.kv_a_layernorm");
+                    if !moe {
+                        shifted.push("post_attention_layernorm");
+                    }
+                    ["norm-linear", "up-down"].into()
+                };
+                shifted.sort();
+                assert_eq!(folded.kinds, kinds, "{what}: subgraphs folded");
+                assert_eq!(folded.shifted.iter().map(|s| s.as_str()).collect::<Vec<_>>(), shifted, "{what}: shifted");
+                assert!(folded.scale_spread > 4.0, "{what}: scales spread only {}", folded.scale_spread);
+                assert!(folded.f32_err <= 1e-4, "{what}: the smoothed layer's output moved by {}", folded.f32_err);
+                let bound = if moe { 2e-3 } else { 1e-4 };
+                assert!(folded.stored_err <= bound, "{what}: stored in bf16 it moved by {}", folded.stored_err);
+                report.push(format!("{what}: f32 {:.1e}, bf16-stored {:.1e}", folded.f32_err, folded.stored_err));
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}

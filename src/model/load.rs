@@ -1,10 +1,12 @@
-//! Reading logical tensors out of the checkpoint maps, and giving their pages back.
+//! Reading logical tensors out of the checkpoint maps, and giving their pages back: bytes, f32
+//! values (NaN / Inf refused naming the tensor and its file), read-ahead and release of a unit's
+//! pages, and 2D tensors viewed in place as matrices ([`matrix_view`]) for quantization.
 
+use super::fp8::BlockScale;
+use super::matrix::{MatrixView, NonFinite};
+use super::{moe, LogicalTensor, Source, Unit};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::SafetensorsFile;
-use crate::model::fp8::BlockScale;
-use crate::model::{moe, LogicalTensor, Source, Unit};
-use crate::quant::rtn::{MatrixView, NonFinite};
 use crate::tensor::{decode_f32_into, DType, Tensor};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
