@@ -185,6 +185,34 @@ fn glm_4_1v_9b_plans_on_paper() {
     assert_eq!(field(&r.stdout, "fits"), "yes");
 }
 
+/// Hunyuan-A13B (`hunyuan_v1_moe`, tests/fixtures/configs/hunyuan-a13b: 32 layers, every one 64
+/// experts top-8 plus a shared MLP, per-layer lists in the config) fits a 64 GiB card layer by layer,
+/// data-free and calibrated, for MindIE. For vLLM-Ascend the plan refuses: its table of fused modules
+/// has no `hunyuan_v1_moe` row, so quantized experts would not load (see tests/quantize_fixtures.rs).
+#[test]
+fn hunyuan_a13b_fits_64_gib_on_paper() {
+    let cfg = config("hunyuan-a13b");
+    let path = cfg.display().to_string();
+    let args = |qt: &'static str, target: &'static str| {
+        ["plan", "--model_path", &path, "--quant_type", qt, "--memory_budget", "64", "--target", target]
+            .map(String::from)
+    };
+    let refused = args("w8a8_dynamic", "vllm-ascend");
+    run(&refused.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+        .assert_fails_with(&["has no \"experts\" entry", "model.layers.31.mlp.experts"]);
+    for quant_type in ["w8a8_dynamic", "w8a8"] {
+        let a = args(quant_type, "mindie");
+        let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        r.assert_ok();
+        assert_eq!(field(&r.stdout, "architecture"), "hunyuan_v1_moe (config.json only, on paper)");
+        assert!(field(&r.stdout, "text").starts_with("32 layers, hidden 4096"), "{}", r.stdout);
+        assert!(field(&r.stdout, "text").contains("64 experts top-8"), "{}", r.stdout);
+        let units: usize = field(&r.stdout, "units").parse().unwrap();
+        assert_eq!(units, 32 + 2, "{}", r.stdout);
+        assert_eq!(field(&r.stdout, "fits"), "yes", "{quant_type}: {}", r.stdout);
+    }
+}
+
 /// DeepSeek-V3 / R1 (671B: tests/fixtures/configs/deepseek-v3, 61 layers of 256 routed experts
 /// top-8 plus a shared one, MLA, FP8 with 128 × 128 block scales, one MTP layer): the data-free W8A8
 /// run fits one 64 GiB card, layer by layer (and the calibrated one: see the 16 GiB test above).

@@ -16,6 +16,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// W4A16 for MoE experts only.
 fn refusal(fixture: &str, quant_type: &str, target: &str) -> Option<Vec<&'static str>> {
     let moe = fixture.contains("moe") || fixture == "qwen3_next";
+    if fixture == "hunyuan_v1_moe" && target == "vllm-ascend" && quant_type != "w4a16" {
+        return Some(vec!["has no \"experts\" entry", "packed_modules_model_mapping", "hunyuan_v1_moe"]);
+    }
     match (quant_type, target, moe) {
         ("w4a8_dynamic", "vllm-ascend", false) => Some(vec![
             "loads W4A8_DYNAMIC only for routed MoE experts",
@@ -76,12 +79,14 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
         "glm4_moe" => ("model.layers", 4),
         "qwen3_next" => ("model.layers", 4),
+        "hunyuan_v1_moe" => ("model.layers", 4),
         _ => return,
     };
     // GLM-4.5's first layer is dense (first_k_dense_replace); every Qwen3-Next layer is MoE.
     let layers = match name {
         "glm4_moe" => 1..3,
         "qwen3_next" => 0..4,
+        "hunyuan_v1_moe" => 0..3,
         _ => 0..2,
     };
     for layer in layers {
@@ -92,6 +97,7 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
             }
         }
         assert!(!quantized.contains(&format!("{root}.{layer}.mlp.gate")), "{name}: the router must stay float");
+        assert!(!quantized.contains(&format!("{root}.{layer}.mlp.gate.wg")), "{name}: the router must stay float");
     }
 }
 
@@ -180,6 +186,27 @@ fn qwen3_next() {
         assert!(seen.float.contains(float), "{float}: {seen:?}");
     }
     assert!(seen.float.contains("model.layers.1.linear_attn.conv1d.weight"), "{seen:?}");
+}
+
+/// Hunyuan-A13B (`hunyuan_v1_moe`): every layer MoE (router `mlp.gate.wg` float, experts and the
+/// shared MLP quantized). vLLM-Ascend's `packed_modules_model_mapping` has no `hunyuan_v1_moe` row, so
+/// no `experts` entry: its fused MoE layer looks its type up as `….mlp.experts.weight`, which an
+/// Ascend description (per-expert keys, as msModelSlim writes them) does not hold. Every type that
+/// quantizes the experts is therefore refused for `--target vllm-ascend`, naming that rule, and
+/// written for MindIE.
+#[test]
+fn hunyuan_v1_moe() {
+    quantize_every_scheme("hunyuan_v1_moe");
+    let tmp = TempDir::new("hunyuan-mindie");
+    let save = tmp.join("out");
+    quant(&fixture("hunyuan_v1_moe"), &save, "w8a8_dynamic", &["--target", "mindie"], &[]).assert_ok();
+    let seen = check_output_for(&fixture("hunyuan_v1_moe"), &save, "w8a8_dynamic", "mindie", None);
+    for m in ["model.layers.2.mlp.shared_mlp.down_proj", "model.layers.0.self_attn.k_proj"] {
+        assert!(seen.quantized.contains(m), "{m}: {seen:?}");
+    }
+    for f in ["model.layers.1.mlp.gate.wg.weight", "model.layers.0.self_attn.query_layernorm.weight"] {
+        assert!(seen.float.contains(f), "{f}: {seen:?}");
+    }
 }
 
 /// GLM-4.5's multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is no decoder layer

@@ -609,6 +609,12 @@ pub const FAMILIES: &[FamilyRule] = &[
     FamilyRule { model_type: "kimi_k2", packed: MLA, experts: true },
 ];
 
+/// MoE families lamina reads that vLLM-Ascend's table does not name: their fused MoE layer's type lookup
+/// (`….mlp.experts.weight`) fails on an Ascend description with quantized experts, so for
+/// `--target vllm-ascend` their experts can only stay FLOAT ([`check`]'s "fused" rule). HunYuan-A13B:
+/// vLLM's `hunyuan_v1.py` packs only `qkv_proj` and `gate_up_proj`.
+pub const MOE_WITHOUT_EXPERTS_ENTRY: &[&str] = &["hunyuan_v1_moe"];
+
 /// Families vLLM-Ascend's table does not name use their vLLM model class's mapping, which for the
 /// decoders and VL models lamina reads (llama, qwen2, qwen3, qwen2_vl, qwen3_vl, llava) fuses q/k/v
 /// and gate/up, and has no `experts` entry.

@@ -236,10 +236,8 @@ pub struct MoeConfig {
     /// `moe_layer_freq`-th is MoE.
     pub first_k_dense_replace: usize,
     pub moe_layer_freq: usize,
-    /// Qwen2-MoE style: one shared expert of this width beside the routed ones.
-    pub shared_expert_intermediate_size: Option<usize>,
-    /// DeepSeek style: `n_shared_experts` shared experts fused into one of `n · moe_intermediate_size`.
-    pub n_shared_experts: usize,
+    /// The experts every token goes through beside the routed ones, if any.
+    pub shared: Option<SharedMlpConfig>,
     pub scoring: Scoring,
     /// Experts in `n_group` groups, of which the `topk_group` best are eligible (1 and 1: all).
     pub n_group: usize,
@@ -247,6 +245,25 @@ pub struct MoeConfig {
     pub group_score: GroupScore,
     /// Multiplies the routing weights (DeepSeek, GLM-4.5); 1 elsewhere.
     pub routed_scaling_factor: f64,
+}
+
+/// A MoE layer's shared MLP, as each family names and sizes it (relative to the layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedMlpConfig {
+    /// DeepSeek / GLM-4.5 `mlp.shared_experts` (`n_shared_experts · moe_intermediate_size` wide),
+    /// Qwen2-MoE / Qwen3-Next `mlp.shared_expert` (`shared_expert_intermediate_size`), HunYuan
+    /// `mlp.shared_mlp` (`num_shared_expert · intermediate_size`).
+    pub module: &'static str,
+    pub width: usize,
+    /// Qwen2-MoE's output gate `sigmoid(mlp.shared_expert_gate(x))`.
+    pub gated: bool,
+}
+
+impl SharedMlpConfig {
+    /// The gate's module name (`mlp.shared_expert_gate`) when the shared MLP is gated.
+    pub fn gate_module(&self) -> Option<String> {
+        self.gated.then(|| format!("{}_gate", self.module))
+    }
 }
 
 impl MoeConfig {
@@ -352,12 +369,31 @@ impl TextConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("config.json: {num_heads} attention heads cannot be shared by {num_kv_heads} key/value heads");
         }
-        let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
-        let moe = if num_experts > 0 {
+        let num_experts = uniform(&c, &["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
+        // HunYuan (Hunyuan-A13B) has one FFN per layer: a single "expert" is its dense MLP.
+        let hunyuan = c.str(&["model_type"]) == Some("hunyuan_v1_moe");
+        if c.bool(&["use_cla"]) == Some(true) && c.opt_usize(&["cla_share_factor"])?.unwrap_or(1) > 1 {
+            bail!(
+                "config.json: use_cla with cla_share_factor {}: cross-layer attention (a layer reusing the keys and \
+                 values of the layer before it, which has no k_proj / v_proj of its own) is not computed by lamina yet",
+                c.opt_usize(&["cla_share_factor"])?.unwrap_or(1)
+            );
+        }
+        if hunyuan && c.opt_usize(&["moe_layer_num_skipped"])?.unwrap_or(0) > 0 {
+            bail!(
+                "config.json: moe_layer_num_skipped > 0 (dense first layers) is not read by lamina's HunYuan decoder"
+            );
+        }
+        let moe = if num_experts > 1 || (num_experts == 1 && !hunyuan) {
+            let moe_intermediate_size = match uniform(&c, &["moe_intermediate_size"])? {
+                Some(m) => m,
+                None => c.usize(&["intermediate_size"])?,
+            };
             let model_type = c.str(&["model_type"]).unwrap_or("");
             // DeepSeek-V3 and GLM-4.5 score with a sigmoid (their configs may not say so).
             let sigmoid_family = ["deepseek_v3", "glm4_moe", "kimi_k2"].contains(&model_type);
-            let top_k = c.usize(&["num_experts_per_tok", "moe_topk", "top_k"])?;
+            let top_k = uniform(&c, &["num_experts_per_tok", "moe_topk", "top_k"])?
+                .context("config.json: missing num_experts_per_tok or moe_topk")?;
             let scoring = match c.str(&["scoring_func"]) {
                 Some("sigmoid") => Scoring::Sigmoid,
                 Some("softmax") => Scoring::Softmax,
@@ -393,16 +429,17 @@ impl TextConfig {
             Some(MoeConfig {
                 num_experts,
                 top_k,
-                moe_intermediate_size: c.usize(&["moe_intermediate_size", "intermediate_size"])?,
-                // Qwen3-VL-MoE's router always renormalises its top-k (transformers'
-                // Qwen3VLMoeTextTopKRouter), whatever the config says.
-                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false) || model_type.starts_with("qwen3_vl_moe"),
+                moe_intermediate_size,
+                // Qwen3-VL-MoE's and HunYuan's routers always renormalise their top-k (transformers'
+                // Qwen3VLMoeTextTopKRouter, HunYuanMoEV1Gate), whatever the config says.
+                norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false)
+                    || model_type.starts_with("qwen3_vl_moe")
+                    || hunyuan,
                 decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
                 mlp_only_layers: c.usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
                 first_k_dense_replace: c.opt_usize(&["first_k_dense_replace"])?.unwrap_or(0),
                 moe_layer_freq: c.opt_usize(&["moe_layer_freq"])?.unwrap_or(1),
-                shared_expert_intermediate_size: c.opt_usize(&["shared_expert_intermediate_size"])?,
-                n_shared_experts: c.opt_usize(&["n_shared_experts"])?.unwrap_or(0),
+                shared: shared_mlp(&c, hunyuan, moe_intermediate_size)?,
                 scoring,
                 n_group,
                 topk_group,
@@ -462,6 +499,53 @@ impl TextConfig {
             norm_offset: if c.str(&["model_type"]) == Some("qwen3_next") { 1.0 } else { 0.0 },
         })
     }
+}
+
+/// An integer that HunYuan's configs may give per layer (`moe_topk: [8, 8, ...]`): a number, or a
+/// list whose entries are all equal. Lists that differ between layers are refused by name.
+fn uniform(c: &ConfigView, keys: &[&str]) -> Result<Option<usize>> {
+    match c.get(keys) {
+        Some(Value::Array(_)) => {
+            let key = keys.iter().find(|k| c.get(&[**k]).is_some()).unwrap_or(&keys[0]);
+            let list = c.usize_list(&[key])?.unwrap_or_default();
+            match list.first() {
+                None => bail!("config.json: {key} is an empty list"),
+                Some(&v) if list.iter().all(|&x| x == v) => Ok(Some(v)),
+                Some(_) => {
+                    bail!(
+                        "config.json: {key} differs between layers ({list:?}); lamina reads one value for every layer"
+                    )
+                }
+            }
+        }
+        _ => c.opt_usize(keys),
+    }
+}
+
+/// The shared MLP of a MoE layer, from whichever spelling the family's config uses.
+fn shared_mlp(c: &ConfigView, hunyuan: bool, moe_intermediate_size: usize) -> Result<Option<SharedMlpConfig>> {
+    if hunyuan {
+        // vLLM's hunyuan_v1.py: a shared MLP `intermediate_size · num_shared_expert` wide when
+        // `use_mixed_mlp_moe`.
+        if !c.bool(&["use_mixed_mlp_moe"]).unwrap_or(false) {
+            return Ok(None);
+        }
+        let n = uniform(c, &["num_shared_expert"])?.unwrap_or(1);
+        let width = c.usize(&["intermediate_size"])? * n;
+        return Ok((n > 0).then_some(SharedMlpConfig { module: "mlp.shared_mlp", width, gated: false }));
+    }
+    if let Some(n) = c.opt_usize(&["n_shared_experts"])?.filter(|&n| n > 0) {
+        return Ok(Some(SharedMlpConfig {
+            module: "mlp.shared_experts",
+            width: n * moe_intermediate_size,
+            gated: false,
+        }));
+    }
+    Ok(c.opt_usize(&["shared_expert_intermediate_size"])?.map(|width| SharedMlpConfig {
+        module: "mlp.shared_expert",
+        width,
+        gated: true,
+    }))
 }
 
 /// `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (releases); Qwen (1)'s
@@ -570,6 +654,29 @@ mod tests {
         assert_eq!(t.head_dim, 4);
         assert_eq!(t.num_kv_heads, 2);
         assert_eq!(t.rope.mrope_section, Some(vec![1, 1, 0]));
+    }
+
+    /// Hunyuan-A13B's release config: per-layer lists read when their entries agree, the shared MLP
+    /// `num_shared_expert · intermediate_size` wide (vLLM's hunyuan_v1.py), the router always
+    /// renormalised; lists that differ and cross-layer attention refused by name.
+    #[test]
+    fn hunyuan_per_layer_lists_shared_mlp_and_cla() {
+        let base = json!({"model_type": "hunyuan_v1_moe", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
+            "intermediate_size": 48, "num_experts": 4, "moe_topk": [2, 2], "moe_intermediate_size": [32, 32],
+            "num_shared_expert": [2, 2], "use_mixed_mlp_moe": true, "use_cla": false, "cla_share_factor": 2,
+            "kv_lora_rank": null});
+        let m = TextConfig::from_json(&base).unwrap().moe.unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.moe_intermediate_size, m.norm_topk_prob), (4, 2, 32, true));
+        assert_eq!(m.shared, Some(SharedMlpConfig { module: "mlp.shared_mlp", width: 96, gated: false }));
+        let mut differ = base.clone();
+        differ["moe_topk"] = json!([2, 1]);
+        let e = TextConfig::from_json(&differ).unwrap_err().to_string();
+        assert!(e.contains("moe_topk") && e.contains("differs between layers"), "{e}");
+        let mut cla = base.clone();
+        cla["use_cla"] = json!(true);
+        let e = TextConfig::from_json(&cla).unwrap_err().to_string();
+        assert!(e.contains("cross-layer attention") && e.contains("cla_share_factor 2"), "{e}");
     }
 
     #[test]

@@ -42,12 +42,16 @@ pub enum Family {
     /// Qwen3-Next (`Qwen3NextForCausalLM`): Gated DeltaNet and gated full attention layers,
     /// zero-centred norms, MoE with a gated shared expert, an MTP block under `mtp.`.
     Qwen3Next,
+    /// Hunyuan-A13B (`HunYuanMoEV1ForCausalLM`, transformers-native): q/k norms after RoPE
+    /// (`query_layernorm` / `key_layernorm`), NTK-alpha rope, every layer routed experts under the
+    /// router `mlp.gate.wg` beside an ungated `mlp.shared_mlp`.
+    HunyuanV1Moe,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 18] = [
+    pub const ALL: [Family; 19] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -66,6 +70,7 @@ impl Family {
         Family::DeepseekV3,
         Family::Glm4Moe,
         Family::Qwen3Next,
+        Family::HunyuanV1Moe,
     ];
 
     /// The `model_type` of config.json.
@@ -89,6 +94,7 @@ impl Family {
             Family::DeepseekV3 => "deepseek_v3",
             Family::Glm4Moe => "glm4_moe",
             Family::Qwen3Next => "qwen3_next",
+            Family::HunyuanV1Moe => "hunyuan_v1_moe",
             Family::Generic => "generic",
         }
     }
@@ -140,6 +146,7 @@ impl Family {
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
             ("Glm4MoeForCausalLM", Family::Glm4Moe),
             ("Qwen3NextForCausalLM", Family::Qwen3Next),
+            ("HunYuanMoEV1ForCausalLM", Family::HunyuanV1Moe),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -224,6 +231,9 @@ pub struct DecoderNames {
     pub gate: &'static str,
     pub up: &'static str,
     pub down: &'static str,
+    /// A MoE layer's router (`mlp.gate`; HunYuan's `mlp.gate.wg`). Its experts are
+    /// `mlp.experts.J.{gate,up,down}_proj` in every family lamina reads.
+    pub router: &'static str,
 }
 
 /// The query, key and value projections: three linears, or one fused linear.
@@ -257,6 +267,15 @@ impl DecoderNames {
         gate: "mlp.gate_proj",
         up: "mlp.up_proj",
         down: "mlp.down_proj",
+        router: "mlp.gate",
+    };
+    /// Hunyuan-A13B (`HunYuanMoEV1DecoderLayer`; vLLM's hunyuan_v1.py reads the same names and drops
+    /// the router's `.wg` when it loads).
+    pub const HUNYUAN: DecoderNames = DecoderNames {
+        q_norm: "self_attn.query_layernorm",
+        k_norm: "self_attn.key_layernorm",
+        router: "mlp.gate.wg",
+        ..DecoderNames::STANDARD
     };
     /// InternLM2's modeling file (`InternLM2DecoderLayer`).
     pub const INTERNLM2: DecoderNames = DecoderNames {
@@ -270,6 +289,7 @@ impl DecoderNames {
         gate: "feed_forward.w1",
         up: "feed_forward.w3",
         down: "feed_forward.w2",
+        router: "mlp.gate",
     };
     /// Qwen (1)'s modeling file (`QWenBlock`): its MLP computes `c_proj(w1(x) · silu(w2(x)))`, so
     /// `w2` is the gate and `w1` the up projection.
@@ -284,6 +304,7 @@ impl DecoderNames {
         gate: "mlp.w2",
         up: "mlp.w1",
         down: "mlp.c_proj",
+        router: "mlp.gate",
     };
 
     /// The linears reading the attention norm, in order.
@@ -320,6 +341,13 @@ impl TextNames {
             Family::Qwen => {
                 TextNames { layers: "h", embed: "wte", norm: "ln_f", head: "lm_head", decoder: DecoderNames::QWEN }
             }
+            Family::HunyuanV1Moe => TextNames {
+                layers: "layers",
+                embed: "embed_tokens",
+                norm: "norm",
+                head: "lm_head",
+                decoder: DecoderNames::HUNYUAN,
+            },
             _ => TextNames {
                 layers: "layers",
                 embed: "embed_tokens",
@@ -368,6 +396,7 @@ fn rules(family: Family) -> Rules {
         | Family::DeepseekV3
         | Family::Glm4Moe
         | Family::Qwen3Next
+        | Family::HunyuanV1Moe
         | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
@@ -831,7 +860,13 @@ fn synthesize_layer(
     let glm4 = family == Family::Glm4;
     let qk_norm = matches!(
         family,
-        Family::Qwen3 | Family::Qwen3Moe | Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4Moe | Family::Qwen3Next
+        Family::Qwen3
+            | Family::Qwen3Moe
+            | Family::Qwen3Vl
+            | Family::Qwen3VlMoe
+            | Family::Glm4Moe
+            | Family::Qwen3Next
+            | Family::HunyuanV1Moe
     );
     let fused_experts = family == Family::Qwen3VlMoe;
     push(format!("{l}.{}.weight", d.attn_norm), &[h]);
@@ -879,7 +914,7 @@ fn synthesize_layer(
     match &t.moe {
         Some(m) if m.is_moe_layer(i) => {
             let inter = m.moe_intermediate_size;
-            push(format!("{l}.{mlp}.gate.weight"), &[m.num_experts, h]);
+            push(format!("{l}.{}.weight", d.router), &[m.num_experts, h]);
             if matches!(family, Family::Glm4Moe | Family::DeepseekV3) {
                 push(format!("{l}.{mlp}.gate.e_score_correction_bias"), &[m.num_experts]);
             }
@@ -893,19 +928,13 @@ fn synthesize_layer(
                     push(format!("{l}.{mlp}.experts.{j}.down_proj.weight"), &[h, inter]);
                 }
             }
-            // The shared experts as the decoder takes them (`Take::ffn`): DeepSeek's and GLM-4.5's
-            // `shared_experts` of `n_shared_experts` experts' width, or Qwen2-MoE's gated `shared_expert`.
-            let shared = if m.n_shared_experts > 0 {
-                Some(("shared_experts", m.n_shared_experts * inter, false))
-            } else {
-                m.shared_expert_intermediate_size.map(|w| ("shared_expert", w, true))
-            };
-            if let Some((s, w, gated)) = shared {
-                push(format!("{l}.{mlp}.{s}.gate_proj.weight"), &[w, h]);
-                push(format!("{l}.{mlp}.{s}.up_proj.weight"), &[w, h]);
-                push(format!("{l}.{mlp}.{s}.down_proj.weight"), &[h, w]);
-                if gated {
-                    push(format!("{l}.{mlp}.shared_expert_gate.weight"), &[1, h]);
+            // The shared MLP as the decoder takes it (`Take::ffn`, `SharedMlpConfig`).
+            if let Some(s) = &m.shared {
+                push(format!("{l}.{}.gate_proj.weight", s.module), &[s.width, h]);
+                push(format!("{l}.{}.up_proj.weight", s.module), &[s.width, h]);
+                push(format!("{l}.{}.down_proj.weight", s.module), &[h, s.width]);
+                if let Some(g) = s.gate_module() {
+                    push(format!("{l}.{g}.weight"), &[1, h]);
                 }
             }
         }

@@ -489,7 +489,7 @@ mod tests {
     /// linear's role rather than from the recipes' globs.
     fn intended_w8a8(module: &str) -> Option<&'static str> {
         let leaf = module.rsplit('.').next().unwrap();
-        if matches!(leaf, "lm_head" | "output") || module.ends_with("mlp.gate") {
+        if matches!(leaf, "lm_head" | "output") || module.ends_with("mlp.gate") || module.ends_with("mlp.gate.wg") {
             return None;
         }
         if module.contains(".mlp.experts.") {
@@ -525,6 +525,7 @@ mod tests {
             ("llava", "llava-w8a8"),
             ("internlm2", "internlm2-w8a8"),
             ("qwen1", "qwen-w8a8"),
+            ("hunyuan_v1_moe", "default-w8a8"),
         ];
         for (fixture, recipe_name) in fixtures {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
@@ -590,6 +591,13 @@ mod tests {
                     has("transformer.h.0.mlp.w2", Some("W8A8"));
                     has("transformer.h.1.mlp.c_proj", Some("W8A16"));
                     has("lm_head", None);
+                }
+                "hunyuan_v1_moe" => {
+                    has("model.layers.1.mlp.gate.wg", None);
+                    has("model.layers.1.mlp.experts.3.down_proj", Some("W8A8_DYNAMIC"));
+                    has("model.layers.1.mlp.shared_mlp.up_proj", Some("W8A8"));
+                    has("model.layers.1.mlp.shared_mlp.down_proj", Some("W8A16"));
+                    has("model.layers.0.self_attn.v_proj", Some("W8A8"));
                 }
                 _ => has("model.layers.1.mlp.down_proj", Some("W8A16")),
             }

@@ -170,7 +170,7 @@ fn role(rest: &str) -> Option<Role> {
         "mlp.gate_proj" | "mlp.up_proj" | "feed_forward.w1" | "feed_forward.w3" | "mlp.w1" | "mlp.w2" => Role::GateUp,
         "mlp.down_proj" | "feed_forward.w2" | "mlp.c_proj" => Role::Down,
         // The router and Qwen3-Next's shared-expert gate read the MLP norm, as the experts do.
-        "mlp.gate" | "mlp.shared_expert_gate" => Role::Router,
+        "mlp.gate" | "mlp.gate.wg" | "mlp.shared_expert_gate" => Role::Router,
         // Routed and shared experts (`mlp.experts.J.*`, `mlp.shared_experts.*`, `mlp.shared_expert.*`)
         // by their leaf, as the standard names go.
         r => match r.rsplit('.').next() {

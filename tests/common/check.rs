@@ -213,6 +213,7 @@ pub fn stays_float(module: &str) -> bool {
     .contains(&last)
         || module.ends_with("shared_head.head")
         || module.ends_with("mlp.gate")
+        || module.ends_with("mlp.gate.wg")
         || module.contains("linear_fc2")
         || module.contains("merger")
         || module.contains("multi_modal_projector")

@@ -29,6 +29,7 @@ use super::parts::{causal_attention, check_input, ffn_graph, project, Ffn, Heads
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{MlaConfig, TextConfig};
+use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
@@ -120,7 +121,7 @@ impl Layer {
             input_layernorm: w.norm("input_layernorm", hidden)?,
             post_attention_layernorm: w.norm("post_attention_layernorm", hidden)?,
             attn,
-            mlp: w.ffn(cfg, index)?,
+            mlp: w.ffn(cfg, index, DecoderNames::STANDARD.router)?,
             rope,
             eps,
         };
@@ -151,7 +152,7 @@ impl Layer {
             g.fused.push(vec![first, a("kv_a_proj_with_mqa")]);
         }
         g.norm_linears.push(NormLinears { norm: a("kv_a_layernorm"), consumers: vec![a("kv_b_proj")] });
-        ffn_graph(cfg, index, "post_attention_layernorm", &mut g);
+        ffn_graph(cfg, index, "post_attention_layernorm", DecoderNames::STANDARD.router, &mut g);
         g
     }
 }

@@ -7,6 +7,7 @@
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
+//! | [`Arch::HunYuan`] | [`hunyuan`] | hunyuan_v1_moe (Hunyuan-A13B: q/k norms after RoPE, experts beside a shared MLP) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -27,6 +28,7 @@
 
 pub mod gated_delta;
 pub mod glm4;
+pub mod hunyuan;
 pub mod mla;
 pub mod parts;
 pub mod qwen3_next;
@@ -74,6 +76,8 @@ pub enum Arch {
     /// DeepSeek's multi-head latent attention.
     Mla,
     Qwen3Next,
+    /// q/k norms after RoPE, every layer MoE with a shared MLP.
+    HunYuan,
 }
 
 impl Arch {
@@ -96,6 +100,7 @@ impl Arch {
             Family::Glm4 | Family::Glm4v => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
             Family::Qwen3Next => Arch::Qwen3Next,
+            Family::HunyuanV1Moe => Arch::HunYuan,
         }
     }
 }
@@ -109,6 +114,7 @@ pub fn layer(model: &Model, index: usize, weights: Weights) -> Result<Box<dyn De
         Arch::Glm4 => Box::new(glm4::Layer::new(&model.text, index, weights)?),
         Arch::Mla => Box::new(mla::Layer::new(&model.text, index, weights)?),
         Arch::Qwen3Next => Box::new(qwen3_next::Layer::new(&model.text, index, weights)?),
+        Arch::HunYuan => Box::new(hunyuan::Layer::new(&model.text, index, weights)?),
     })
 }
 
@@ -119,6 +125,7 @@ pub fn graph(model: &Model, index: usize) -> LayerGraph {
         Arch::Glm4 => glm4::Layer::graph(&model.text, index),
         Arch::Mla => mla::Layer::graph(&model.text, index),
         Arch::Qwen3Next => qwen3_next::Layer::graph(&model.text, index),
+        Arch::HunYuan => hunyuan::Layer::graph(&model.text, index),
     }
 }
 
@@ -504,6 +511,12 @@ pub(crate) mod tests {
     fn parity_qwen3_next() {
         parity("qwen3_next");
     }
+    /// Hunyuan-A13B: q/k norms after RoPE, NTK-alpha base, router `mlp.gate.wg`, a shared MLP,
+    /// tied embeddings.
+    #[test]
+    fn parity_hunyuan_v1_moe() {
+        parity("hunyuan_v1_moe");
+    }
 
     /// The scalings that act only beyond the trained length, switched on by a shorter trained
     /// length in the config: every layer and the logits against tests/fixtures/gen/long_context.py.
@@ -569,6 +582,7 @@ pub(crate) mod tests {
             ("deepseek_v3", 1),
             ("deepseek_v2", 2),
             ("qwen3_next", 3),
+            ("hunyuan_v1_moe", 1),
         ] {
             let f = fixture(name);
             let positions = f.positions();
@@ -591,14 +605,14 @@ pub(crate) mod tests {
                 routed_tokens += routed.0.get(&format!("mlp.experts.{j}.up_proj")).copied().unwrap_or(0);
             }
             assert_eq!(routed_tokens, seq * moe.top_k);
-            assert_eq!(routed.0["mlp.gate"], seq);
+            assert_eq!(routed.0[f.model.layout.names.decoder.router], seq);
             let first = if f.model.text.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()) { "q_a" } else { "q" };
             assert_eq!(all.0[&format!("self_attn.{first}_proj")], seq);
             assert_eq!(all.0["self_attn.kv_cache"], seq);
-            if moe.n_shared_experts > 0 {
+            if let Some(shared) = &moe.shared {
                 for p in ["gate_proj", "up_proj", "down_proj"] {
                     assert_eq!(
-                        routed.0[&format!("mlp.shared_experts.{p}")],
+                        routed.0[&format!("{}.{p}", shared.module)],
                         seq,
                         "{name}: shared experts see every token"
                     );
@@ -623,6 +637,7 @@ pub(crate) mod tests {
             "deepseek_v3",
             "deepseek_v2",
             "qwen3_next",
+            "hunyuan_v1_moe",
         ] {
             let f = fixture(name);
             for i in 0..f.model.text.num_layers {

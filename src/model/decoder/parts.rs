@@ -137,6 +137,8 @@ pub struct Attention {
     pub eps: f32,
     /// Qwen (1)'s logn scaling of the queries beyond `seq_length` (see [`logn_scale`]).
     pub logn: Option<usize>,
+    /// Whether the q/k norms act on the rotated heads (HunYuan) rather than before RoPE (Qwen3, GLM-4.5).
+    pub norm_after_rope: bool,
 }
 
 /// The query, key and value projections as stored.
@@ -190,6 +192,7 @@ impl Attention {
             heads,
             eps,
             logn,
+            norm_after_rope: false,
         })
     }
 
@@ -208,8 +211,13 @@ impl Attention {
                 split_fused(project(device, hook, name, linear, x)?, *rows, self.heads)
             }
         };
-        norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
-        norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
+        if self.norm_after_rope {
+            rotate_and_norm(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
+            rotate_and_norm(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
+        } else {
+            norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
+            norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
+        }
         if let Some(seq_length) = self.logn {
             logn_scale(&mut q, seq_length);
         }
@@ -270,6 +278,20 @@ pub fn norm_and_rotate(m: &mut Array2<f32>, head_dim: usize, norm: Option<&Array
                 rms_norm_in_place(head, w.view(), eps);
             }
             rope.rotate(t, head);
+        }
+    });
+}
+
+/// RoPE, then the optional per-head RMSNorm, on every head of every token of `m` (HunYuan's order).
+pub fn rotate_and_norm(m: &mut Array2<f32>, head_dim: usize, norm: Option<&Array1<f32>>, eps: f32, rope: &RopeAngles) {
+    let width = m.ncols();
+    let rows = m.as_slice_mut().expect("projections are in standard layout");
+    rows.chunks_mut(width).enumerate().for_each(|(t, row)| {
+        for head in row.chunks_mut(head_dim) {
+            rope.rotate(t, head);
+            if let Some(w) = norm {
+                rms_norm_in_place(head, w.view(), eps);
+            }
         }
     });
 }
@@ -408,8 +430,9 @@ fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-/// Experts every token goes through beside the routed ones: DeepSeek's `mlp.shared_experts`, or
-/// Qwen2-MoE's `mlp.shared_expert` scaled by `sigmoid(mlp.shared_expert_gate(x))`.
+/// Experts every token goes through beside the routed ones: DeepSeek's `mlp.shared_experts`,
+/// HunYuan's `mlp.shared_mlp`, or Qwen2-MoE's `mlp.shared_expert` scaled by
+/// `sigmoid(mlp.shared_expert_gate(x))`.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: SwiGlu,
@@ -450,8 +473,8 @@ impl SparseMoe {
         let routes = self.routing.route(logits.view(), self.correction_bias.as_ref());
         let mut out = if self.experts.is_empty() {
             // Built without its experts: the hook computes them (calibration streams them in groups).
-            let module = format!("{}.experts", self.router_name.rsplit_once('.').map_or("", |(p, _)| p));
-            ensure!(hook.defer_experts(&module, x, &routes), "the experts of {module} are not loaded");
+            let module = "mlp.experts";
+            ensure!(hook.defer_experts(module, x, &routes), "the experts of {module} are not loaded");
             Array2::zeros(x.raw_dim())
         } else {
             ensure!(
@@ -545,11 +568,11 @@ impl Ffn {
     }
 }
 
-/// How layer `index`'s feed-forward block (under `mlp.`, reading `norm`'s output) connects: the
-/// router, every expert's gate/up and the shared experts' read the norm; up feeds down through
+/// How layer `index`'s feed-forward block (under `mlp.`, reading `norm`'s output, its router named
+/// `router`) connects: the router, every expert's gate/up and the shared experts' read the norm; up feeds down through
 /// the gated product in each; every down writes the residual; a server fuses gate/up of the dense
 /// MLP and of the shared experts, and all the routed experts into one module.
-pub fn ffn_graph(cfg: &TextConfig, index: usize, norm: &str, g: &mut LayerGraph) {
+pub fn ffn_graph(cfg: &TextConfig, index: usize, norm: &str, router: &str, g: &mut LayerGraph) {
     let mut consumers = Vec::new();
     let swiglu = |g: &mut LayerGraph, consumers: &mut Vec<String>, module: &str, fuse_gate_up: bool| {
         let p = |l: &str| format!("{module}.{l}");
@@ -562,7 +585,7 @@ pub fn ffn_graph(cfg: &TextConfig, index: usize, norm: &str, g: &mut LayerGraph)
     };
     match &cfg.moe {
         Some(m) if m.is_moe_layer(index) => {
-            consumers.push("mlp.gate".to_string());
+            consumers.push(router.to_string());
             let mut experts = Vec::new();
             for j in 0..m.num_experts {
                 let e = format!("mlp.experts.{j}");
@@ -570,11 +593,9 @@ pub fn ffn_graph(cfg: &TextConfig, index: usize, norm: &str, g: &mut LayerGraph)
                 experts.extend(["gate_proj", "up_proj", "down_proj"].map(|p| format!("{e}.{p}")));
             }
             g.fused.push(experts);
-            if m.n_shared_experts > 0 {
-                swiglu(g, &mut consumers, "mlp.shared_experts", true);
-            } else if m.shared_expert_intermediate_size.is_some() {
-                swiglu(g, &mut consumers, "mlp.shared_expert", true);
-                consumers.push("mlp.shared_expert_gate".to_string());
+            if let Some(shared) = &m.shared {
+                swiglu(g, &mut consumers, shared.module, true);
+                consumers.extend(shared.gate_module());
             }
         }
         _ => swiglu(g, &mut consumers, "mlp", true),
@@ -661,33 +682,29 @@ impl Take {
     }
 
     /// Layer `index`'s feed-forward block under `mlp.`: routed experts when the config makes it a
-    /// MoE layer (the router `mlp.gate`, DeepSeek's `e_score_correction_bias` when stored, and the
-    /// shared experts the config declares: DeepSeek's `mlp.shared_experts` of `n_shared_experts`
-    /// experts' width, or Qwen2-MoE's gated `mlp.shared_expert`), else a SwiGLU MLP.
-    pub fn ffn(&mut self, cfg: &TextConfig, index: usize) -> Result<Ffn> {
+    /// MoE layer (the router `router`, `mlp.gate` in most families, DeepSeek's
+    /// `e_score_correction_bias` when stored, and the shared MLP the config declares:
+    /// [`crate::model::config::SharedMlpConfig`]), else a SwiGLU MLP.
+    pub fn ffn(&mut self, cfg: &TextConfig, index: usize, router: &str) -> Result<Ffn> {
         let hidden = cfg.hidden_size;
         let Some(moe) = cfg.moe.as_ref().filter(|m| m.is_moe_layer(index)) else {
             return Ok(Ffn::Dense(Box::new(self.swiglu("mlp", hidden, cfg.intermediate_size)?)));
         };
         let inter = moe.moe_intermediate_size;
         let experts = self.experts("mlp.experts", moe.num_experts, hidden, inter)?;
-        let shared = if moe.n_shared_experts > 0 {
-            Some(SharedExpert {
-                mlp: self.swiglu("mlp.shared_experts", hidden, inter * moe.n_shared_experts)?,
-                gate: None,
-            })
-        } else if let Some(width) = moe.shared_expert_intermediate_size {
-            let gate = self.linear("mlp.shared_expert_gate", 1, hidden)?;
-            Some(SharedExpert {
-                mlp: self.swiglu("mlp.shared_expert", hidden, width)?,
-                gate: Some(("mlp.shared_expert_gate".to_string(), gate)),
-            })
-        } else {
-            None
+        let shared = match &moe.shared {
+            Some(s) => {
+                let gate = match s.gate_module() {
+                    Some(g) => Some((g.clone(), self.linear(&g, 1, hidden)?)),
+                    None => None,
+                };
+                Some(SharedExpert { mlp: self.swiglu(s.module, hidden, s.width)?, gate })
+            }
+            None => None,
         };
         Ok(Ffn::Moe(Box::new(SparseMoe {
-            router_name: "mlp.gate".into(),
-            router: self.linear("mlp.gate", moe.num_experts, hidden)?,
+            router_name: router.into(),
+            router: self.linear(router, moe.num_experts, hidden)?,
             correction_bias: self.optional_vector("mlp.gate.e_score_correction_bias", moe.num_experts)?,
             experts,
             routing: Routing::from_config(moe),

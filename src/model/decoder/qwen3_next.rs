@@ -22,6 +22,7 @@ use super::parts::{causal_attention, check_input, ffn_graph, norm_and_rotate, pr
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
+use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
@@ -101,7 +102,7 @@ impl Layer {
             input_layernorm: offset_norm(&mut w, "input_layernorm", hidden, off)?,
             post_attention_layernorm: offset_norm(&mut w, "post_attention_layernorm", hidden, off)?,
             mixer,
-            mlp: w.ffn(cfg, index)?,
+            mlp: w.ffn(cfg, index, DecoderNames::STANDARD.router)?,
             rope: Rope::new(&cfg.rope, hd)?,
             eps,
         };
@@ -133,7 +134,7 @@ impl Layer {
                 ..LayerGraph::default()
             }
         };
-        ffn_graph(cfg, index, "post_attention_layernorm", &mut g);
+        ffn_graph(cfg, index, "post_attention_layernorm", DecoderNames::STANDARD.router, &mut g);
         g
     }
 }

@@ -53,7 +53,7 @@ impl Layer {
         let attn = Attention::take_named(&mut w, names, hidden, heads, cfg.rms_norm_eps as f32, cfg.logn_attention)?;
         // MoE layers are named as every MoE family lamina reads names them (`mlp.gate`, `mlp.experts.J.*`).
         let mlp = match &cfg.moe {
-            Some(m) if m.is_moe_layer(index) => w.ffn(cfg, index)?,
+            Some(m) if m.is_moe_layer(index) => w.ffn(cfg, index, names.router)?,
             _ => Ffn::Dense(Box::new(w.swiglu_named(
                 [names.gate, names.up, names.down],
                 hidden,
@@ -91,7 +91,7 @@ impl Layer {
             g.linear_linears.push((v.into(), names.o_proj.into(), LinearPath::ValueOutput));
         }
         match &cfg.moe {
-            Some(m) if m.is_moe_layer(index) => ffn_graph(cfg, index, names.mlp_norm, &mut g),
+            Some(m) if m.is_moe_layer(index) => ffn_graph(cfg, index, names.mlp_norm, names.router, &mut g),
             _ => {
                 let gate_up = vec![names.gate.to_string(), names.up.to_string()];
                 g.norm_linears.push(NormLinears { norm: names.mlp_norm.into(), consumers: gate_up.clone() });
