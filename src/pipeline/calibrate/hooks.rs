@@ -7,7 +7,7 @@ use crate::model::nn::{Linear, LinearHook};
 pub use crate::quant::act_sim::ActSim;
 use crate::quant::kv_cache::{KvCacheQuant, KvCacheStats};
 use crate::quant::observer::{ChannelStats, Hessian, Histogram};
-use ndarray::{Array2, ArrayView2, Zip};
+use ndarray::{Array2, ArrayView2};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Collects statistics of every linear's input, once per distinct input (q/k/v share one).
@@ -119,12 +119,10 @@ impl LinearHook for Simulate {
     }
 }
 
-/// `q · scale` per row and group, as a float matrix.
+/// The weight the quantized kernel computes with, `(q − offset) · scale` per row and group (the
+/// offset is zero for symmetric weights), as a float matrix.
 pub fn dequantize_weight(w: &crate::quant::QuantizedWeight) -> Array2<f32> {
-    let g = w.groups();
-    let mut out = Array2::<f32>::zeros((w.rows, w.cols));
-    Zip::indexed(&mut out).for_each(|(r, c), v| *v = w.q[r * w.cols + c] as f32 * w.scale[r * g + c / w.group]);
-    out
+    Array2::from_shape_vec((w.rows, w.cols), w.dequantize()).expect("a quantized weight is rows × cols")
 }
 
 #[cfg(test)]
@@ -133,6 +131,29 @@ mod tests {
     use crate::device::Cpu;
     use crate::quant::act_range;
     use ndarray::array;
+
+    #[test]
+    fn asymmetric_weights_are_simulated_with_their_zero_points() {
+        // Every value of a row that is all positive sits far from zero: without the zero point the
+        // simulated weight would be off by `offset · scale` (several steps).
+        let rows = [[0.5f32, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], [-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5]];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let mut spec = crate::quant::QuantSpec::preset("w4a16").unwrap();
+        spec.weight_symmetric = false;
+        spec.group_size = Some(4);
+        let qw = crate::quant::rtn::quantize(&flat, 2, 8, &spec);
+        let offset = qw.offset.as_ref().expect("asymmetric weights carry zero points");
+        assert!(offset.iter().any(|&z| z != 0.0));
+        let d = dequantize_weight(&qw);
+        for r in 0..2 {
+            for c in 0..8 {
+                let k = r * 2 + c / 4;
+                assert_eq!(d[[r, c]], (qw.q[r * 8 + c] as f32 - offset[k]) * qw.scale[k]);
+                // Round to nearest on a grid that covers the group: within half a step.
+                assert!((d[[r, c]] - rows[r][c]).abs() <= qw.scale[k] / 2.0 + 1e-6, "({r}, {c})");
+            }
+        }
+    }
 
     #[test]
     fn shared_inputs_are_observed_once_per_sequence() {
