@@ -464,7 +464,7 @@ pub fn row_splits(family: Family) -> &'static [(&'static str, &'static [&'static
 
 /// Where a family keeps its multi-token-prediction (MTP) layers, which the decoder's forward does not
 /// run: each is a unit of its own ([`UnitKind::Mtp`]), processed after the head and written with the
-/// rest; their linears stay float (see `crate::pipeline::plan::plan_unit`).
+/// rest; their linears stay float (the plan types them so: vLLM-Ascend loads the MTP draft unquantized).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MtpLayout {
     /// DeepSeek-V3: `{text}.layers.{first + k}.*`, after the `first` decoder layers

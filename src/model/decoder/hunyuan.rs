@@ -23,7 +23,7 @@
 //!   the config is read: the second layer of a pair has no `k_proj` / `v_proj` and needs the first
 //!   layer's keys and values, which a layer-at-a-time forward does not carry yet.
 
-use super::parts::{ffn_graph, Attention, Ffn, Heads, Norm, Take};
+use super::parts::{check_input, ffn_graph, residual, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -31,7 +31,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::LinearHook;
 use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, Result};
 use ndarray::{Array2, ArrayView2};
 
 const NAMES: DecoderNames = DecoderNames::HUNYUAN;
@@ -101,29 +101,13 @@ impl DecoderBlock for Layer {
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
-        let hidden = self.input_layernorm.len();
-        ensure!(
-            x.ncols() == hidden,
-            "layer {} got hidden states of width {}, expected {hidden}",
-            self.index,
-            x.ncols()
-        );
-        ensure!(
-            positions.len() == x.nrows(),
-            "layer {}: {} positions given for {} tokens",
-            self.index,
-            positions.len(),
-            x.nrows()
-        );
+        check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
-        let h = self.input_layernorm.forward(x, self.eps);
-        let mut out = self.attn.forward(device, h.view(), &rope, hook)?;
-        ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
-        out += &x;
-        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = self.mlp.forward(device, h.view(), hook, opts)?;
-        ensure!(m.dim() == x.dim(), "layer {}: the MoE block returned shape {:?}", self.index, m.dim());
-        out += &m;
-        Ok(out)
+        let out = residual(self.index, x, &self.input_layernorm, self.eps, "self_attn.o_proj", |h| {
+            self.attn.forward(device, h, &rope, hook)
+        })?;
+        residual(self.index, out.view(), &self.post_attention_layernorm, self.eps, "the MoE block", |h| {
+            self.mlp.forward(device, h, hook, opts)
+        })
     }
 }

@@ -23,9 +23,9 @@
 //!   [`super::parts::Routing`]; `n_shared_experts` shared experts run on every token.
 //!
 //! The multi-token-prediction layer after the decoder layers (`model.layers.{num_hidden_layers}`)
-//! is not part of this forward; it is its own unit, written float (see `crate::pipeline::plan::plan_unit`).
+//! is not part of this forward; it is its own unit ([`crate::model::layout::MtpLayout`]), written float.
 
-use super::parts::{causal_attention, check_input, ffn_graph, project, Ffn, Heads, Norm, Take};
+use super::parts::{causal_attention, check_input, ffn_graph, project, residual, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{MlaConfig, TextConfig};
@@ -33,7 +33,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::{s, Array2, ArrayView2};
 
 /// One decoder layer's weights, ready to run.
@@ -168,15 +168,12 @@ impl DecoderBlock for Layer {
     ) -> Result<Array2<f32>> {
         check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
-        let h = self.input_layernorm.forward(x, self.eps);
-        let mut out = self.attn.forward(device, h.view(), &rope, hook)?;
-        ensure!(out.dim() == x.dim(), "layer {}: self_attn.o_proj returned shape {:?}", self.index, out.dim());
-        out += &x;
-        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = self.mlp.forward(device, h.view(), hook, opts)?;
-        ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
-        out += &m;
-        Ok(out)
+        let out = residual(self.index, x, &self.input_layernorm, self.eps, "self_attn.o_proj", |h| {
+            self.attn.forward(device, h, &rope, hook)
+        })?;
+        residual(self.index, out.view(), &self.post_attention_layernorm, self.eps, "the MLP", |h| {
+            self.mlp.forward(device, h, hook, opts)
+        })
     }
 }
 

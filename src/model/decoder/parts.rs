@@ -749,6 +749,22 @@ impl Take {
     }
 }
 
+/// A pre-norm residual step, `x + f(norm(x))`: the attention (or token mixer) and the MLP of every
+/// decoder but GLM-4's sandwich. `what` names `f`'s output in the error when its shape is not `x`'s.
+pub fn residual(
+    index: usize,
+    x: ArrayView2<f32>,
+    norm: &Norm,
+    eps: f32,
+    what: &str,
+    f: impl FnOnce(ArrayView2<f32>) -> Result<Array2<f32>>,
+) -> Result<Array2<f32>> {
+    let mut out = f(norm.forward(x, eps).view())?;
+    ensure!(out.dim() == x.dim(), "layer {index}: {what} returned shape {:?}", out.dim());
+    out += &x;
+    Ok(out)
+}
+
 /// A decoder layer's input checks: `x` is `[tokens, hidden]` and there is one position per token.
 pub fn check_input(index: usize, hidden: usize, x: ArrayView2<f32>, positions: &Positions) -> Result<()> {
     ensure!(x.ncols() == hidden, "layer {index} got hidden states of width {}, expected {hidden}", x.ncols());

@@ -18,7 +18,9 @@
 //!   unit of its own ([`crate::model::layout::MtpLayout`]) and stays float.
 
 use super::gated_delta::GatedDeltaNet;
-use super::parts::{causal_attention, check_input, ffn_graph, norm_and_rotate, project, Ffn, Heads, Norm, Take};
+use super::parts::{
+    causal_attention, check_input, ffn_graph, norm_and_rotate, project, residual, Ffn, Heads, Norm, Take,
+};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -26,7 +28,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::{s, Array1, Array2, ArrayView2};
 
 /// One Qwen3-Next decoder layer's weights, ready to run.
@@ -176,18 +178,12 @@ impl DecoderBlock for Layer {
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
         check_input(self.index, self.input_layernorm.len(), x, positions)?;
-        let h = self.input_layernorm.forward(x, self.eps);
-        let a = match &self.mixer {
-            Mixer::Linear(net) => net.forward(device, h.view(), hook)?,
-            Mixer::Full(attn) => attn.forward(device, h.view(), &self.rope.angles(positions)?, hook)?,
-        };
-        ensure!(a.dim() == x.dim(), "layer {}: the token mixer returned shape {:?}", self.index, a.dim());
-        let mut out = a;
-        out += &x;
-        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = self.mlp.forward(device, h.view(), hook, opts)?;
-        ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
-        out += &m;
-        Ok(out)
+        let out = residual(self.index, x, &self.input_layernorm, self.eps, "the token mixer", |h| match &self.mixer {
+            Mixer::Linear(net) => net.forward(device, h, hook),
+            Mixer::Full(attn) => attn.forward(device, h, &self.rope.angles(positions)?, hook),
+        })?;
+        residual(self.index, out.view(), &self.post_attention_layernorm, self.eps, "the MLP", |h| {
+            self.mlp.forward(device, h, hook, opts)
+        })
     }
 }

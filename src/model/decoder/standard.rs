@@ -15,7 +15,7 @@
 //! Qwen (1)'s logn attention scaling and the dynamic NTK rotary scalings only act beyond the
 //! trained length; both are implemented exactly.
 
-use super::parts::{check_input, ffn_graph, Attention, Ffn, Heads, Norm, Take};
+use super::parts::{check_input, ffn_graph, residual, Attention, Ffn, Heads, Norm, Take};
 use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -23,7 +23,7 @@ use crate::model::layout::{DecoderNames, QkvNames};
 use crate::model::nn::LinearHook;
 use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, Result};
 use ndarray::{Array2, ArrayView2};
 
 /// One decoder layer's weights, ready to run.
@@ -115,14 +115,11 @@ impl DecoderBlock for Layer {
     ) -> Result<Array2<f32>> {
         check_input(self.index, self.input_layernorm.len(), x, positions)?;
         let rope = self.rope.angles(positions)?;
-        let h = self.input_layernorm.forward(x, self.eps);
-        let mut out = self.attn.forward(device, h.view(), &rope, hook)?;
-        ensure!(out.dim() == x.dim(), "layer {}: {} returned shape {:?}", self.index, self.attn.o_name, out.dim());
-        out += &x;
-        let h = self.post_attention_layernorm.forward(out.view(), self.eps);
-        let m = self.mlp.forward(device, h.view(), hook, opts)?;
-        ensure!(m.dim() == x.dim(), "layer {}: the MLP returned shape {:?}", self.index, m.dim());
-        out += &m;
-        Ok(out)
+        let out = residual(self.index, x, &self.input_layernorm, self.eps, self.attn.o_name, |h| {
+            self.attn.forward(device, h, &rope, hook)
+        })?;
+        residual(self.index, out.view(), &self.post_attention_layernorm, self.eps, "the MLP", |h| {
+            self.mlp.forward(device, h, hook, opts)
+        })
     }
 }
