@@ -306,6 +306,10 @@ pub struct TextConfig {
     /// What the stored RMSNorm weights are offset by: 1 for zero-centred norms that compute
     /// `x̂ · (1 + w)` (Qwen3-Next), else 0.
     pub norm_offset: f32,
+    /// Cross-layer attention (Hunyuan-Large's `use_cla` with `cla_share_factor`): only layers whose
+    /// index is a multiple of it compute keys and values; the layers after one reuse its keys
+    /// (rotated, before the key norm) and values. 1 without CLA.
+    pub cla_share_factor: usize,
 }
 
 /// Qwen3-Next's hybrid layout: Gated DeltaNet linear attention (`linear_attn`) in most layers,
@@ -331,6 +335,12 @@ impl LinearAttnConfig {
 }
 
 impl TextConfig {
+    /// Whether decoder layer `i` computes its own keys and values (with cross-layer attention, only
+    /// every `cla_share_factor`-th layer does; the others attend to the keys and values it carries).
+    pub fn owns_kv(&self, i: usize) -> bool {
+        i % self.cla_share_factor.max(1) == 0
+    }
+
     /// Reads the text decoder's config: `text_config` (or InternVL's `llm_config`) where present,
     /// else the top level.
     pub fn from_json(config: &Value) -> Result<TextConfig> {
@@ -362,7 +372,9 @@ impl TextConfig {
         // is the nope and rope parts together.
         let head_dim = match &mla {
             Some(m) => m.qk_head_dim(),
-            None => c.opt_usize(&["head_dim", "kv_channels"])?.unwrap_or(hidden_size / num_heads.max(1)),
+            None => c
+                .opt_usize(&["head_dim", "kv_channels", "attention_head_dim"])?
+                .unwrap_or(hidden_size / num_heads.max(1)),
         };
         // Qwen (1)'s `intermediate_size` counts both halves of its MLP (w1 and w2).
         let qwen1 = c.str(&["model_type"]) == Some("qwen");
@@ -370,13 +382,18 @@ impl TextConfig {
             bail!("config.json: {num_heads} attention heads cannot be shared by {num_kv_heads} key/value heads");
         }
         let num_experts = uniform(&c, &["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
-        // HunYuan (Hunyuan-A13B) has one FFN per layer: a single "expert" is its dense MLP.
-        let hunyuan = c.str(&["model_type"]) == Some("hunyuan_v1_moe");
-        if c.bool(&["use_cla"]) == Some(true) && c.opt_usize(&["cla_share_factor"])?.unwrap_or(1) > 1 {
+        // HunYuan (Hunyuan-A13B `hunyuan_v1_moe`, Hunyuan-Large `hunyuan`) has one FFN per layer: a
+        // single "expert" is its dense MLP.
+        let large = c.str(&["model_type"]) == Some("hunyuan");
+        let hunyuan = large || c.str(&["model_type"]) == Some("hunyuan_v1_moe");
+        let cla_share_factor = match c.bool(&["use_cla"]) {
+            Some(true) => c.opt_usize(&["cla_share_factor"])?.unwrap_or(1).max(1),
+            _ => 1,
+        };
+        if cla_share_factor > 1 && !hunyuan {
             bail!(
-                "config.json: use_cla with cla_share_factor {}: cross-layer attention (a layer reusing the keys and \
-                 values of the layer before it, which has no k_proj / v_proj of its own) is not computed by lamina yet",
-                c.opt_usize(&["cla_share_factor"])?.unwrap_or(1)
+                "config.json: use_cla with cla_share_factor {cla_share_factor}: cross-layer attention is read for \
+                 HunYuan (model_type hunyuan, hunyuan_v1_moe) only"
             );
         }
         if hunyuan && c.opt_usize(&["moe_layer_num_skipped"])?.unwrap_or(0) > 0 {
@@ -430,11 +447,14 @@ impl TextConfig {
                 num_experts,
                 top_k,
                 moe_intermediate_size,
-                // Qwen3-VL-MoE's and HunYuan's routers always renormalise their top-k (transformers'
-                // Qwen3VLMoeTextTopKRouter, HunYuanMoEV1Gate), whatever the config says.
+                // Qwen3-VL-MoE's and Hunyuan-A13B's routers always renormalise their top-k
+                // (transformers' Qwen3VLMoeTextTopKRouter, HunYuanMoEV1Gate), whatever the config
+                // says; Hunyuan-Large's only when it picks several (its remote code's `top1gating`
+                // weighs the one expert by its softmax probability; vLLM's `renormalize=top_k > 1`).
                 norm_topk_prob: c.bool(&["norm_topk_prob"]).unwrap_or(false)
                     || model_type.starts_with("qwen3_vl_moe")
-                    || hunyuan,
+                    || (hunyuan && !large)
+                    || (large && top_k > 1),
                 decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
                 mlp_only_layers: c.usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
                 first_k_dense_replace: c.opt_usize(&["first_k_dense_replace"])?.unwrap_or(0),
@@ -497,6 +517,7 @@ impl TextConfig {
                 None => None,
             },
             norm_offset: if c.str(&["model_type"]) == Some("qwen3_next") { 1.0 } else { 0.0 },
+            cla_share_factor,
         })
     }
 }
@@ -675,8 +696,30 @@ mod tests {
         assert!(e.contains("moe_topk") && e.contains("differs between layers"), "{e}");
         let mut cla = base.clone();
         cla["use_cla"] = json!(true);
-        let e = TextConfig::from_json(&cla).unwrap_err().to_string();
+        let t = TextConfig::from_json(&cla).unwrap();
+        assert_eq!(t.cla_share_factor, 2);
+        assert_eq!((0..4).map(|i| t.owns_kv(i)).collect::<Vec<_>>(), [true, false, true, false]);
+        assert_eq!(TextConfig::from_json(&base).unwrap().cla_share_factor, 1);
+        let mut llama = cla.clone();
+        llama["model_type"] = json!("llama");
+        let e = TextConfig::from_json(&llama).unwrap_err().to_string();
         assert!(e.contains("cross-layer attention") && e.contains("cla_share_factor 2"), "{e}");
+    }
+
+    /// Hunyuan-Large (`hunyuan`) routes each token to one expert weighted by its softmax
+    /// probability (no renormalisation at top-1), and renormalises when it picks several.
+    #[test]
+    fn hunyuan_large_renormalises_only_several_experts() {
+        let cfg = |k: usize| {
+            json!({"model_type": "hunyuan", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 100, "intermediate_size": 48, "num_experts": 4,
+                "moe_topk": k, "use_mixed_mlp_moe": true, "num_shared_expert": 1, "use_cla": true,
+                "cla_share_factor": 2})
+        };
+        let one = TextConfig::from_json(&cfg(1)).unwrap();
+        assert_eq!((one.head_dim, one.cla_share_factor), (16, 2));
+        assert!(!one.moe.unwrap().norm_topk_prob);
+        assert!(TextConfig::from_json(&cfg(2)).unwrap().moe.unwrap().norm_topk_prob);
     }
 
     #[test]

@@ -46,12 +46,17 @@ pub enum Family {
     /// (`query_layernorm` / `key_layernorm`), NTK-alpha rope, every layer routed experts under the
     /// router `mlp.gate.wg` beside an ungated `mlp.shared_mlp`.
     HunyuanV1Moe,
+    /// Hunyuan-Large (`HunYuanForCausalLM`, remote code `hunyuan`; Hunyuan-A52B): HunYuan's layer
+    /// with cross-layer attention (`use_cla`: the layers between two `cla_share_factor` multiples
+    /// have no `k_proj` / `v_proj` and attend to the keys and values of the layer before them) and
+    /// top-1 routing without renormalisation.
+    Hunyuan,
     /// Any other decoder-only model whose layers are named `*.layers.N.*`.
     Generic,
 }
 
 impl Family {
-    pub const ALL: [Family; 19] = [
+    pub const ALL: [Family; 20] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -71,6 +76,7 @@ impl Family {
         Family::Glm4Moe,
         Family::Qwen3Next,
         Family::HunyuanV1Moe,
+        Family::Hunyuan,
     ];
 
     /// The `model_type` of config.json.
@@ -95,6 +101,7 @@ impl Family {
             Family::Glm4Moe => "glm4_moe",
             Family::Qwen3Next => "qwen3_next",
             Family::HunyuanV1Moe => "hunyuan_v1_moe",
+            Family::Hunyuan => "hunyuan",
             Family::Generic => "generic",
         }
     }
@@ -147,6 +154,7 @@ impl Family {
             ("Glm4MoeForCausalLM", Family::Glm4Moe),
             ("Qwen3NextForCausalLM", Family::Qwen3Next),
             ("HunYuanMoEV1ForCausalLM", Family::HunyuanV1Moe),
+            ("HunYuanForCausalLM", Family::Hunyuan),
         ];
         by_arch.iter().find(|(a, _)| *a == arch).map(|&(_, f)| f)
     }
@@ -341,7 +349,7 @@ impl TextNames {
             Family::Qwen => {
                 TextNames { layers: "h", embed: "wte", norm: "ln_f", head: "lm_head", decoder: DecoderNames::QWEN }
             }
-            Family::HunyuanV1Moe => TextNames {
+            Family::HunyuanV1Moe | Family::Hunyuan => TextNames {
                 layers: "layers",
                 embed: "embed_tokens",
                 norm: "norm",
@@ -397,6 +405,7 @@ fn rules(family: Family) -> Rules {
         | Family::Glm4Moe
         | Family::Qwen3Next
         | Family::HunyuanV1Moe
+        | Family::Hunyuan
         | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
@@ -867,6 +876,7 @@ fn synthesize_layer(
             | Family::Glm4Moe
             | Family::Qwen3Next
             | Family::HunyuanV1Moe
+            | Family::Hunyuan
     );
     let fused_experts = family == Family::Qwen3VlMoe;
     push(format!("{l}.{}.weight", d.attn_norm), &[h]);
@@ -895,6 +905,8 @@ fn synthesize_layer(
         let q_rows = if next { 2 * t.num_heads * hd } else { t.num_heads * hd };
         let kv_rows = t.num_kv_heads * hd;
         let projections: Vec<(&str, usize)> = match d.qkv {
+            // A cross-layer attention layer (Hunyuan-Large) has its queries only.
+            QkvNames::Separate { q, .. } if !t.owns_kv(i) => vec![(q, q_rows)],
             QkvNames::Separate { q, k, v } => vec![(q, q_rows), (k, kv_rows), (v, kv_rows)],
             QkvNames::Fused { module, .. } => vec![(module, q_rows + 2 * kv_rows)],
         };

@@ -35,7 +35,6 @@ impl Model {
     /// Recognises the family from config.json (or `model_type_override`) and resolves the
     /// naming layout against the checkpoint's tensor names (empty for a config alone).
     pub fn new(config: &Value, model_type_override: Option<&str>, names: &[&str]) -> Result<Model> {
-        refuse_unsupported(config)?;
         let family = match model_type_override.and_then(Family::from_model_type) {
             Some(f) => f,
             None => {
@@ -68,22 +67,6 @@ impl Model {
         let fp8 = fp8::Fp8Config::from_config(config)?;
         Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
-}
-
-/// Families lamina recognises but does not compute yet, refused by name rather than mis-read as a
-/// generic decoder.
-fn refuse_unsupported(config: &Value) -> Result<()> {
-    let model_type = config.get("model_type").and_then(Value::as_str);
-    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
-    if model_type == Some("hunyuan") || arch == Some("HunYuanForCausalLM") {
-        bail!(
-            "config.json describes Tencent Hunyuan-Large (remote code `hunyuan`, HunYuanForCausalLM), which lamina does \
-             not read yet: its cross-layer attention (use_cla: pairs of layers share one K/V, the second layer has no \
-             k_proj / v_proj) is not computed by lamina's layer-at-a-time forward. Hunyuan-A13B (model_type \
-             hunyuan_v1_moe) is supported"
-        );
-    }
-    Ok(())
 }
 
 /// Where a logical tensor's bytes come from.
@@ -311,18 +294,6 @@ pub fn paper_inventory(model: &Model) -> Result<Vec<TensorMeta>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hunyuan_large_is_refused_naming_what_is_missing() {
-        let config = serde_json::json!({"model_type": "hunyuan", "architectures": ["HunYuanForCausalLM"],
-            "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 8,
-            "use_cla": true, "cla_share_factor": 2});
-        let e = Model::new(&config, None, &["model.layers.0.mlp.gate.wg.weight"]).unwrap_err().to_string();
-        assert!(
-            e.contains("Hunyuan-Large") && e.contains("cross-layer attention") && e.contains("hunyuan_v1_moe"),
-            "{e}"
-        );
-    }
 
     #[test]
     fn row_fused_linears_split_into_their_parts() {

@@ -15,7 +15,7 @@ use crate::data::prompt::TextTokenizer;
 use crate::device::{self, Device};
 use crate::export::read;
 use crate::io::safetensors::load_all;
-use crate::model::decoder::{embed, ForwardOptions};
+use crate::model::decoder::{embed, Carry, ForwardOptions};
 use crate::model::layout::UnitKind;
 use crate::model::nn::Plain;
 use crate::model::rope::Positions;
@@ -85,10 +85,11 @@ fn nll(src: &dyn ModelWeights, device: &dyn Device, windows: &[Vec<i64>]) -> Res
     let mut hidden: Vec<Array2<f32>> = windows.iter().map(|w| embed(table.view(), w)).collect::<Result<_>>()?;
     src.release(UnitKind::Embed);
     let positions = Positions::sequential(windows[0].len());
+    let mut carries = vec![Carry::default(); windows.len()];
     for i in 0..cfg.num_layers {
         let (layer, mut hook) = decoder_layer(src, i)?;
-        for h in hidden.iter_mut() {
-            *h = layer.forward(device, h.view(), &positions, &mut hook, ForwardOptions::default())?;
+        for (h, carry) in hidden.iter_mut().zip(carries.iter_mut()) {
+            *h = layer.forward(device, h.view(), &positions, carry, &mut hook, ForwardOptions::default())?;
         }
         src.release(UnitKind::TextLayer(i));
     }

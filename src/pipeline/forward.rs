@@ -12,7 +12,7 @@ use crate::device::{self, Device};
 use crate::export::read::QuantizedOutput;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::safetensors::{load_all, save};
-use crate::model::decoder::{self, embed, DecoderBlock, ForwardOptions, Head};
+use crate::model::decoder::{self, embed, Carry, DecoderBlock, ForwardOptions, Head};
 use crate::model::layout::UnitKind;
 use crate::model::load;
 use crate::model::nn::Plain;
@@ -189,6 +189,8 @@ pub struct DecoderInput {
     pub positions: Positions,
     /// Added to the hidden states after given layers (Qwen3-VL's deepstack features).
     pub injections: Vec<Injection>,
+    /// What the layers run so far left for later ones (cross-layer attention's keys and values).
+    pub carry: Carry,
 }
 
 /// Values added to some rows of the hidden states after a decoder layer.
@@ -352,7 +354,12 @@ pub fn text_only(model: &Model, ids: &[i64], embeds: Array2<f32>) -> Result<Deco
     if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
         bail!("input_ids hold the image token {} at position {t} but no image was given", ids[t]);
     }
-    Ok(DecoderInput { embeds, positions: Positions::sequential(ids.len()), injections: vec![] })
+    Ok(DecoderInput {
+        embeds,
+        positions: Positions::sequential(ids.len()),
+        injections: vec![],
+        carry: Carry::default(),
+    })
 }
 
 /// One sequence with its images' features (exactly its share, in order) spliced in at the image
@@ -378,7 +385,7 @@ pub fn with_image_features(
         .enumerate()
         .map(|(k, d)| Injection { after_layer: k, rows: rows.clone(), values: d.clone() })
         .collect();
-    Ok(DecoderInput { embeds, positions, injections })
+    Ok(DecoderInput { embeds, positions, injections, carry: Carry::default() })
 }
 
 /// The vision tower, one unit at a time, recording every block's input and output.
@@ -423,7 +430,11 @@ fn vision_forward(
 }
 
 /// Runs the text decoder layer by layer over every sequence; returns the named outputs.
-pub fn forward(src: &dyn ModelWeights, device: &dyn Device, seqs: Vec<DecoderInput>) -> Result<Vec<(String, Tensor)>> {
+pub fn forward(
+    src: &dyn ModelWeights,
+    device: &dyn Device,
+    mut seqs: Vec<DecoderInput>,
+) -> Result<Vec<(String, Tensor)>> {
     let model = src.model();
     let cfg = &model.text;
     let layout = &model.layout;
@@ -441,9 +452,9 @@ pub fn forward(src: &dyn ModelWeights, device: &dyn Device, seqs: Vec<DecoderInp
         let (layer, mut hook) = decoder_layer(src, i)?;
         let name = layout.text_layer(i);
         out.push((format!("{name}.in"), stack(&hidden)?));
-        for (b, h) in hidden.iter_mut().enumerate() {
+        for (b, (h, s)) in hidden.iter_mut().zip(seqs.iter_mut()).enumerate() {
             *h = layer
-                .forward(device, h.view(), &seqs[b].positions, &mut hook, ForwardOptions::default())
+                .forward(device, h.view(), &s.positions, &mut s.carry, &mut hook, ForwardOptions::default())
                 .with_context(|| format!("{name} on sequence {b}"))?;
         }
         out.push((format!("{name}.out"), stack(&hidden)?));

@@ -23,7 +23,7 @@ use crate::io::shards::{file_crc32, partial_path, ShardLayout, ShardWriter};
 use crate::model::{build_units, paper_inventory, Model};
 use crate::quant::Recipe;
 use crate::tensor::{DType, TensorMeta};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use memory::{gib, human};
 use plan::{plan_memory, plan_unit, Plan};
 use std::path::{Path, PathBuf};
@@ -256,6 +256,14 @@ fn kv_cache_jobs(model: &Model, unit: &crate::model::Unit, recipe: &Recipe) -> R
     for m in crate::model::decoder::graph(model, i).kv_cache {
         let module = format!("{prefix}{m}");
         let Some(spec) = recipe.kv_cache(&module) else { continue };
+        ensure!(
+            model.text.cla_share_factor == 1,
+            "{module}: recipe {} quantizes its KV cache (dynamic_cache), but this model shares keys and values \
+             across layers (use_cla, cla_share_factor {}): how a server caches the layers that reuse them is not \
+             known to lamina, so C8 is refused for it; use a type without C8",
+            recipe.name,
+            model.text.cla_share_factor
+        );
         let rows = |proj: &str| {
             let name = format!("{module}.{proj}.weight");
             unit.tensors.iter().find(|t| t.name() == name).map(|t| t.meta.shape[0])

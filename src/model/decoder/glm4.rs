@@ -19,7 +19,7 @@
 //!   (it leaves both projections' product unchanged).
 
 use super::parts::{check_input, Attention, Heads, Norm, SwiGlu, Take};
-use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
+use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
 use crate::model::nn::LinearHook;
@@ -98,6 +98,7 @@ impl DecoderBlock for Layer {
         device: &dyn Device,
         x: ArrayView2<f32>,
         positions: &Positions,
+        _carry: &mut Carry,
         hook: &mut dyn LinearHook,
         _opts: ForwardOptions,
     ) -> Result<Array2<f32>> {

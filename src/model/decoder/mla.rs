@@ -26,7 +26,7 @@
 //! is not part of this forward; it is its own unit ([`crate::model::layout::MtpLayout`]), written float.
 
 use super::parts::{causal_attention, check_input, ffn_graph, project, residual, Ffn, Heads, Norm, Take};
-use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
+use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{MlaConfig, TextConfig};
 use crate::model::layout::DecoderNames;
@@ -163,6 +163,7 @@ impl DecoderBlock for Layer {
         device: &dyn Device,
         x: ArrayView2<f32>,
         positions: &Positions,
+        _carry: &mut Carry,
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {
@@ -278,8 +279,8 @@ mod tests {
         let pos = Positions::sequential(x.nrows());
         let layer = crate::model::decoder::layer(&f.model, 1, f.weights(1)).unwrap();
         let (mut plain, mut zero) = (Cache(vec![], false), Cache(vec![], true));
-        let a = layer.forward(&Cpu, x.view(), &pos, &mut plain, ForwardOptions::default()).unwrap();
-        let b = layer.forward(&Cpu, x.view(), &pos, &mut zero, ForwardOptions::default()).unwrap();
+        let a = layer.forward(&Cpu, x.view(), &pos, &mut Carry::default(), &mut plain, Default::default()).unwrap();
+        let b = layer.forward(&Cpu, x.view(), &pos, &mut Carry::default(), &mut zero, Default::default()).unwrap();
         assert_eq!(
             plain.0,
             [(x.nrows(), 8, x.nrows(), 32)],

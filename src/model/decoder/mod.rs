@@ -7,7 +7,7 @@
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
-//! | [`Arch::HunYuan`] | [`hunyuan`] | hunyuan_v1_moe (Hunyuan-A13B: q/k norms after RoPE, experts beside a shared MLP) |
+//! | [`Arch::HunYuan`] | [`hunyuan`] | hunyuan_v1_moe (Hunyuan-A13B: q/k norms after RoPE, experts beside a shared MLP), hunyuan (Hunyuan-Large: the same with cross-layer attention) |
 //!
 //! An architecture gives two things:
 //! - a layer built from its weights ([`DecoderBlock`]) that runs one sequence. Every linear (a
@@ -57,15 +57,40 @@ pub struct ForwardOptions {
 
 /// One decoder layer of any architecture, with its weights, ready to run.
 pub trait DecoderBlock: Send + Sync {
-    /// Runs the layer on one sequence `x [seq, hidden]` whose tokens sit at `positions`.
+    /// Runs the layer on one sequence `x [seq, hidden]` whose tokens sit at `positions`. `carry`
+    /// is what the sequence's earlier layers left for this one, and takes what this layer leaves
+    /// for later ones ([`Carry`]).
     fn forward(
         &self,
         device: &dyn Device,
         x: ArrayView2<f32>,
         positions: &Positions,
+        carry: &mut Carry,
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>>;
+}
+
+/// What one sequence carries from a decoder layer to later layers besides its hidden states,
+/// named: Hunyuan-Large's cross-layer attention hands one layer's keys and values to the layers
+/// after it ([`hunyuan`]). Every forward keeps one per sequence beside the hidden states and
+/// moves it from layer to layer (calibration saves it in the activation snapshots, so a resumed
+/// run has it too). Empty for architectures whose layers only read the hidden states.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Carry(BTreeMap<String, Array2<f32>>);
+
+impl Carry {
+    pub fn insert(&mut self, name: &str, value: Array2<f32>) {
+        self.0.insert(name.to_string(), value);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Array2<f32>> {
+        self.0.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Array2<f32>)> {
+        self.0.iter()
+    }
 }
 
 /// The decoder architectures lamina computes.
@@ -100,7 +125,7 @@ impl Arch {
             Family::Glm4 | Family::Glm4v => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
             Family::Qwen3Next => Arch::Qwen3Next,
-            Family::HunyuanV1Moe => Arch::HunYuan,
+            Family::HunyuanV1Moe | Family::Hunyuan => Arch::HunYuan,
         }
     }
 }
@@ -383,9 +408,12 @@ pub(crate) mod tests {
 
         let positions = f.positions();
         let n = f.model.text.num_layers;
+        // Layers run in order, so a layer's carry (cross-layer attention's keys and values) reaches the next.
+        let mut carry = Carry::default();
         for i in 0..n {
             let x = f.states(&format!("{}.in", layout.text_layer(i)));
-            let out = f.layer(i).forward(&Cpu, x.view(), &positions, &mut Plain, ForwardOptions::default()).unwrap();
+            let out =
+                f.layer(i).forward(&Cpu, x.view(), &positions, &mut carry, &mut Plain, Default::default()).unwrap();
             let e = rel_err(out.view(), f.states(&format!("{}.out", layout.text_layer(i))).view());
             report.push(format!("layer {i} {e:.2e}"));
             assert!(e <= TOLERANCE, "{name}: layer {i} error {e}");
@@ -517,6 +545,26 @@ pub(crate) mod tests {
     fn parity_hunyuan_v1_moe() {
         parity("hunyuan_v1_moe");
     }
+    /// Hunyuan-Large: cross-layer attention (layers 1 and 3 attend to the keys and values layers 0
+    /// and 2 carry to them, through their own key norms), top-1 routing by the softmax probability,
+    /// untied head; against tests/fixtures/gen/hunyuan_large.py.
+    #[test]
+    fn parity_hunyuan_large() {
+        parity("hunyuan");
+    }
+
+    /// A CLA layer run without the keys and values of the layer before it fails, naming that layer.
+    #[test]
+    fn cla_layer_without_carried_keys_is_an_error() {
+        let f = fixture("hunyuan");
+        let x = f.states("model.layers.1.in");
+        let e = f
+            .layer(1)
+            .forward(&Cpu, x.view(), &f.positions(), &mut Carry::default(), &mut Plain, Default::default())
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("cross-layer attention") && e.contains("layer 0"), "{e}");
+    }
 
     /// The scalings that act only beyond the trained length, switched on by a shorter trained
     /// length in the config: every layer and the logits against tests/fixtures/gen/long_context.py.
@@ -532,15 +580,17 @@ pub(crate) mod tests {
         f.reference = load_all(&dir.join("long.safetensors")).unwrap();
         let positions = Positions::sequential(f.ids().len());
         let mut x = embed(f.embed_table().view(), &f.ids()).unwrap();
+        let (mut from_ref_carry, mut carry) = (Carry::default(), Carry::default());
         for i in 0..f.model.text.num_layers {
             let layer = f.layer(i);
             let key = f.model.layout.text_layer(i);
+            let opts = ForwardOptions::default();
             let from_ref = layer
-                .forward(&Cpu, f.states(&format!("{key}.in")).view(), &positions, &mut Plain, ForwardOptions::default())
+                .forward(&Cpu, f.states(&format!("{key}.in")).view(), &positions, &mut from_ref_carry, &mut Plain, opts)
                 .unwrap();
             let e = rel_err(from_ref.view(), f.states(&format!("{key}.out")).view());
             assert!(e <= TOLERANCE, "{name}: long-context layer {i} error {e}");
-            x = layer.forward(&Cpu, x.view(), &positions, &mut Plain, ForwardOptions::default()).unwrap();
+            x = layer.forward(&Cpu, x.view(), &positions, &mut carry, &mut Plain, opts).unwrap();
         }
         let head_w = Weights::load(&f.ckpt, f.unit(UnitKind::Head), "").unwrap();
         let head = Head::new(&f.model.text, &f.model.layout, head_w, || Ok(f.embed_table())).unwrap();
@@ -583,17 +633,17 @@ pub(crate) mod tests {
             ("deepseek_v2", 2),
             ("qwen3_next", 3),
             ("hunyuan_v1_moe", 1),
+            ("hunyuan", 2),
         ] {
             let f = fixture(name);
             let positions = f.positions();
             let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
             let layer = f.layer(i);
             let (mut routed, mut all) = (Recorder(BTreeMap::new()), Recorder(BTreeMap::new()));
-            let a = layer
-                .forward(&Cpu, x.view(), &positions, &mut routed, ForwardOptions { moe_all_experts: false })
-                .unwrap();
-            let b =
-                layer.forward(&Cpu, x.view(), &positions, &mut all, ForwardOptions { moe_all_experts: true }).unwrap();
+            let routed_opts = ForwardOptions { moe_all_experts: false };
+            let a = layer.forward(&Cpu, x.view(), &positions, &mut Carry::default(), &mut routed, routed_opts).unwrap();
+            let all_opts = ForwardOptions { moe_all_experts: true };
+            let b = layer.forward(&Cpu, x.view(), &positions, &mut Carry::default(), &mut all, all_opts).unwrap();
             assert!(rel_err(a.view(), b.view()) <= 1e-6, "{name}");
             let seq = x.nrows();
             let moe = f.model.text.moe.as_ref().unwrap();
@@ -638,13 +688,15 @@ pub(crate) mod tests {
             "deepseek_v2",
             "qwen3_next",
             "hunyuan_v1_moe",
+            "hunyuan",
         ] {
             let f = fixture(name);
+            let mut carry = Carry::default();
             for i in 0..f.model.text.num_layers {
                 let mut rec = Recorder(BTreeMap::new());
                 let x = f.states(&format!("{}.in", f.model.layout.text_layer(i)));
                 let opts = ForwardOptions { moe_all_experts: true };
-                f.layer(i).forward(&Cpu, x.view(), &f.positions(), &mut rec, opts).unwrap();
+                f.layer(i).forward(&Cpu, x.view(), &f.positions(), &mut carry, &mut rec, opts).unwrap();
                 let ran: std::collections::BTreeSet<&str> =
                     rec.0.keys().filter_map(|k| (!k.ends_with(".kv_cache")).then_some(k.as_str())).collect();
                 let g = graph(&f.model, i);

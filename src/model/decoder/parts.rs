@@ -137,8 +137,6 @@ pub struct Attention {
     pub eps: f32,
     /// Qwen (1)'s logn scaling of the queries beyond `seq_length` (see [`logn_scale`]).
     pub logn: Option<usize>,
-    /// Whether the q/k norms act on the rotated heads (HunYuan) rather than before RoPE (Qwen3, GLM-4.5).
-    pub norm_after_rope: bool,
 }
 
 /// The query, key and value projections as stored.
@@ -192,7 +190,6 @@ impl Attention {
             heads,
             eps,
             logn,
-            norm_after_rope: false,
         })
     }
 
@@ -211,13 +208,8 @@ impl Attention {
                 split_fused(project(device, hook, name, linear, x)?, *rows, self.heads)
             }
         };
-        if self.norm_after_rope {
-            rotate_and_norm(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
-            rotate_and_norm(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
-        } else {
-            norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
-            norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
-        }
+        norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
+        norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
         if let Some(seq_length) = self.logn {
             logn_scale(&mut q, seq_length);
         }
@@ -282,7 +274,8 @@ pub fn norm_and_rotate(m: &mut Array2<f32>, head_dim: usize, norm: Option<&Array
     });
 }
 
-/// RoPE, then the optional per-head RMSNorm, on every head of every token of `m` (HunYuan's order).
+/// RoPE, then the optional per-head RMSNorm, on every head of every token of `m` (HunYuan's order:
+/// normalising a rotated head is not the same function, the norm's weights do not commute with RoPE).
 pub fn rotate_and_norm(m: &mut Array2<f32>, head_dim: usize, norm: Option<&Array1<f32>>, eps: f32, rope: &RopeAngles) {
     let width = m.ncols();
     let rows = m.as_slice_mut().expect("projections are in standard layout");

@@ -21,7 +21,7 @@ use super::gated_delta::GatedDeltaNet;
 use super::parts::{
     causal_attention, check_input, ffn_graph, norm_and_rotate, project, residual, Ffn, Heads, Norm, Take,
 };
-use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
+use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
 use crate::model::layout::DecoderNames;
@@ -174,6 +174,7 @@ impl DecoderBlock for Layer {
         device: &dyn Device,
         x: ArrayView2<f32>,
         positions: &Positions,
+        _carry: &mut Carry,
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {

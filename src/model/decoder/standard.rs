@@ -16,7 +16,7 @@
 //! trained length; both are implemented exactly.
 
 use super::parts::{check_input, ffn_graph, residual, Attention, Ffn, Heads, Norm, Take};
-use super::{DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
+use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
 use crate::model::layout::{DecoderNames, QkvNames};
@@ -110,6 +110,7 @@ impl DecoderBlock for Layer {
         device: &dyn Device,
         x: ArrayView2<f32>,
         positions: &Positions,
+        _carry: &mut Carry,
         hook: &mut dyn LinearHook,
         opts: ForwardOptions,
     ) -> Result<Array2<f32>> {

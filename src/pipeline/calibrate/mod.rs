@@ -38,7 +38,7 @@ use super::stages::{Emit, UnitProcessor};
 use crate::device::Device;
 use crate::export::{Exporter, OutTensor, FLOAT};
 use crate::io::checkpoint::Checkpoint;
-use crate::model::decoder::{self, embed, ForwardOptions, InputGroups, LayerGraph};
+use crate::model::decoder::{self, embed, Carry, ForwardOptions, InputGroups, LayerGraph};
 use crate::model::layout::UnitKind;
 use crate::model::rope::Positions;
 use crate::model::vision::{self, VisionInput, VisionOutput, VisionState, VisionTower};
@@ -188,7 +188,13 @@ impl<'a> Calibrator<'a> {
                 injections.push(Injection { after_layer: layer, rows: r, values });
             }
         }
-        Ok(DecoderInput { embeds, positions, injections })
+        let mut carry = Carry::default();
+        let carried = format!("{s}.carry.");
+        for name in st.names().iter().filter(|n| n.starts_with(&carried)) {
+            let t = st.get(name)?;
+            carry.insert(&name[carried.len()..], Array2::from_shape_vec((t.shape[0], t.shape[1]), t.to_f32()?)?);
+        }
+        Ok(DecoderInput { embeds, positions, injections, carry })
     }
 
     fn push_sample(w: &mut SnapshotWriter, s: usize, d: &DecoderInput) -> Result<()> {
@@ -203,6 +209,10 @@ impl<'a> Calibrator<'a> {
             let (r, c) = j.values.dim();
             let v: Vec<f32> = j.values.iter().copied().collect();
             w.push(&format!("{s}.inject.{}.values", j.after_layer), Tensor::from_f32(&[r, c], &v))?;
+        }
+        for (name, a) in d.carry.iter() {
+            let v: Vec<f32> = a.iter().copied().collect();
+            w.push(&format!("{s}.carry.{name}"), Tensor::from_f32(&[a.nrows(), a.ncols()], &v))?;
         }
         Ok(())
     }
@@ -464,10 +474,10 @@ impl<'a> Calibrator<'a> {
         let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
             let layer = decoder::layer(model, i, w.clone())?;
             for s in 0..this.samples.len() {
-                let d = this.sample(s)?;
+                let mut d = this.sample(s)?;
                 obs.next_sequence();
                 let opts = ForwardOptions { moe_all_experts: true };
-                layer.forward(this.device, d.embeds.view(), &d.positions, obs, opts)?;
+                layer.forward(this.device, d.embeds.view(), &d.positions, &mut d.carry, obs, opts)?;
             }
             Ok(())
         };
@@ -497,8 +507,8 @@ impl<'a> Calibrator<'a> {
         let Some(streamed) = streamed else {
             return self.commit_state(index, |this, s| {
                 let mut d = this.sample(s)?;
-                d.embeds =
-                    layer.forward(this.device, d.embeds.view(), &d.positions, &mut sim, ForwardOptions::default())?;
+                let opts = ForwardOptions::default();
+                d.embeds = layer.forward(this.device, d.embeds.view(), &d.positions, &mut d.carry, &mut sim, opts)?;
                 Ok(finish(d))
             });
         };
@@ -507,8 +517,8 @@ impl<'a> Calibrator<'a> {
         let mut partial = Vec::with_capacity(self.samples.len());
         for s in 0..self.samples.len() {
             let mut d = self.sample(s)?;
-            d.embeds =
-                layer.forward(self.device, d.embeds.view(), &d.positions, &mut rec, ForwardOptions::default())?;
+            let opts = ForwardOptions::default();
+            d.embeds = layer.forward(self.device, d.embeds.view(), &d.positions, &mut d.carry, &mut rec, opts)?;
             ensure!(rec.pending.len() == s + 1, "layer {i} did not reach its experts on sample {s}");
             partial.push(Some(d));
         }
@@ -546,10 +556,11 @@ impl<'a> Calibrator<'a> {
         }
         sim.kv_stats = Some(BTreeMap::new());
         for s in 0..self.samples.len() {
-            let d = self.sample(s)?;
+            let mut d = self.sample(s)?;
             // Nothing after the attention matters here: streamed experts are skipped, not computed.
             let mut rec = experts::Recorder { sim: &mut *sim, pending: Vec::new() };
-            layer.forward(self.device, d.embeds.view(), &d.positions, &mut rec, ForwardOptions::default())?;
+            let opts = ForwardOptions::default();
+            layer.forward(self.device, d.embeds.view(), &d.positions, &mut d.carry, &mut rec, opts)?;
         }
         let stats = sim.kv_stats.take().unwrap_or_default();
         for (module, spec) in jobs {

@@ -95,7 +95,7 @@ impl Fixture {
         let positions = self.positions(x.nrows());
         let run = |w: &Weights, hook: &mut dyn crate::model::nn::LinearHook, opts| {
             let l = decoder::layer(&self.model, layer, w.clone()).unwrap();
-            l.forward(&Cpu, x.view(), &positions, hook, opts).unwrap()
+            l.forward(&Cpu, x.view(), &positions, &mut decoder::Carry::default(), hook, opts).unwrap()
         };
 
         // The float layer, observed as calibration observes it (every expert on every token).
