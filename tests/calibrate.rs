@@ -209,6 +209,47 @@ fn hunyuan_v1_moe_w8a8() {
     assert!(seen.scales_checked >= 5 * 3, "{seen:?}");
 }
 
+/// Hunyuan-Large (`hunyuan`, cross-layer attention; for MindIE, as vLLM serves no model class for
+/// it): the layers that compute keys and values have q/k/v/o static W8A8, the layers reusing them
+/// q/o alone; experts W8A8_DYNAMIC, the shared MLP's gate/up W8A8 and down W8A16, the router float.
+/// Its logits (through `lamina forward`, which carries each layer's keys and values to the next)
+/// stay within the bound, `lamina check --target mindie` passes, and a run aborted inside layer 1
+/// (which attends to layer 0's keys and values) resumes from layer 0's activation snapshot, carried
+/// keys and values included, to the same bytes.
+#[test]
+fn hunyuan_large_w8a8_and_resume_inside_a_cla_pair() {
+    let tmp = TempDir::new("hunyuan-large-w8a8");
+    let extra = ["--quant_type", "w8a8", "--target", "mindie"];
+    let seen = quantize_and_check("hunyuan", &tmp, &extra, &default_rtn);
+    let count = |k: &str| seen.by_kind.get(k).copied().unwrap_or(0);
+    assert_eq!(count("W8A8_DYNAMIC"), 4 * 4 * 3, "{seen:?}");
+    assert_eq!(count("W8A8"), 2 * (4 + 2) + 2 * (2 + 2), "{seen:?}");
+    assert_eq!(count("W8A16"), 4, "{seen:?}");
+    for m in ["model.layers.1.self_attn.q_proj", "model.layers.3.self_attn.o_proj"] {
+        assert!(seen.quantized.contains(m), "{m}: {seen:?}");
+    }
+
+    let model = fixture("hunyuan");
+    let reference = tmp.join("hunyuan-out");
+    let data = tmp.join("hunyuan.jsonl");
+    let counts: Vec<usize> = std::fs::read_to_string(reference.join(".lamina-journal.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "unit")
+        .map(|e| e["tensors"].as_object().unwrap().len())
+        .collect();
+    assert_eq!(counts.len(), 6, "embedding, four layers, head");
+    let save = tmp.join("interrupted");
+    let n = (counts[0] + counts[1] + counts[2].div_ceil(2)).to_string();
+    let r = quant_calibrated(&model, &save, &data, &extra, &[("LAMINA_FAULT_ABORT_AFTER_TENSORS", &n)]);
+    assert!(r.code.is_none(), "abort after {n} tensors: {:?} {}", r.code, r.stderr);
+    assert_eq!(units_done(&save), 2, "aborted inside layer 1");
+    quant_calibrated(&model, &save, &data, &extra, &[]).assert_ok();
+    let want = snapshot(&reference, false);
+    assert_eq!(differing(&want, &snapshot(&save, false)), Vec::<String>::new());
+}
+
 /// Qwen3-Next's W8A8: the linears msModelSlim's practice quantizes (the full-attention q/k/v,
 /// the routed experts, the Gated DeltaNet's in_proj_qkvz), m2 on the zero-centred norms, static
 /// W8A8 with GPTQ but the experts W8A8_DYNAMIC; everything else float. Complete, consistent,

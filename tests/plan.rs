@@ -213,6 +213,35 @@ fn hunyuan_a13b_fits_64_gib_on_paper() {
     }
 }
 
+/// Hunyuan-Large (Hunyuan-A52B, `hunyuan`, tests/fixtures/configs/hunyuan-large: 64 layers of 16
+/// experts top-1 plus a shared MLP, cross-layer attention in pairs) fits a 64 GiB card layer by
+/// layer, data-free and calibrated, for MindIE; vLLM-Ascend is refused (vLLM has no model class for
+/// `HunYuanForCausalLM`).
+#[test]
+fn hunyuan_large_fits_64_gib_on_paper() {
+    let cfg = config("hunyuan-large");
+    let path = cfg.display().to_string();
+    let args = |qt: &'static str, target: &'static str| {
+        ["plan", "--model_path", &path, "--quant_type", qt, "--memory_budget", "64", "--target", target]
+            .map(String::from)
+    };
+    let refused = args("w8a8", "vllm-ascend");
+    run(&refused.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+        .assert_fails_with(&["HunYuanForCausalLM", "registry.py"]);
+    for quant_type in ["w8a8_dynamic", "w8a8"] {
+        let a = args(quant_type, "mindie");
+        let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        r.assert_ok();
+        eprintln!("{}", r.stdout);
+        assert_eq!(field(&r.stdout, "architecture"), "hunyuan (config.json only, on paper)");
+        assert!(field(&r.stdout, "text").starts_with("64 layers, hidden 6400"), "{}", r.stdout);
+        assert!(field(&r.stdout, "text").contains("16 experts top-1"), "{}", r.stdout);
+        let units: usize = field(&r.stdout, "units").parse().unwrap();
+        assert_eq!(units, 64 + 2, "{}", r.stdout);
+        assert_eq!(field(&r.stdout, "fits"), "yes", "{quant_type}: {}", r.stdout);
+    }
+}
+
 /// DeepSeek-V3 / R1 (671B: tests/fixtures/configs/deepseek-v3, 61 layers of 256 routed experts
 /// top-8 plus a shared one, MLA, FP8 with 128 × 128 block scales, one MTP layer): the data-free W8A8
 /// run fits one 64 GiB card, layer by layer (and the calibrated one: see the 16 GiB test above).

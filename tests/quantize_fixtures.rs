@@ -79,7 +79,7 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
         "glm4_moe" => ("model.layers", 4),
         "qwen3_next" => ("model.layers", 4),
-        "hunyuan_v1_moe" => ("model.layers", 4),
+        "hunyuan_v1_moe" | "hunyuan" => ("model.layers", 4),
         _ => return,
     };
     // GLM-4.5's first layer is dense (first_k_dense_replace); every Qwen3-Next layer is MoE.
@@ -87,6 +87,7 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "glm4_moe" => 1..3,
         "qwen3_next" => 0..4,
         "hunyuan_v1_moe" => 0..3,
+        "hunyuan" => 0..4,
         _ => 0..2,
     };
     for layer in layers {
@@ -207,6 +208,47 @@ fn hunyuan_v1_moe() {
     for f in ["model.layers.1.mlp.gate.wg.weight", "model.layers.0.self_attn.query_layernorm.weight"] {
         assert!(seen.float.contains(f), "{f}: {seen:?}");
     }
+}
+
+/// Hunyuan-Large (`hunyuan`, cross-layer attention): data-free W8A8_DYNAMIC for MindIE writes the
+/// layers that reuse keys and values with their `q_proj` and `o_proj` alone (no `k_proj` / `v_proj`,
+/// as released), their query and key norms float, every expert quantized, the router float, and
+/// passes `lamina check --target mindie`. `--target vllm-ascend` is refused for it, whatever the type:
+/// vLLM registers no model class for `HunYuanForCausalLM`.
+#[test]
+fn hunyuan_large() {
+    let model = fixture("hunyuan");
+    let tmp = TempDir::new("hunyuan-large");
+    let refused = tmp.join("refused");
+    for qt in ["w8a8_dynamic", "w8a16"] {
+        quant(&model, &refused, qt, &["--target", "vllm-ascend"], &[]).assert_fails_with(&[
+            "HunYuanForCausalLM",
+            "registry.py",
+            "--target mindie",
+        ]);
+        assert_no_complete_output(&refused);
+    }
+    let save = tmp.join("out");
+    quant(&model, &save, "w8a8_dynamic", &["--target", "mindie"], &[]).assert_ok();
+    let seen = check_output_for(&model, &save, "w8a8_dynamic", "mindie", None);
+    expect_experts("hunyuan", &seen.quantized);
+    for m in [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.2.self_attn.v_proj",
+        "model.layers.3.mlp.shared_mlp.down_proj",
+    ] {
+        assert!(seen.quantized.contains(m), "{m}: {seen:?}");
+    }
+    for m in ["model.layers.1.self_attn.k_proj", "model.layers.3.self_attn.v_proj"] {
+        assert!(!seen.quantized.contains(m), "{m}: {seen:?}");
+    }
+    for f in ["model.layers.1.mlp.gate.wg.weight", "model.layers.1.self_attn.key_layernorm.weight"] {
+        assert!(seen.float.contains(f), "{f}: {seen:?}");
+    }
+    let c = check(&save, &["--target", "mindie"]);
+    c.assert_ok();
+    assert!(c.stdout.contains("ok:"), "{}", c.stdout);
 }
 
 /// GLM-4.5's multi-token-prediction layer (`model.layers.{num_hidden_layers}`) is no decoder layer

@@ -612,8 +612,10 @@ pub const FAMILIES: &[FamilyRule] = &[
 /// MoE families lamina reads that vLLM-Ascend's table does not name: their fused MoE layer's type lookup
 /// (`….mlp.experts.weight`) fails on an Ascend description with quantized experts, so for
 /// `--target vllm-ascend` their experts can only stay FLOAT ([`check`]'s "fused" rule). HunYuan-A13B:
-/// vLLM's `hunyuan_v1.py` packs only `qkv_proj` and `gate_up_proj`.
-pub const MOE_WITHOUT_EXPERTS_ENTRY: &[&str] = &["hunyuan_v1_moe"];
+/// vLLM's `hunyuan_v1.py` packs only `qkv_proj` and `gate_up_proj`. Hunyuan-Large (`hunyuan`) has no
+/// row either (and vLLM registers no model class for its architecture: the quantize pipeline refuses
+/// that target for it outright).
+pub const MOE_WITHOUT_EXPERTS_ENTRY: &[&str] = &["hunyuan_v1_moe", "hunyuan"];
 
 /// Families vLLM-Ascend's table does not name use their vLLM model class's mapping, which for the
 /// decoders and VL models lamina reads (llama, qwen2, qwen3, qwen2_vl, qwen3_vl, llava) fuses q/k/v

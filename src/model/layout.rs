@@ -1097,6 +1097,25 @@ fn synthesize_vision(
 mod tests {
     use super::*;
 
+    /// Hunyuan-Large's real config on paper: keys and values in every other layer only (cross-layer
+    /// attention), every layer its q/k norms, 16 experts and a shared MLP; about 389 B parameters,
+    /// as Tencent publishes.
+    #[test]
+    fn hunyuan_large_on_paper() {
+        let config: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/configs/hunyuan-large/config.json")).unwrap();
+        let inv = synthesize_inventory(Family::Hunyuan, &config).unwrap();
+        let has = |n: &str| inv.iter().any(|(m, _)| m == n);
+        let count = |suffix: &str| inv.iter().filter(|(m, _)| m.ends_with(suffix)).count();
+        assert_eq!((count("self_attn.k_proj.weight"), count("self_attn.v_proj.weight")), (32, 32));
+        assert_eq!((count("self_attn.q_proj.weight"), count("self_attn.key_layernorm.weight")), (64, 64));
+        assert!(has("model.layers.62.self_attn.k_proj.weight") && !has("model.layers.63.self_attn.k_proj.weight"));
+        assert_eq!(count("mlp.gate.wg.weight"), 64);
+        assert_eq!(count("down_proj.weight"), 64 * 17);
+        let params: usize = inv.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert!((params as f64 / 389e9 - 1.0).abs() < 0.01, "{params} parameters");
+    }
+
     #[test]
     fn release_and_transformers5_layouts_resolve() {
         let old = ["model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight"];

@@ -297,6 +297,16 @@ fn check_loadable(
     inventory: &[TensorMeta],
 ) -> Result<()> {
     let target = setting.target;
+    if target == Target::VllmAscend && model.family == crate::model::layout::Family::Hunyuan {
+        bail!(
+            "Hunyuan-Large (model_type hunyuan, HunYuanForCausalLM) is not served by vLLM-Ascend, whatever the \
+             quantization: vLLM's model registry (model_executor/models/registry.py), whose model classes \
+             vLLM-Ascend serves, maps HunYuanMoEV1ForCausalLM and HunYuanDenseV1ForCausalLM to hunyuan_v1.py but \
+             has no HunYuanForCausalLM, and vLLM-Ascend's packed_modules_model_mapping has no hunyuan row for \
+             quantized experts. Nothing was written: use --target mindie (MindIE's atb_llm hunyuan model reads the \
+             cross-layer attention layers' q_proj alone)"
+        );
+    }
     if target == Target::VllmAscend {
         let asymmetric = units.iter().flat_map(|u| u.jobs.iter()).find_map(|j| match j {
             plan::Job::KvCache { module, spec, .. } if !spec.symmetric => Some(module),
