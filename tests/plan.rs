@@ -232,7 +232,6 @@ fn hunyuan_large_fits_64_gib_on_paper() {
         let a = args(quant_type, "mindie");
         let r = run(&a.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
         r.assert_ok();
-        eprintln!("{}", r.stdout);
         assert_eq!(field(&r.stdout, "architecture"), "hunyuan (config.json only, on paper)");
         assert!(field(&r.stdout, "text").starts_with("64 layers, hidden 6400"), "{}", r.stdout);
         assert!(field(&r.stdout, "text").contains("16 experts top-1"), "{}", r.stdout);

@@ -35,6 +35,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen2_vl-w8a8.yaml", include_str!("../../pipelines/qwen2_vl-w8a8.yaml")),
     ("llava-w8a8.yaml", include_str!("../../pipelines/llava-w8a8.yaml")),
     ("deepseek_v3-w8a8.yaml", include_str!("../../pipelines/deepseek_v3-w8a8.yaml")),
+    ("hunyuan-w8a8.yaml", include_str!("../../pipelines/hunyuan-w8a8.yaml")),
     ("deepseek_v3-w4a8_dynamic.yaml", include_str!("../../pipelines/deepseek_v3-w4a8_dynamic.yaml")),
     ("internlm2-w8a8.yaml", include_str!("../../pipelines/internlm2-w8a8.yaml")),
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
@@ -526,7 +527,6 @@ mod tests {
             ("internlm2", "internlm2-w8a8"),
             ("qwen1", "qwen-w8a8"),
             ("hunyuan_v1_moe", "default-w8a8"),
-            ("hunyuan", "default-w8a8"),
         ];
         for (fixture, recipe_name) in fixtures {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
@@ -599,13 +599,6 @@ mod tests {
                     has("model.layers.1.mlp.shared_mlp.up_proj", Some("W8A8"));
                     has("model.layers.1.mlp.shared_mlp.down_proj", Some("W8A16"));
                     has("model.layers.0.self_attn.v_proj", Some("W8A8"));
-                }
-                "hunyuan" => {
-                    has("model.layers.1.self_attn.q_proj", Some("W8A8"));
-                    has("model.layers.2.self_attn.v_proj", Some("W8A8"));
-                    has("model.layers.3.mlp.experts.0.gate_proj", Some("W8A8_DYNAMIC"));
-                    has("model.layers.3.mlp.gate.wg", None);
-                    has("model.layers.3.mlp.shared_mlp.down_proj", Some("W8A16"));
                 }
                 _ => has("model.layers.1.mlp.down_proj", Some("W8A16")),
             }

@@ -510,6 +510,13 @@ fn check_fused(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
         if *fused == "fused_qkv_a_proj" && !present.contains("q_a_proj") {
             continue;
         }
+        // HunYuan's cross-layer attention layers have q_proj alone, a layer of its own: vLLM's
+        // hunyuan_v1.py skips the qkv packing for them ("cross layer only have q_proj") and MindIE's
+        // atb_llm hunyuan loads a `cross` layer's q_proj by itself.
+        let hunyuan = matches!(s.model_type.as_str(), "hunyuan" | "hunyuan_v1_moe");
+        if *fused == "qkv_proj" && hunyuan && present.len() == 1 && present.contains("q_proj") {
+            continue;
+        }
         if !missing.is_empty() {
             out.push(problem(
                 "fused",

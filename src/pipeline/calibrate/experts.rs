@@ -86,7 +86,7 @@ pub fn streamed(
     // Architectures whose layer adds the MoE block's output straight to the residual stream (not
     // GLM-4's, which normalizes it first).
     use crate::model::decoder::Arch;
-    if !matches!(Arch::of(model.family), Arch::Standard | Arch::Mla) {
+    if !matches!(Arch::of(model.family), Arch::Standard | Arch::Mla | Arch::HunYuan) {
         return None;
     }
     let in_experts = |name: &str| name.strip_prefix(prefix).is_some_and(|r| r.starts_with(&format!("{MODULE}.")));
