@@ -42,6 +42,14 @@ pub trait LinearHook {
     /// `[tokens, kv_heads · v_head_dim]`. Calibration observes them (KV-cache quantization); a
     /// forward that simulates a quantized cache changes them in place. Default: nothing.
     fn kv_cache(&mut self, _module: &str, _k: &mut Array2<f32>, _v: &mut Array2<f32>) {}
+
+    /// Whether the hook needs nothing more from the current forward (a calibration pass that has
+    /// already observed every input it gathers). A forward may then skip its remaining work, such
+    /// as the attention scores, and return values of the right shape that mean nothing.
+    /// Default: never.
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// The float forward.

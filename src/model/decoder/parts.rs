@@ -162,6 +162,9 @@ impl Attention {
         norm_and_rotate(&mut q, self.heads.qk_dim, self.q_norm.as_ref(), self.eps, rope);
         norm_and_rotate(&mut k, self.heads.qk_dim, self.k_norm.as_ref(), self.eps, rope);
         hook.kv_cache("self_attn", &mut k, &mut v);
+        if hook.finished() {
+            return Ok(Array2::zeros((x.nrows(), self.o_proj.out_features())));
+        }
         let scale = (self.heads.qk_dim as f32).powf(-0.5);
         let context = causal_attention(device, q.view(), k.view(), v.view(), self.heads, scale);
         Ok(hook.linear(device, "self_attn.o_proj", &self.o_proj, context.view()))
