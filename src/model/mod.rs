@@ -43,14 +43,6 @@ impl Model {
                     Some(f) => f,
                     None => {
                         let t = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
-                        if t == "glm4v_moe" {
-                            bail!(
-                                "config.json describes GLM-4.5V / GLM-4.6V (glm4v_moe); lamina reads GLM-4.1V (glm4v: its \
-                                 vision tower, GLM-4 decoder and M-RoPE) but not yet the MoE language model of glm4v_moe \
-                                 with its M-RoPE (no parity fixture for it), so it refuses rather than quantize it as a \
-                                 generic decoder"
-                            );
-                        }
                         let known: Vec<_> = Family::ALL.iter().map(|f| f.model_type()).collect();
                         if names.is_empty() {
                             bail!("unknown model_type {t:?} in config.json (known: {}); with a config alone there are no tensor names to fall back on", known.join(", "));
