@@ -75,6 +75,16 @@ fn refuse_unsupported(config: &Value) -> Result<()> {
              hunyuan_v1_moe) is supported"
         );
     }
+    // transformers' `-hf` InternVL conversions: their text model would pass for a generic decoder,
+    // their InternViT (separate q/k/v, `lambda_1/2`) and projector would not be read as such.
+    if model_type == Some("internvl") || arch == Some("InternVLForConditionalGeneration") {
+        bail!(
+            "config.json describes a transformers `-hf` InternVL conversion (model_type internvl, \
+             InternVLForConditionalGeneration: model.vision_tower.*, model.multi_modal_projector.*), which lamina does \
+             not read yet; the InternVL releases in their remote-code layout (model_type internvl_chat, \
+             InternVLChatModel) are supported"
+        );
+    }
     Ok(())
 }
 
@@ -314,6 +324,19 @@ mod tests {
             e.contains("Hunyuan-Large") && e.contains("cross-layer attention") && e.contains("hunyuan_v1_moe"),
             "{e}"
         );
+    }
+
+    /// A `-hf` InternVL conversion has decoder-like names under `model.language_model.layers.N`; it is
+    /// refused by name rather than quantized as a generic decoder beside an unread vision tower.
+    #[test]
+    fn hf_internvl_is_refused_by_name() {
+        let config = serde_json::json!({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
+            "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 8}});
+        let names =
+            ["model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.cls_token"];
+        let e = Model::new(&config, None, &names).unwrap_err().to_string();
+        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
     }
 
     #[test]
