@@ -78,13 +78,14 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "qwen3_moe" => ("model.layers", 4),
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
         "glm4_moe" => ("model.layers", 4),
+        "glm4v_moe" => ("model.language_model.layers", 8),
         "qwen3_next" => ("model.layers", 4),
         "hunyuan_v1_moe" => ("model.layers", 4),
         _ => return,
     };
     // GLM-4.5's first layer is dense (first_k_dense_replace); every Qwen3-Next layer is MoE.
     let layers = match name {
-        "glm4_moe" => 1..3,
+        "glm4_moe" | "glm4v_moe" => 1..3,
         "qwen3_next" => 0..4,
         "hunyuan_v1_moe" => 0..3,
         _ => 0..2,
@@ -169,6 +170,17 @@ fn glm4() {
 #[test]
 fn glm4_moe() {
     quantize_every_scheme("glm4_moe");
+}
+/// GLM-4.1V: the vision tower and the GLM-4 decoder (its fused gate_up_proj split); the description's
+/// lookup names (vLLM's glm4_1v.py) are checked by `lamina check`.
+#[test]
+fn glm4v() {
+    quantize_every_scheme("glm4v");
+}
+/// GLM-4.5V / 4.6V: the same tower and GLM-4.5's MoE decoder (per-expert linears, dense layer 0).
+#[test]
+fn glm4v_moe() {
+    quantize_every_scheme("glm4v_moe");
 }
 
 /// Every data-free type on Qwen3-Next (Gated DeltaNet layers 0-2, gated attention layer 3); its

@@ -43,14 +43,6 @@ impl Model {
                     Some(f) => f,
                     None => {
                         let t = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
-                        if t == "glm4v_moe" {
-                            bail!(
-                                "config.json describes GLM-4.5V / GLM-4.6V (glm4v_moe); lamina reads GLM-4.1V (glm4v: its \
-                                 vision tower, GLM-4 decoder and M-RoPE) but not yet the MoE language model of glm4v_moe \
-                                 with its M-RoPE (no parity fixture for it), so it refuses rather than quantize it as a \
-                                 generic decoder"
-                            );
-                        }
                         let known: Vec<_> = Family::ALL.iter().map(|f| f.model_type()).collect();
                         if names.is_empty() {
                             bail!("unknown model_type {t:?} in config.json (known: {}); with a config alone there are no tensor names to fall back on", known.join(", "));
@@ -81,6 +73,16 @@ fn refuse_unsupported(config: &Value) -> Result<()> {
              not read yet: its cross-layer attention (use_cla: pairs of layers share one K/V, the second layer has no \
              k_proj / v_proj) is not computed by lamina's layer-at-a-time forward. Hunyuan-A13B (model_type \
              hunyuan_v1_moe) is supported"
+        );
+    }
+    // transformers' `-hf` InternVL conversions: their text model would pass for a generic decoder,
+    // their InternViT (separate q/k/v, `lambda_1/2`) and projector would not be read as such.
+    if model_type == Some("internvl") || arch == Some("InternVLForConditionalGeneration") {
+        bail!(
+            "config.json describes a transformers `-hf` InternVL conversion (model_type internvl, \
+             InternVLForConditionalGeneration: model.vision_tower.*, model.multi_modal_projector.*), which lamina does \
+             not read yet; the InternVL releases in their remote-code layout (model_type internvl_chat, \
+             InternVLChatModel) are supported"
         );
     }
     Ok(())
@@ -322,6 +324,19 @@ mod tests {
             e.contains("Hunyuan-Large") && e.contains("cross-layer attention") && e.contains("hunyuan_v1_moe"),
             "{e}"
         );
+    }
+
+    /// A `-hf` InternVL conversion has decoder-like names under `model.language_model.layers.N`; it is
+    /// refused by name rather than quantized as a generic decoder beside an unread vision tower.
+    #[test]
+    fn hf_internvl_is_refused_by_name() {
+        let config = serde_json::json!({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
+            "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 8}});
+        let names =
+            ["model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.cls_token"];
+        let e = Model::new(&config, None, &names).unwrap_err().to_string();
+        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
     ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
     ("glm4v-w8a8.yaml", include_str!("../../pipelines/glm4v-w8a8.yaml")),
+    ("glm4v_moe-w8a8.yaml", include_str!("../../pipelines/glm4v_moe-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
     ("w8a8-quarot.yaml", include_str!("../../pipelines/w8a8-quarot.yaml")),
