@@ -259,7 +259,7 @@ fn real_model_sizes_decide_what_loads() {
     for (q, target, recipe, types) in [
         ("w4a16", "vllm-ascend", "default-w4a16", "18432 W4A16"),
         ("w4a8_dynamic", "vllm-ascend", "default-w4a8_dynamic", "18432 W4A8_DYNAMIC"),
-        ("w4a16", "mindie", "dense-w4a16", "W4A16"),
+        ("w4a16", "mindie", "mindie-w4a16", "W4A16"),
         ("w8a16", "vllm-ascend", "default-w8a16", "18432 W8A8_DYNAMIC"),
     ] {
         let r = plan(&cfg("qwen3-vl-30b-a3b"), q, target);

@@ -112,6 +112,7 @@ fn vision_language_models_match_transformers_from_pixels() {
         "internvl_chat_6b",
         "glm4v",
         "glm4v_wide",
+        "glm4v_moe",
     ] {
         matches_reference(name);
     }

@@ -279,3 +279,24 @@ fn qwen3_next_80b_fits_64_gib_on_paper() {
     assert!(r.stdout.contains("mtp (MTP)"), "{}", r.stdout);
     assert_eq!(field(&r.stdout, "fits"), "yes");
 }
+
+/// GLM-4.5V (`glm4v_moe`, tests/fixtures/configs/glm-4.5v: 46 MoE layers of GLM-4.5-Air, 128 experts
+/// top-8 plus a shared expert, layer 0 dense; GLM-4.1V's 24-block tower) on paper with its recipe: the
+/// tower's embeddings, 24 blocks and merger, then the embeddings, 46 layers and the head; it fits a
+/// 64 GiB card layer by layer (the whole model is ~200 GiB in bf16).
+#[test]
+fn glm_4_5v_fits_64_gib_on_paper() {
+    let r = plan(&config("glm-4.5v"), "64");
+    r.assert_ok();
+    assert_eq!(field(&r.stdout, "architecture"), "glm4v_moe (config.json only, on paper)");
+    assert!(field(&r.stdout, "text").starts_with("46 layers, hidden 4096"), "{}", r.stdout);
+    assert!(field(&r.stdout, "text").contains("128 experts top-8"), "{}", r.stdout);
+    let units: usize = field(&r.stdout, "units").parse().unwrap();
+    assert_eq!(units, 1 + 24 + 1 + 1 + 46 + 1, "{}", r.stdout);
+    assert!(r.stdout.contains("model.visual.blocks.0 "), "{}", r.stdout);
+    // The release holds 107,710,933,120 parameters in bf16 (215.4 GB = 200.63 GiB in its 46 shards, the
+    // report the config came from): the inventory synthesized from config.json has as many bytes.
+    assert_eq!(field(&r.stdout, "bytes in"), "200.63 GiB", "{}", r.stdout);
+    assert!(r.stdout.contains("model.language_model.layers.45"), "{}", r.stdout);
+    assert_eq!(field(&r.stdout, "fits"), "yes");
+}

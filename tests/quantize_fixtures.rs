@@ -78,13 +78,14 @@ fn expect_experts(name: &str, quantized: &std::collections::BTreeSet<String>) {
         "qwen3_moe" => ("model.layers", 4),
         "qwen3_vl_moe" => ("model.language_model.layers", 4),
         "glm4_moe" => ("model.layers", 4),
+        "glm4v_moe" => ("model.language_model.layers", 8),
         "qwen3_next" => ("model.layers", 4),
         "hunyuan_v1_moe" | "hunyuan" => ("model.layers", 4),
         _ => return,
     };
     // GLM-4.5's first layer is dense (first_k_dense_replace); every Qwen3-Next layer is MoE.
     let layers = match name {
-        "glm4_moe" => 1..3,
+        "glm4_moe" | "glm4v_moe" => 1..3,
         "qwen3_next" => 0..4,
         "hunyuan_v1_moe" => 0..3,
         "hunyuan" => 0..4,
@@ -170,6 +171,17 @@ fn glm4() {
 #[test]
 fn glm4_moe() {
     quantize_every_scheme("glm4_moe");
+}
+/// GLM-4.1V: the vision tower and the GLM-4 decoder (its fused gate_up_proj split); the description's
+/// lookup names (vLLM's glm4_1v.py) are checked by `lamina check`.
+#[test]
+fn glm4v() {
+    quantize_every_scheme("glm4v");
+}
+/// GLM-4.5V / 4.6V: the same tower and GLM-4.5's MoE decoder (per-expert linears, dense layer 0).
+#[test]
+fn glm4v_moe() {
+    quantize_every_scheme("glm4v_moe");
 }
 
 /// Every data-free type on Qwen3-Next (Gated DeltaNet layers 0-2, gated attention layer 3); its
@@ -429,17 +441,27 @@ fn fp16_and_fp32_checkpoints() {
 }
 
 /// W4A16's groups of 128 fit models whose sizes divide by 128, as every released one's do: the MoE
-/// recipe (experts W4A16, the rest W8A16) for vLLM-Ascend, and the dense one for MindIE. The dense recipe
-/// is not vLLM-Ascend's, which has no dense W4A16 linear.
+/// recipe (experts W4A16, the rest W8A16, data-free) for vLLM-Ascend, and for MindIE, which reads dense
+/// W4A16 with zero points, the best measured 4-bit recipe (`mindie-w4a16`: AWQ, asymmetric), which
+/// calibrates. The dense recipe is not vLLM-Ascend's, which has no dense W4A16 linear. (AWQ's own
+/// numerics are checked in tests/algorithms.rs and `quant::awq`.)
 #[test]
 fn w4a16_loads_where_sizes_divide() {
     let tmp = TempDir::new("w4a16-widened");
     for (name, target) in [("qwen3_moe", "vllm-ascend"), ("llama", "mindie"), ("qwen3_moe", "mindie")] {
         let m = write_widened(name, &tmp.join(&format!("{name}-{target}-in")), 7);
         let save = tmp.join(&format!("{name}-{target}"));
-        quant(&m, &save, "w4a16", &["--target", target], &[]).assert_ok();
-        let seen = check_output_for(&m, &save, "w4a16", target, None);
-        assert!(seen.quantized.iter().any(|q| q.ends_with("up_proj")), "{seen:?}");
+        if target == "vllm-ascend" {
+            quant(&m, &save, "w4a16", &["--target", target], &[]).assert_ok();
+            let seen = check_output_for(&m, &save, "w4a16", target, None);
+            assert!(seen.quantized.iter().any(|q| q.ends_with("up_proj")), "{seen:?}");
+        } else {
+            let calib = tmp.join(&format!("{name}-calib.jsonl"));
+            common::calibrated::write_calib_ids(&fixture(name), &calib, 4, 32, 900, 5);
+            let args = ["--target", target, "--calib_data", calib.to_str().unwrap(), "--calib_samples", "4"];
+            quant(&m, &save, "w4a16", &[&args[..], &["--calib_seq_len", "32"]].concat(), &[]).assert_ok();
+            check_asymmetric_w4a16(&m, &save);
+        }
         let desc = read_json(&save.join("quant_model_description.json"));
         assert_eq!(desc["group_size"], 128);
         check(&save, &["--target", target]).assert_ok();
@@ -449,4 +471,32 @@ fn w4a16_loads_where_sizes_divide() {
         "vLLM-Ascend loads W4A16 only for routed MoE experts",
         "--quant_type values whose bundled recipe loads here: w8a8, w8a8_dynamic, w8a16",
     ]);
+}
+
+/// MindIE's W4A16 (`mindie-w4a16`): every decoder linear but the router is W4A16 with int4 values, one
+/// scale and one zero point per group of 128 inputs, and the groups are not all centred (asymmetric).
+fn check_asymmetric_w4a16(input: &std::path::Path, out: &std::path::Path) {
+    let desc = read_json(&out.join("quant_model_description.json"));
+    let (outputs, _) = common::check::read_output(out, None);
+    let mut linears = 0;
+    for (name, l) in logical_inputs(input) {
+        let Some(module) = name.strip_suffix(".weight").filter(|m| m.contains(".layers.") && l.st.shape.len() == 2)
+        else {
+            continue;
+        };
+        if module.ends_with("mlp.gate") || module.contains("norm") {
+            continue;
+        }
+        assert_eq!(desc[&name], "W4A16", "{name}");
+        let (rows, cols) = (l.st.shape[0], l.st.shape[1]);
+        let get = |s: &str| outputs.get(&format!("{module}.{s}")).unwrap_or_else(|| panic!("{module}.{s} is missing"));
+        let (q, scale, offset) = (get("weight").i8s(), get("weight_scale").f32s(), get("weight_offset").f32s());
+        let groups = cols / 128;
+        assert_eq!((q.len(), scale.len(), offset.len()), (rows * cols, rows * groups, rows * groups), "{module}");
+        assert!(q.iter().all(|v| (-8..=7).contains(v)), "{module}: int4 values");
+        assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{module}: scales");
+        assert!(offset.iter().any(|&z| z != 0.0), "{module}: asymmetric groups have zero points");
+        linears += 1;
+    }
+    assert!(linears >= 14, "{linears} linears checked");
 }

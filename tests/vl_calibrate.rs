@@ -331,3 +331,59 @@ fn text_only_calibration_of_a_calibrated_vision_tower_is_refused() {
         .assert_fails_with(&["visual.blocks.0", "no calibration sample has an image"]);
     assert_no_complete_output(&save);
 }
+
+/// GLM-4.5V / 4.6V (glm4v_moe) with its recipe (msModelSlim's GLM-4.6V mixed W8A8 with the GLM-4.1V
+/// practice's float layers), calibrated from a folder of images and from a JSONL of image + prompt
+/// pairs: attention and the dense / shared gate and up projections static W8A8, every routed expert
+/// W8A8_DYNAMIC, routers, down_proj (dense and shared) and the whole vision tower float; the output
+/// passes `lamina check` for vLLM-Ascend and MindIE, and its logits stay close to the float model's.
+#[test]
+fn glm4v_moe_calibrates_from_images_with_its_recipe() {
+    let name = "glm4v_moe";
+    let tmp = TempDir::new("vl-glm4v_moe");
+    let model = model_with_tokenizer(name, tmp.path());
+    let [folder, listed, _] = calibration_sets(&model, &tmp.join("calib"));
+    for (form, set) in [folder, listed] {
+        let save = tmp.join(&format!("out-{}", form.replace(' ', "-")));
+        quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]).assert_ok();
+        let (types, tensors) = read_output(&save);
+        for k in tensors.keys() {
+            assert!(types.contains_key(k), "{form}: {k} is not described");
+        }
+        for l in 0..3 {
+            let layer = format!("model.language_model.layers.{l}");
+            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] {
+                assert_eq!(types[&format!("{layer}.{m}.weight")], "W8A8", "{form}: {layer}.{m}");
+            }
+            let ffn = if l == 0 { "mlp" } else { "mlp.shared_experts" };
+            for m in ["gate_proj", "up_proj"] {
+                assert_eq!(types[&format!("{layer}.{ffn}.{m}.weight")], "W8A8", "{form}: {layer}.{ffn}.{m}");
+            }
+            assert_eq!(types[&format!("{layer}.{ffn}.down_proj.weight")], "FLOAT", "{form}: {layer}");
+            let scale = tensors[&format!("{layer}.self_attn.q_proj.input_scale")].f32s();
+            assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{form}: {scale:?}");
+            if l > 0 {
+                assert_eq!(types[&format!("{layer}.mlp.gate.weight")], "FLOAT", "{form}: the router");
+                for j in 0..8 {
+                    for m in ["gate_proj", "up_proj", "down_proj"] {
+                        let k = format!("{layer}.mlp.experts.{j}.{m}.weight");
+                        assert_eq!(types[&k], "W8A8_DYNAMIC", "{form}: {k}");
+                        assert_eq!(tensors[&k].dtype, "I8", "{form}: {k}");
+                    }
+                }
+                assert!(tensors.contains_key(&format!("{layer}.mlp.gate.e_score_correction_bias")));
+            }
+        }
+        let vision: Vec<(&String, &String)> = types.iter().filter(|(k, _)| k.starts_with("model.visual.")).collect();
+        assert!(vision.len() > 20, "{form}: {}", vision.len());
+        for (k, t) in vision {
+            assert_eq!(t, "FLOAT", "{form}: {k} should stay float");
+        }
+        check(&save, &[]).assert_ok();
+        check(&save, &["--target", "mindie"]).assert_ok();
+        let (agreement, relative) = logit_error(name, &model, &save);
+        eprintln!("{name} ({form}): top-1 agreement {agreement}, logit relative error {relative}");
+        assert!(relative < 0.8, "{name} ({form}): logit relative error {relative}");
+        assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
+    }
+}

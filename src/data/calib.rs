@@ -590,7 +590,9 @@ mod tests {
     /// fixture's input_ids, pixel_values and image_grid_thw.
     #[test]
     fn fixtures_from_pretokenized_listings() {
-        for name in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat", "glm4v"] {
+        for name in
+            ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat", "glm4v", "glm4v_moe"]
+        {
             let model = VisionModel::load(&fixture(name)).unwrap();
             let ids = collapsed(&reference_ids(name), model.image_token());
             assert_eq!(ids.iter().filter(|&&t| t == model.image_token()).count(), 1);

@@ -881,6 +881,7 @@ mod tests {
             "llava",
             "internvl_chat",
             "glm4v",
+            "glm4v_moe",
         ] {
             let dir = fixture(name);
             let processor = ImageProcessor::load(&dir).unwrap();

@@ -5,7 +5,7 @@
 
 use super::ascend::DESCRIPTION;
 use super::rules;
-use crate::io::safetensors::SafetensorsFile;
+use crate::io::safetensors::SafetensorsSet;
 use crate::model::nn::Linear;
 use crate::model::weights::Weights;
 use crate::quant::act_sim::ActSim;
@@ -25,8 +25,7 @@ pub struct AscendModel {
     pub description: BTreeMap<String, String>,
     /// The description's `kv_cache_type` is "C8": the KV caches are int8.
     pub c8: bool,
-    files: Vec<SafetensorsFile>,
-    where_: BTreeMap<String, usize>,
+    tensors: SafetensorsSet,
 }
 
 /// A quantized linear as the kernel computes it.
@@ -59,45 +58,22 @@ impl AscendModel {
         if names.is_empty() {
             bail!("{} holds no quant_model_weights*.safetensors", dir.display());
         }
-        let files: Vec<SafetensorsFile> = names.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
-        let mut where_ = BTreeMap::new();
-        for (i, f) in files.iter().enumerate() {
-            for t in &f.tensors {
-                where_.insert(t.name.clone(), i);
-            }
-        }
+        let tensors = SafetensorsSet::open(dir, &names)?;
         // The names vLLM-Ascend looks some linears up under (rules::lookup_aliases) hold no tensors.
         let model_type = std::fs::read(dir.join("config.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|c| c.get("model_type").and_then(|v| v.as_str()).map(str::to_string))
             .unwrap_or_default();
-        let stored = description.iter().filter(|(n, _)| where_.contains_key(*n)).map(|(n, k)| (n.as_str(), k.as_str()));
+        let stored = description.iter().filter(|(n, _)| tensors.contains(n)).map(|(n, k)| (n.as_str(), k.as_str()));
         let aliases = rules::lookup_alias_entries(&model_type, stored).unwrap_or_default();
-        description.retain(|k, _| where_.contains_key(k) || !aliases.contains_key(k));
-        Ok(AscendModel { dir: dir.to_path_buf(), group_size, c8, description, files, where_ })
-    }
-
-    fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
-        let &i =
-            self.where_.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
-        let e = self.files[i].get(name).unwrap();
-        Ok((e.dtype, e.shape.clone(), self.files[i].bytes(e)))
-    }
-
-    fn f32s(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (dtype, shape, bytes) = self.raw(name)?;
-        Ok((shape, decode_f32(dtype, bytes)?))
-    }
-
-    fn ints(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-        let (dtype, shape, bytes) = self.raw(name)?;
-        Ok((shape, crate::tensor::decode_i64(dtype, bytes)?))
+        description.retain(|k, _| tensors.contains(k) || !aliases.contains_key(k));
+        Ok(AscendModel { dir: dir.to_path_buf(), group_size, c8, description, tensors })
     }
 
     /// A float or integer tensor's values as f32.
     fn numbers(&self, name: &str) -> Result<Vec<f32>> {
-        let (dtype, _, bytes) = self.raw(name)?;
+        let (dtype, _, bytes) = self.tensors.raw(name)?;
         match dtype {
             DType::I8 | DType::I32 | DType::I64 => {
                 Ok(crate::tensor::decode_i64(dtype, bytes)?.into_iter().map(|v| v as f32).collect())
@@ -152,7 +128,7 @@ impl AscendModel {
                 continue;
             }
             if kind == "FLOAT" {
-                let (shape, v) = self.f32s(name)?;
+                let (shape, v) = self.tensors.f32s(name)?;
                 // A W8A8 linear's float bias is inside its quant_bias; its weight decides.
                 let module = rel.strip_suffix(".bias");
                 if module
@@ -177,26 +153,28 @@ impl AscendModel {
     pub fn linear(&self, module: &str, kind: &str) -> Result<DequantizedLinear> {
         let t = |s: &str| format!("{module}.{s}");
         let bias = || -> Result<Option<Array1<f32>>> {
-            if self.where_.contains_key(&t("bias")) {
-                Ok(Some(Array1::from_vec(self.f32s(&t("bias"))?.1)))
+            if self.tensors.contains(&t("bias")) {
+                Ok(Some(Array1::from_vec(self.tensors.f32s(&t("bias"))?.1)))
             } else {
                 Ok(None)
             }
         };
         match kind {
             "W8A8" | "W8A8S" => {
-                let (shape, q) = self.ints(&t("weight"))?;
+                let (shape, q) = self.tensors.ints(&t("weight"))?;
                 let (rows, cols) = (shape[0], shape[1]);
-                let input =
-                    ActRange { scale: self.f32s(&t("input_scale"))?.1[0], offset: self.f32s(&t("input_offset"))?.1[0] };
-                let (dtype, _, bytes) = self.raw(&t("deq_scale"))?;
+                let input = ActRange {
+                    scale: self.tensors.f32s(&t("input_scale"))?.1[0],
+                    offset: self.tensors.f32s(&t("input_offset"))?.1[0],
+                };
+                let (dtype, _, bytes) = self.tensors.raw(&t("deq_scale"))?;
                 let deq: Vec<f32> = match dtype {
                     DType::I64 => {
                         crate::tensor::decode_i64(dtype, bytes)?.iter().map(|&b| f32::from_bits(b as u32)).collect()
                     }
                     _ => decode_f32(dtype, bytes)?,
                 };
-                let quant_bias = self.ints(&t("quant_bias"))?.1;
+                let quant_bias = self.tensors.ints(&t("quant_bias"))?.1;
                 let mut weight = Array2::<f32>::zeros((rows, cols));
                 let mut effective = Array1::<f32>::zeros(rows);
                 for r in 0..rows {
@@ -212,10 +190,10 @@ impl AscendModel {
                 Ok(DequantizedLinear { linear: Linear { weight, bias: Some(effective) }, act: ActSim::Static(input) })
             }
             "W8A8_DYNAMIC" | "W8A16" | "W4A4_DYNAMIC" => {
-                let (shape, q) = self.ints(&t("weight"))?;
+                let (shape, q) = self.tensors.ints(&t("weight"))?;
                 let (rows, cols) = (shape[0], shape[1]);
-                let (sshape, scale) = self.f32s(&t("weight_scale"))?;
-                let offset = self.f32s(&t("weight_offset"))?.1;
+                let (sshape, scale) = self.tensors.f32s(&t("weight_scale"))?;
+                let offset = self.tensors.f32s(&t("weight_offset"))?.1;
                 let groups = sshape[1];
                 let g = cols.div_ceil(groups);
                 let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {
@@ -230,9 +208,9 @@ impl AscendModel {
             }
             "W4A8_DYNAMIC" => {
                 // [out/2, in] bytes: row 2r in the low nibble, row 2r+1 in the high one.
-                let (shape, packed) = self.ints(&t("weight"))?;
+                let (shape, packed) = self.tensors.ints(&t("weight"))?;
                 let (half, cols) = (shape[0], shape[1]);
-                let scale = self.f32s(&t("weight_scale"))?.1;
+                let scale = self.tensors.f32s(&t("weight_scale"))?.1;
                 let nibble = |b: i64, hi: bool| -> f32 {
                     let v = if hi { (b >> 4) & 0xF } else { b & 0xF };
                     (if v >= 8 { v - 16 } else { v }) as f32
@@ -244,14 +222,14 @@ impl AscendModel {
             }
             "W4A16" => {
                 // [out, in/8] int32 words: element c is q + 8 in bits 4·(c % 8) of word c / 8.
-                let (shape, words) = self.ints(&t("weight_packed"))?;
+                let (shape, words) = self.tensors.ints(&t("weight_packed"))?;
                 let (rows, cols) = (shape[0], shape[1] * 8);
-                let (sshape, scale) = self.f32s(&t("weight_scale"))?;
+                let (sshape, scale) = self.tensors.f32s(&t("weight_scale"))?;
                 let groups = sshape[1];
                 let g = if self.group_size > 0 { self.group_size } else { cols.div_ceil(groups) };
                 // Asymmetric weights carry their zero points: w = (q - offset) * scale.
-                let offset = match self.where_.contains_key(&t("weight_offset")) {
-                    true => self.f32s(&t("weight_offset"))?.1,
+                let offset = match self.tensors.contains(&t("weight_offset")) {
+                    true => self.tensors.f32s(&t("weight_offset"))?.1,
                     false => vec![0.0; rows * groups],
                 };
                 let weight = Array2::from_shape_fn((rows, cols), |(r, c)| {

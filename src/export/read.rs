@@ -5,12 +5,12 @@
 use super::ascend::DESCRIPTION;
 use super::ascend_read::AscendModel;
 use super::compressed_tensors::INDEX;
-use crate::io::safetensors::SafetensorsFile;
+use crate::io::safetensors::SafetensorsSet;
 use crate::model::weights::Weights;
 use crate::quant::act_sim::ActSim;
 use crate::quant::kv_cache::KvCacheQuant;
 use crate::quant::ActRange;
-use crate::tensor::{decode_f32, decode_i64, DType};
+
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayD, IxDyn};
 use std::collections::BTreeMap;
@@ -62,8 +62,7 @@ pub fn open(dir: &Path) -> Result<Box<dyn QuantizedOutput>> {
 /// `input_zero_point`], or `weight_packed` + `weight_scale` + `weight_shape`).
 pub struct CtModel {
     pub dir: PathBuf,
-    files: Vec<SafetensorsFile>,
-    where_: BTreeMap<String, usize>,
+    tensors: SafetensorsSet,
 }
 
 impl CtModel {
@@ -80,42 +79,18 @@ impl CtModel {
         } else {
             vec![dir.join("model.safetensors")]
         };
-        let files: Vec<SafetensorsFile> = names.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
-        let mut where_ = BTreeMap::new();
-        for (i, f) in files.iter().enumerate() {
-            for t in &f.tensors {
-                where_.insert(t.name.clone(), i);
-            }
-        }
-        Ok(CtModel { dir: dir.to_path_buf(), files, where_ })
-    }
-
-    fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
-        let &i =
-            self.where_.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
-        let e = self.files[i].get(name).unwrap();
-        Ok((e.dtype, e.shape.clone(), self.files[i].bytes(e)))
-    }
-
-    fn f32s(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (d, s, b) = self.raw(name)?;
-        Ok((s, decode_f32(d, b)?))
-    }
-
-    fn ints(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-        let (d, s, b) = self.raw(name)?;
-        Ok((s, decode_i64(d, b)?))
+        Ok(CtModel { dir: dir.to_path_buf(), tensors: SafetensorsSet::open(dir, &names)? })
     }
 
     /// The dequantized weight of `module` and its activation quantizer.
     fn linear(&self, module: &str) -> Result<(Array2<f32>, ActSim)> {
         let t = |s: &str| format!("{module}.{s}");
-        let (sshape, scale) = self.f32s(&t("weight_scale"))?;
+        let (sshape, scale) = self.tensors.f32s(&t("weight_scale"))?;
         let groups = *sshape.get(1).unwrap_or(&1);
-        if self.where_.contains_key(&t("weight_packed")) {
-            let (_, shape) = self.ints(&t("weight_shape"))?;
+        if self.tensors.contains(&t("weight_packed")) {
+            let (_, shape) = self.tensors.ints(&t("weight_shape"))?;
             let (rows, cols) = (shape[0] as usize, shape[1] as usize);
-            let (pshape, words) = self.ints(&t("weight_packed"))?;
+            let (pshape, words) = self.tensors.ints(&t("weight_packed"))?;
             let per = pshape[1];
             let bits = per * 32 / cols;
             if !matches!(bits, 4 | 8) || per * 32 != cols * bits {
@@ -131,13 +106,13 @@ impl CtModel {
             });
             return Ok((w, ActSim::None));
         }
-        let (shape, q) = self.ints(&t("weight"))?;
+        let (shape, q) = self.tensors.ints(&t("weight"))?;
         let (rows, cols) = (shape[0], shape[1]);
         let w = Array2::from_shape_fn((rows, cols), |(r, c)| q[r * cols + c] as f32 * scale[r]);
-        let act = if self.where_.contains_key(&t("input_scale")) {
-            let sc = self.f32s(&t("input_scale"))?.1[0];
-            let zp = if self.where_.contains_key(&t("input_zero_point")) {
-                self.ints(&t("input_zero_point"))?.1[0]
+        let act = if self.tensors.contains(&t("input_scale")) {
+            let sc = self.tensors.f32s(&t("input_scale"))?.1[0];
+            let zp = if self.tensors.contains(&t("input_zero_point")) {
+                self.tensors.ints(&t("input_zero_point"))?.1[0]
             } else {
                 0
             };
@@ -159,13 +134,13 @@ impl QuantizedOutput for CtModel {
         let mut acts = BTreeMap::new();
         const QUANT_PARTS: [&str; 5] =
             ["weight_scale", "weight_shape", "input_scale", "input_zero_point", "weight_packed"];
-        for name in self.where_.range(prefix.to_string()..).map(|(n, _)| n) {
+        for name in self.tensors.names_from(prefix) {
             let Some(rel) = name.strip_prefix(prefix) else { break };
             if !keep(name) {
                 continue;
             }
             let (module, part) = rel.rsplit_once('.').unwrap_or(("", rel));
-            let quantized = self.where_.contains_key(&format!("{prefix}{module}.weight_scale"));
+            let quantized = self.tensors.contains(&format!("{prefix}{module}.weight_scale"));
             if quantized && (part == "weight" || part == "weight_packed") {
                 let (weight, act) =
                     self.linear(&format!("{prefix}{module}")).with_context(|| format!("in {}", self.dir.display()))?;
@@ -174,7 +149,7 @@ impl QuantizedOutput for CtModel {
             } else if quantized && QUANT_PARTS.contains(&part) {
                 continue;
             } else {
-                let (shape, v) = self.f32s(name)?;
+                let (shape, v) = self.tensors.f32s(name)?;
                 w.map.insert(rel.to_string(), ArrayD::from_shape_vec(IxDyn(&shape), v)?);
             }
         }

@@ -107,6 +107,58 @@ impl SafetensorsFile {
     }
 }
 
+/// Several safetensors files read as one set of named tensors (an output folder's shards): which file
+/// holds a tensor, its raw bytes, and its values decoded; a missing tensor is an error naming the folder.
+pub struct SafetensorsSet {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    index: std::collections::BTreeMap<String, usize>,
+}
+
+impl SafetensorsSet {
+    /// Opens `paths` (files of the folder `dir`); a tensor stored twice is read from the last file.
+    pub fn open(dir: &Path, paths: &[PathBuf]) -> Result<SafetensorsSet> {
+        let files: Vec<SafetensorsFile> = paths.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<_>>()?;
+        let mut index = std::collections::BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for t in &f.tensors {
+                index.insert(t.name.clone(), i);
+            }
+        }
+        Ok(SafetensorsSet { dir: dir.to_path_buf(), files, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The tensor names from `start` on, in order (`names_from(prefix)` then stop at the first name
+    /// without the prefix).
+    pub fn names_from<'a>(&'a self, start: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.index.range(start.to_string()..).map(|(n, _)| n)
+    }
+
+    /// A tensor's dtype, shape and stored bytes.
+    pub fn raw(&self, name: &str) -> Result<(DType, Vec<usize>, &[u8])> {
+        let &i =
+            self.index.get(name).with_context(|| format!("tensor {name} is missing from {}", self.dir.display()))?;
+        let e = self.files[i].get(name).expect("the index names a tensor of this file");
+        Ok((e.dtype, e.shape.clone(), self.files[i].bytes(e)))
+    }
+
+    /// A float tensor's shape and values as f32.
+    pub fn f32s(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dtype, shape, bytes) = self.raw(name)?;
+        Ok((shape, crate::tensor::decode_f32(dtype, bytes).with_context(|| format!("tensor {name}"))?))
+    }
+
+    /// An integer tensor's shape and values.
+    pub fn ints(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let (dtype, shape, bytes) = self.raw(name)?;
+        Ok((shape, crate::tensor::decode_i64(dtype, bytes).with_context(|| format!("tensor {name}"))?))
+    }
+}
+
 /// Reads every tensor of a (small) safetensors file into memory: references, inputs files.
 pub fn load_all(path: &Path) -> Result<std::collections::BTreeMap<String, Tensor>> {
     let f = SafetensorsFile::open(path)?;

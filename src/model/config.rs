@@ -407,8 +407,9 @@ impl TextConfig {
                 None => c.usize(&["intermediate_size"])?,
             };
             let model_type = c.str(&["model_type"]).unwrap_or("");
-            // DeepSeek-V3 and GLM-4.5 score with a sigmoid (their configs may not say so).
-            let sigmoid_family = ["deepseek_v3", "glm4_moe", "kimi_k2"].contains(&model_type);
+            // DeepSeek-V3, GLM-4.5 and GLM-4.5V score with a sigmoid (their configs may not say so).
+            let sigmoid_family =
+                ["deepseek_v3", "glm4_moe", "kimi_k2", "glm4v_moe", "glm4v_moe_text"].contains(&model_type);
             let top_k = uniform(&c, &["num_experts_per_tok", "moe_topk", "top_k"])?
                 .context("config.json: missing num_experts_per_tok or moe_topk")?;
             let scoring = match c.str(&["scoring_func"]) {

@@ -30,6 +30,10 @@ pub enum Family {
     /// GLM-4.1V (`Glm4vForConditionalGeneration`): the GLM-4.1V vision tower (`model.visual.*`) and a
     /// GLM-4 language model (`model.language_model.*`, sandwich norms) with M-RoPE positions.
     Glm4v,
+    /// GLM-4.5V / GLM-4.6V (`Glm4vMoeForConditionalGeneration`): GLM-4.1V's vision tower and a GLM-4.5
+    /// MoE language model (`model.language_model.*`, per-expert linears in the release) with M-RoPE
+    /// positions over a partial rotary (`rotate_half`, not GLM-4.1V's adjacent pairs).
+    Glm4vMoe,
     /// GLM-4 (`-hf` releases, `Glm4ForCausalLM`): sandwich norms, fused `mlp.gate_up_proj`.
     Glm4,
     /// DeepSeek-V2, V2-Lite, Coder-V2 (MLA, softmax router).
@@ -70,6 +74,7 @@ impl Family {
         Family::Llava,
         Family::InternVlChat,
         Family::Glm4v,
+        Family::Glm4vMoe,
         Family::Glm4,
         Family::DeepseekV2,
         Family::DeepseekV3,
@@ -95,6 +100,7 @@ impl Family {
             Family::Llava => "llava",
             Family::InternVlChat => "internvl_chat",
             Family::Glm4v => "glm4v",
+            Family::Glm4vMoe => "glm4v_moe",
             Family::Glm4 => "glm4",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
@@ -120,6 +126,7 @@ impl Family {
                 | Family::Llava
                 | Family::InternVlChat
                 | Family::Glm4v
+                | Family::Glm4vMoe
         )
     }
 
@@ -148,6 +155,7 @@ impl Family {
             ("LlavaForConditionalGeneration", Family::Llava),
             ("InternVLChatModel", Family::InternVlChat),
             ("Glm4vForConditionalGeneration", Family::Glm4v),
+            ("Glm4vMoeForConditionalGeneration", Family::Glm4vMoe),
             ("Glm4ForCausalLM", Family::Glm4),
             ("DeepseekV2ForCausalLM", Family::DeepseekV2),
             ("DeepseekV3ForCausalLM", Family::DeepseekV3),
@@ -188,8 +196,11 @@ impl Family {
         }
         // GLM-4.1V's language model is GLM-4 (glm4.rs) under its own names, with M-RoPE positions
         // (`text_config.rope_parameters.mrope_section`).
-        if self == Family::Glm4v {
-            return Ok(Family::Glm4);
+        // GLM-4.5V / 4.6V's is GLM-4.5's MoE decoder (decoder/standard.rs with moe.rs), likewise.
+        match self {
+            Family::Glm4v => return Ok(Family::Glm4),
+            Family::Glm4vMoe => return Ok(Family::Glm4Moe),
+            _ => {}
         }
         if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
             bail!(
@@ -436,8 +447,8 @@ fn rules(family: Family) -> Rules {
             head_prefix: &["language_model.", ""],
         },
         // The release layout; the language model's own names follow (`TextNames`).
-        // GLM-4.1V and 4.5V releases (transformers 4.53+ layout), and the older saver's names.
-        Family::Glm4v => Rules {
+        // GLM-4.1V, 4.5V and 4.6V releases (transformers 4.53+ layout), and the older saver's names.
+        Family::Glm4v | Family::Glm4vMoe => Rules {
             text: &["model.language_model", "model"],
             vision: &["model.visual", "visual"],
             vision_blocks: "blocks",
@@ -557,7 +568,7 @@ impl Layout {
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
             Family::InternVlChat => Some(VisionKind::InternVit),
-            Family::Glm4v => Some(VisionKind::Glm4v),
+            Family::Glm4v | Family::Glm4vMoe => Some(VisionKind::Glm4v),
             _ => None,
         };
         Ok(Layout {
@@ -674,7 +685,7 @@ impl Layout {
                         })
             }
             Family::Llava => under(&self.projector, "linear_2"),
-            Family::Glm4v => under(&self.vision, "merger.down_proj"),
+            Family::Glm4v | Family::Glm4vMoe => under(&self.vision, "merger.down_proj"),
             _ => false,
         }
     }
@@ -835,6 +846,13 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
     }
     if let Some(v) = super::config::vision_view(config) {
         synthesize_vision(family, &layout, &v, h, &mut out)?;
+    }
+    // GLM-4.5's q/k norms are optional (`use_qk_norm`: GLM-4.6 has them, GLM-4.5V does not).
+    let text = config.get("text_config").filter(|t| t.is_object()).unwrap_or(config);
+    if layout.text_family == Family::Glm4Moe && text.get("use_qk_norm").and_then(Value::as_bool) == Some(false) {
+        let (q, k) =
+            (format!(".{}.weight", layout.names.decoder.q_norm), format!(".{}.weight", layout.names.decoder.k_norm));
+        out.retain(|(n, _)| !n.ends_with(&q) && !n.ends_with(&k));
     }
     Ok(out)
 }
@@ -1047,7 +1065,7 @@ fn synthesize_vision(
                 linear(&mut push, m("merger.mlp.2"), out_h, merged);
             }
         }
-        Family::Glm4v => {
+        Family::Glm4v | Family::Glm4vMoe => {
             // vision/glm4v.rs: the block MLP is out_hidden_size wide, the merger intermediate_size.
             let dim = v.usize(&["hidden_size"])?;
             let out_h = v.opt_usize(&["out_hidden_size"])?.unwrap_or(text_hidden);
@@ -1191,7 +1209,8 @@ mod tests {
     }
 
     /// GLM-4.1V: the tower's units by its release names, the merger's last projection feeds the
-    /// text stream, and the GLM-4 decoder's names; GLM-4.5V (glm4v_moe) is refused, not guessed.
+    /// text stream, and the GLM-4 decoder's names. GLM-4.5V (glm4v_moe): the same tower and roots,
+    /// GLM-4.5's MoE decoder by its release names (per-expert linears, the router's correction bias).
     #[test]
     fn glm4v_names() {
         let l = Layout::resolve(Family::Glm4v, Family::Glm4, &["model.visual.blocks.0.attn.qkv.weight"]).unwrap();
@@ -1203,9 +1222,29 @@ mod tests {
         assert!(l.is_vision_output("model.visual.merger.down_proj"));
         assert!(!l.is_vision_output("model.visual.blocks.0.mlp.down_proj"));
         assert_eq!(Family::Glm4v.text_family(&Value::Null).unwrap(), Family::Glm4);
-        let moe = serde_json::json!({"model_type": "glm4v_moe", "text_config": {"hidden_size": 8}});
-        let e = crate::model::Model::new(&moe, None, &["model.language_model.layers.0.mlp.gate.weight"]).unwrap_err();
-        assert!(format!("{e:#}").contains("glm4v_moe"), "{e:#}");
+
+        let config = serde_json::json!({"model_type": "glm4v_moe", "text_config": {
+            "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 10,
+            "intermediate_size": 16, "moe_intermediate_size": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+            "first_k_dense_replace": 1, "n_shared_experts": 1}});
+        let names =
+            ["model.language_model.layers.1.mlp.experts.3.down_proj.weight", "model.visual.blocks.0.norm1.weight"];
+        let m = crate::model::Model::new(&config, None, &names).unwrap();
+        assert_eq!((m.family, m.layout.text_family), (Family::Glm4vMoe, Family::Glm4Moe));
+        let l = &m.layout;
+        assert_eq!(l.vision_kind, Some(VisionKind::Glm4v));
+        assert_eq!(l.classify(names[0]), UnitKind::TextLayer(1));
+        assert_eq!(
+            l.classify("model.language_model.layers.1.mlp.gate.e_score_correction_bias"),
+            UnitKind::TextLayer(1)
+        );
+        assert_eq!(l.classify(names[1]), UnitKind::VisionBlock(0));
+        assert_eq!(l.classify("model.visual.merger.gate_proj.weight"), UnitKind::VisionPost);
+        assert_eq!(l.lm_head_weight(), "lm_head.weight");
+        assert!(l.is_vision_output("model.visual.merger.down_proj"));
+        let moe = m.text.moe.as_ref().unwrap();
+        assert_eq!(moe.scoring, super::super::config::Scoring::Sigmoid, "GLM-4.5V routes by a sigmoid");
+        assert!(!moe.is_moe_layer(0) && moe.is_moe_layer(1));
     }
 
     #[test]

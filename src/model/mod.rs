@@ -35,6 +35,7 @@ impl Model {
     /// Recognises the family from config.json (or `model_type_override`) and resolves the
     /// naming layout against the checkpoint's tensor names (empty for a config alone).
     pub fn new(config: &Value, model_type_override: Option<&str>, names: &[&str]) -> Result<Model> {
+        refuse_unsupported(config)?;
         let family = match model_type_override.and_then(Family::from_model_type) {
             Some(f) => f,
             None => {
@@ -42,14 +43,6 @@ impl Model {
                     Some(f) => f,
                     None => {
                         let t = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("(none)");
-                        if t == "glm4v_moe" {
-                            bail!(
-                                "config.json describes GLM-4.5V / GLM-4.6V (glm4v_moe); lamina reads GLM-4.1V (glm4v: its \
-                                 vision tower, GLM-4 decoder and M-RoPE) but not yet the MoE language model of glm4v_moe \
-                                 with its M-RoPE (no parity fixture for it), so it refuses rather than quantize it as a \
-                                 generic decoder"
-                            );
-                        }
                         let known: Vec<_> = Family::ALL.iter().map(|f| f.model_type()).collect();
                         if names.is_empty() {
                             bail!("unknown model_type {t:?} in config.json (known: {}); with a config alone there are no tensor names to fall back on", known.join(", "));
@@ -67,6 +60,24 @@ impl Model {
         let fp8 = fp8::Fp8Config::from_config(config)?;
         Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
+}
+
+/// Families lamina recognises but does not compute yet, refused by name rather than mis-read as a
+/// generic decoder.
+fn refuse_unsupported(config: &Value) -> Result<()> {
+    let model_type = config.get("model_type").and_then(Value::as_str);
+    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+    // transformers' `-hf` InternVL conversions: their text model would pass for a generic decoder,
+    // their InternViT (separate q/k/v, `lambda_1/2`) and projector would not be read as such.
+    if model_type == Some("internvl") || arch == Some("InternVLForConditionalGeneration") {
+        bail!(
+            "config.json describes a transformers `-hf` InternVL conversion (model_type internvl, \
+             InternVLForConditionalGeneration: model.vision_tower.*, model.multi_modal_projector.*), which lamina does \
+             not read yet; the InternVL releases in their remote-code layout (model_type internvl_chat, \
+             InternVLChatModel) are supported"
+        );
+    }
+    Ok(())
 }
 
 /// Where a logical tensor's bytes come from.
@@ -294,6 +305,19 @@ pub fn paper_inventory(model: &Model) -> Result<Vec<TensorMeta>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `-hf` InternVL conversion has decoder-like names under `model.language_model.layers.N`; it is
+    /// refused by name rather than quantized as a generic decoder beside an unread vision tower.
+    #[test]
+    fn hf_internvl_is_refused_by_name() {
+        let config = serde_json::json!({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
+            "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 8}});
+        let names =
+            ["model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.cls_token"];
+        let e = Model::new(&config, None, &names).unwrap_err().to_string();
+        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
+    }
 
     #[test]
     fn row_fused_linears_split_into_their_parts() {

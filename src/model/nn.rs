@@ -51,6 +51,14 @@ pub trait LinearHook {
     fn defer_experts(&mut self, _module: &str, _x: ArrayView2<f32>, _routes: &[Vec<(usize, f32)>]) -> bool {
         false
     }
+
+    /// Whether the hook needs nothing more from the current forward (a calibration pass that has
+    /// already observed every input it gathers). A forward may then skip its remaining work, such
+    /// as the attention scores, and return values of the right shape that mean nothing.
+    /// Default: never.
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// The float forward.

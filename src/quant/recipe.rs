@@ -4,7 +4,7 @@
 //! The bundled best practices live in `pipelines/` and are compiled into the binary, so the tool
 //! works from any folder. `--quant_type Q` picks the bundled recipe of quant type Q whose
 //! `metadata.model_types` names the model's family, else the one naming none (`default-Q`); among
-//! those, one whose `metadata.targets` names the server comes first: the `--target` (`dense-w4a16` for
+//! those, one whose `metadata.targets` names the server comes first: the `--target` (`mindie-w4a16` for
 //! MindIE, which reads dense 4-bit linears that vLLM-Ascend does not), or `compressed-tensors` for that
 //! `--save_format` (`smoothquant-w8a8`: no m2 shift, whose biases the format cannot hold).
 //! `--config_path` reads a user's file, or a bundled recipe by name (`w8a8-fast`): named
@@ -23,6 +23,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("default-w4a8_dynamic.yaml", include_str!("../../pipelines/default-w4a8_dynamic.yaml")),
     ("default-w4a16.yaml", include_str!("../../pipelines/default-w4a16.yaml")),
     ("dense-w4a8_dynamic.yaml", include_str!("../../pipelines/dense-w4a8_dynamic.yaml")),
+    ("mindie-w4a16.yaml", include_str!("../../pipelines/mindie-w4a16.yaml")),
     ("dense-w4a16.yaml", include_str!("../../pipelines/dense-w4a16.yaml")),
     ("smoothquant-w8a8.yaml", include_str!("../../pipelines/smoothquant-w8a8.yaml")),
     ("default-w8a8.yaml", include_str!("../../pipelines/default-w8a8.yaml")),
@@ -41,6 +42,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
     ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
     ("glm4v-w8a8.yaml", include_str!("../../pipelines/glm4v-w8a8.yaml")),
+    ("glm4v_moe-w8a8.yaml", include_str!("../../pipelines/glm4v_moe-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),
     ("w8a8-all-static.yaml", include_str!("../../pipelines/w8a8-all-static.yaml")),
     ("w8a8-quarot.yaml", include_str!("../../pipelines/w8a8-quarot.yaml")),
@@ -441,7 +443,7 @@ mod tests {
         assert_eq!(r.name, "default-w4a8_dynamic+c8");
         assert!(r.text.contains("dynamic_cache") && r.has_kv_cache() && r.algorithm_steps().next().is_none());
         // MindIE reads dense 4-bit linears: its own recipes for those; the others are shared.
-        for (q, want) in [("w4a16", "dense-w4a16"), ("w4a8_dynamic", "dense-w4a8_dynamic"), ("w8a16", "default-w8a16")]
+        for (q, want) in [("w4a16", "mindie-w4a16"), ("w4a8_dynamic", "dense-w4a8_dynamic"), ("w8a16", "default-w8a16")]
         {
             assert_eq!(Recipe::bundled("llama", q, "mindie").unwrap().name, want);
             assert_eq!(Recipe::bundled("llama", q, "vllm-ascend").unwrap().name, format!("default-{q}"));
@@ -630,6 +632,44 @@ mod tests {
                 Recipe::bundled(family, "w8a8", "vllm-ascend").unwrap().linear_spec(m).map(|s| s.ascend_type());
             assert_eq!(scheme, intended_w8a8(m), "{family}: {m}");
         }
+    }
+
+    /// `--quant_type w4a16 --target mindie` is the best measured 4-bit recipe (benches/ALGORITHMS.md):
+    /// the scheme of `benches/recipes/w4a16-awq-g64.yaml` (AWQ, asymmetric int4) with the loaders'
+    /// groups of 128 on every text linear; the vision tower stays data-free W8A16. vLLM-Ascend reads
+    /// W4A16 for MoE experts only and builds zero offsets itself: its recipe keeps symmetric
+    /// round-to-nearest experts and needs no calibration.
+    #[test]
+    fn w4a16_is_the_best_measured_4bit_recipe_where_it_loads() {
+        let bench =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/recipes/w4a16-awq-g64.yaml"))
+                .unwrap();
+        let measured = Recipe::parse(&bench, "w4a16-awq-g64.yaml").unwrap();
+        let mindie = Recipe::bundled("qwen3_vl_moe", "w4a16", "mindie").unwrap();
+        assert_eq!(mindie.name, "mindie-w4a16");
+        let kinds = |r: &Recipe| r.algorithm_steps().map(|s| s.kind.clone()).collect::<Vec<_>>();
+        assert_eq!(kinds(&mindie), kinds(&measured));
+        for m in [
+            "model.language_model.layers.0.self_attn.q_proj",
+            "model.language_model.layers.0.self_attn.o_proj",
+            "model.language_model.layers.0.mlp.experts.3.down_proj",
+            "model.layers.1.mlp.up_proj",
+        ] {
+            let mut want = measured.linear_spec(m).unwrap();
+            assert_eq!(want.group_size, Some(64), "the bench recipe's groups");
+            want.group_size = Some(128);
+            let got = mindie.linear_spec(m).unwrap();
+            assert_eq!(got, want, "{m}");
+            assert!(!got.weight_symmetric && got.ascend_type() == "W4A16", "{m}");
+        }
+        let vision = mindie.linear_spec("model.visual.blocks.0.attn.qkv").unwrap();
+        assert_eq!((vision.ascend_type(), vision.needs_calibration()), ("W8A16", false));
+        assert!(mindie.linear_spec("lm_head").is_none());
+        let vllm = Recipe::bundled("qwen3_vl_moe", "w4a16", "vllm-ascend").unwrap();
+        let expert = vllm.linear_spec("model.language_model.layers.0.mlp.experts.3.down_proj").unwrap();
+        assert_eq!(vllm.name, "default-w4a16");
+        assert!(expert.weight_symmetric && !expert.needs_calibration(), "{expert:?}");
+        assert!(vllm.algorithm_steps().next().is_none());
     }
 
     #[test]

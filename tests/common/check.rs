@@ -80,8 +80,9 @@ pub fn logical_inputs(dir: &Path) -> BTreeMap<String, Logical> {
     let text = ["text_config", "llm_config"].iter().map(|k| &config[*k]).find(|t| t.is_object()).unwrap_or(&config);
     let hidden = text["hidden_size"].as_u64().unwrap() as usize;
     let inter = text["moe_intermediate_size"].as_u64().map(|x| x as usize);
-    // GLM-4 fuses gate and up by rows (gate's first); the loaders read them split.
-    let fused_rows = config["model_type"] == "glm4";
+    // GLM-4 (and GLM-4.1V's language model) fuses gate and up by rows (gate's first); the loaders
+    // read them split.
+    let fused_rows = config["model_type"] == "glm4" || config["model_type"] == "glm4v";
     let stored = read_checkpoint(dir);
     let block = config["quantization_config"]["weight_block_size"]
         .as_array()
@@ -433,7 +434,8 @@ pub fn check_output_for(input: &Path, out: &Path, quant_type: &str, target: &str
         outputs.keys().filter(|k| k.ends_with("gate_up_proj") || k.ends_with("experts.down_proj")).collect();
     assert!(fused.is_empty(), "fused expert tensors remain: {fused:?}");
 
-    check_description(out, &outputs, &inputs, &modules);
+    let model_type = config["model_type"].as_str().unwrap_or("");
+    check_description(out, &outputs, &inputs, &modules, &glm4v_lookup_names(model_type, &inputs));
     check_config_and_companions(input, out);
     seen
 }
@@ -547,11 +549,35 @@ fn decode_ints(module: &str, outputs: &BTreeMap<String, St>, scheme: Scheme, row
     }
 }
 
+/// The description keys vLLM's glm4_1v.py looks GLM-4.1V / 4.5V / 4.6V linears up under that are no
+/// tensors, each with the linear whose type it must carry: the vision `attn.qkv` is built as
+/// `attn.qkv_proj` packed from `attn.{q,k,v}_proj`; GLM-4.1V (`glm4v`) packs every
+/// `gate_up_proj` from itself, so `X.gate_proj` / `X.up_proj` are looked up as `X.gate_up_proj`.
+fn glm4v_lookup_names(model_type: &str, inputs: &BTreeMap<String, Logical>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if !matches!(model_type, "glm4v" | "glm4v_moe") {
+        return out;
+    }
+    for module in inputs.keys().filter_map(|n| n.strip_suffix(".weight")) {
+        if let Some(attn) = module.strip_suffix(".attn.qkv").filter(|_| module.contains("visual.")) {
+            for p in ["q_proj", "k_proj", "v_proj"] {
+                out.insert(format!("{attn}.attn.{p}.weight"), module.to_string());
+            }
+        }
+        let parent = module.strip_suffix(".gate_proj").or_else(|| module.strip_suffix(".up_proj"));
+        if let (Some(parent), "glm4v") = (parent, model_type) {
+            out.insert(format!("{parent}.gate_up_proj.weight"), module.to_string());
+        }
+    }
+    out
+}
+
 fn check_description(
     out: &Path,
     outputs: &BTreeMap<String, St>,
     inputs: &BTreeMap<String, super::check::Logical>,
     modules: &BTreeMap<String, Scheme>,
+    lookup_names: &BTreeMap<String, String>,
 ) {
     let entries = description_entries(&out.join("quant_model_description.json"));
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -565,11 +591,16 @@ fn check_description(
     for g in globals {
         assert!(desc.contains_key(g), "the description lacks the global key {g}");
     }
-    let described: BTreeSet<&String> = desc.keys().filter(|k| !globals.contains(&k.as_str())).collect();
+    let described: BTreeSet<&String> =
+        desc.keys().filter(|k| !globals.contains(&k.as_str()) && !lookup_names.contains_key(*k)).collect();
     let written: BTreeSet<&String> = outputs.keys().collect();
     assert_eq!(described, written, "the description must cover every tensor of every shard");
+    for (alias, linear) in lookup_names {
+        let want = modules.get(linear).map_or("FLOAT", |s| s.kind());
+        assert_eq!(desc.get(alias).and_then(|v| v.as_str()), Some(want), "lookup name {alias} (for {linear})");
+    }
     for (name, kind) in &desc {
-        if globals.contains(&name.as_str()) {
+        if globals.contains(&name.as_str()) || lookup_names.contains_key(name) {
             continue;
         }
         let module = modules.iter().find(|(m, _)| name.starts_with(&format!("{m}.")));

@@ -211,6 +211,9 @@ impl Attention {
         }
         hook.kv_cache("self_attn", &mut k_pe, &mut latent);
         let kv = project(device, hook, "self_attn.kv_b_proj", &self.kv_b_proj, latent.view())?;
+        if hook.finished() {
+            return Ok(Array2::zeros((seq, self.o_proj.out_features())));
+        }
         // Every head's key is its own no-rope part and the shared rotated part.
         let mut k = Array2::<f32>::zeros((seq, nh * qk));
         let mut v = Array2::<f32>::zeros((seq, nh * vd));

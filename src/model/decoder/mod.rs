@@ -121,6 +121,7 @@ impl Arch {
             | Family::Llava
             | Family::InternVlChat
             | Family::Glm4Moe
+            | Family::Glm4vMoe
             | Family::Generic => Arch::Standard,
             Family::Glm4 | Family::Glm4v => Arch::Glm4,
             Family::DeepseekV2 | Family::DeepseekV3 => Arch::Mla,
@@ -533,6 +534,13 @@ pub(crate) mod tests {
     fn parity_glm4_moe() {
         parity("glm4_moe");
     }
+    /// GLM-4.5V / 4.6V (glm4v_moe): GLM-4.5's MoE decoder (sigmoid router with a non-zero correction
+    /// bias, routed_scaling_factor 2.5, a shared expert, layer 0 dense, no q/k norms) under M-RoPE
+    /// sections of a partial rotary turning halves (`rotate_half`), per-expert release names.
+    #[test]
+    fn parity_glm4v_moe() {
+        parity("glm4v_moe");
+    }
     /// Gated DeltaNet (conv, delta rule, gated norm) in layers 0-2, gated attention in layer 3,
     /// zero-centred norms, MoE with a gated shared expert.
     #[test]
@@ -629,6 +637,7 @@ pub(crate) mod tests {
             ("qwen3_moe", 0),
             ("qwen3_vl_moe", 0),
             ("glm4_moe", 1),
+            ("glm4v_moe", 2),
             ("deepseek_v3", 1),
             ("deepseek_v2", 2),
             ("qwen3_next", 3),
@@ -684,6 +693,7 @@ pub(crate) mod tests {
             "qwen1",
             "glm4",
             "glm4_moe",
+            "glm4v_moe",
             "deepseek_v3",
             "deepseek_v2",
             "qwen3_next",

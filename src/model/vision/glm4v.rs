@@ -293,6 +293,8 @@ mod tests {
         super::super::parity::check_tower("glm4v");
         // Two images of 6×10 and 8×4 patches: the 4×4 position table interpolated.
         super::super::parity::check_tower("glm4v_wide");
+        // GLM-4.5V (glm4v_moe): the same tower, 6×8 patches (tests/fixtures/gen/glm4v_moe.py).
+        super::super::parity::check_tower("glm4v_moe");
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl RopeIndex {
                 TemporalIds::Seconds { tokens_per_second: vision.f64(&["tokens_per_second"])?.unwrap_or(4.0) }
             }
             // GLM-4.1V: frames are images of their own, separated by timestamp text.
-            Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4v => TemporalIds::PerFrame,
+            Family::Qwen3Vl | Family::Qwen3VlMoe | Family::Glm4v | Family::Glm4vMoe => TemporalIds::PerFrame,
             other => bail!("{} has no M-RoPE position ids", other.model_type()),
         };
         Ok(RopeIndex {

@@ -26,6 +26,11 @@ pub struct Observe<'a> {
     pub through: Option<&'a Simulate>,
     /// The input groups in the order the forward first reached them.
     pub order: Vec<String>,
+    /// When set, the pass needs nothing after these input groups: once the current sequence has
+    /// reached all of them, the remaining linears return zeros instead of being computed and the
+    /// forward may skip the rest of its work ([`LinearHook::finished`]). GPTQ's true-sequential
+    /// passes, which only gather one stage's Hessians.
+    pub stop_after: Option<BTreeSet<String>>,
     seen: BTreeSet<String>,
 }
 
@@ -43,6 +48,10 @@ impl Observe<'_> {
 
 impl LinearHook for Observe<'_> {
     fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        // Past the groups a stopping pass gathers, inputs mean nothing: neither observed nor computed.
+        if self.finished() {
+            return Array2::zeros((x.nrows(), layer.out_features()));
+        }
         let group = self.groups.of(name);
         if self.seen.insert(group.clone()) {
             if !self.order.contains(&group) {
@@ -62,6 +71,9 @@ impl LinearHook for Observe<'_> {
                 }
             }
         }
+        if self.finished() {
+            return Array2::zeros((x.nrows(), layer.out_features()));
+        }
         match self.through.and_then(|s| s.linears.get(name)) {
             Some(q) => q.forward(device, x),
             None => layer.forward(device, x),
@@ -72,6 +84,10 @@ impl LinearHook for Observe<'_> {
     /// streamed in groups ([`super::experts`]) need no statistics.
     fn defer_experts(&mut self, _module: &str, _x: ArrayView2<f32>, _routes: &[Vec<(usize, f32)>]) -> bool {
         true
+    }
+
+    fn finished(&self) -> bool {
+        self.stop_after.as_ref().is_some_and(|groups| groups.iter().all(|g| self.seen.contains(g)))
     }
 }
 
@@ -170,6 +186,27 @@ mod tests {
         assert_eq!(s.tensor_range(), Some((-2.0, 3.0)));
         assert_eq!(o.hessians["self_attn.q_proj"].tokens(), 4);
         assert_eq!(o.stats.len(), 1);
+    }
+
+    #[test]
+    fn a_pass_stops_computing_once_its_groups_are_observed() {
+        let l = Linear { weight: array![[1.0f32, 2.0], [3.0, 4.0]], bias: None };
+        let x = array![[1.0f32, -2.0], [3.0, 0.5]];
+        let mut o = Observe::new(InputGroups::default());
+        o.hessian_groups.insert("mlp.gate_proj".into());
+        o.stop_after = Some(BTreeSet::from(["self_attn.o_proj".to_string(), "mlp.gate_proj".to_string()]));
+        // Before every group is reached, linears compute; the one completing the set need not.
+        assert_eq!(o.linear(&Cpu, "self_attn.o_proj", &l, x.view()), l.forward(&Cpu, x.view()));
+        assert!(!o.finished());
+        assert_eq!(o.linear(&Cpu, "mlp.gate_proj", &l, x.view()), Array2::<f32>::zeros((2, 2)));
+        assert!(o.finished());
+        assert_eq!(o.linear(&Cpu, "mlp.down_proj", &l, x.view()), Array2::<f32>::zeros((2, 2)));
+        // What it gathers is still gathered; a new sequence starts over.
+        assert_eq!(o.hessians["mlp.gate_proj"].tokens(), 2);
+        assert!(!o.stats.contains_key("mlp.down_proj"));
+        o.next_sequence();
+        assert!(!o.finished());
+        assert_eq!(o.linear(&Cpu, "self_attn.o_proj", &l, x.view()), l.forward(&Cpu, x.view()));
     }
 
     #[test]

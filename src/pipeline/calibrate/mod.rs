@@ -495,6 +495,7 @@ impl<'a> Calibrator<'a> {
         )?;
 
         // The quantized layer's outputs are the next layer's inputs.
+        let timer = PhaseTimer::new(&up.unit.name);
         let layer = decoder::layer(model, i, w)?;
         self.calibrate_kv_caches(up, &prefix, layer.as_ref(), &mut sim, emit)?;
         let finish = move |mut d: DecoderInput| {
@@ -505,12 +506,14 @@ impl<'a> Calibrator<'a> {
             d
         };
         let Some(streamed) = streamed else {
-            return self.commit_state(index, |this, s| {
+            self.commit_state(index, |this, s| {
                 let mut d = this.sample(s)?;
                 let opts = ForwardOptions::default();
                 d.embeds = layer.forward(this.device, d.embeds.view(), &d.positions, &mut d.carry, &mut sim, opts)?;
                 Ok(finish(d))
-            });
+            })?;
+            timer.lap("quantized pass");
+            return Ok(());
         };
         // Every sample up to the experts, then the experts group by group over all of them.
         let mut rec = experts::Recorder { sim: &mut sim, pending: Vec::new() };
@@ -531,7 +534,9 @@ impl<'a> Calibrator<'a> {
             let mut d = partial[s].take().context("a sample was finished twice")?;
             d.embeds += &sums[s];
             Ok(finish(d))
-        })
+        })?;
+        timer.lap("quantized pass (experts streamed)");
+        Ok(())
     }
 
     /// The C8 KV caches of a decoder layer (its `KvCache` jobs): run the layer as quantized (`sim`: its
@@ -613,17 +618,24 @@ impl<'a> Calibrator<'a> {
         let away: BTreeSet<String> = away.into_iter().map(|(m, _)| m).collect();
         let is_streamed = |m: &str| away.contains(m);
 
+        // With GPTQ's true-sequential, every stage's Hessians come from a pass of their own (step 4).
+        let sequential = quantized.iter().any(|(_, s)| s.weight_method == WeightMethod::Gptq && s.true_sequential);
+        let timer = PhaseTimer::new(&up.unit.name);
+
         // 1. Observe the float unit.
         let mut obs = Observe::new(groups.clone());
-        obs.hessian_groups = quantized
-            .iter()
-            .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
-            .map(|(m, _)| groups.of(m))
-            .collect();
+        if !sequential {
+            obs.hessian_groups = quantized
+                .iter()
+                .filter(|(_, s)| s.weight_method == WeightMethod::Gptq)
+                .map(|(m, _)| groups.of(m))
+                .collect();
+        }
         if awq.is_some() {
             obs.hessian_groups.extend(subgraphs.iter().map(|sg| groups.of(&sg.consumers[0])));
         }
         pass(self, w, &mut obs)?;
+        timer.lap("float pass");
         for (g, st) in &obs.stats {
             ensure!(st.nonfinite == 0, "{prefix}{g}: the calibration activations hold {} NaN/Inf values", st.nonfinite);
         }
@@ -637,6 +649,7 @@ impl<'a> Calibrator<'a> {
                 .with_context(|| format!("smoothing in {prefix}"))?;
             maps.insert(groups.of(&sg.consumers[0]), (shift, scales));
         }
+        timer.lap("smoothing");
         let hessian_of = |g: &str| -> Result<Array2<f32>> {
             let h = obs.hessians.get(g).with_context(|| format!("{prefix}{g}: no Hessian was gathered"))?;
             Ok(match maps.get(g) {
@@ -693,7 +706,6 @@ impl<'a> Calibrator<'a> {
         }
 
         // 4. Quantize, stage by stage, and hand the tensors over.
-        let sequential = quantized.iter().any(|(_, s)| s.weight_method == WeightMethod::Gptq && s.true_sequential);
         let stages = match sequential {
             true => true_sequential_stages(&obs.order, graph, groups),
             false => vec![obs.order.clone()],
@@ -703,8 +715,9 @@ impl<'a> Calibrator<'a> {
         let mut done: BTreeSet<String> = BTreeSet::new();
         for (k, stage) in stages.iter().enumerate() {
             let in_stage = |m: &str| stage.contains(&groups.of(m));
-            // Later stages see the earlier ones quantized: gather their GPTQ Hessians again.
-            let fresh = if k > 0 {
+            // Each stage sees the earlier ones quantized: a pass gathers its GPTQ Hessians, stopping
+            // once it has them (what comes after the stage is not computed).
+            let fresh = if sequential {
                 let gptq: BTreeSet<String> = quantized
                     .iter()
                     .filter(|(m, s)| in_stage(m) && s.weight_method == WeightMethod::Gptq)
@@ -714,9 +727,11 @@ impl<'a> Calibrator<'a> {
                     BTreeMap::new()
                 } else {
                     let mut o = Observe::new(groups.clone());
-                    o.hessian_groups = gptq;
+                    o.hessian_groups = gptq.clone();
+                    o.stop_after = Some(gptq);
                     o.through = Some(&sim);
                     pass(self, w, &mut o)?;
+                    timer.lap(&format!("stage {k} pass"));
                     o.hessians
                 }
             } else {
@@ -794,6 +809,7 @@ impl<'a> Calibrator<'a> {
                 emit(self.exporter.linear_tensors(module, &ql).into())?;
                 done.insert(m);
             }
+            timer.lap(&format!("stage {k} quantize"));
         }
         if let Some((m, _)) = quantized.iter().find(|(m, _)| !done.contains(m)) {
             bail!("{prefix}{m} saw no calibration input (the forward never computed it)");
@@ -944,6 +960,39 @@ impl<'a> Calibrator<'a> {
         }
         Ok((map.shift, map.scales))
     }
+}
+
+/// `LAMINA_PHASE_TIMES=1` prints how long each phase of a calibrated unit took (wall and this
+/// process's CPU time) on stderr: where a slow calibration spends its time.
+struct PhaseTimer {
+    unit: Option<String>,
+    last: std::cell::Cell<(std::time::Instant, f64)>,
+}
+
+impl PhaseTimer {
+    fn new(unit: &str) -> PhaseTimer {
+        let on = std::env::var_os("LAMINA_PHASE_TIMES").is_some_and(|v| v != "0");
+        PhaseTimer {
+            unit: on.then(|| unit.to_string()),
+            last: std::cell::Cell::new((std::time::Instant::now(), cpu_seconds())),
+        }
+    }
+
+    fn lap(&self, phase: &str) {
+        let Some(unit) = &self.unit else { return };
+        let (now, cpu) = (std::time::Instant::now(), cpu_seconds());
+        let (t0, c0) = self.last.replace((now, cpu));
+        eprintln!("phase {unit} {phase}: {:.2} s wall, {:.2} s CPU", (now - t0).as_secs_f64(), cpu - c0);
+    }
+}
+
+/// This process's user + system CPU time so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 /// GPTQ's true-sequential stages of a layer: its input groups in the order the forward computes
