@@ -159,6 +159,11 @@ fn qwen1() {
 }
 
 #[test]
+fn qwen_vl() {
+    quantize_every_scheme("qwen_vl");
+}
+
+#[test]
 fn qwen3_vl_realvocab() {
     quantize_every_scheme("qwen3_vl_realvocab");
 }
