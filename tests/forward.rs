@@ -61,6 +61,10 @@ fn matches_reference(name: &str) {
         if ["input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids"].contains(&key.as_str()) {
             continue;
         }
+        // Inside a unit, not written by the forward (checked in model::vision::qwen_vl's tests).
+        if key == "transformer.visual.attn_pool.out" {
+            continue;
+        }
         let got = ours.get(key).unwrap_or_else(|| panic!("{name}: the output lacks {key}"));
         let e = rel_err(got, want);
         assert!(e <= 1e-4, "{name}: {key} differs by {e}");
@@ -113,6 +117,7 @@ fn vision_language_models_match_transformers_from_pixels() {
         "glm4v",
         "glm4v_wide",
         "glm4v_moe",
+        "qwen_vl",
     ] {
         matches_reference(name);
     }

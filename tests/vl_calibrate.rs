@@ -29,7 +29,13 @@ fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
     }
     let config: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     let id = |k: &str| config[k].as_i64();
+    let qwen_vl_start = config["visual"]["image_start_id"].as_i64();
     let specials: Vec<(String, i64)> = match id("image_token_index") {
+        // Qwen-VL's `<img>`, `</img>`, `<imgpad>` (tokenization_qwen.py): image_start_id and the next two.
+        _ if qwen_vl_start.is_some() => {
+            let s = qwen_vl_start.unwrap();
+            vec![("<img>".into(), s), ("</img>".into(), s + 1), ("<imgpad>".into(), s + 2)]
+        }
         Some(image) => vec![("<image>".into(), image)],
         None if id("image_start_token_id").is_some() => vec![
             ("<|begin_of_image|>".into(), id("image_start_token_id").unwrap()),
@@ -54,7 +60,8 @@ fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
                    "normalized": false, "special": true})
         })
         .collect();
-    let words = ["<unk>", "Describe", "this", "image", "in", "detail", ".", "What", "is", "shown", "?"];
+    let words =
+        ["<unk>", "Describe", "this", "image", "in", "detail", ".", "What", "is", "shown", "?", "Picture", "1", ":"];
     // The special tokens are in the model's vocabulary too, so they keep the config's ids.
     let mut vocab: serde_json::Map<String, Value> =
         words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
@@ -385,5 +392,59 @@ fn glm4v_moe_calibrates_from_images_with_its_recipe() {
         eprintln!("{name} ({form}): top-1 agreement {agreement}, logit relative error {relative}");
         assert!(relative < 0.8, "{name} ({form}): logit relative error {relative}");
         assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
+    }
+}
+
+/// Qwen-VL with its recipe: calibrated from each form of image set (prompts `Picture 1: <img>` +
+/// 16 image pads + `</img>` + text); in the ViT attn.in_proj, attn.out_proj and mlp.c_fc static
+/// W8A8, mlp.c_proj float; the resampler (attn_pool) and proj float; the Qwen (1) decoder's c_attn,
+/// c_proj, w1, w2 W8A8 and mlp.c_proj W8A16; `lamina check` passes for both targets and the
+/// quantized logits stay close to the float ones on the fixture's image prompt.
+#[test]
+fn qwen_vl_calibrates_from_images_with_its_recipe() {
+    let name = "qwen_vl";
+    let tmp = TempDir::new("vl-qwen_vl");
+    let model = model_with_tokenizer(name, tmp.path());
+    for (form, set) in calibration_sets(&model, &tmp.join("calib")) {
+        for target in ["vllm-ascend", "mindie"] {
+            let save = tmp.join(&format!("out-{}-{target}", form.replace(' ', "-")));
+            let args = ["--calib_data", set.to_str().unwrap(), "--target", target];
+            quant(&model, &save, "w8a8", &args, &[]).assert_ok();
+            let (types, tensors) = read_output(&save);
+            for k in tensors.keys() {
+                assert!(types.contains_key(k), "{form}: {k} is not described");
+            }
+            for b in 0..2 {
+                let block = format!("transformer.visual.transformer.resblocks.{b}");
+                for m in ["attn.in_proj", "attn.out_proj", "mlp.c_fc"] {
+                    let w = format!("{block}.{m}");
+                    assert_eq!(types[&format!("{w}.weight")], "W8A8", "{form}: {w}");
+                    let scale = tensors[&format!("{w}.input_scale")].f32s();
+                    assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{form}: {w} {scale:?}");
+                }
+                assert_eq!(types[&format!("{block}.mlp.c_proj.weight")], "FLOAT", "{form}");
+            }
+            for (k, t) in types.iter().filter(|(k, _)| k.starts_with("transformer.visual.attn_pool.")) {
+                assert_eq!(t, "FLOAT", "{form}: {k} (the resampler) should stay float");
+            }
+            assert_eq!(types["transformer.visual.proj"], "FLOAT");
+            for l in 0..2 {
+                let layer = format!("transformer.h.{l}");
+                for m in ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2"] {
+                    assert_eq!(types[&format!("{layer}.{m}.weight")], "W8A8", "{form}: {layer}.{m}");
+                }
+                assert_eq!(types[&format!("{layer}.mlp.c_proj.weight")], "W8A16", "{form}");
+            }
+            assert_eq!(types["lm_head.weight"], "FLOAT");
+            check(&save, &["--target", target]).assert_ok();
+            let (agreement, relative) = logit_error(name, &model, &save);
+            eprintln!("{name} ({form}, {target}): top-1 agreement {agreement}, logit relative error {relative}");
+            // Measured 72-84% relative (top-1 22-26%) on this fixture, the same with the whole tower
+            // float or m2 instead of SmoothQuant: the static per-tensor text ranges of these few
+            // prompts (mostly `<unk>` ids) are coarse for the fixture's random logits; data-free
+            // W8A8_DYNAMIC gives 16%, W8A16 4%. So this only tells a working model from a broken
+            // one (100% or more); the float forward is checked against the remote code elsewhere.
+            assert!(relative < 0.9, "{name} ({form}): logit relative error {relative}");
+        }
     }
 }

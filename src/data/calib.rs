@@ -335,6 +335,9 @@ enum ImageTokens {
     Llava { image: i64, patch_size: usize, keeps_cls: bool },
     /// InternVL: `<img>` + `tokens_per_tile` IMG_CONTEXT tokens per tile + `</img>`.
     InternVl { image: i64, start: i64, end: i64, tokens_per_tile: usize },
+    /// Qwen-VL: `Picture 1: <img>` + `n_queries` image pads + `</img>\n` (what its tokenizer makes
+    /// of `<img></img>`, and vLLM's placeholder); the ids are `visual.image_start_id` and the next two.
+    QwenVl { start: i64, end: i64, pad: i64, n_queries: usize },
 }
 
 /// What a vision-language model folder needs to turn records into samples.
@@ -370,6 +373,15 @@ impl VisionModel {
         let tokenizer =
             if model_dir.join("tokenizer.json").is_file() { Some(TextTokenizer::load(model_dir)?) } else { None };
         let tokens = match &processor {
+            ImageProcessor::QwenVlResize(_) => {
+                let tower = crate::model::vision::qwen_vl::Config::from_json(&config)
+                    .with_context(|| config_path.display().to_string())?;
+                let start = config["visual"]
+                    .get("image_start_id")
+                    .and_then(Value::as_i64)
+                    .with_context(|| format!("{}: no visual.image_start_id", config_path.display()))?;
+                ImageTokens::QwenVl { start, end: start + 1, pad: start + 2, n_queries: tower.n_queries }
+            }
             ImageProcessor::InternVl(p) => {
                 // config.json's ids when it has them, else the tokenizer's (as the chat scripts do).
                 let id = |key: &str, token: &str| -> Result<i64> {
@@ -421,6 +433,7 @@ impl VisionModel {
             ImageTokens::Qwen { image, .. }
             | ImageTokens::Llava { image, .. }
             | ImageTokens::InternVl { image, .. } => image,
+            ImageTokens::QwenVl { pad, .. } => pad,
         }
     }
 
@@ -435,6 +448,7 @@ impl VisionModel {
                 (h / patch_size) * (w / patch_size) + usize::from(*keeps_cls)
             }
             ImageTokens::InternVl { tokens_per_tile, .. } => img.shape[0] * tokens_per_tile,
+            ImageTokens::QwenVl { n_queries, .. } => img.shape[0] * n_queries,
         }
     }
 
@@ -459,6 +473,10 @@ impl VisionModel {
             // InternVL's chat puts `<image>\n` before the question and replaces `<image>` by this.
             ImageTokens::InternVl { image, start, end, .. } => {
                 (format!("{}{}{}\n", name(start)?, name(image)?, name(end)?), name(image)?)
+            }
+            // Qwen-VL-Chat's query format (tokenizer.from_list_format): `Picture 1: <img>…</img>\n`.
+            ImageTokens::QwenVl { start, end, pad, .. } => {
+                (format!("Picture 1: {}{}{}\n", name(start)?, name(pad)?, name(end)?), name(pad)?)
             }
         };
         Ok((placeholder, image))

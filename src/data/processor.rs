@@ -12,6 +12,9 @@
 //! - LLaVA (CLIP): resize the shortest edge, center crop, rescale, normalize: `[1, 3, H, W]`.
 //! - InternVL (`internvl_chat`): the remote code's dynamic tiling (see [`InternVlProcessor`]):
 //!   `[tiles, 3, S, S]`, with its settings from config.json.
+//! - Qwen-VL (`qwen` with a `visual` section): visual.py's `image_transform`, the whole image
+//!   resized to `visual.image_size` square with Pillow's bicubic, ToTensor, CLIP-normalised:
+//!   `[1, 3, S, S]` (InternVL's processor with one tile, see [`InternVlProcessor::qwen_vl`]).
 //!
 //! transformers has two implementations of each processor, and which one runs matters at the
 //! level of single pixel values: the PIL/numpy one ("slow": Pillow's fixed-point resize, rescale
@@ -147,6 +150,8 @@ pub enum ImageProcessor {
     QwenVl(QwenVlProcessor),
     Clip(ClipProcessor),
     InternVl(InternVlProcessor),
+    /// Qwen-VL: the image resized to one square tile ([`InternVlProcessor::qwen_vl`]).
+    QwenVlResize(InternVlProcessor),
 }
 
 /// An image turned into model inputs.
@@ -178,6 +183,12 @@ impl ImageProcessor {
         let config_path = model_dir.join("config.json");
         let config = read_json(&config_path)?;
         let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if config.get("visual").is_some_and(Value::is_object) {
+            // Qwen-VL has no preprocessor_config.json: visual.py builds its transform from config.json.
+            return InternVlProcessor::qwen_vl(&config)
+                .with_context(|| config_path.display().to_string())
+                .map(ImageProcessor::QwenVlResize);
+        }
         if family_of(model_type) == Some("internvl") {
             // The chat scripts tile by config.json; preprocessor_config.json (when present) only
             // confirms the mean and std.
@@ -219,7 +230,7 @@ impl ImageProcessor {
         match self {
             ImageProcessor::QwenVl(p) => p.process(img),
             ImageProcessor::Clip(p) => p.process(img),
-            ImageProcessor::InternVl(p) => p.process(img),
+            ImageProcessor::InternVl(p) | ImageProcessor::QwenVlResize(p) => p.process(img),
         }
     }
 }
@@ -667,6 +678,24 @@ impl InternVlProcessor {
         Ok(p)
     }
 
+    /// Qwen-VL's `image_transform` (visual.py: `Resize((image_size, image_size), BICUBIC)` on the
+    /// PIL image, `ToTensor`, `Normalize` with the OpenAI CLIP mean and std): one tile of
+    /// `visual.image_size`, no tiling, no thumbnail.
+    pub fn qwen_vl(config: &Value) -> Result<InternVlProcessor> {
+        let visual = config.get("visual").context("config.json has no `visual` section")?;
+        let image_size = opt_usize(visual, "image_size")?.context("config.json has no visual.image_size")?;
+        ensure!(image_size > 0, "config.json: visual.image_size is 0");
+        Ok(InternVlProcessor {
+            image_size,
+            min_tiles: 1,
+            max_tiles: 1,
+            use_thumbnail: false,
+            dynamic: false,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        })
+    }
+
     /// The `(columns, rows)` of tiles for an image of this size: InternVL's
     /// `find_closest_aspect_ratio` over the grids sorted by tile count. On an exact tie of the
     /// aspect-ratio distance, a later (larger) grid wins when the image's area exceeds half of the
@@ -891,6 +920,43 @@ mod tests {
             assert_matches(name, &got, &reference, "");
             assert_eq!(matches!(processor, ImageProcessor::Clip(_)), name == "llava");
         }
+    }
+
+    /// Qwen-VL's image_transform of the real PNG photographs at the release size 448 (every 16th row
+    /// of the reference, all columns) and at the fixture's 112, against visual.py's transform in
+    /// tests/fixtures/gen/qwen_vl.py (Pillow's resize, ToTensor, Normalize); the fixture's image.
+    #[test]
+    fn qwen_vl_resizes_real_photographs_as_its_image_transform() {
+        let dir = fixture("real_photos");
+        let reference = load_all(&dir.join("qwen_vl.safetensors")).unwrap();
+        let cases = read_json(&dir.join("qwen_vl.json")).unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        for (name, cfg) in cases.as_object().unwrap() {
+            let size = cfg["image_size"].as_u64().unwrap() as usize;
+            let step = cfg["row_step"].as_u64().unwrap() as usize;
+            let p = InternVlProcessor::qwen_vl(&serde_json::json!({"visual": {"image_size": size}})).unwrap();
+            let img = crate::data::image::load_rgb(&photos.join(cfg["photo"].as_str().unwrap())).unwrap();
+            let got = p.process(&img).unwrap();
+            assert_eq!(got.shape, vec![1, 3, size, size], "{name}");
+            let rows: Vec<f32> = (0..3)
+                .flat_map(|c| (0..size).step_by(step).map(move |y| (c, y)))
+                .flat_map(|(c, y)| got.pixel_values[(c * size + y) * size..(c * size + y + 1) * size].to_vec())
+                .collect();
+            let err = max_abs_diff(&rows, &reference[name].to_f32().unwrap());
+            println!("{name}: {} rows, max abs error {err:e}", rows.len() / size);
+            assert!(err <= 1e-5, "{name}: max abs error {err}");
+        }
+        assert_eq!(cases.as_object().unwrap().len(), 6);
+        let dir = fixture("qwen_vl");
+        let processor = ImageProcessor::load(&dir).unwrap();
+        assert!(matches!(processor, ImageProcessor::QwenVlResize(_)));
+        let img = crate::data::image::load_rgb(&dir.join("image.png")).unwrap();
+        assert_matches(
+            "qwen_vl",
+            &processor.process(&img).unwrap(),
+            &load_all(&dir.join("reference.safetensors")).unwrap(),
+            "",
+        );
     }
 
     /// GLM-4.1V's processor against transformers' `Glm4vImageProcessorPil` (tests/fixtures/gen/glm4v.py):

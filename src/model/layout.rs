@@ -18,6 +18,10 @@ pub enum Family {
     InternLm2,
     /// Qwen (1) (remote code): `transformer.h.N`, fused `attn.c_attn`, `mlp.w2` (gate) / `w1` (up).
     Qwen,
+    /// Qwen-VL / Qwen-VL-Chat (remote code, config.json's `model_type` is `qwen` with a `visual`
+    /// section): the ViT with its attention-pooling resampler under `transformer.visual.*` beside
+    /// the Qwen (1) decoder. lamina names the family `qwen_vl` (its recipes' key).
+    QwenVl,
     Qwen2Vl,
     Qwen25Vl,
     Qwen3Vl,
@@ -60,13 +64,14 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 20] = [
+    pub const ALL: [Family; 22] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
         Family::Qwen3Moe,
         Family::InternLm2,
         Family::Qwen,
+        Family::QwenVl,
         Family::Qwen2Vl,
         Family::Qwen25Vl,
         Family::Qwen3Vl,
@@ -93,6 +98,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::InternLm2 => "internlm2",
             Family::Qwen => "qwen",
+            Family::QwenVl => "qwen_vl",
             Family::Qwen2Vl => "qwen2_vl",
             Family::Qwen25Vl => "qwen2_5_vl",
             Family::Qwen3Vl => "qwen3_vl",
@@ -119,7 +125,8 @@ impl Family {
     pub fn is_vision_language(self) -> bool {
         matches!(
             self,
-            Family::Qwen2Vl
+            Family::QwenVl
+                | Family::Qwen2Vl
                 | Family::Qwen25Vl
                 | Family::Qwen3Vl
                 | Family::Qwen3VlMoe
@@ -131,13 +138,17 @@ impl Family {
     }
 
     /// Reads `model_type` (or `architectures`) from config.json. Unknown types fall back to
-    /// [`Family::Generic`] when the caller allows it (tensor names decide later).
+    /// [`Family::Generic`] when the caller allows it (tensor names decide later). A `qwen` config
+    /// with a `visual` section is Qwen-VL.
     pub fn detect(config: &Value) -> Option<Family> {
-        if let Some(f) = config.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type) {
-            return Some(f);
-        }
-        let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
-        Family::from_architecture(arch)
+        let family = match config.get("model_type").and_then(|v| v.as_str()).and_then(Family::from_model_type) {
+            Some(f) => f,
+            None => {
+                let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+                Family::from_architecture(arch)?
+            }
+        };
+        Some(if family == Family::Qwen && has_visual(config) { Family::QwenVl } else { family })
     }
 
     fn from_architecture(arch: &str) -> Option<Family> {
@@ -202,14 +213,22 @@ impl Family {
             Family::Glm4vMoe => return Ok(Family::Glm4Moe),
             _ => {}
         }
-        if self == Family::Qwen && config.get("visual").is_some_and(|v| v.is_object()) {
+        if self == Family::QwenVl {
+            return Ok(Family::Qwen);
+        }
+        if self == Family::Qwen && has_visual(config) {
             bail!(
-                "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section); lamina reads \
-                 the text-only Qwen (1) but not yet Qwen-VL's vision tower"
+                "config.json describes Qwen-VL (model_type \"qwen\" with a `visual` section), which lamina reads \
+                 as qwen_vl (its vision tower and the Qwen (1) decoder), not as the text-only qwen"
             );
         }
         Ok(self)
     }
+}
+
+/// Whether a config has Qwen-VL's `visual` section.
+fn has_visual(config: &Value) -> bool {
+    config.get("visual").is_some_and(|v| v.is_object())
 }
 
 /// Which vision tower a family carries; the vision forward dispatches on it.
@@ -223,6 +242,8 @@ pub enum VisionKind {
     InternVit,
     /// GLM-4.1V / 4.5V / 4.6V's tower (see `vision::glm4v`).
     Glm4v,
+    /// Qwen-VL's ViT and attention-pooling resampler (see `vision::qwen_vl`).
+    QwenVl,
 }
 
 impl VisionKind {
@@ -419,6 +440,16 @@ fn rules(family: Family) -> Rules {
         | Family::Hunyuan
         | Family::Generic => DECODER,
         Family::Qwen => Rules { text: &["transformer"], ..DECODER },
+        // visual.py's VisionTransformer under QWenModel (`transformer.visual`).
+        Family::QwenVl => Rules {
+            text: &["transformer"],
+            vision: &["transformer.visual"],
+            vision_blocks: "transformer.resblocks",
+            vision_pre: &["conv1", "positional_embedding", "ln_pre"],
+            vision_post: &["attn_pool", "ln_post", "proj"],
+            projector: &[],
+            head_prefix: &[""],
+        },
         Family::Qwen2Vl | Family::Qwen25Vl => Rules {
             text: &["model", "model.language_model"],
             vision: &["visual", "model.visual"],
@@ -569,6 +600,7 @@ impl Layout {
             Family::Llava => Some(VisionKind::Clip),
             Family::InternVlChat => Some(VisionKind::InternVit),
             Family::Glm4v | Family::Glm4vMoe => Some(VisionKind::Glm4v),
+            Family::QwenVl => Some(VisionKind::QwenVl),
             _ => None,
         };
         Ok(Layout {
@@ -994,7 +1026,7 @@ fn synthesize_vision(
         push(format!("{name}.weight"), &[o, i]);
         push(format!("{name}.bias"), &[o]);
     };
-    let depth = v.usize(&["depth", "num_hidden_layers"])?;
+    let depth = v.usize(&["depth", "num_hidden_layers", "layers"])?;
     match family {
         Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe => {
             let dim = v.usize(&["embed_dim", "hidden_size"])?;
@@ -1102,6 +1134,43 @@ fn synthesize_vision(
             push(m("merger.gate_proj.weight"), &[inter, out_h]);
             push(m("merger.up_proj.weight"), &[inter, out_h]);
             push(m("merger.down_proj.weight"), &[out_h, inter]);
+        }
+        Family::QwenVl => {
+            // visual.py's VisionTransformer: mlp width int(width · mlp_ratio), a 256-row position
+            // table, the resampler in output_dim with kv_proj only when the widths differ.
+            let width = v.usize(&["width"])?;
+            let patch = v.usize(&["patch_size"])?;
+            let e = v.usize(&["output_dim"])?;
+            let queries = v.opt_usize(&["n_queries"])?.unwrap_or(256);
+            let mlp = (width as f64 * v.f64(&["mlp_ratio"])?.unwrap_or(4.0)).floor() as usize;
+            let norm = |push: &mut dyn FnMut(String, &[usize]), name: String, d: usize| {
+                push(format!("{name}.weight"), &[d]);
+                push(format!("{name}.bias"), &[d]);
+            };
+            push(m("conv1.weight"), &[width, 3, patch, patch]);
+            push(m("positional_embedding"), &[256, width]);
+            norm(&mut push, m("ln_pre"), width);
+            for b in 0..depth {
+                let blk = layout.vision_block(b).unwrap();
+                norm(&mut push, format!("{blk}.ln_1"), width);
+                linear(&mut push, format!("{blk}.attn.in_proj"), 3 * width, width);
+                linear(&mut push, format!("{blk}.attn.out_proj"), width, width);
+                norm(&mut push, format!("{blk}.ln_2"), width);
+                linear(&mut push, format!("{blk}.mlp.c_fc"), mlp, width);
+                linear(&mut push, format!("{blk}.mlp.c_proj"), width, mlp);
+            }
+            push(m("attn_pool.query"), &[queries, e]);
+            push(m("attn_pool.pos_embed"), &[queries, e]);
+            if width != e {
+                push(m("attn_pool.kv_proj.weight"), &[e, width]);
+            }
+            push(m("attn_pool.attn.in_proj_weight"), &[3 * e, e]);
+            push(m("attn_pool.attn.in_proj_bias"), &[3 * e]);
+            linear(&mut push, m("attn_pool.attn.out_proj"), e, e);
+            norm(&mut push, m("attn_pool.ln_q"), e);
+            norm(&mut push, m("attn_pool.ln_kv"), e);
+            norm(&mut push, m("ln_post"), e);
+            push(m("proj"), &[e, e]);
         }
         Family::Llava => {
             bail!("planning LLaVA from a config alone is not supported; point --model_path at the checkpoint")
@@ -1245,6 +1314,38 @@ mod tests {
         let moe = m.text.moe.as_ref().unwrap();
         assert_eq!(moe.scoring, super::super::config::Scoring::Sigmoid, "GLM-4.5V routes by a sigmoid");
         assert!(!moe.is_moe_layer(0) && moe.is_moe_layer(1));
+    }
+
+    /// Qwen-VL: a `qwen` config with `visual` is its own family; the tower's units by visual.py's
+    /// names; the text model is Qwen (1)'s; the inventory from the config is the fixture's.
+    #[test]
+    fn qwen_vl_names() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_vl");
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(Family::detect(&config), Some(Family::QwenVl));
+        let l = Layout::for_config(Family::QwenVl, &config, &[]).unwrap();
+        assert_eq!(l.text_family, Family::Qwen);
+        assert_eq!(l.classify("transformer.visual.conv1.weight"), UnitKind::VisionPre);
+        assert_eq!(l.classify("transformer.visual.positional_embedding"), UnitKind::VisionPre);
+        assert_eq!(
+            l.classify("transformer.visual.transformer.resblocks.1.attn.in_proj.weight"),
+            UnitKind::VisionBlock(1)
+        );
+        assert_eq!(l.classify("transformer.visual.attn_pool.attn.in_proj_weight"), UnitKind::VisionPost);
+        assert_eq!(l.classify("transformer.visual.proj"), UnitKind::VisionPost);
+        assert_eq!(l.classify("transformer.h.1.attn.c_attn.weight"), UnitKind::TextLayer(1));
+        assert_eq!(l.classify("transformer.wte.weight"), UnitKind::Embed);
+        assert!(Family::Qwen.text_family(&config).is_err());
+        let ckpt = crate::io::checkpoint::Checkpoint::open(&dir).unwrap();
+        let mut stored: Vec<(String, Vec<usize>)> =
+            ckpt.names().map(|n| (n.to_string(), ckpt.entry(n).unwrap().1.meta().shape)).collect();
+        let mut planned = synthesize_inventory(Family::QwenVl, &config).unwrap();
+        // The fixture's position table is 4×4 (the remote code's is 16×16 = 256 rows).
+        stored.retain(|(n, _)| n != "transformer.visual.positional_embedding");
+        planned.retain(|(n, _)| n != "transformer.visual.positional_embedding");
+        stored.sort();
+        planned.sort();
+        assert_eq!(planned, stored);
     }
 
     #[test]

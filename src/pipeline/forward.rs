@@ -18,7 +18,7 @@ use crate::model::load;
 use crate::model::nn::Plain;
 use crate::model::rope::Positions;
 use crate::model::vision::mrope::RopeIndex;
-use crate::model::vision::splice::{image_positions, image_token_id, splice_image_embeds};
+use crate::model::vision::splice::{splice_image_embeds, ImageSlots};
 use crate::model::vision::{self, VisionInput, VisionOutput, VisionTower};
 use crate::model::weights::Weights;
 use crate::model::{build_units, Model, Unit};
@@ -298,7 +298,10 @@ pub fn decoder_inputs(
             continue;
         };
         // This sequence's share of the image features and grids, in order.
-        let n = image_positions(ids, image_token_id(&model.config)?).len();
+        let n = ImageSlots::of(&model.config)?
+            .positions(ids)
+            .with_context(|| format!("input_ids of sequence {b} in {}", file.display()))?
+            .len();
         ensure!(
             feature_row + n <= features.embeds.nrows(),
             "input_ids in {} hold more image tokens than the images give features",
@@ -347,10 +350,13 @@ pub fn rope_index(model: &Model, with_images: bool) -> Result<Option<RopeIndex>>
 
 /// A sequence without images; image tokens in it are an error.
 pub fn text_only(model: &Model, ids: &[i64], embeds: Array2<f32>) -> Result<DecoderInput> {
-    let image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "img_context_token_id", "video_token_id"]
+    let mut image_tokens: Vec<i64> = ["image_token_id", "image_token_index", "img_context_token_id", "video_token_id"]
         .iter()
         .filter_map(|k| model.config.get(*k).and_then(|v| v.as_i64()))
         .collect();
+    if let Ok(slots @ ImageSlots::Between { .. }) = ImageSlots::of(&model.config) {
+        image_tokens.push(slots.marker());
+    }
     if let Some(t) = ids.iter().position(|id| image_tokens.contains(id)) {
         bail!("input_ids hold the image token {} at position {t} but no image was given", ids[t]);
     }
@@ -373,8 +379,7 @@ pub fn with_image_features(
     features: &VisionOutput,
     grids: &[[usize; 3]],
 ) -> Result<DecoderInput> {
-    let token = image_token_id(&model.config)?;
-    let rows = splice_image_embeds(&mut embeds, ids, token, features.embeds.view())?;
+    let rows = splice_image_embeds(&mut embeds, ids, ImageSlots::of(&model.config)?, features.embeds.view())?;
     let positions = match rope_index {
         Some(ri) => Positions::from_ids(ri.get_rope_index(ids, grids, &[], &[])?.0)?,
         None => Positions::sequential(ids.len()),
@@ -403,7 +408,7 @@ fn vision_forward(
         Ok(w)
     };
     // CLIP (and InternViT's tile) states are `[images · tokens, dim]`; the reference keeps the image axis.
-    let per_image = matches!(tower, VisionTower::Clip(_) | VisionTower::InternVit(_));
+    let per_image = matches!(tower, VisionTower::Clip(_) | VisionTower::InternVit(_) | VisionTower::QwenVl(_));
     let images = if per_image { input.pixel_values.shape()[0] } else { 1 };
     let as_tensor = |h: &Array2<f32>| {
         let (rows, dim) = h.dim();

@@ -40,6 +40,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("deepseek_v3-w4a8_dynamic.yaml", include_str!("../../pipelines/deepseek_v3-w4a8_dynamic.yaml")),
     ("internlm2-w8a8.yaml", include_str!("../../pipelines/internlm2-w8a8.yaml")),
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
+    ("qwen_vl-w8a8.yaml", include_str!("../../pipelines/qwen_vl-w8a8.yaml")),
     ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
     ("glm4v-w8a8.yaml", include_str!("../../pipelines/glm4v-w8a8.yaml")),
     ("glm4v_moe-w8a8.yaml", include_str!("../../pipelines/glm4v_moe-w8a8.yaml")),

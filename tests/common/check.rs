@@ -221,6 +221,9 @@ pub fn stays_float(module: &str) -> bool {
         || module.starts_with("mlp1.")
         || (module.contains("blocks.") && (module.ends_with("mlp.fc2") || module.ends_with("mlp.down_proj")))
         || (module.contains("encoder.layers.") && module.ends_with("mlp.fc2"))
+        // Qwen-VL: the vision MLP's second projection and the resampler.
+        || (module.contains("resblocks.") && module.ends_with("mlp.c_proj"))
+        || module.contains("attn_pool.")
 }
 
 /// Whether a module belongs to a multi-token-prediction layer, which every recipe writes float

@@ -489,7 +489,8 @@ fn the_loader_table_covers_every_fused_group_of_every_family() {
         };
         let config: serde_json::Value = serde_json::from_str(&text).unwrap();
         let model = Model::new(&config, None, &[]).unwrap();
-        let fam = family(name);
+        // The loader's table is keyed by config.json's model_type (Qwen-VL's is "qwen").
+        let fam = family(config.get("model_type").and_then(|t| t.as_str()).unwrap_or(name));
         for i in 0..model.text.num_layers {
             for group in decoder::graph(&model, i).fused {
                 if group.iter().all(|m| LayerKind::of(m) == LayerKind::Expert) {

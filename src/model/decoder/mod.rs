@@ -114,6 +114,7 @@ impl Arch {
             | Family::Qwen3Moe
             | Family::InternLm2
             | Family::Qwen
+            | Family::QwenVl
             | Family::Qwen2Vl
             | Family::Qwen25Vl
             | Family::Qwen3Vl
@@ -373,12 +374,11 @@ pub(crate) mod tests {
             let w = Weights::load(&self.ckpt, self.unit(UnitKind::Embed), "").unwrap();
             w.matrix(&self.model.layout.embed_tokens()).unwrap()
         }
-        fn image_token(&self) -> Option<i64> {
-            let c = &self.ckpt.config;
-            c.get("image_token_id")
-                .or(c.get("image_token_index"))
-                .or(c.get("img_context_token_id"))
-                .and_then(|v| v.as_i64())
+        /// Where the image embeddings sit (none for text models).
+        fn image_rows(&self) -> Vec<usize> {
+            crate::model::vision::splice::ImageSlots::of(&self.ckpt.config)
+                .map(|s| s.positions(&self.ids()).unwrap())
+                .unwrap_or_default()
         }
     }
 
@@ -402,7 +402,8 @@ pub(crate) mod tests {
         let first_in = format!("{}.in", layout.text_layer(0));
         let reference =
             f.states(if f.reference.contains_key("lm.inputs_embeds") { "lm.inputs_embeds" } else { &first_in });
-        let text_rows: Vec<usize> = (0..f.ids().len()).filter(|&t| Some(f.ids()[t]) != f.image_token()).collect();
+        let image_rows = f.image_rows();
+        let text_rows: Vec<usize> = (0..f.ids().len()).filter(|t| !image_rows.contains(t)).collect();
         let e = rel_err(embedded.select(Axis(0), &text_rows).view(), reference.select(Axis(0), &text_rows).view());
         report.push(format!("embed {e:.2e}"));
         assert!(e <= TOLERANCE, "{name}: embedding error {e}");
@@ -425,8 +426,7 @@ pub(crate) mod tests {
         let mut last = f.states(&format!("{}.out", layout.text_layer(n - 1)));
         if let Some(d) = f.reference.get(&format!("visual.deepstack.{}", n - 1)) {
             let feats = Array2::from_shape_vec((d.shape[0], d.shape[1]), d.to_f32().unwrap()).unwrap();
-            let image_rows = (0..f.ids().len()).filter(|&t| Some(f.ids()[t]) == f.image_token());
-            for (k, t) in image_rows.enumerate() {
+            for (k, &t) in image_rows.iter().enumerate() {
                 let mut row = last.row_mut(t);
                 row += &feats.row(k);
             }
@@ -529,6 +529,12 @@ pub(crate) mod tests {
     fn parity_internvl() {
         parity("internvl_chat");
         parity("internvl_chat_6b");
+    }
+    /// Qwen-VL's Qwen (1) decoder on the prompt with the resampler's outputs spliced in (the
+    /// reference: tests/fixtures/gen/qwen_vl.py's port of the remote code).
+    #[test]
+    fn parity_qwen_vl() {
+        parity("qwen_vl");
     }
     #[test]
     fn parity_glm4_moe() {

@@ -12,7 +12,7 @@ use crate::model::layout::Layout;
 use crate::model::nn::LinearHook;
 use crate::model::weights::Weights;
 use anyhow::{bail, Context, Result};
-use ndarray::{concatenate, s, Array2, Axis, Ix4};
+use ndarray::{concatenate, s, Array2, Axis};
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
@@ -80,40 +80,23 @@ impl Config {
 
     /// Class token and patches, plus position embeddings, then `pre_layrnorm`.
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let pv = input.pixel_values.view().into_dimensionality::<Ix4>().with_context(|| {
-            format!(
-                "pixel_values has shape {:?}, expected [images, channels, height, width]",
-                input.pixel_values.shape()
-            )
-        })?;
-        let (images, channels, height, width) = pv.dim();
         let p = self.patch_size;
-        let (gh, gw) = (height / p, width / p);
+        let super::ImagePatches { patches, images, grid: (gh, gw) } = super::image_patches(input, p)?;
         let conv = super::conv_as_linear(w, "embeddings.patch_embedding")?;
-        if conv.in_features() != channels * p * p {
+        if conv.in_features() != patches.ncols() {
             bail!(
-                "the patch convolution takes {} features, {channels} channels of {p}×{p} give {}",
+                "the patch convolution takes {} features, a {p}×{p} patch of the images gives {}",
                 conv.in_features(),
-                channels * p * p
+                patches.ncols()
             );
         }
         let positions = w.matrix("embeddings.position_embedding.weight")?;
         let seq = gh * gw + 1;
         if positions.nrows() != seq {
             bail!(
-                "a {height}×{width} image makes {seq} tokens, the position embedding holds {} (image_size must match)",
+                "an image of {gh}×{gw} patches makes {seq} tokens, the position embedding holds {} (image_size must match)",
                 positions.nrows()
             );
-        }
-        let mut patches = Array2::<f32>::zeros((images * gh * gw, channels * p * p));
-        for b in 0..images {
-            for (gi, mut row) in
-                patches.slice_mut(s![b * gh * gw..(b + 1) * gh * gw, ..]).rows_mut().into_iter().enumerate()
-            {
-                let (y, x) = ((gi / gw) * p, (gi % gw) * p);
-                let block = pv.slice(s![b, .., y..y + p, x..x + p]);
-                row.iter_mut().zip(block.iter()).for_each(|(d, &v)| *d = v);
-            }
         }
         let patch_embeds = conv.forward(device, patches.view());
         let class = w.vector("embeddings.class_embedding")?;

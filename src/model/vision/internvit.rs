@@ -22,7 +22,7 @@ use crate::model::layout::Layout;
 use crate::model::nn::LinearHook;
 use crate::model::weights::Weights;
 use anyhow::{bail, ensure, Context, Result};
-use ndarray::{s, Array2, Ix4};
+use ndarray::{s, Array2};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,44 +99,26 @@ impl Config {
 
     /// Class token and patches plus the position embedding, per tile.
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let pv = input.pixel_values.view().into_dimensionality::<Ix4>().with_context(|| {
-            format!(
-                "pixel_values has shape {:?}, expected [tiles, channels, height, width]",
-                input.pixel_values.shape()
-            )
-        })?;
-        let (tiles, channels, height, width) = pv.dim();
         let p = self.patch_size;
-        ensure!(height % p == 0 && width % p == 0, "a {height}×{width} tile is not a whole number of {p}×{p} patches");
-        let (gh, gw) = (height / p, width / p);
+        let super::ImagePatches { patches, images: tiles, grid: (gh, gw) } = super::image_patches(input, p)?;
         let conv = super::conv_as_linear(w, "embeddings.patch_embedding")?;
         ensure!(
-            conv.in_features() == channels * p * p,
-            "the patch convolution takes {} features, {channels} channels of {p}×{p} give {}",
+            conv.in_features() == patches.ncols(),
+            "the patch convolution takes {} features, a {p}×{p} patch of the tiles gives {}",
             conv.in_features(),
-            channels * p * p
+            patches.ncols()
         );
         let positions = w.get("embeddings.position_embedding")?;
         let seq = gh * gw + 1;
         ensure!(
             positions.len() == seq * self.dim,
-            "a {height}×{width} tile makes {seq} tokens, the position embedding holds {} (tiles must have the model's image size)",
+            "a tile of {gh}×{gw} patches makes {seq} tokens, the position embedding holds {} (tiles must have the model's image size)",
             positions.len() / self.dim.max(1)
         );
         let positions = positions.to_shape((seq, self.dim))?.to_owned();
         let class = w.get("embeddings.class_embedding")?;
         ensure!(class.len() == self.dim, "embeddings.class_embedding holds {} values, not {}", class.len(), self.dim);
         let class = class.to_shape(self.dim)?.to_owned();
-        let mut patches = Array2::<f32>::zeros((tiles * gh * gw, channels * p * p));
-        for b in 0..tiles {
-            for (gi, mut row) in
-                patches.slice_mut(s![b * gh * gw..(b + 1) * gh * gw, ..]).rows_mut().into_iter().enumerate()
-            {
-                let (y, x) = ((gi / gw) * p, (gi % gw) * p);
-                let block = pv.slice(s![b, .., y..y + p, x..x + p]);
-                row.iter_mut().zip(block.iter()).for_each(|(d, &v)| *d = v);
-            }
-        }
         let patch_embeds = conv.forward(device, patches.view());
         let mut hidden = Array2::<f32>::zeros((tiles * seq, self.dim));
         for b in 0..tiles {

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Each architecture is one file: [`qwen2_vl`], [`qwen2_5_vl`], [`qwen3_vl`] (also Qwen3-VL-MoE)
-//! [`clip`] (LLaVA), [`internvit`] (InternVL) and [`glm4v`] (GLM-4.1V, 4.5V, 4.6V). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
+//! [`clip`] (LLaVA), [`internvit`] (InternVL), [`glm4v`] (GLM-4.1V, 4.5V, 4.6V) and [`qwen_vl`]
+//! (Qwen-VL's ViT and resampler). Weights are looked up by names relative to [`Layout::unit_prefix`]; every 2D
 //! linear is computed through the [`LinearHook`] under that relative name (`attn.qkv`,
 //! `merger.linear_fc1`, `multi_modal_projector.linear_1`). The patch-embedding convolutions are
 //! computed as linears over flattened patches but not through the hook: they are not 2D linears
@@ -26,6 +27,7 @@ pub mod ops;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod qwen3_vl;
+pub mod qwen_vl;
 pub mod splice;
 
 use super::layout::{Layout, UnitKind, VisionKind};
@@ -43,7 +45,7 @@ use ops::{Rotary, Spans};
 #[derive(Debug, Clone)]
 pub struct VisionInput {
     /// Qwen: `[patches, channels·temporal_patch·patch·patch]` in merge-window order.
-    /// CLIP: `[images, channels, height, width]`; InternVL: `[tiles, channels, size, size]`.
+    /// CLIP, Qwen-VL: `[images, channels, height, width]`; InternVL: `[tiles, channels, size, size]`.
     pub pixel_values: ArrayD<f32>,
     /// Qwen: `(t, h, w)` of every image in patches. Empty for CLIP.
     pub image_grid_thw: Vec<[usize; 3]>,
@@ -128,6 +130,7 @@ pub enum VisionTower {
     Clip(clip::Config),
     InternVit(internvit::Config),
     Glm4v(glm4v::Config),
+    QwenVl(qwen_vl::Config),
 }
 
 impl VisionTower {
@@ -145,6 +148,7 @@ impl VisionTower {
                 VisionTower::InternVit(internvit::Config::from_json(&model.config, &model.layout)?)
             }
             VisionKind::Glm4v => VisionTower::Glm4v(glm4v::Config::from_json(&model.config)?),
+            VisionKind::QwenVl => VisionTower::QwenVl(qwen_vl::Config::from_json(&model.config)?),
         })
     }
 
@@ -157,6 +161,7 @@ impl VisionTower {
             VisionTower::Clip(c) => c.depth,
             VisionTower::InternVit(c) => c.depth,
             VisionTower::Glm4v(c) => c.depth,
+            VisionTower::QwenVl(c) => c.depth,
         }
     }
 
@@ -169,6 +174,7 @@ impl VisionTower {
             VisionTower::Clip(c) => c.embed(device, w, input),
             VisionTower::InternVit(c) => c.embed(device, w, input),
             VisionTower::Glm4v(c) => c.embed(device, w, input),
+            VisionTower::QwenVl(c) => c.embed(device, w, input),
         }
         .with_context(|| format!("vision embeddings ({})", w.prefix))
     }
@@ -192,6 +198,7 @@ impl VisionTower {
             VisionTower::Clip(c) => c.block(device, i, w, state, hook),
             VisionTower::InternVit(c) => c.block(device, i, w, state, hook),
             VisionTower::Glm4v(c) => c.block(device, i, w, state, hook),
+            VisionTower::QwenVl(c) => c.block(device, i, w, state, hook),
         }
         .with_context(|| format!("vision block {}", w.prefix))
     }
@@ -211,6 +218,7 @@ impl VisionTower {
             VisionTower::Clip(c) => c.finish(device, w, state, hook),
             VisionTower::InternVit(c) => c.finish(device, w, state, hook),
             VisionTower::Glm4v(c) => c.finish(device, w, state, hook),
+            VisionTower::QwenVl(c) => c.finish(device, w, state, hook),
         }
         .with_context(|| {
             format!("vision mergers / projector ({})", if w.prefix.is_empty() { "whole names" } else { &w.prefix })
@@ -246,6 +254,36 @@ impl VisionTower {
 /// and not that plus its stored bytes.
 pub fn load_unit(ckpt: &Checkpoint, layout: &Layout, unit: &Unit) -> Result<Weights> {
     Weights::load(ckpt, unit, &layout.unit_prefix(unit.kind))
+}
+
+/// The non-overlapping `patch × patch` squares of `[images, channels, height, width]` pixel
+/// values (CLIP, InternViT and Qwen-VL), each flattened `[channel][row][column]` as a patch
+/// convolution reads it; for each image its grid in row order.
+struct ImagePatches {
+    /// `[images · grid rows · grid columns, channels · patch · patch]`.
+    patches: Array2<f32>,
+    images: usize,
+    /// Rows and columns of patches per image.
+    grid: (usize, usize),
+}
+
+fn image_patches(input: &VisionInput, patch: usize) -> Result<ImagePatches> {
+    let pv = input.pixel_values.view().into_dimensionality::<ndarray::Ix4>().with_context(|| {
+        format!("pixel_values has shape {:?}, expected [images, channels, height, width]", input.pixel_values.shape())
+    })?;
+    let (images, channels, height, width) = pv.dim();
+    if patch == 0 || height % patch != 0 || width % patch != 0 {
+        bail!("a {height}×{width} image is not a whole number of {patch}×{patch} patches");
+    }
+    let (gh, gw) = (height / patch, width / patch);
+    let mut patches = Array2::<f32>::zeros((images * gh * gw, channels * patch * patch));
+    for (r, mut row) in patches.rows_mut().into_iter().enumerate() {
+        let (b, gi) = (r / (gh * gw), r % (gh * gw));
+        let (y, x) = ((gi / gw) * patch, (gi % gw) * patch);
+        let block = pv.slice(ndarray::s![b, .., y..y + patch, x..x + patch]);
+        row.iter_mut().zip(block.iter()).for_each(|(d, &v)| *d = v);
+    }
+    Ok(ImagePatches { patches, images, grid: (gh, gw) })
 }
 
 /// A convolution whose stride equals its kernel, as a linear over flattened patches:

@@ -370,6 +370,33 @@ fn softmax_numerators(x: &mut [f32], scale: f32) -> f32 {
     total
 }
 
+/// Multi-head attention of `q [queries, heads·head_dim]` over `k`, `v [keys, heads·head_dim]`
+/// without a mask: `softmax(q·kᵀ/√d)·v` per head (the cross attention of a resampler's queries
+/// over an image's tokens). Returns `[queries, heads·head_dim]`.
+pub fn cross_attention(
+    device: &dyn Device,
+    q: ArrayView2<f32>,
+    k: ArrayView2<f32>,
+    v: ArrayView2<f32>,
+    heads: usize,
+) -> Array2<f32> {
+    let (queries, width) = q.dim();
+    let hd = width / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = Array2::<f32>::zeros((queries, width));
+    for h in 0..heads {
+        let cols = h * hd..(h + 1) * hd;
+        let mut scores = device.matmul(q.slice(s![.., cols.clone()]), k.slice(s![.., cols.clone()]).t());
+        let keys = scores.ncols();
+        let sums = softmax_numerators_rows(scores.as_slice_mut().expect("fresh array"), keys, scale);
+        let o = device.matmul(scores.view(), v.slice(s![.., cols.clone()]));
+        Zip::from(out.slice_mut(s![.., cols]).rows_mut()).and(o.rows()).and(&sums[..]).for_each(|mut t, o, &sum| {
+            Zip::from(&mut t).and(&o).for_each(|t, &o| *t = o / sum);
+        });
+    }
+    out
+}
+
 /// Splits a fused `[tokens, 3·dim]` qkv product into its three `[tokens, dim]` views.
 pub fn split_qkv(qkv: &Array2<f32>) -> (ArrayView2<'_, f32>, ArrayView2<'_, f32>, ArrayView2<'_, f32>) {
     let d = qkv.ncols() / 3;
@@ -554,6 +581,29 @@ mod tests {
             let want = naive_attention(&q, &k, &v, heads, r, &spans);
             let err = ours.iter().zip(want.iter()).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(err < 1e-5, "max abs error {err:e} (rotary: {})", r.is_some());
+        }
+    }
+
+    #[test]
+    fn cross_attention_matches_its_definition() {
+        // 5 queries over 9 keys, two heads of 4.
+        let (queries, keys, heads, hd) = (5, 9, 2, 4);
+        let f = |rows: usize, seed: usize| {
+            Array2::from_shape_fn((rows, heads * hd), |(t, c)| (((t * 13 + c * 7 + seed * 5) % 17) as f32 - 8.0) / 5.0)
+        };
+        let (q, k, v) = (f(queries, 1), f(keys, 2), f(keys, 3));
+        let ours = cross_attention(&Cpu, q.view(), k.view(), v.view(), heads);
+        for i in 0..queries {
+            for h in 0..heads {
+                let logits: Vec<f64> = (0..keys)
+                    .map(|j| (0..hd).map(|d| (q[[i, h * hd + d]] * k[[j, h * hd + d]]) as f64).sum::<f64>() / 2.0)
+                    .collect();
+                let z: f64 = logits.iter().map(|l| l.exp()).sum();
+                for d in 0..hd {
+                    let want: f64 = (0..keys).map(|j| logits[j].exp() / z * v[[j, h * hd + d]] as f64).sum();
+                    assert!((ours[[i, h * hd + d]] as f64 - want).abs() < 1e-5, "query {i} head {h}");
+                }
+            }
         }
     }
 

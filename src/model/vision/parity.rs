@@ -5,7 +5,7 @@
 //! layers. The metric is `max|ours - ref| / max|ref|`.
 
 use super::mrope::RopeIndex;
-use super::splice::{add_deepstack, image_token_id, splice_image_embeds};
+use super::splice::{add_deepstack, splice_image_embeds, ImageSlots};
 use super::{load_unit, VisionInput, VisionTower};
 use crate::device::Cpu;
 use crate::device::Device;
@@ -178,8 +178,8 @@ pub(crate) fn check_tower(name: &str) {
     let table = Array2::from_shape_vec((shape[0], shape[1]), table).unwrap();
     let rows: Vec<usize> = input_ids.iter().map(|&t| t as usize).collect();
     let mut embeds = table.select(Axis(0), &rows);
-    let image_token = image_token_id(&f.model.config).unwrap();
-    let positions = splice_image_embeds(&mut embeds, &input_ids, image_token, out.embeds.view()).unwrap();
+    let slots = ImageSlots::of(&f.model.config).unwrap();
+    let positions = splice_image_embeds(&mut embeds, &input_ids, slots, out.embeds.view()).unwrap();
     f.check("embed_tokens + visual.out -> lm.inputs_embeds", embeds.view(), f.matrix("lm.inputs_embeds").view());
 
     // DeepStack between text layers: layer k's output plus deepstack k is layer k+1's input.

@@ -17,26 +17,93 @@ pub fn image_token_id(config: &Value) -> Result<i64> {
         .context("config.json names no image token (image_token_id, image_token_index or img_context_token_id)")
 }
 
+/// Where a sequence's image embeddings go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageSlots {
+    /// At every image (placeholder) token, in order (`masked_scatter` in transformers).
+    Token(i64),
+    /// Qwen-VL: at every position strictly between an image start token and the next image end
+    /// token, whatever their ids (modeling_qwen.py `hidden_states[i][a + 1 : b] = images[idx]`;
+    /// its tokenizer writes the image's path there as byte ids, then image pads).
+    Between { start: i64, end: i64 },
+}
+
+impl ImageSlots {
+    /// The slots a model's config names: Qwen-VL's `visual.image_start_id` (the end is the next
+    /// id, as in modeling_qwen.py), else the image token ([`image_token_id`]).
+    pub fn of(config: &Value) -> Result<ImageSlots> {
+        if let Some(start) = config.get("visual").and_then(|v| v.get("image_start_id")).and_then(Value::as_i64) {
+            return Ok(ImageSlots::Between { start, end: start + 1 });
+        }
+        Ok(ImageSlots::Token(image_token_id(config)?))
+    }
+
+    /// The ids that mark an image in a sequence (a sequence without images must hold none).
+    pub fn marker(&self) -> i64 {
+        match *self {
+            ImageSlots::Token(t) => t,
+            ImageSlots::Between { start, .. } => start,
+        }
+    }
+
+    /// The positions the image embeddings replace, in order. Qwen-VL's spans must be closed and
+    /// of one length (each image gives the same number of embeddings).
+    pub fn positions(&self, input_ids: &[i64]) -> Result<Vec<usize>> {
+        match *self {
+            ImageSlots::Token(t) => Ok(image_positions(input_ids, t)),
+            ImageSlots::Between { start, end } => {
+                let mut out = Vec::new();
+                let mut span_len = None;
+                let mut open: Option<usize> = None;
+                for (i, &t) in input_ids.iter().enumerate() {
+                    if t == start {
+                        if let Some(a) = open {
+                            bail!("image start token {start} at position {i} inside the image opened at {a}");
+                        }
+                        open = Some(i);
+                    } else if t == end {
+                        let Some(a) = open.take() else {
+                            bail!("image end token {end} at position {i} closes no image start token {start}");
+                        };
+                        let len = i - a - 1;
+                        if *span_len.get_or_insert(len) != len {
+                            bail!(
+                                "the images of a sequence span {} and {len} tokens; each image gives the same number of embeddings",
+                                span_len.unwrap()
+                            );
+                        }
+                        out.extend(a + 1..i);
+                    }
+                }
+                if let Some(a) = open {
+                    bail!("the image start token {start} at position {a} has no end token {end}");
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// The positions of the image tokens in a sequence.
 pub fn image_positions(input_ids: &[i64], image_token_id: i64) -> Vec<usize> {
     input_ids.iter().enumerate().filter(|(_, &t)| t == image_token_id).map(|(i, _)| i).collect()
 }
 
-/// Puts row `k` of `image_embeds` at the `k`-th image token of `token_embeds` (`[tokens, hidden]`)
-/// and returns the image positions. The image tokens must match the embeddings one to one.
+/// Puts row `k` of `image_embeds` at the `k`-th image slot of `token_embeds` (`[tokens, hidden]`)
+/// and returns the image positions. The slots must match the embeddings one to one.
 pub fn splice_image_embeds(
     token_embeds: &mut Array2<f32>,
     input_ids: &[i64],
-    image_token_id: i64,
+    slots: ImageSlots,
     image_embeds: ArrayView2<f32>,
 ) -> Result<Vec<usize>> {
     if token_embeds.nrows() != input_ids.len() {
         bail!("{} token embeddings for {} input ids", token_embeds.nrows(), input_ids.len());
     }
-    let positions = image_positions(input_ids, image_token_id);
+    let positions = slots.positions(input_ids)?;
     if positions.len() != image_embeds.nrows() {
         bail!(
-            "image features and image tokens do not match: {} image tokens (id {image_token_id}), {} image embeddings",
+            "image features and image tokens do not match: {} image tokens ({slots:?}), {} image embeddings",
             positions.len(),
             image_embeds.nrows()
         );
@@ -86,11 +153,27 @@ mod tests {
     fn splice_replaces_image_tokens_in_order() {
         let mut e = Array2::<f32>::zeros((4, 2));
         let img = array![[1.0f32, 2.0], [3.0, 4.0]];
-        let pos = splice_image_embeds(&mut e, &[5, 9, 7, 9], 9, img.view()).unwrap();
+        let pos = splice_image_embeds(&mut e, &[5, 9, 7, 9], ImageSlots::Token(9), img.view()).unwrap();
         assert_eq!(pos, vec![1, 3]);
         assert_eq!(e, array![[0.0, 0.0], [1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]);
-        let err = splice_image_embeds(&mut e, &[5, 9, 7, 7], 9, img.view()).unwrap_err().to_string();
+        let err = splice_image_embeds(&mut e, &[5, 9, 7, 7], ImageSlots::Token(9), img.view()).unwrap_err().to_string();
         assert!(err.contains("do not match"), "{err}");
+    }
+
+    /// Qwen-VL: everything between `<img>` and `</img>`, path bytes included, as modeling_qwen.py.
+    #[test]
+    fn qwen_vl_splices_between_image_start_and_end() {
+        let slots = ImageSlots::of(&json!({"visual": {"image_start_id": 50}})).unwrap();
+        assert_eq!(slots, ImageSlots::Between { start: 50, end: 51 });
+        assert_eq!(slots.positions(&[1, 50, 97, 52, 51, 3, 50, 52, 52, 51]).unwrap(), vec![2, 3, 7, 8]);
+        let mut e = Array2::<f32>::zeros((5, 1));
+        let img = array![[1.0f32], [2.0]];
+        splice_image_embeds(&mut e, &[7, 50, 46, 52, 51], slots, img.view()).unwrap();
+        assert_eq!(e, array![[0.0], [0.0], [1.0], [2.0], [0.0]]);
+        for bad in [&[50, 1, 50, 51][..], &[1, 51], &[50, 1], &[50, 1, 51, 50, 1, 1, 51]] {
+            assert!(slots.positions(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(ImageSlots::of(&json!({"image_token_id": 5})).unwrap(), ImageSlots::Token(5));
     }
 
     #[test]

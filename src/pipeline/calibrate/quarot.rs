@@ -73,6 +73,14 @@ impl QuaRotStep {
 
     /// The rotations of `model`: the residual stream's and the per-head one of the values.
     pub fn rotations(&self, model: &Model) -> Result<Rotations> {
+        if model.family == crate::model::layout::Family::QwenVl {
+            // Its image embeddings leave the tower through `transformer.visual.proj`, a bare matrix
+            // (`x @ proj`), not a linear module that rotate_vision_outputs could rotate.
+            bail!(
+                "quarot: Qwen-VL's tower output `transformer.visual.proj` is a bare matrix, which lamina does not \
+                 rotate; a rotated text stream would receive unrotated image embeddings. Use a recipe without quarot"
+            );
+        }
         let hidden = model.text.hidden_size;
         let residual = match self.block_size {
             None => Rotation::new(hidden, self.seed),
