@@ -481,8 +481,9 @@ fn w4a16_loads_where_sizes_divide() {
     ]);
 }
 
-/// MindIE's W4A16 (`mindie-w4a16`): every decoder linear but the router is W4A16 with int4 values, one
-/// scale and one zero point per group of 128 inputs, and the groups are not all centred (asymmetric).
+/// MindIE's W4A16 (`mindie-w4a16`): every decoder linear but the router is W4A16, packed int4 with one
+/// positive scale and one zero point per group of 128 inputs, and the groups are not all centred
+/// (asymmetric).
 fn check_asymmetric_w4a16(input: &std::path::Path, out: &std::path::Path) {
     let desc = read_json(&out.join("quant_model_description.json"));
     let (outputs, _) = common::check::read_output(out, None);
@@ -495,13 +496,14 @@ fn check_asymmetric_w4a16(input: &std::path::Path, out: &std::path::Path) {
         if module.ends_with("mlp.gate") || module.contains("norm") {
             continue;
         }
-        assert_eq!(desc[&name], "W4A16", "{name}");
+        // W4A16 weights are stored packed, eight int4 to an int32 (`weight_packed`).
+        assert_eq!(desc[&format!("{module}.weight_packed")], "W4A16", "{module}");
         let (rows, cols) = (l.st.shape[0], l.st.shape[1]);
         let get = |s: &str| outputs.get(&format!("{module}.{s}")).unwrap_or_else(|| panic!("{module}.{s} is missing"));
-        let (q, scale, offset) = (get("weight").i8s(), get("weight_scale").f32s(), get("weight_offset").f32s());
+        let q = common::check::decode_ints(module, &outputs, Scheme::W4A16, rows, cols);
+        let (scale, offset) = (get("weight_scale").f32s(), get("weight_offset").f32s());
         let groups = cols / 128;
         assert_eq!((q.len(), scale.len(), offset.len()), (rows * cols, rows * groups, rows * groups), "{module}");
-        assert!(q.iter().all(|v| (-8..=7).contains(v)), "{module}: int4 values");
         assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{module}: scales");
         assert!(offset.iter().any(|&z| z != 0.0), "{module}: asymmetric groups have zero points");
         linears += 1;

@@ -504,7 +504,7 @@ fn check_linear(module: &str, w: &St, outputs: &BTreeMap<String, St>, scheme: Sc
 }
 
 /// The integer weights of a quantized linear, unpacked in the test's own code.
-fn decode_ints(module: &str, outputs: &BTreeMap<String, St>, scheme: Scheme, rows: usize, cols: usize) -> Vec<i8> {
+pub fn decode_ints(module: &str, outputs: &BTreeMap<String, St>, scheme: Scheme, rows: usize, cols: usize) -> Vec<i8> {
     let get = |s: &str| outputs.get(&format!("{module}.{s}"));
     let sext = |nibble: u8| ((nibble << 4) as i8) >> 4;
     match scheme {
