@@ -236,13 +236,7 @@ fn hunyuan_large_w8a8_and_resume_inside_a_cla_pair() {
     let model = fixture("hunyuan");
     let reference = tmp.join("hunyuan-out");
     let data = tmp.join("hunyuan.jsonl");
-    let counts: Vec<usize> = std::fs::read_to_string(reference.join(".lamina-journal.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["event"] == "unit")
-        .map(|e| e["tensors"].as_object().unwrap().len())
-        .collect();
+    let counts = tensors_per_unit(&reference);
     assert_eq!(counts.len(), 6, "embedding, four layers, head");
     let save = tmp.join("interrupted");
     let n = (counts[0] + counts[1] + counts[2].div_ceil(2)).to_string();
@@ -391,6 +385,17 @@ fn qwen3_vl_moe_text_decoder_calibrates_on_text_ids() {
 }
 
 /// Units the journal records as finished.
+/// How many tensors each finished unit of a run wrote, in order (its journal's `unit` events).
+fn tensors_per_unit(save: &Path) -> Vec<usize> {
+    std::fs::read_to_string(save.join(".lamina-journal.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "unit")
+        .map(|e| e["tensors"].as_object().unwrap().len())
+        .collect()
+}
+
 fn units_done(save: &Path) -> usize {
     std::fs::read_to_string(save.join(".lamina-journal.jsonl"))
         .map(|j| j.lines().filter(|l| l.contains("\"event\":\"unit\"")).count())
@@ -412,13 +417,7 @@ fn interrupted_calibrated_runs_resume_to_the_same_bytes() {
     // abort() in the middle of every unit in turn: the first process after half the embedding
     // unit's tensors, each later one after finishing the unit it resumed at and half the next.
     // Each rerun resumes from the last finished unit's activation snapshot.
-    let counts: Vec<usize> = std::fs::read_to_string(reference.join(".lamina-journal.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["event"] == "unit")
-        .map(|e| e["tensors"].as_object().unwrap().len())
-        .collect();
+    let counts = tensors_per_unit(&reference);
     assert_eq!(counts.len(), 4, "embedding, two layers, head");
     let save = tmp.join("interrupted");
     for u in 0..counts.len() {
