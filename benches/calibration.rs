@@ -33,7 +33,7 @@
 
 mod common;
 
-use common::{median, run_measured, splitmix64, ChildRun, MB};
+use common::{gemm_throughput, median, run_measured, splitmix64, ChildRun, MB};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -219,6 +219,7 @@ fn main() {
     } else {
         println!("llm-compressor      : not run (set LAMINA_BENCH_LLMC=VENV_DIR to run it in the same run)");
     }
+    print_work_floor(&config, &s, best.wall, (!llmc_runs.is_empty()).then(|| medians(&llmc_runs).wall));
 
     if let Some(text) = eval_text {
         let (float, quantized, windows) = evaluate(&lamina, &model_dir, &save, text, &s);
@@ -239,6 +240,72 @@ fn main() {
         println!("kept {}", s.dir.display());
     } else {
         std::fs::remove_dir_all(&s.dir).unwrap();
+    }
+}
+
+/// The arithmetic this job cannot avoid, for a dense decoder (`None` for a MoE config): the FLOPs of one
+/// forward through every decoder layer (linears and causal attention) and of the GPTQ Hessians `XᵀX`
+/// (one per distinct linear input: q/k/v, o, gate/up, down; symmetric, so `tokens · d²`).
+struct JobFlops {
+    linears: f64,
+    attention: f64,
+    hessians: f64,
+}
+
+fn job_flops(config: &serde_json::Value, samples: usize, seq_len: usize) -> Option<JobFlops> {
+    let moe = ["num_experts", "n_routed_experts", "num_local_experts"];
+    if moe.iter().any(|k| config[k].as_u64().is_some_and(|n| n > 0)) {
+        return None;
+    }
+    let field = |k: &str| config[k].as_u64().map(|v| v as f64);
+    let (hidden, inter, layers) = (field("hidden_size")?, field("intermediate_size")?, field("num_hidden_layers")?);
+    let heads = field("num_attention_heads")?;
+    let kv_heads = field("num_key_value_heads").unwrap_or(heads);
+    let head_dim = field("head_dim").unwrap_or(hidden / heads);
+    let (q, kv) = (heads * head_dim, kv_heads * head_dim);
+    let tokens = (samples * seq_len) as f64;
+    let weights = hidden * (q + 2.0 * kv) + q * hidden + 3.0 * hidden * inter;
+    // Causal: each of a sequence's S queries meets on average S / 2 keys; QKᵀ and P·V, 2 FLOPs per product.
+    let attention = samples as f64 * 2.0 * q * (seq_len * seq_len) as f64;
+    let hessians = tokens * (2.0 * hidden * hidden + q * q + inter * inter);
+    Some(JobFlops {
+        linears: layers * 2.0 * tokens * weights,
+        attention: layers * attention,
+        hessians: layers * hessians,
+    })
+}
+
+/// Whether a wall-time target is reachable at all on this machine: the job's unavoidable FLOPs at the GEMM
+/// throughput measured now (every thread, the model's MLP shape), once without and once with the second
+/// forward that propagates the rounding error to the next layer (llm-compressor's sequential pipeline runs
+/// it too). A floor, not an estimate: it assumes every FLOP runs at the GEMM's speed.
+fn print_work_floor(config: &serde_json::Value, s: &Settings, lamina_wall: f64, llmc_wall: Option<f64>) {
+    let Some(f) = job_flops(config, s.samples, s.seq_len) else {
+        println!("work floor   : not computed for a MoE config");
+        return;
+    };
+    let (hidden, inter) =
+        (config["hidden_size"].as_u64().unwrap() as usize, config["intermediate_size"].as_u64().unwrap() as usize);
+    let m = (s.samples * s.seq_len).min(2048);
+    let gemm = gemm_throughput(m, hidden, inter) * 1e9;
+    let forward = f.linears + f.attention;
+    let (once, twice) = ((forward + f.hessians) / gemm, (2.0 * forward + f.hessians) / gemm);
+    println!(
+        "work floor   : a forward {:.2} TFLOP (linears {:.2}, causal attention {:.2}), GPTQ Hessians {:.2} TFLOP; at the GEMM's {:.0} GFLOP/s ([{m}, {hidden}] x [{hidden}, {inter}], now): >= {once:.1} s with one forward, >= {twice:.1} s with the error-propagating second one; lamina took {:.2}x the latter",
+        forward / 1e12,
+        f.linears / 1e12,
+        f.attention / 1e12,
+        f.hessians / 1e12,
+        gemm / 1e9,
+        lamina_wall / twice
+    );
+    if let Some(l) = llmc_wall {
+        println!(
+            "work floor   : the 0.20x target is {:.1} s: {} the one-forward floor ({:.2}x llm-compressor's wall)",
+            0.2 * l,
+            if 0.2 * l >= once { "above" } else { "BELOW" },
+            once / l
+        );
     }
 }
 

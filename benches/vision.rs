@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::{median, run_measured, MB};
+use common::{gemm_throughput, median, run_measured, MB};
 use lamina::device::{Cpu, Device};
 use lamina::io::checkpoint::Checkpoint;
 use lamina::model::layout::UnitKind;
@@ -410,22 +410,6 @@ fn measure(args: &Args) {
     if let Some(path) = std::env::var_os("LAMINA_BENCH_RESULT") {
         std::fs::write(path, format!("{}", images / total.wall)).unwrap();
     }
-}
-
-/// GFLOP/s of one `[m, k] · [k, n]` product on the CPU device (faer, every thread of the pool), the
-/// median of 5 after a warm-up.
-fn gemm_throughput(m: usize, k: usize, n: usize) -> f64 {
-    let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 13) as f32 * 0.01);
-    let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j * 11) % 17) as f32 * 0.01);
-    std::hint::black_box(Cpu.matmul(a.view(), b.view()));
-    let t: Vec<f64> = (0..5)
-        .map(|_| {
-            let c = Instant::now();
-            std::hint::black_box(Cpu.matmul(a.view(), b.view()));
-            c.elapsed().as_secs_f64()
-        })
-        .collect();
-    2.0 * (m * k * n) as f64 / median(t) / 1e9
 }
 
 /// Block 0 run piece by piece (the calls `qwen3_vl::Config::block` makes), median of 3 each.

@@ -119,3 +119,21 @@ pub fn write_synthetic_checkpoint(config_path: &Path, dir: &Path, keep: &dyn Fn(
     drop_cache(&file);
     metas.iter().map(|m| m.nbytes()).sum()
 }
+
+/// GFLOP/s of one `[m, k] · [k, n]` product on the CPU device (faer, every thread of the pool), the
+/// median of 5 after a warm-up.
+pub fn gemm_throughput(m: usize, k: usize, n: usize) -> f64 {
+    use lamina::device::{Cpu, Device};
+    use ndarray::Array2;
+    let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 13) as f32 * 0.01);
+    let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j * 11) % 17) as f32 * 0.01);
+    std::hint::black_box(Cpu.matmul(a.view(), b.view()));
+    let t: Vec<f64> = (0..5)
+        .map(|_| {
+            let c = Instant::now();
+            std::hint::black_box(Cpu.matmul(a.view(), b.view()));
+            c.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (m * k * n) as f64 / median(t) / 1e9
+}
