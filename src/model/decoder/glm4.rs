@@ -18,14 +18,14 @@
 //!   writers in the graph ([`LayerGraph::post_norms`]); smoothing v→o and up→down is still exact
 //!   (it leaves both projections' product unchanged).
 
-use super::parts::{check_input, Attention, Heads, Norm, SwiGlu, Take};
+use super::parts::{check_input, require_silu, Attention, Heads, Norm, SwiGlu, Take};
 use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
 use crate::model::nn::LinearHook;
 use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
 
 /// One GLM-4 decoder layer's weights, ready to run.
@@ -46,12 +46,10 @@ impl Layer {
     /// Builds layer `index` from its weights (names relative to the layer), taking them over;
     /// a tensor the layer does not use is an error.
     pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
-        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
-            bail!("hidden_act {:?} is not supported by lamina's GLM-4 forward (only silu)", cfg.hidden_act);
-        }
+        require_silu(cfg, "GLM-4")?;
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let mut w = Take::new(weights);
-        let heads = Heads { num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, qk_dim: hd, v_dim: hd };
+        let heads = Heads::of(cfg);
         let eps = cfg.rms_norm_eps as f32;
         let layer = Layer {
             index,

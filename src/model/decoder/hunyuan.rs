@@ -33,8 +33,8 @@
 //!   vLLM's `renormalize=top_k > 1`): [`crate::model::config`] reads which.
 
 use super::parts::{
-    causal_attention, check_input, ffn_graph, project, residual, rms_norm_in_place, rotate_and_norm, Ffn, Heads, Norm,
-    Take,
+    causal_attention, check_input, ffn_graph, project, require_silu, residual, rms_norm_in_place, rotate_and_norm, Ffn,
+    Heads, Norm, Take,
 };
 use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
@@ -43,7 +43,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use ndarray::{Array1, Array2, ArrayView2};
 
 const NAMES: DecoderNames = DecoderNames::HUNYUAN;
@@ -87,12 +87,10 @@ impl Layer {
     /// Builds layer `index` from its weights (names relative to the layer), taking them over; a
     /// tensor the layer does not use is an error.
     pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
-        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
-            bail!("hidden_act {:?} is not supported by lamina's HunYuan forward (only silu)", cfg.hidden_act);
-        }
+        require_silu(cfg, "HunYuan")?;
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let mut w = Take::new(weights);
-        let heads = Heads { num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, qk_dim: hd, v_dim: hd };
+        let heads = Heads::of(cfg);
         let owns_kv = cfg.owns_kv(index);
         let kv_rows = cfg.num_kv_heads * hd;
         let attn = SelfAttention {

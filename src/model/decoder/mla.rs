@@ -25,7 +25,7 @@
 //! The multi-token-prediction layer after the decoder layers (`model.layers.{num_hidden_layers}`)
 //! is not part of this forward; it is its own unit ([`crate::model::layout::MtpLayout`]), written float.
 
-use super::parts::{causal_attention, check_input, ffn_graph, project, residual, Ffn, Heads, Norm, Take};
+use super::parts::{causal_attention, check_input, ffn_graph, project, require_silu, residual, Ffn, Heads, Norm, Take};
 use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::{MlaConfig, TextConfig};
@@ -33,7 +33,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ndarray::{s, Array2, ArrayView2};
 
 /// One decoder layer's weights, ready to run.
@@ -82,9 +82,7 @@ impl Layer {
     /// Builds layer `index` from its weights (names relative to the layer), taking them over.
     /// Every tensor of the layer must be used.
     pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
-        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
-            bail!("hidden_act {:?} is not supported by lamina's text forward (only silu)", cfg.hidden_act);
-        }
+        require_silu(cfg, "text")?;
         let d = dims(cfg)?.clone();
         let (hidden, nh) = (cfg.hidden_size, cfg.num_heads);
         let qk = d.qk_head_dim();

@@ -98,6 +98,22 @@ pub struct Heads {
     pub v_dim: usize,
 }
 
+impl Heads {
+    /// The config's query and key/value heads, every head `head_dim` wide (all but MLA).
+    pub fn of(cfg: &TextConfig) -> Heads {
+        Heads { num_heads: cfg.num_heads, num_kv_heads: cfg.num_kv_heads, qk_dim: cfg.head_dim, v_dim: cfg.head_dim }
+    }
+}
+
+/// Every decoder lamina runs has a SwiGLU MLP, `down(silu(gate) · up)`: another `hidden_act` is refused by
+/// name rather than run as a silently different model. `family` names the forward in the error.
+pub fn require_silu(cfg: &TextConfig, family: &str) -> Result<()> {
+    if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
+        bail!("hidden_act {:?} is not supported by lamina's {family} forward (only silu)", cfg.hidden_act);
+    }
+    Ok(())
+}
+
 /// Causal scaled-dot-product attention of one sequence: `q [seq, heads·qk_dim]`,
 /// `k [seq, kv_heads·qk_dim]`, `v [seq, kv_heads·v_dim]`; returns `[seq, heads·v_dim]`.
 pub fn causal_attention(

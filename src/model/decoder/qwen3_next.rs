@@ -19,7 +19,7 @@
 
 use super::gated_delta::GatedDeltaNet;
 use super::parts::{
-    causal_attention, check_input, ffn_graph, norm_and_rotate, project, residual, Ffn, Heads, Norm, Take,
+    causal_attention, check_input, ffn_graph, norm_and_rotate, project, require_silu, residual, Ffn, Heads, Norm, Take,
 };
 use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
@@ -28,7 +28,7 @@ use crate::model::layout::DecoderNames;
 use crate::model::nn::{Linear, LinearHook};
 use crate::model::rope::{Positions, Rope, RopeAngles};
 use crate::model::weights::Weights;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ndarray::{s, Array1, Array2, ArrayView2};
 
 /// One Qwen3-Next decoder layer's weights, ready to run.
@@ -74,9 +74,7 @@ impl Layer {
     /// Builds layer `index` from its weights (names relative to the layer), taking them over; a
     /// tensor the layer does not use is an error.
     pub fn new(cfg: &TextConfig, index: usize, weights: Weights) -> Result<Layer> {
-        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
-            bail!("hidden_act {:?} is not supported by lamina's Qwen3-Next forward (only silu)", cfg.hidden_act);
-        }
+        require_silu(cfg, "Qwen3-Next")?;
         let la = cfg.linear_attn.as_ref().context("config.json gives no linear-attention dimensions")?;
         let (hidden, hd, off, eps) = (cfg.hidden_size, cfg.head_dim, cfg.norm_offset, cfg.rms_norm_eps as f32);
         let mut w = Take::new(weights);
@@ -95,7 +93,7 @@ impl Layer {
                 o_proj: w.linear("self_attn.o_proj", hidden, nh * hd)?,
                 q_norm,
                 k_norm,
-                heads: Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd },
+                heads: Heads::of(cfg),
                 eps,
             }))
         };

@@ -15,7 +15,7 @@
 //! Qwen (1)'s logn attention scaling and the dynamic NTK rotary scalings only act beyond the
 //! trained length; both are implemented exactly.
 
-use super::parts::{check_input, ffn_graph, residual, Attention, Ffn, Heads, Norm, Take};
+use super::parts::{check_input, ffn_graph, require_silu, residual, Attention, Ffn, Heads, Norm, Take};
 use super::{Carry, DecoderBlock, ForwardOptions, LayerGraph, LinearPath, NormLinears};
 use crate::device::Device;
 use crate::model::config::TextConfig;
@@ -23,7 +23,7 @@ use crate::model::layout::{DecoderNames, QkvNames};
 use crate::model::nn::LinearHook;
 use crate::model::rope::{Positions, Rope};
 use crate::model::weights::Weights;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ndarray::{Array2, ArrayView2};
 
 /// One decoder layer's weights, ready to run.
@@ -43,13 +43,10 @@ impl Layer {
     /// them), taking them over. Every tensor of the layer must be used: a tensor this forward does
     /// not know (a shared expert, an extra norm) is an error rather than a silently different model.
     pub fn new(cfg: &TextConfig, names: &DecoderNames, index: usize, weights: Weights) -> Result<Layer> {
-        if !matches!(cfg.hidden_act.as_str(), "silu" | "swish") {
-            bail!("hidden_act {:?} is not supported by lamina's text forward (only silu)", cfg.hidden_act);
-        }
+        require_silu(cfg, "text")?;
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let mut w = Take::new(weights);
-        let heads = Heads { num_heads: nh, num_kv_heads: nkv, qk_dim: hd, v_dim: hd };
+        let heads = Heads::of(cfg);
         let attn = Attention::take_named(&mut w, names, hidden, heads, cfg.rms_norm_eps as f32, cfg.logn_attention)?;
         // MoE layers are named as every MoE family lamina reads names them (`mlp.gate`, `mlp.experts.J.*`).
         let mlp = match &cfg.moe {
