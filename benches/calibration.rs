@@ -301,10 +301,11 @@ fn print_work_floor(config: &serde_json::Value, s: &Settings, lamina_wall: f64, 
     );
     if let Some(l) = llmc_wall {
         println!(
-            "work floor   : the 0.20x target is {:.1} s: {} the one-forward floor ({:.2}x llm-compressor's wall)",
+            "work floor   : the floors are {:.2}x / {:.2}x llm-compressor's wall: the 0.20x target ({:.1} s) is {} the one-forward floor",
+            once / l,
+            twice / l,
             0.2 * l,
-            if 0.2 * l >= once { "above" } else { "BELOW" },
-            once / l
+            if 0.2 * l >= once { "above" } else { "BELOW" }
         );
     }
 }
