@@ -396,8 +396,9 @@ fn glm4v_moe_calibrates_from_images_with_its_recipe() {
 }
 
 /// Qwen-VL with its recipe: calibrated from each form of image set (prompts `Picture 1: <img>` +
-/// 16 image pads + `</img>` + text); in the ViT attn.in_proj, attn.out_proj and mlp.c_fc static
-/// W8A8, mlp.c_proj float; the resampler (attn_pool) and proj float; the Qwen (1) decoder's c_attn,
+/// 16 image pads + `</img>` + text), and from a JSONL of image + token-id records whose text covers
+/// the fixture's vocabulary; in the ViT attn.in_proj, attn.out_proj and mlp.c_fc static W8A8,
+/// mlp.c_proj float; the resampler (attn_pool) and proj float; the Qwen (1) decoder's c_attn,
 /// c_proj, w1, w2 W8A8 and mlp.c_proj W8A16; `lamina check` passes for both targets and the
 /// quantized logits stay close to the float ones on the fixture's image prompt.
 #[test]
@@ -405,7 +406,30 @@ fn qwen_vl_calibrates_from_images_with_its_recipe() {
     let name = "qwen_vl";
     let tmp = TempDir::new("vl-qwen_vl");
     let model = model_with_tokenizer(name, tmp.path());
-    for (form, set) in calibration_sets(&model, &tmp.join("calib")) {
+    // Image + id records whose text spans the fixture's text vocabulary (the ids below
+    // `<img>`, 990), 330 ids each, the image's `<img>` `<imgpad>` `</img>` after the first five.
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let start = config["visual"]["image_start_id"].as_i64().unwrap();
+    let covering = tmp.join("calib/covering");
+    std::fs::create_dir_all(&covering).unwrap();
+    let lines: Vec<String> = ["chelsea.png", "rocket.jpg", "coffee.png"]
+        .iter()
+        .enumerate()
+        .map(|(k, image)| {
+            std::fs::copy(photos().join(image), covering.join(image)).unwrap();
+            let text: Vec<i64> = (330 * k as i64..(330 * (k as i64 + 1)).min(start)).collect();
+            let ids: Vec<i64> = text[..5]
+                .iter()
+                .copied()
+                .chain([start, start + 2, start + 1])
+                .chain(text[5..].iter().copied())
+                .collect();
+            json!({"image": image, "input_ids": ids}).to_string()
+        })
+        .collect();
+    std::fs::write(covering.join("prompts.jsonl"), lines.join("\n")).unwrap();
+    let sets = calibration_sets(&model, &tmp.join("calib"));
+    for (form, set) in sets.into_iter().chain([("ids covering the vocabulary", covering)]) {
         for target in ["vllm-ascend", "mindie"] {
             let save = tmp.join(&format!("out-{}-{target}", form.replace(' ', "-")));
             let args = ["--calib_data", set.to_str().unwrap(), "--target", target];
@@ -439,12 +463,21 @@ fn qwen_vl_calibrates_from_images_with_its_recipe() {
             check(&save, &["--target", target]).assert_ok();
             let (agreement, relative) = logit_error(name, &model, &save);
             eprintln!("{name} ({form}, {target}): top-1 agreement {agreement}, logit relative error {relative}");
-            // Measured 72-84% relative (top-1 22-26%) on this fixture, the same with the whole tower
-            // float or m2 instead of SmoothQuant: the static per-tensor text ranges of these few
-            // prompts (mostly `<unk>` ids) are coarse for the fixture's random logits; data-free
-            // W8A8_DYNAMIC gives 16%, W8A16 4%. So this only tells a working model from a broken
-            // one (100% or more); the float forward is checked against the remote code elsewhere.
-            assert!(relative < 0.9, "{name} ({form}): logit relative error {relative}");
+            // The fixture's prompt holds text ids (17, 305, 26, ...) the test tokenizer's 14 words
+            // never produce, and its random embeddings make every token's channels independent:
+            // token 26 reaches 91 in ln_1's planted-outlier channel 1 of layer 0, 2.65 x the most
+            // any calibration word reaches there (34; the other VL fixtures' prompts stay within
+            // 1.32 x), so the static c_attn range clips it (3.99 against 1.72 after smoothing) and
+            // layer 0 ends 73% off (layer 1 alone: 1.6%). Calibrated on these word prompts the
+            // logits land 71-72% off (top-1 22-30%); on the ids covering the vocabulary 10% (top-1
+            // 81%; m2 instead of SmoothQuant the same, no smoothing 29%), the recipe is not at
+            // fault. The word forms therefore only tell a working model from a broken one (100%
+            // or more); the covering set bounds the accuracy, with about twice its error as margin.
+            let bound = if form.starts_with("ids") { 0.2 } else { 0.9 };
+            assert!(relative < bound, "{name} ({form}): logit relative error {relative}");
+            if form.starts_with("ids") {
+                assert!(agreement > 0.6, "{name} ({form}): top-1 agreement {agreement}");
+            }
         }
     }
 }

@@ -170,6 +170,8 @@ pub fn family_of(model_type: &str) -> Option<&'static str> {
         "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => Some("qwen_vl"),
         "llava" => Some("clip"),
         "internvl_chat" => Some("internvl"),
+        // transformers' `-hf` InternVL conversions: GotOcr2ImageProcessor with `crop_to_patches`.
+        "internvl" => Some("got_ocr2"),
         "glm4v" | "glm4v_moe" => Some("glm4v"),
         _ => None,
     }
@@ -206,6 +208,9 @@ impl ImageProcessor {
             Some("glm4v") => {
                 Ok(ImageProcessor::QwenVl(QwenVlProcessor::glm4v_from_json(&json).with_context(|| what.clone())?))
             }
+            Some("got_ocr2") => Ok(ImageProcessor::InternVl(
+                InternVlProcessor::got_ocr2_from_json(&json).with_context(|| what.clone())?,
+            )),
             Some(_) => Ok(ImageProcessor::Clip(ClipProcessor::from_json(&json).with_context(|| what.clone())?)),
             None => {
                 let kind = json.get("image_processor_type").and_then(Value::as_str).unwrap_or("");
@@ -678,6 +683,47 @@ impl InternVlProcessor {
         Ok(p)
     }
 
+    /// transformers' GotOcr2ImageProcessor, the image processor of the `-hf` InternVL conversions,
+    /// from its preprocessor_config.json (missing keys take the class defaults: 384 × 384, the
+    /// OpenAI CLIP mean and std, no cropping, 1..12 patches). With `crop_to_patches` it tiles as
+    /// InternVL's `dynamic_preprocess` does (`get_optimal_tiled_canvas`: the same closest aspect
+    /// ratio and tie rule over the grids sorted by tile count, a resize to the grid, a thumbnail
+    /// when more than one tile); tests/fixtures/gen/internvl_hf.py checks its PIL backend's tiles
+    /// equal the remote code's bit for bit on the real photographs. Without it, one resized tile.
+    pub fn got_ocr2_from_json(json: &Value) -> Result<InternVlProcessor> {
+        let size = json.get("size").cloned().unwrap_or(Value::Null);
+        let (height, width) = match (opt_usize(&size, "height")?, opt_usize(&size, "width")?) {
+            (None, None) => (384, 384),
+            (Some(h), Some(w)) => (h, w),
+            _ => bail!("size {size} needs both height and width"),
+        };
+        ensure!(height == width && height > 0, "size {height} × {width}: InternVL's tiles are square and non-empty");
+        match opt_usize(json, "resample")? {
+            None | Some(3) => {}
+            Some(r) => bail!("resample {r}: only bicubic (3), the -hf InternVL processors' filter, is implemented"),
+        }
+        for key in ["do_resize", "do_rescale", "do_normalize"] {
+            ensure!(flag(json, key, true)?, "{key} false is not supported (the -hf InternVL processors set it)");
+        }
+        let p = InternVlProcessor {
+            image_size: height,
+            min_tiles: opt_usize(json, "min_patches")?.unwrap_or(1),
+            max_tiles: opt_usize(json, "max_patches")?.unwrap_or(12),
+            use_thumbnail: true,
+            dynamic: flag(json, "crop_to_patches", false)?,
+            mean: triple(json, "image_mean", CLIP_MEAN)?,
+            std: triple(json, "image_std", CLIP_STD)?,
+        };
+        ensure!(
+            p.min_tiles >= 1 && p.min_tiles <= p.max_tiles,
+            "min_patches {} and max_patches {} do not make a range of tile counts",
+            p.min_tiles,
+            p.max_tiles
+        );
+        ensure!(p.std.iter().all(|&s| s != 0.0 && s.is_finite()), "image_std {:?} must be finite and non-zero", p.std);
+        Ok(p)
+    }
+
     /// Qwen-VL's `image_transform` (visual.py: `Resize((image_size, image_size), BICUBIC)` on the
     /// PIL image, `ToTensor`, `Normalize` with the OpenAI CLIP mean and std): one tile of
     /// `visual.image_size`, no tiling, no thumbnail.
@@ -909,6 +955,7 @@ mod tests {
             "qwen3_vl_realvocab",
             "llava",
             "internvl_chat",
+            "internvl_hf",
             "glm4v",
             "glm4v_moe",
         ] {
@@ -1042,6 +1089,38 @@ mod tests {
         assert_eq!(one.process(&img).unwrap().shape, vec![1, 3, 28, 28]);
         let bad = serde_json::json!({"force_image_size": 448, "min_dynamic_patch": 5, "max_dynamic_patch": 4});
         assert!(InternVlProcessor::from_config(&bad, None).is_err());
+    }
+
+    /// transformers' `-hf` InternVL processor (GotOcr2ImageProcessor with `crop_to_patches`) read
+    /// from a preprocessor_config.json tiles the real photographs as the remote code does:
+    /// tests/fixtures/gen/internvl_hf.py asserts transformers' own -hf processor gives exactly
+    /// the tiles of tests/fixtures/real_photos/internvl.safetensors on them. Its class defaults
+    /// and bad settings.
+    #[test]
+    fn internvl_hf_processor_tiles_real_photographs_as_transformers() {
+        let dir = fixture("real_photos");
+        let reference = load_all(&dir.join("internvl.safetensors")).unwrap();
+        let cases = read_json(&dir.join("internvl.json")).unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        for (name, cfg) in cases.as_object().unwrap() {
+            let size = cfg["image_size"].as_u64().unwrap();
+            let json = serde_json::json!({"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": true,
+                "min_patches": 1, "max_patches": cfg["max_num"], "size": {"height": size, "width": size},
+                "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "resample": 3});
+            let p = InternVlProcessor::got_ocr2_from_json(&json).unwrap();
+            let img = crate::data::image::load_rgb(&photos.join(cfg["photo"].as_str().unwrap())).unwrap();
+            assert_matches(name, &p.process(&img).unwrap(), &reference, &format!("{name}."));
+        }
+        let d = InternVlProcessor::got_ocr2_from_json(&serde_json::json!({})).unwrap();
+        assert_eq!((d.image_size, d.max_tiles, d.dynamic, d.mean), (384, 12, false, CLIP_MEAN));
+        for bad in [
+            serde_json::json!({"size": {"height": 448, "width": 224}}),
+            serde_json::json!({"resample": 2}),
+            serde_json::json!({"min_patches": 5, "max_patches": 4}),
+            serde_json::json!({"do_normalize": false}),
+        ] {
+            assert!(InternVlProcessor::got_ocr2_from_json(&bad).is_err(), "{bad}");
+        }
     }
 
     /// Real photographs resized by transformers' PIL-backed processors (Pillow's antialiased

@@ -317,6 +317,13 @@ mod tests {
             ["model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.cls_token"];
         let e = Model::new(&config, None, &names).unwrap_err().to_string();
         assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
+        // The same for a real -hf checkpoint as transformers saves it (tests/fixtures/gen/internvl_hf.py).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/internvl_hf");
+        let ckpt = crate::io::checkpoint::Checkpoint::open(&dir).unwrap();
+        let names: Vec<&str> = ckpt.names().collect();
+        assert!(names.contains(&"model.vision_tower.encoder.layer.1.attention.q_proj.weight"));
+        let e = Model::new(&ckpt.config, None, &names).unwrap_err().to_string();
+        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
     }
 
     #[test]
