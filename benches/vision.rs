@@ -1,5 +1,7 @@
-//! The vision benchmark: images per second through a Qwen3-VL-sized vision tower, streamed block by
-//! block as the calibration pipeline streams it, and the peak RSS that takes.
+//! The vision benchmark: images per second through a Qwen3-VL-sized vision tower (or, with
+//! `--config tests/fixtures/configs/internvl2-40b/config.json`, InternVL2-40B's InternViT-6B on
+//! `--images` 448×448 tiles), streamed block by block as the calibration pipeline streams it, and the
+//! peak RSS that takes.
 //!
 //! ```text
 //! cargo bench --bench vision -- [--config PATH] [--image HxW] [--images N] [--runs R] [--dir DIR] [--keep]
@@ -22,11 +24,12 @@
 
 mod common;
 
-use common::{gemm_throughput, median, run_measured, MB};
+use common::{median, run_measured, MB};
 use lamina::device::{Cpu, Device};
 use lamina::io::checkpoint::Checkpoint;
 use lamina::model::layout::UnitKind;
 use lamina::model::nn::{Linear, LinearHook};
+use lamina::model::vision::internvit::NormType;
 use lamina::model::vision::ops;
 use lamina::model::vision::{load_unit, VisionInput, VisionState, VisionTower};
 use lamina::model::weights::Weights;
@@ -43,7 +46,8 @@ const MAX_PIXELS: usize = 16_777_216;
 
 struct Args {
     config: PathBuf,
-    image: (usize, usize),
+    /// Qwen: each image's size before `smart_resize` (default 672x672); InternVL: the tile size.
+    image: Option<(usize, usize)>,
     images: usize,
     runs: usize,
     /// Thread counts to measure at (`--threads 1,2`); each gets a child process.
@@ -56,7 +60,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut a = Args {
         config: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configs/qwen3-vl-30b-a3b/config.json"),
-        image: (672, 672),
+        image: None,
         images: 2,
         runs: 3,
         threads: vec![1, 2],
@@ -72,7 +76,7 @@ fn parse_args() -> Args {
             "--image" => {
                 let v = value();
                 let (h, w) = v.split_once('x').unwrap_or_else(|| panic!("--image HxW, got {v}"));
-                a.image = (h.parse().expect("--image HxW"), w.parse().expect("--image HxW"));
+                a.image = Some((h.parse().expect("--image HxW"), w.parse().expect("--image HxW")));
             }
             "--images" => a.images = value().parse().expect("--images N"),
             "--runs" => a.runs = value().parse().expect("--runs R"),
@@ -84,7 +88,7 @@ fn parse_args() -> Args {
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(a.runs >= 1 && a.images >= 1 && a.image.0 > 0 && a.image.1 > 0);
+    assert!(a.runs >= 1 && a.images >= 1 && a.image.is_none_or(|(h, w)| h > 0 && w > 0));
     a
 }
 
@@ -114,7 +118,7 @@ fn main() {
             .arg("--child")
             .arg("--dir")
             .arg(&args.dir)
-            .args(["--image", &format!("{}x{}", args.image.0, args.image.1)])
+            .args(args.image.iter().flat_map(|(h, w)| ["--image".to_string(), format!("{h}x{w}")]))
             .args(["--images", &args.images.to_string(), "--runs", &args.runs.to_string()])
             .env("RAYON_NUM_THREADS", threads.to_string())
             .env("LAMINA_BENCH_RESULT", args.dir.join("result.txt"));
@@ -262,46 +266,103 @@ struct Run {
     block_linear_flops: f64,
 }
 
-/// The child: everything that is measured.
-fn measure(args: &Args) {
-    let model_dir = args.dir.join("model");
-    let (ckpt, model, units) = open(&model_dir);
-    let tower = VisionTower::from_model(&model).unwrap();
-    let VisionTower::Qwen3Vl(c) = &tower else { panic!("the vision benchmark runs Qwen3-VL towers") };
-    let factor = c.patch_size * c.spatial_merge_size;
-    let (h, w) = smart_resize(args.image.0, args.image.1, factor, MIN_PIXELS, MAX_PIXELS);
-    let grid = [1, h / c.patch_size, w / c.patch_size];
-    let patches = grid[1] * grid[2];
-    let features = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+/// What the benchmark needs of a tower: random pixel values of the right form, the tokens each
+/// image (tile) becomes, and the shape of its blocks.
+struct Setup {
+    input: VisionInput,
+    /// Tokens per image: attention is full inside each image.
+    span: usize,
+    dim: usize,
+    heads: usize,
+    /// How the images became tokens, for the report.
+    describe: String,
+}
+
+/// Uniform values in [-1, 1] (what normalisation gives), xorshift.
+fn random_pixels(n: usize) -> Vec<f32> {
     let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let pixels: Vec<f32> = (0..args.images * patches * features)
+    (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
-        .collect();
-    let input = VisionInput {
-        pixel_values: ArrayD::from_shape_vec(vec![args.images * patches, features], pixels).unwrap(),
-        image_grid_thw: vec![grid; args.images],
-    };
-    let tokens = args.images * patches;
+        .collect()
+}
+
+fn setup(tower: &VisionTower, model: &Model, args: &Args) -> Setup {
+    match tower {
+        VisionTower::Qwen3Vl(c) => {
+            let (ih, iw) = args.image.unwrap_or((672, 672));
+            let factor = c.patch_size * c.spatial_merge_size;
+            let (h, w) = smart_resize(ih, iw, factor, MIN_PIXELS, MAX_PIXELS);
+            let grid = [1, h / c.patch_size, w / c.patch_size];
+            let patches = grid[1] * grid[2];
+            let features = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+            let pixels = random_pixels(args.images * patches * features);
+            Setup {
+                input: VisionInput {
+                    pixel_values: ArrayD::from_shape_vec(vec![args.images * patches, features], pixels).unwrap(),
+                    image_grid_thw: vec![grid; args.images],
+                },
+                span: patches,
+                dim: c.dim,
+                heads: c.num_heads,
+                describe: format!(
+                    "{} image(s) of {ih}x{iw} -> smart_resize {h}x{w} -> grid {grid:?}: {patches} patches, {} merged tokens each",
+                    args.images,
+                    patches / (c.spatial_merge_size * c.spatial_merge_size)
+                ),
+            }
+        }
+        VisionTower::InternVit(c) => {
+            // Every tile is an image of `force_image_size` (else `vision_config.image_size`) pixels.
+            let size = model
+                .config
+                .get("force_image_size")
+                .and_then(|v| v.as_u64())
+                .or_else(|| model.config["vision_config"].get("image_size").and_then(|v| v.as_u64()))
+                .expect("config.json has neither force_image_size nor vision_config.image_size")
+                as usize;
+            if let Some(img) = args.image {
+                assert_eq!(img, (size, size), "InternVL tiles are {size}x{size} (force_image_size)");
+            }
+            let side = size / c.patch_size;
+            let pixels = random_pixels(args.images * 3 * size * size);
+            Setup {
+                input: VisionInput {
+                    pixel_values: ArrayD::from_shape_vec(vec![args.images, 3, size, size], pixels).unwrap(),
+                    image_grid_thw: Vec::new(),
+                },
+                span: side * side + 1,
+                dim: c.dim,
+                heads: c.num_heads,
+                describe: format!(
+                    "{} tile(s) of {size}x{size}: {side}x{side} patches + the class token = {} tokens each, {} after the pixel shuffle",
+                    args.images,
+                    side * side + 1,
+                    side * side / (c.shuffle * c.shuffle)
+                ),
+            }
+        }
+        other => panic!("the vision benchmark runs Qwen3-VL and InternVL towers, not {other:?}"),
+    }
+}
+
+/// The child: everything that is measured.
+fn measure(args: &Args) {
+    let model_dir = args.dir.join("model");
+    let (ckpt, model, units) = open(&model_dir);
+    let tower = VisionTower::from_model(&model).unwrap();
+    let Setup { input, span, dim, heads, describe } = setup(&tower, &model, args);
+    let tokens = args.images * span;
     // Attention: q·kᵀ and p·v, 2·span²·dim FLOPs each, per image.
-    let attention_flops = (4 * args.images * patches * patches * c.dim * c.depth) as f64;
+    let attention_flops = (4 * args.images * span * span * dim * tower.depth()) as f64;
+    println!("input         : {describe}");
     println!(
-        "input         : {} image(s) of {}x{} -> smart_resize {h}x{w} -> grid {:?}: {patches} patches, {} merged tokens each",
-        args.images,
-        args.image.0,
-        args.image.1,
-        grid,
-        patches / (c.spatial_merge_size * c.spatial_merge_size)
-    );
-    println!(
-        "tower         : {} blocks, dim {}, {} heads, {} threads",
-        c.depth,
-        c.dim,
-        c.num_heads,
+        "tower         : {} blocks, dim {dim}, {heads} heads, {} threads",
+        tower.depth(),
         rayon::current_num_threads()
     );
 
@@ -339,7 +400,7 @@ fn measure(args: &Args) {
         let out = tower.finish(dev, &w, state, &mut hook).unwrap();
         run.embed_and_mergers += clock.elapsed();
         run.total = start.elapsed();
-        assert_eq!(out.embeds.nrows(), tokens / (c.spatial_merge_size * c.spatial_merge_size));
+        assert!(out.embeds.nrows() > 0);
         assert!(out.embeds.iter().all(|v| v.is_finite()), "the tower's output is not finite");
         println!(
             "run {r}         : {:.2} s wall, {:.2} s CPU = {:.3} images/s (blocks {:.2} s, weight loading {:.2} s, embed + mergers {:.2} s)",
@@ -393,35 +454,110 @@ fn measure(args: &Args) {
         attention_flops / 1e12
     );
     // The machine's GEMM throughput on the blocks' largest product, measured now with these threads.
-    let inter = weights(UnitKind::VisionBlock(0)).get("mlp.linear_fc1.weight").unwrap().shape()[0];
-    let gemm = gemm_throughput(tokens / args.images, c.dim, inter);
+    let block0 = weights(UnitKind::VisionBlock(0));
+    let pieces = Pieces::of(&tower, &block0);
+    let inter = block0.get(&format!("{}.weight", pieces.fc1)).unwrap().shape()[0];
+    let (gemm, gemm_cpu) = gemm_throughput(span, dim, inter);
     let achieved = block_flops / blocks.wall / 1e9;
     println!(
-        "GEMM          : {gemm:.0} GFLOP/s ([{}, {}] x [{}, {}], median of 5); blocks at {:.0}% of it (target >= 80%: {})",
-        tokens / args.images,
-        c.dim,
-        c.dim,
-        inter,
+        "GEMM          : {gemm:.0} GFLOP/s wall, {gemm_cpu:.0} GFLOP per CPU-s ([{span}, {dim}] x [{dim}, {inter}], medians of 5); \
+         blocks at {:.0}% of it by wall time (target >= 80%: {}), {:.0}% by CPU time",
         100.0 * achieved / gemm,
-        if achieved >= 0.8 * gemm { "met" } else { "MISSED" }
+        if achieved >= 0.8 * gemm { "met" } else { "MISSED" },
+        100.0 * block_flops / blocks.cpu / 1e9 / gemm_cpu
     );
-    profile_block(&tower, &weights(UnitKind::VisionBlock(0)), &weights(UnitKind::VisionPre), &input);
+    profile_block(&tower, &pieces, &block0, &weights(UnitKind::VisionPre), &input, heads);
     println!("VmHWM (child) : {:.0} MB", lamina::pipeline::memory::peak_rss() as f64 / MB);
     if let Some(path) = std::env::var_os("LAMINA_BENCH_RESULT") {
         std::fs::write(path, format!("{}", images / total.wall)).unwrap();
     }
 }
 
-/// Block 0 run piece by piece (the calls `qwen3_vl::Config::block` makes), median of 3 each.
-fn profile_block(tower: &VisionTower, w: &Weights, pre: &Weights, input: &VisionInput) {
-    let VisionTower::Qwen3Vl(c) = tower else { unreachable!() };
+/// GFLOP/s (wall) and GFLOP per CPU-second of one `[m, k] · [k, n]` product on the CPU device
+/// (faer, every thread of the pool), medians of 5 after a warm-up.
+fn gemm_throughput(m: usize, k: usize, n: usize) -> (f64, f64) {
+    let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 13) as f32 * 0.01);
+    let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j * 11) % 17) as f32 * 0.01);
+    std::hint::black_box(Cpu.matmul(a.view(), b.view()));
+    let t: Vec<Secs> = (0..5)
+        .map(|_| {
+            let c = Clock::start();
+            std::hint::black_box(Cpu.matmul(a.view(), b.view()));
+            c.elapsed()
+        })
+        .collect();
+    let flop = 2.0 * (m * k * n) as f64;
+    (flop / median(t.iter().map(|s| s.wall).collect()) / 1e9, flop / median(t.iter().map(|s| s.cpu).collect()) / 1e9)
+}
+
+/// The pieces of a block, as its tower's `block` calls them.
+struct Pieces {
+    norm: Norm,
+    qkv: &'static str,
+    proj: &'static str,
+    fc1: &'static str,
+    fc2: &'static str,
+    act: ops::Activation,
+    /// InternViT-6B's RMSNorms of all heads' queries and keys.
+    qk_norm: bool,
+    /// InternViT's layer scales `ls1`, `ls2`.
+    layer_scale: bool,
+}
+
+enum Norm {
+    Layer(f64),
+    Rms(f64),
+}
+
+impl Pieces {
+    fn of(tower: &VisionTower, w: &Weights) -> Pieces {
+        match tower {
+            VisionTower::Qwen3Vl(c) => Pieces {
+                norm: Norm::Layer(1e-6),
+                qkv: "attn.qkv",
+                proj: "attn.proj",
+                fc1: "mlp.linear_fc1",
+                fc2: "mlp.linear_fc2",
+                act: c.hidden_act,
+                qk_norm: false,
+                layer_scale: false,
+            },
+            VisionTower::InternVit(c) => Pieces {
+                norm: match c.norm {
+                    NormType::LayerNorm => Norm::Layer(c.eps),
+                    NormType::RmsNorm => Norm::Rms(c.eps),
+                },
+                qkv: "attn.qkv",
+                proj: "attn.proj",
+                fc1: "mlp.fc1",
+                fc2: "mlp.fc2",
+                act: c.act,
+                qk_norm: w.has("attn.q_norm.weight"),
+                layer_scale: true,
+            },
+            _ => unreachable!("setup() refused it"),
+        }
+    }
+
+    fn norm(&self, w: &Weights, module: &str, x: ArrayView2<f32>) -> Array2<f32> {
+        let weight = w.vector(&format!("{module}.weight")).unwrap();
+        match self.norm {
+            Norm::Layer(eps) => {
+                let bias = w.vector(&format!("{module}.bias")).ok();
+                ops::layer_norm(x, &weight, bias.as_ref(), eps)
+            }
+            Norm::Rms(eps) => ops::rms_norm(x, &weight, eps),
+        }
+    }
+}
+
+/// Block 0 run piece by piece (the calls the tower's `block` makes), median of 3 each.
+fn profile_block(tower: &VisionTower, p: &Pieces, w: &Weights, pre: &Weights, input: &VisionInput, heads: usize) {
     let dev = &Cpu;
     let state: VisionState = tower.embed(dev, pre, input).unwrap();
     let x = &state.hidden;
-    let (n1, b1) = (w.vector("norm1.weight").unwrap(), w.vector("norm1.bias").unwrap());
     let lin = |name: &str| w.linear(name).unwrap();
-    let (qkv_l, proj_l, fc1_l, fc2_l) =
-        (lin("attn.qkv"), lin("attn.proj"), lin("mlp.linear_fc1"), lin("mlp.linear_fc2"));
+    let (qkv_l, proj_l, fc1_l, fc2_l) = (lin(p.qkv), lin(p.proj), lin(p.fc1), lin(p.fc2));
 
     let mut rows: Vec<(&str, Secs)> = Vec::new();
     let mut time = |what: &'static str, f: &mut dyn FnMut()| {
@@ -437,31 +573,48 @@ fn profile_block(tower: &VisionTower, w: &Weights, pre: &Weights, input: &Vision
         rows.push((what, Secs { wall, cpu }));
     };
     time("weights as Linear (Weights::linear copies)", &mut || {
-        for name in ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"] {
+        for name in [p.qkv, p.proj, p.fc1, p.fc2] {
             std::hint::black_box(w.linear(name).unwrap());
         }
     });
     let mut h = Array2::zeros((0, 0));
-    time("layer norm (x2)", &mut || h = ops::layer_norm(x.view(), &n1, Some(&b1), 1e-6));
+    time("norm (x2)", &mut || h = p.norm(w, "norm1", x.view()));
     let mut qkv = Array2::zeros((0, 0));
     time("attn.qkv linear", &mut || qkv = qkv_l.forward(dev, h.view()));
+    let (mut qn, mut kn) = (Array2::zeros((0, 0)), Array2::zeros((0, 0)));
+    if p.qk_norm {
+        time("q / k norms", &mut || {
+            let (q, k, _) = ops::split_qkv(&qkv);
+            let eps = match p.norm {
+                Norm::Layer(eps) | Norm::Rms(eps) => eps,
+            };
+            qn = ops::rms_norm(q, &w.vector("attn.q_norm.weight").unwrap(), eps);
+            kn = ops::rms_norm(k, &w.vector("attn.k_norm.weight").unwrap(), eps);
+        });
+    }
     let mut o = Array2::zeros((0, 0));
     time("attention core (rotary, q·kᵀ, softmax, p·v)", &mut || {
         let (q, k, v) = ops::split_qkv(&qkv);
-        o = ops::span_attention(dev, q, k, v, c.num_heads, state.rotary.as_ref(), &state.spans);
+        let (q, k) = if p.qk_norm { (qn.view(), kn.view()) } else { (q, k) };
+        o = ops::span_attention(dev, q, k, v, heads, state.rotary.as_ref(), &state.spans);
     });
     time("attn.proj linear", &mut || o = proj_l.forward(dev, o.view()));
     let mut m = Array2::zeros((0, 0));
-    time("mlp.linear_fc1 linear", &mut || m = fc1_l.forward(dev, h.view()));
+    time("mlp fc1 linear", &mut || m = fc1_l.forward(dev, h.view()));
     let mut fresh = vec![m.clone(), m.clone(), m];
     let mut act = Array2::zeros((0, 0));
     time("activation (hidden_act)", &mut || {
         act = fresh.pop().unwrap();
-        c.hidden_act.apply_all(&mut act)
+        p.act.apply_all(&mut act)
     });
-    time("mlp.linear_fc2 linear", &mut || o = fc2_l.forward(dev, act.view()));
+    time("mlp fc2 linear", &mut || o = fc2_l.forward(dev, act.view()));
     let mut r = x.clone();
-    time("residual add (x2)", &mut || ops::add_into(&mut r, &o));
+    if p.layer_scale {
+        let ls = w.vector("ls1").unwrap();
+        time("residual add with layer scale (x2)", &mut || ops::add_scaled_into(&mut r, &o, &ls));
+    } else {
+        time("residual add (x2)", &mut || ops::add_into(&mut r, &o));
+    }
     for (what, t) in rows.iter_mut() {
         if what.ends_with("(x2)") {
             // A block has two of these; one was timed.

@@ -3,7 +3,8 @@
 //! exists today; asking for anything else fails with a clear message.
 
 use anyhow::{bail, Result};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use rayon::prelude::*;
 
 pub trait Device: Send + Sync {
     fn name(&self) -> &'static str;
@@ -12,6 +13,14 @@ pub trait Device: Send + Sync {
     /// A linear layer without bias: `x · wᵀ` for activations `x [tokens, in]` and `w [out, in]`.
     fn linear(&self, x: ArrayView2<f32>, w: ArrayView2<f32>) -> Array2<f32> {
         self.matmul(x, w.t())
+    }
+    /// A linear layer with its optional bias `[out]`: `x · wᵀ + bias`.
+    fn linear_bias(&self, x: ArrayView2<f32>, w: ArrayView2<f32>, bias: Option<ArrayView1<f32>>) -> Array2<f32> {
+        let mut y = self.linear(x, w);
+        if let Some(b) = bias {
+            y += &b.insert_axis(Axis(0));
+        }
+        y
     }
     /// Adds `xᵀ·x` for `x [tokens, n]` into the row-major `acc [n, n]` (GPTQ's Hessian). Only the
     /// lower triangle (row ≥ column) is guaranteed: the product is symmetric, so a backend may
@@ -36,7 +45,13 @@ impl Device for Cpu {
     }
 
     fn matmul(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
-        faer_matmul(a, b, faer::Par::rayon(0))
+        faer_matmul(a, b, None, faer::Par::rayon(0))
+    }
+
+    /// The bias is the product's starting value (every row of the output), so it costs no pass
+    /// of its own over the output.
+    fn linear_bias(&self, x: ArrayView2<f32>, w: ArrayView2<f32>, bias: Option<ArrayView1<f32>>) -> Array2<f32> {
+        faer_matmul(x, w.t(), bias, faer::Par::rayon(0))
     }
 
     fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
@@ -66,29 +81,55 @@ impl Device for Cpu {
     }
 
     fn matmul_serial(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
-        faer_matmul(a, b, faer::Par::Seq)
+        faer_matmul(a, b, None, faer::Par::Seq)
     }
 }
 
-/// `a · b` with faer, on `par` threads.
-fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, par: faer::Par) -> Array2<f32> {
+/// `a · b` (plus `bias` on every row) with faer, on `par` threads. The output is not zeroed
+/// first: the product overwrites it, or adds to the bias rows written in parallel.
+fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: Option<ArrayView1<f32>>, par: faer::Par) -> Array2<f32> {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert_eq!(k, k2, "matmul: inner dimensions differ ({m}x{k} · {k2}x{n})");
-    let mut c = Array2::<f32>::zeros((m, n));
-    if m == 0 || n == 0 || k == 0 {
-        return c;
+    if let Some(b) = &bias {
+        assert_eq!(b.len(), n, "matmul: a bias of {} for {n} outputs", b.len());
     }
-    let (sa, sb) = (a.strides(), b.strides());
-    // SAFETY: the views describe valid memory with these shapes and element strides for the
-    // duration of the call, and `c` is a fresh, uniquely borrowed row-major array.
-    unsafe {
-        let fa = faer::MatRef::from_raw_parts(a.as_ptr(), m, k, sa[0], sa[1]);
-        let fb = faer::MatRef::from_raw_parts(b.as_ptr(), k, n, sb[0], sb[1]);
-        let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr(), m, n, n as isize, 1isize);
-        faer::linalg::matmul::matmul(fc, faer::Accum::Replace, fa, fb, 1.0f32, par);
+    let mut c = Array2::<f32>::uninit((m, n));
+    let accum = match &bias {
+        Some(bias) if m > 0 && n > 0 => {
+            let rows = c.as_slice_mut().expect("fresh array");
+            let fill = |row: &mut [std::mem::MaybeUninit<f32>]| {
+                row.iter_mut().zip(bias.iter()).for_each(|(r, &b)| _ = r.write(b));
+            };
+            if matches!(par, faer::Par::Seq) {
+                rows.chunks_mut(n).for_each(fill);
+            } else {
+                rows.par_chunks_mut(n).with_min_len(64).for_each(fill);
+            }
+            faer::Accum::Add
+        }
+        _ => {
+            if k == 0 || m == 0 || n == 0 {
+                c.fill(std::mem::MaybeUninit::new(0.0));
+            }
+            faer::Accum::Replace
+        }
+    };
+    if m > 0 && n > 0 && k > 0 {
+        let (sa, sb) = (a.strides(), b.strides());
+        // SAFETY: the views describe valid memory with these shapes and element strides for the
+        // duration of the call; `c` is a fresh, uniquely borrowed row-major array, which
+        // `Replace` only writes and `Add` reads after the bias rows were written.
+        unsafe {
+            let fa = faer::MatRef::from_raw_parts(a.as_ptr(), m, k, sa[0], sa[1]);
+            let fb = faer::MatRef::from_raw_parts(b.as_ptr(), k, n, sb[0], sb[1]);
+            let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, m, n, n as isize, 1isize);
+            faer::linalg::matmul::matmul(fc, accum, fa, fb, 1.0f32, par);
+        }
     }
-    c
+    // SAFETY: every element was written: by the product (`Replace`, m, n, k > 0), by the bias
+    // rows, or by the zero fill of an empty product.
+    unsafe { c.assume_init() }
 }
 
 /// Sizes the pool of compute threads (rayon's, which faer's GEMM and every parallel loop use) to `n`,
@@ -120,7 +161,7 @@ pub fn open(name: &str) -> Result<Box<dyn Device>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::array;
+    use ndarray::{array, Array1};
 
     #[test]
     fn matmul_matches_naive_with_transposed_views() {
@@ -132,6 +173,37 @@ mod tests {
         let y2 = Cpu.matmul(a.t(), a.view());
         assert_eq!(y2, a.t().dot(&a));
         assert_eq!(Cpu.matmul_serial(a.t(), a.view()), y2);
+    }
+
+    #[test]
+    fn linear_bias_is_the_product_plus_the_bias() {
+        let x = Array2::from_shape_fn((37, 19), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.25 - 1.0);
+        let w = Array2::from_shape_fn((23, 19), |(i, j)| ((i * 5 + j * 13) % 17) as f32 * 0.125 - 1.0);
+        let b = Array1::from_shape_fn(23, |i| i as f32 * 0.5 - 3.0);
+        // Small integers and eighths: every sum is exact, whatever the order.
+        let want = x.dot(&w.t()) + &b;
+        assert_eq!(Cpu.linear_bias(x.view(), w.view(), Some(b.view())), want);
+        assert_eq!(Cpu.linear_bias(x.view(), w.view(), None), x.dot(&w.t()));
+        // The trait's default (add after the product) agrees.
+        struct Plain;
+        impl Device for Plain {
+            fn name(&self) -> &'static str {
+                "plain"
+            }
+            fn matmul(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+                a.dot(&b)
+            }
+        }
+        assert_eq!(Plain.linear_bias(x.view(), w.view(), Some(b.view())), want);
+        // Empty inner dimension: the bias alone; no rows: nothing.
+        let e =
+            Cpu.linear_bias(Array2::<f32>::zeros((3, 0)).view(), Array2::<f32>::zeros((23, 0)).view(), Some(b.view()));
+        assert_eq!(e, Array2::from_shape_fn((3, 23), |(_, j)| b[j]));
+        assert_eq!(Cpu.matmul(Array2::<f32>::zeros((0, 4)).view(), Array2::<f32>::zeros((4, 2)).view()).dim(), (0, 2));
+        assert_eq!(
+            Cpu.matmul(Array2::<f32>::zeros((2, 0)).view(), Array2::<f32>::zeros((0, 2)).view()),
+            Array2::<f32>::zeros((2, 2))
+        );
     }
 
     #[test]

@@ -877,7 +877,10 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
         out.push((layout.lm_head_weight(), vec![t.vocab_size, h]));
     }
     if let Some(v) = super::config::vision_view(config) {
-        synthesize_vision(family, &layout, &v, h, &mut out)?;
+        // InternVL's pixel shuffle gathers a `1/downsample_ratio`-sided square of patches.
+        let ratio = config.get("downsample_ratio").and_then(Value::as_f64).unwrap_or(0.5);
+        let shuffle = (1.0 / ratio).round() as usize;
+        synthesize_vision(family, &layout, &v, h, shuffle, &mut out)?;
     }
     // GLM-4.5's q/k norms are optional (`use_qk_norm`: GLM-4.6 has them, GLM-4.5V does not).
     let text = config.get("text_config").filter(|t| t.is_object()).unwrap_or(config);
@@ -1018,6 +1021,7 @@ fn synthesize_vision(
     layout: &Layout,
     v: &super::config::ConfigView,
     text_hidden: usize,
+    shuffle: usize,
     out: &mut Vec<(String, Vec<usize>)>,
 ) -> Result<()> {
     let m = |rel: &str| layout.vision_module(rel).unwrap();
@@ -1171,6 +1175,52 @@ fn synthesize_vision(
             norm(&mut push, m("attn_pool.ln_kv"), e);
             norm(&mut push, m("ln_post"), e);
             push(m("proj"), &[e, e]);
+        }
+        Family::InternVlChat => {
+            // vision/internvit.rs: InternViT (LayerNorm or RMSNorm, optional qkv bias and q/k norms,
+            // layer scales), then `mlp1` on the pixel-shuffled features.
+            let dim = v.usize(&["hidden_size"])?;
+            let inter = v.usize(&["intermediate_size"])?;
+            let patch = v.usize(&["patch_size"])?;
+            let side = v.usize(&["image_size"])? / patch.max(1);
+            let cin = v.opt_usize(&["num_channels"])?.unwrap_or(3);
+            let rms = v.str(&["norm_type"]) == Some("rms_norm");
+            // InternVisionConfig's defaults: qkv_bias false, qk_normalization false.
+            let (qkv_bias, qk_norm) =
+                (v.bool(&["qkv_bias"]).unwrap_or(false), v.bool(&["qk_normalization"]).unwrap_or(false));
+            push(m("embeddings.class_embedding"), &[1, 1, dim]);
+            push(m("embeddings.patch_embedding.weight"), &[dim, cin, patch, patch]);
+            push(m("embeddings.patch_embedding.bias"), &[dim]);
+            push(m("embeddings.position_embedding"), &[1, side * side + 1, dim]);
+            for b in 0..depth {
+                let blk = layout.vision_block(b).unwrap();
+                for n in ["norm1", "norm2"] {
+                    push(format!("{blk}.{n}.weight"), &[dim]);
+                    if !rms {
+                        push(format!("{blk}.{n}.bias"), &[dim]);
+                    }
+                }
+                push(format!("{blk}.attn.qkv.weight"), &[3 * dim, dim]);
+                if qkv_bias {
+                    push(format!("{blk}.attn.qkv.bias"), &[3 * dim]);
+                }
+                if qk_norm {
+                    push(format!("{blk}.attn.q_norm.weight"), &[dim]);
+                    push(format!("{blk}.attn.k_norm.weight"), &[dim]);
+                }
+                linear(&mut push, format!("{blk}.attn.proj"), dim, dim);
+                linear(&mut push, format!("{blk}.mlp.fc1"), inter, dim);
+                linear(&mut push, format!("{blk}.mlp.fc2"), dim, inter);
+                push(format!("{blk}.ls1"), &[dim]);
+                push(format!("{blk}.ls2"), &[dim]);
+            }
+            // mlp1: LayerNorm(f²·dim), Linear(f²·dim → text), GELU, Linear(text → text); f = 1 / downsample_ratio.
+            let p = layout.projector.clone().context("the InternVL layout has no mlp1 projector")?;
+            let shuffled = dim * shuffle * shuffle;
+            push(format!("{p}.0.weight"), &[shuffled]);
+            push(format!("{p}.0.bias"), &[shuffled]);
+            linear(&mut push, format!("{p}.1"), text_hidden, shuffled);
+            linear(&mut push, format!("{p}.3"), text_hidden, text_hidden);
         }
         Family::Llava => {
             bail!("planning LLaVA from a config alone is not supported; point --model_path at the checkpoint")
@@ -1346,6 +1396,36 @@ mod tests {
         stored.sort();
         planned.sort();
         assert_eq!(planned, stored);
+    }
+
+    /// InternVL: the vision tensors planned from the config are the fixtures' (InternViT-300M's
+    /// LayerNorms and qkv bias; InternViT-6B's RMSNorms and q/k norms), names and shapes.
+    #[test]
+    fn internvl_vision_inventory_is_the_fixtures() {
+        for fixture in ["internvl_chat", "internvl_chat_6b"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
+            let config: Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let l = Layout::for_config(Family::InternVlChat, &config, &[]).unwrap();
+            let vision = |n: &str| {
+                matches!(l.classify(n), UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost)
+            };
+            let ckpt = crate::io::checkpoint::Checkpoint::open(&dir).unwrap();
+            let mut stored: Vec<(String, Vec<usize>)> = ckpt
+                .names()
+                .filter(|n| vision(n))
+                .map(|n| (n.to_string(), ckpt.entry(n).unwrap().1.meta().shape))
+                .collect();
+            let mut planned: Vec<_> = synthesize_inventory(Family::InternVlChat, &config)
+                .unwrap()
+                .into_iter()
+                .filter(|(n, _)| vision(n))
+                .collect();
+            stored.sort();
+            planned.sort();
+            assert!(planned.iter().any(|(n, _)| n.ends_with("layers.1.ls2")), "{fixture}");
+            assert_eq!(planned, stored, "{fixture}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! substitute quantized weights); a plain forward uses [`Plain`].
 
 use crate::device::Device;
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2};
 
 /// A linear layer's float weights: `y = x · weightᵀ + bias`.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,11 +23,7 @@ impl Linear {
     }
     /// The float product, on `device`.
     pub fn forward(&self, device: &dyn Device, x: ArrayView2<f32>) -> Array2<f32> {
-        let mut y = device.linear(x, self.weight.view());
-        if let Some(b) = &self.bias {
-            y += &b.view().insert_axis(Axis(0));
-        }
-        y
+        device.linear_bias(x, self.weight.view(), self.bias.as_ref().map(|b| b.view()))
     }
 }
 

@@ -155,16 +155,18 @@ impl Config {
         } else {
             super::ops::span_attention(device, q, k, v, self.num_heads, None, &state.spans)
         };
-        let mut o = super::linear(device, w, "attn.proj", &o, hook)?;
-        o *= &w.vector("ls1")?;
-        super::residual(&mut state.hidden, o);
+        let o = super::linear(device, w, "attn.proj", &o, hook)?;
+        let ls1 = w.vector("ls1")?;
+        super::check_width("ls1", ls1.len(), o.ncols())?;
+        super::ops::add_scaled_into(&mut state.hidden, &o, &ls1);
 
         let h = self.norm(w, "norm2", &state.hidden)?;
         let mut m = super::linear(device, w, "mlp.fc1", &h, hook)?;
         self.act.apply_all(&mut m);
-        let mut m = super::linear(device, w, "mlp.fc2", &m, hook)?;
-        m *= &w.vector("ls2")?;
-        super::residual(&mut state.hidden, m);
+        let m = super::linear(device, w, "mlp.fc2", &m, hook)?;
+        let ls2 = w.vector("ls2")?;
+        super::check_width("ls2", ls2.len(), m.ncols())?;
+        super::ops::add_scaled_into(&mut state.hidden, &m, &ls2);
 
         if self.feature_layer == i + 1 {
             state.kept.push((i + 1, state.hidden.clone()));

@@ -403,9 +403,30 @@ pub fn split_qkv(qkv: &Array2<f32>) -> (ArrayView2<'_, f32>, ArrayView2<'_, f32>
     (qkv.slice(s![.., 0..d]), qkv.slice(s![.., d..2 * d]), qkv.slice(s![.., 2 * d..3 * d]))
 }
 
-/// `a += b`, elementwise.
+/// `a += b`, elementwise; rows in parallel.
 pub fn add_into(a: &mut Array2<f32>, b: &Array2<f32>) {
-    Zip::from(a).and(b).for_each(|x, &y| *x += y);
+    add_rows(a, b, |x, y, _| x + y);
+}
+
+/// `a += b · scale`, elementwise with `scale [columns]` (InternViT's layer scales); rows in parallel.
+pub fn add_scaled_into(a: &mut Array2<f32>, b: &Array2<f32>, scale: &Array1<f32>) {
+    assert_eq!(scale.len(), b.ncols(), "a scale of {} for {} columns", scale.len(), b.ncols());
+    let scale = scale.as_slice().expect("a fresh vector");
+    add_rows(a, b, |x, y, j| x + y * scale[j]);
+}
+
+/// `a[i, j] = f(a[i, j], b[i, j], j)`, rows in parallel when both are row-major.
+fn add_rows(a: &mut Array2<f32>, b: &Array2<f32>, f: impl Fn(f32, f32, usize) -> f32 + Sync) {
+    assert_eq!(a.dim(), b.dim(), "adding arrays of different shapes");
+    let width = a.ncols().max(1);
+    match (a.as_slice_mut(), b.as_slice()) {
+        (Some(a), Some(b)) => a.par_chunks_mut(width).zip(b.par_chunks(width)).with_min_len(16).for_each(|(x, y)| {
+            for (j, (x, &y)) in x.iter_mut().zip(y).enumerate() {
+                *x = f(*x, y, j);
+            }
+        }),
+        _ => Zip::indexed(a).and(b).for_each(|(_, j), x, &y| *x = f(*x, y, j)),
+    }
 }
 
 /// Concatenates each group of `n` consecutive rows into one row: `[tokens, d] → [tokens/n, n·d]`.
