@@ -485,6 +485,45 @@ mod tests {
         }
     }
 
+    /// Per-channel int4 (W4A8_DYNAMIC) when one token per sequence carries a massive activation in
+    /// one channel, as the first position does at SmolLM2-135M's `down_proj` of layer 11 (99.8% of
+    /// that Hessian's trace, benches/ALGORITHMS.md). GPTQ does what its objective says, with the
+    /// textbook's integers: the error summed over every token is below round-to-nearest's, and it
+    /// is bought on the massive tokens, the ordinary tokens' error rising well above
+    /// round-to-nearest's. This is why W4A8 GPTQ loses to RTN on that model: a property of the
+    /// algorithm on such Hessians, not of this implementation.
+    #[test]
+    fn a_massive_token_dominates_the_objective_as_in_the_textbook() {
+        let mut rng = Rng::new(35);
+        let (rows, cols, tokens, seq) = (16, 64, 512, 64);
+        let mut x = rng.normal_matrix(tokens, cols, 4.0);
+        for t in (0..tokens).step_by(seq) {
+            x[(t, 3)] = 3000.0;
+        }
+        let w = rng.normal_matrix(rows, cols, 0.1);
+        let mut hs = Hessian::new(cols);
+        hs.update(&Cpu, x.view());
+        let h = hs.matrix();
+        let sp = spec("w4a8_dynamic");
+        let (qw, _) = quantize(&Cpu, w.view(), h.view(), &sp, &GptqConfig::default()).unwrap();
+        // The same integers as the textbook algorithm (f64, explicit inverse), on the same grid.
+        let want = textbook_obs(&w, &h, 0.01, &sp);
+        let same = qw.q.iter().zip(&want).filter(|(a, b)| a == b).count();
+        assert!(same as f64 >= 0.98 * want.len() as f64, "{same} of {} agree", want.len());
+        for r in 0..rows {
+            let row: Vec<f64> = w.row(r).iter().map(|&v| v as f64).collect();
+            let (s, _) = textbook_grid(&row, &sp);
+            assert!((qw.scale[r] as f64 - s).abs() <= 1e-6 * s, "row {r}: scale {} vs {s}", qw.scale[r]);
+        }
+        let rtn = rtn::quantize(w.as_slice().unwrap(), rows, cols, &sp);
+        let ordinary_rows: Vec<usize> = (0..tokens).filter(|t| t % seq != 0).collect();
+        let ordinary = x.select(ndarray::Axis(0), &ordinary_rows);
+        let (all_gptq, all_rtn) = (output_error(&x, &w, &qw), output_error(&x, &w, &rtn));
+        let (ord_gptq, ord_rtn) = (output_error(&ordinary, &w, &qw), output_error(&ordinary, &w, &rtn));
+        assert!(all_gptq < all_rtn, "all tokens: GPTQ {all_gptq} vs RTN {all_rtn}");
+        assert!(ord_gptq > 1.2 * ord_rtn, "ordinary tokens: GPTQ {ord_gptq} vs RTN {ord_rtn}");
+    }
+
     #[test]
     fn dead_columns_are_zeroed_and_the_rest_still_works() {
         let mut rng = Rng::new(34);
