@@ -287,7 +287,7 @@ fn print_work_floor(config: &serde_json::Value, s: &Settings, lamina_wall: f64, 
     let (hidden, inter) =
         (config["hidden_size"].as_u64().unwrap() as usize, config["intermediate_size"].as_u64().unwrap() as usize);
     let m = (s.samples * s.seq_len).min(2048);
-    let gemm = gemm_throughput(m, hidden, inter) * 1e9;
+    let gemm = gemm_throughput(m, hidden, inter).0 * 1e9;
     let forward = f.linears + f.attention;
     let (once, twice) = ((forward + f.hessians) / gemm, (2.0 * forward + f.hessians) / gemm);
     println!(

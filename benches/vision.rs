@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{median, run_measured, MB};
+use common::{cpu_seconds, gemm_throughput, median, run_measured, MB};
 use lamina::device::{Cpu, Device};
 use lamina::io::checkpoint::Checkpoint;
 use lamina::model::layout::UnitKind;
@@ -228,13 +228,6 @@ impl Clock {
     fn elapsed(&self) -> Secs {
         Secs { wall: self.0.elapsed().as_secs_f64(), cpu: cpu_seconds() - self.1 }
     }
-}
-
-fn cpu_seconds() -> f64 {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `t` is a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
 /// A float forward that times its linears and counts their FLOPs.
@@ -471,23 +464,6 @@ fn measure(args: &Args) {
     if let Some(path) = std::env::var_os("LAMINA_BENCH_RESULT") {
         std::fs::write(path, format!("{}", images / total.wall)).unwrap();
     }
-}
-
-/// GFLOP/s (wall) and GFLOP per CPU-second of one `[m, k] · [k, n]` product on the CPU device
-/// (faer, every thread of the pool), medians of 5 after a warm-up.
-fn gemm_throughput(m: usize, k: usize, n: usize) -> (f64, f64) {
-    let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 13) as f32 * 0.01);
-    let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j * 11) % 17) as f32 * 0.01);
-    std::hint::black_box(Cpu.matmul(a.view(), b.view()));
-    let t: Vec<Secs> = (0..5)
-        .map(|_| {
-            let c = Clock::start();
-            std::hint::black_box(Cpu.matmul(a.view(), b.view()));
-            c.elapsed()
-        })
-        .collect();
-    let flop = 2.0 * (m * k * n) as f64;
-    (flop / median(t.iter().map(|s| s.wall).collect()) / 1e9, flop / median(t.iter().map(|s| s.cpu).collect()) / 1e9)
 }
 
 /// The pieces of a block, as its tower's `block` calls them.
