@@ -673,14 +673,24 @@ impl InternVlProcessor {
             std: preprocessor.map(|j| triple(j, "image_std", IMAGENET_STD)).transpose()?.unwrap_or(IMAGENET_STD),
         };
         ensure!(p.image_size > 0, "config.json: force_image_size is 0");
+        p.checked("config.json: min_dynamic_patch", "max_dynamic_patch")
+    }
+
+    /// The checks every source of the tiling settings shares: a range of tile counts (named by the
+    /// source's keys in the error) and a usable normalisation.
+    fn checked(self, min_key: &str, max_key: &str) -> Result<InternVlProcessor> {
         ensure!(
-            p.min_tiles >= 1 && p.min_tiles <= p.max_tiles,
-            "config.json: min_dynamic_patch {} and max_dynamic_patch {} do not make a range of tile counts",
-            p.min_tiles,
-            p.max_tiles
+            self.min_tiles >= 1 && self.min_tiles <= self.max_tiles,
+            "{min_key} {} and {max_key} {} do not make a range of tile counts",
+            self.min_tiles,
+            self.max_tiles
         );
-        ensure!(p.std.iter().all(|&s| s != 0.0 && s.is_finite()), "image_std {:?} must be finite and non-zero", p.std);
-        Ok(p)
+        ensure!(
+            self.std.iter().all(|&s| s != 0.0 && s.is_finite()),
+            "image_std {:?} must be finite and non-zero",
+            self.std
+        );
+        Ok(self)
     }
 
     /// transformers' GotOcr2ImageProcessor, the image processor of the `-hf` InternVL conversions,
@@ -714,14 +724,7 @@ impl InternVlProcessor {
             mean: triple(json, "image_mean", CLIP_MEAN)?,
             std: triple(json, "image_std", CLIP_STD)?,
         };
-        ensure!(
-            p.min_tiles >= 1 && p.min_tiles <= p.max_tiles,
-            "min_patches {} and max_patches {} do not make a range of tile counts",
-            p.min_tiles,
-            p.max_tiles
-        );
-        ensure!(p.std.iter().all(|&s| s != 0.0 && s.is_finite()), "image_std {:?} must be finite and non-zero", p.std);
-        Ok(p)
+        p.checked("min_patches", "max_patches")
     }
 
     /// Qwen-VL's `image_transform` (visual.py: `Resize((image_size, image_size), BICUBIC)` on the
