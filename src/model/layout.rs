@@ -880,7 +880,7 @@ pub fn synthesize_inventory(family: Family, config: &Value) -> Result<Vec<(Strin
         // InternVL's pixel shuffle gathers a `1/downsample_ratio`-sided square of patches.
         let ratio = config.get("downsample_ratio").and_then(Value::as_f64).unwrap_or(0.5);
         let shuffle = (1.0 / ratio).round() as usize;
-        synthesize_vision(family, &layout, &v, h, shuffle, &mut out)?;
+        synthesize_vision(family, &layout, config, &v, h, shuffle, &mut out)?;
     }
     // GLM-4.5's q/k norms are optional (`use_qk_norm`: GLM-4.6 has them, GLM-4.5V does not).
     let text = config.get("text_config").filter(|t| t.is_object()).unwrap_or(config);
@@ -1019,6 +1019,7 @@ fn synthesize_layer(
 fn synthesize_vision(
     family: Family,
     layout: &Layout,
+    config: &Value,
     v: &super::config::ConfigView,
     text_hidden: usize,
     shuffle: usize,
@@ -1033,17 +1034,18 @@ fn synthesize_vision(
     let depth = v.usize(&["depth", "num_hidden_layers", "layers"])?;
     match family {
         Family::Qwen2Vl | Family::Qwen25Vl | Family::Qwen3Vl | Family::Qwen3VlMoe => {
-            let dim = v.usize(&["embed_dim", "hidden_size"])?;
-            let (dim, inter) = if family == Family::Qwen2Vl {
-                let d = v.usize(&["embed_dim"])?;
-                (d, d * v.usize(&["mlp_ratio"]).unwrap_or(4))
-            } else {
-                (dim, v.usize(&["intermediate_size"])?)
+            let t = match family {
+                Family::Qwen2Vl => super::vision::qwen2_vl::Config::from_json(config)?.tower,
+                Family::Qwen25Vl => super::vision::qwen2_5_vl::Config::from_json(config)?.tower,
+                _ => super::vision::qwen3_vl::Config::from_json(config)?.tower,
             };
-            let patch = v.usize(&["patch_size"])?;
-            let tps = v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2);
-            let cin = v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3);
-            let merge = v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2);
+            let (dim, patch, tps, cin, merge) =
+                (t.dim, t.patch_size, t.temporal_patch_size, t.in_channels, t.spatial_merge_size);
+            let inter = if family == Family::Qwen2Vl {
+                dim * v.usize(&["mlp_ratio"]).unwrap_or(4)
+            } else {
+                v.usize(&["intermediate_size"])?
+            };
             let out_h = v.opt_usize(&["out_hidden_size", "hidden_size"])?.unwrap_or(text_hidden);
             let out_h = if family == Family::Qwen2Vl { text_hidden.max(out_h) } else { out_h };
             let qwen3 = matches!(family, Family::Qwen3Vl | Family::Qwen3VlMoe);
@@ -1103,14 +1105,12 @@ fn synthesize_vision(
         }
         Family::Glm4v | Family::Glm4vMoe => {
             // vision/glm4v.rs: the block MLP is out_hidden_size wide, the merger intermediate_size.
-            let dim = v.usize(&["hidden_size"])?;
+            let t = super::vision::glm4v::Config::from_json(config)?.tower;
+            let (dim, patch, tps, cin, merge) =
+                (t.dim, t.patch_size, t.temporal_patch_size, t.in_channels, t.spatial_merge_size);
             let out_h = v.opt_usize(&["out_hidden_size"])?.unwrap_or(text_hidden);
             let inter = v.usize(&["intermediate_size"])?;
-            let patch = v.usize(&["patch_size"])?;
             let side = v.usize(&["image_size"])? / patch;
-            let tps = v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2);
-            let cin = v.opt_usize(&["in_channels"])?.unwrap_or(3);
-            let merge = v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2);
             let qkv_bias = v.bool(&["attention_bias"]).unwrap_or(false);
             push(m("patch_embed.proj.weight"), &[dim, cin, tps, patch, patch]);
             push(m("patch_embed.proj.bias"), &[dim]);

@@ -22,7 +22,8 @@
 //! - The block MLP's width is `out_hidden_size` and the merger's `intermediate_size` (transformers'
 //!   `Glm4VisionMlp` and `Glm4vVisionPatchMerger`); both are read from the weights.
 
-use super::ops::{Activation, Rotary};
+use super::ops::Activation;
+use super::patch_tower::PatchTower;
 use super::{VisionInput, VisionOutput, VisionState};
 use crate::device::Device;
 use crate::model::config::vision_view;
@@ -34,16 +35,8 @@ use serde_json::Value;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub depth: usize,
-    /// The blocks' width (`hidden_size`).
-    pub dim: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    pub temporal_patch_size: usize,
-    pub in_channels: usize,
-    pub spatial_merge_size: usize,
-    pub hidden_act: Activation,
-    pub rope_theta: f64,
+    /// What the 3D-patch towers share (`vision_config`'s depth, width, heads, patches, activation, rotary).
+    pub tower: PatchTower,
     /// The RMSNorms' epsilon (`rms_norm_eps`).
     pub eps: f64,
 }
@@ -55,48 +48,17 @@ impl Config {
     pub fn from_json(config: &Value) -> Result<Config> {
         let v = vision_view(config).context("config.json has no vision_config")?;
         let c = Config {
-            depth: v.usize(&["depth", "num_hidden_layers"])?,
-            dim: v.usize(&["hidden_size"])?,
-            num_heads: v.usize(&["num_heads", "num_attention_heads"])?,
-            patch_size: v.usize(&["patch_size"])?,
-            temporal_patch_size: v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2),
-            in_channels: v.opt_usize(&["in_channels"])?.unwrap_or(3),
-            spatial_merge_size: v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
-            hidden_act: Activation::from_name(v.str(&["hidden_act"]).unwrap_or("silu"))?,
-            rope_theta: super::vision_rope_theta(&v)?,
+            tower: PatchTower::from_view(&v, &["hidden_size"], "silu")?,
             eps: v.f64(&["rms_norm_eps"])?.unwrap_or(1e-5),
         };
-        ensure!(
-            c.num_heads > 0 && c.dim % c.num_heads == 0 && (c.dim / c.num_heads) % 4 == 0,
-            "vision_config: hidden_size {} over {} heads does not give a head width divisible by 4 (the 2D rotary needs one)",
-            c.dim,
-            c.num_heads
-        );
         Ok(c)
-    }
-
-    fn head_dim(&self) -> usize {
-        self.dim / self.num_heads
     }
 
     /// Patch embedding, `post_conv_layernorm`, the interpolated position embedding; the rotary
     /// table and per-frame attention spans.
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let features = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size;
-        let patches = super::qwen_patches(input, features)?;
+        let hidden = self.tower.embed_patches(device, w, input)?;
         let grids = input.image_grid_thw.clone();
-        super::check_grids(&grids, self.spatial_merge_size)?;
-        let conv = super::conv_as_linear(w, "patch_embed.proj")?;
-        ensure!(
-            conv.in_features() == features,
-            "patch_embed.proj takes {} features, a {}×{}×{}×{} patch has {features}",
-            conv.in_features(),
-            self.in_channels,
-            self.temporal_patch_size,
-            self.patch_size,
-            self.patch_size
-        );
-        let hidden = conv.forward(device, patches.view());
         let mut hidden = super::rms_norm(w, "post_conv_layernorm", &hidden, self.eps)?;
         let table = w.matrix("embeddings.position_embedding.weight")?;
         ensure!(
@@ -105,9 +67,9 @@ impl Config {
             table.ncols(),
             hidden.ncols()
         );
-        let positions = interpolate_positions(table.view(), &grids, self.spatial_merge_size)?;
+        let positions = interpolate_positions(table.view(), &grids, self.tower.spatial_merge_size)?;
         super::residual(&mut hidden, positions);
-        let rotary = Rotary::vision_2d(&grids, self.spatial_merge_size, self.head_dim(), self.rope_theta);
+        let rotary = self.tower.rotary(&grids);
         let mut state = VisionState::new(hidden, super::frame_spans(&grids), grids);
         state.rotary = Some(rotary);
         Ok(state)
@@ -123,11 +85,11 @@ impl Config {
     ) -> Result<()> {
         let h = super::rms_norm(w, "norm1", &state.hidden, self.eps)?;
         let attn =
-            super::fused_qkv_attention(device, w, &h, self.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
+            super::fused_qkv_attention(device, w, &h, self.tower.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
         super::residual(&mut state.hidden, attn);
 
         let h = super::rms_norm(w, "norm2", &state.hidden, self.eps)?;
-        let m = swiglu(device, w, "mlp", &h, self.hidden_act, hook)?;
+        let m = swiglu(device, w, "mlp", &h, self.tower.hidden_act, hook)?;
         super::residual(&mut state.hidden, m);
         Ok(())
     }
@@ -141,13 +103,13 @@ impl Config {
         hook: &mut dyn LinearHook,
     ) -> Result<VisionOutput> {
         let x = super::rms_norm(w, "post_layernorm", &state.hidden, self.eps)?;
-        let windows = channel_major_windows(x.view(), self.spatial_merge_size * self.spatial_merge_size)?;
+        let windows = channel_major_windows(x.view(), self.tower.merge_unit())?;
         let conv = super::conv_as_linear(w, "downsample")?;
         ensure!(
             conv.in_features() == windows.ncols(),
             "downsample takes {} features, a merge window of {} patches of width {} has {}",
             conv.in_features(),
-            self.spatial_merge_size * self.spatial_merge_size,
+            self.tower.merge_unit(),
             x.ncols(),
             windows.ncols()
         );
@@ -155,7 +117,7 @@ impl Config {
         let x = super::linear(device, w, "merger.proj", &x, hook)?;
         let mut x = super::layer_norm(w, "merger.post_projection_norm", &x, LAYER_NORM_EPS)?;
         Activation::Gelu.apply_all(&mut x);
-        let embeds = swiglu(device, w, "merger", &x, self.hidden_act, hook)?;
+        let embeds = swiglu(device, w, "merger", &x, self.tower.hidden_act, hook)?;
         Ok(VisionOutput { embeds, deepstack: Vec::new() })
     }
 }

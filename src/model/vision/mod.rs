@@ -24,6 +24,7 @@ pub mod glm4v;
 pub mod internvit;
 pub mod mrope;
 pub mod ops;
+pub mod patch_tower;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod qwen3_vl;
@@ -155,12 +156,12 @@ impl VisionTower {
     /// The number of blocks.
     pub fn depth(&self) -> usize {
         match self {
-            VisionTower::Qwen2Vl(c) => c.depth,
-            VisionTower::Qwen25Vl(c) => c.depth,
-            VisionTower::Qwen3Vl(c) => c.depth,
+            VisionTower::Qwen2Vl(c) => c.tower.depth,
+            VisionTower::Qwen25Vl(c) => c.tower.depth,
+            VisionTower::Qwen3Vl(c) => c.tower.depth,
             VisionTower::Clip(c) => c.depth,
             VisionTower::InternVit(c) => c.depth,
-            VisionTower::Glm4v(c) => c.depth,
+            VisionTower::Glm4v(c) => c.tower.depth,
             VisionTower::QwenVl(c) => c.depth,
         }
     }
@@ -397,17 +398,6 @@ fn check_grids(grid_thw: &[[usize; 3]], merge: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The vision `rope_theta` (`rope_parameters` / `rope_scaling` of `vision_config`), 10000 if absent.
-fn vision_rope_theta(v: &super::config::ConfigView) -> Result<f64> {
-    let sub = v.sub(&["rope_parameters", "rope_scaling"]);
-    Ok(match sub {
-        Some(s) => s.f64(&["rope_theta"])?,
-        None => None,
-    }
-    .or(v.f64(&["rope_theta"])?)
-    .unwrap_or(10000.0))
 }
 
 #[cfg(test)]

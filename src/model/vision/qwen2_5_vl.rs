@@ -7,7 +7,8 @@
 //! transformers' block hooks see them, are in this window order. The merger works on merge
 //! groups, so the order is undone only on its output (`reverse_indices = argsort(window_index)`).
 
-use super::ops::{Activation, Rotary};
+use super::ops::Activation;
+use super::patch_tower::PatchTower;
 use super::{VisionInput, VisionOutput, VisionState};
 use crate::device::Device;
 use crate::model::config::vision_view;
@@ -21,16 +22,8 @@ const NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub depth: usize,
-    /// The blocks' width (`hidden_size`).
-    pub dim: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    pub temporal_patch_size: usize,
-    pub in_channels: usize,
-    pub spatial_merge_size: usize,
-    pub hidden_act: Activation,
-    pub rope_theta: f64,
+    /// What the 3D-patch towers share (`vision_config`'s depth, width, heads, patches, activation, rotary).
+    pub tower: PatchTower,
     /// In pixels.
     pub window_size: usize,
     pub fullatt_block_indexes: Vec<usize>,
@@ -40,38 +33,19 @@ impl Config {
     pub fn from_json(config: &Value) -> Result<Config> {
         let v = vision_view(config).ok_or_else(|| anyhow::anyhow!("config.json has no vision_config"))?;
         Ok(Config {
-            depth: v.usize(&["depth", "num_hidden_layers"])?,
-            dim: v.usize(&["hidden_size", "embed_dim"])?,
-            num_heads: v.usize(&["num_heads"])?,
-            patch_size: v.usize(&["patch_size", "spatial_patch_size"])?,
-            temporal_patch_size: v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2),
-            in_channels: v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3),
-            spatial_merge_size: v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
-            hidden_act: Activation::from_name(v.str(&["hidden_act"]).unwrap_or("silu"))?,
-            rope_theta: super::vision_rope_theta(&v)?,
+            tower: PatchTower::from_view(&v, &["hidden_size", "embed_dim"], "silu")?,
             window_size: v.usize(&["window_size"])?,
             fullatt_block_indexes: v.usize_list(&["fullatt_block_indexes"])?.unwrap_or_default(),
         })
     }
 
-    fn head_dim(&self) -> usize {
-        self.dim / self.num_heads
-    }
-
-    fn merge_unit(&self) -> usize {
-        self.spatial_merge_size * self.spatial_merge_size
-    }
-
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let features = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size;
-        let patches = super::qwen_patches(input, features)?;
+        let hidden = self.tower.embed_patches(device, w, input)?;
         let grids = input.image_grid_thw.clone();
-        super::check_grids(&grids, self.spatial_merge_size)?;
-        let hidden = super::conv_as_linear(w, "patch_embed.proj")?.forward(device, patches.view());
-        let rotary = Rotary::vision_2d(&grids, self.spatial_merge_size, self.head_dim(), self.rope_theta);
+        let rotary = self.tower.rotary(&grids);
 
         let (window_index, window_spans) = self.window_index(&grids)?;
-        let mu = self.merge_unit();
+        let mu = self.tower.merge_unit();
         let order: Vec<usize> = window_index.iter().flat_map(|&g| g * mu..(g + 1) * mu).collect();
         let mut state = VisionState::new(hidden.select(Axis(0), &order), super::frame_spans(&grids), grids);
         state.rotary = Some(rotary.select(&order));
@@ -83,10 +57,14 @@ impl Config {
     /// transformers' `get_window_index`: the merge groups in window order (frame by frame,
     /// windows row-major, groups row-major inside a window), and the window boundaries in patches.
     pub fn window_index(&self, grid_thw: &[[usize; 3]]) -> Result<(Vec<usize>, Vec<usize>)> {
-        let m = self.spatial_merge_size;
-        let win = self.window_size / m / self.patch_size;
+        let m = self.tower.spatial_merge_size;
+        let win = self.window_size / m / self.tower.patch_size;
         if win == 0 {
-            bail!("window_size {} is smaller than a merged patch ({} pixels)", self.window_size, m * self.patch_size);
+            bail!(
+                "window_size {} is smaller than a merged patch ({} pixels)",
+                self.window_size,
+                m * self.tower.patch_size
+            );
         }
         let mut index = Vec::new();
         let mut spans = vec![0];
@@ -102,7 +80,7 @@ impl Config {
                                 index.push(offset + frame * gh * gw + r * gw + c);
                             }
                         }
-                        spans.push(spans.last().unwrap() + (index.len() - before) * self.merge_unit());
+                        spans.push(spans.last().unwrap() + (index.len() - before) * self.tower.merge_unit());
                     }
                 }
             }
@@ -124,13 +102,14 @@ impl Config {
             _ => state.spans.clone(),
         };
         let h = super::rms_norm(w, "norm1", &state.hidden, NORM_EPS)?;
-        let attn = super::fused_qkv_attention(device, w, &h, self.num_heads, state.rotary.as_ref(), &spans, hook)?;
+        let attn =
+            super::fused_qkv_attention(device, w, &h, self.tower.num_heads, state.rotary.as_ref(), &spans, hook)?;
         super::residual(&mut state.hidden, attn);
 
         let h = super::rms_norm(w, "norm2", &state.hidden, NORM_EPS)?;
         let mut gate = super::linear(device, w, "mlp.gate_proj", &h, hook)?;
         let up = super::linear(device, w, "mlp.up_proj", &h, hook)?;
-        self.hidden_act.apply_all(&mut gate);
+        self.tower.hidden_act.apply_all(&mut gate);
         gate *= &up;
         let m = super::linear(device, w, "mlp.down_proj", &gate, hook)?;
         super::residual(&mut state.hidden, m);
@@ -146,7 +125,7 @@ impl Config {
         hook: &mut dyn LinearHook,
     ) -> Result<VisionOutput> {
         let x = super::rms_norm(w, "merger.ln_q", &state.hidden, NORM_EPS)?;
-        let x = super::ops::group_rows(x, self.merge_unit())?;
+        let x = super::ops::group_rows(x, self.tower.merge_unit())?;
         let mut x = super::linear(device, w, "merger.mlp.0", &x, hook)?;
         Activation::Gelu.apply_all(&mut x);
         let merged = super::linear(device, w, "merger.mlp.2", &x, hook)?;
@@ -175,7 +154,7 @@ mod tests {
     use super::*;
 
     fn config(window_size: usize) -> Config {
-        Config {
+        let tower = PatchTower {
             depth: 1,
             dim: 8,
             num_heads: 1,
@@ -185,9 +164,8 @@ mod tests {
             spatial_merge_size: 2,
             hidden_act: Activation::Silu,
             rope_theta: 1e4,
-            window_size,
-            fullatt_block_indexes: vec![],
-        }
+        };
+        Config { tower, window_size, fullatt_block_indexes: vec![] }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! then a merger that concatenates each 2×2 group of patches into one token for the language
 //! model.
 
-use super::ops::{Activation, Rotary};
+use super::ops::Activation;
+use super::patch_tower::PatchTower;
 use super::{VisionInput, VisionOutput, VisionState};
 use crate::device::Device;
 use crate::model::config::vision_view;
@@ -16,47 +17,22 @@ const NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub depth: usize,
-    /// The blocks' width (`embed_dim`).
-    pub dim: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    pub temporal_patch_size: usize,
-    pub in_channels: usize,
-    pub spatial_merge_size: usize,
-    pub hidden_act: Activation,
-    pub rope_theta: f64,
+    /// What the 3D-patch towers share (`vision_config`'s depth, width, heads, patches, activation, rotary).
+    pub tower: PatchTower,
 }
 
 impl Config {
     pub fn from_json(config: &Value) -> Result<Config> {
         let v = vision_view(config).ok_or_else(|| anyhow::anyhow!("config.json has no vision_config"))?;
-        Ok(Config {
-            depth: v.usize(&["depth", "num_hidden_layers"])?,
-            dim: v.usize(&["embed_dim"])?,
-            num_heads: v.usize(&["num_heads"])?,
-            patch_size: v.usize(&["patch_size", "spatial_patch_size"])?,
-            temporal_patch_size: v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2),
-            in_channels: v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3),
-            spatial_merge_size: v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
-            hidden_act: Activation::from_name(v.str(&["hidden_act"]).unwrap_or("quick_gelu"))?,
-            rope_theta: super::vision_rope_theta(&v)?,
-        })
-    }
-
-    fn head_dim(&self) -> usize {
-        self.dim / self.num_heads
+        Ok(Config { tower: PatchTower::from_view(&v, &["embed_dim"], "quick_gelu")? })
     }
 
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let features = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size;
-        let patches = super::qwen_patches(input, features)?;
-        super::check_grids(&input.image_grid_thw, self.spatial_merge_size)?;
-        let hidden = super::conv_as_linear(w, "patch_embed.proj")?.forward(device, patches.view());
+        let hidden = self.tower.embed_patches(device, w, input)?;
         let grids = input.image_grid_thw.clone();
+        let rotary = self.tower.rotary(&grids);
         let mut state = VisionState::new(hidden, super::frame_spans(&grids), grids);
-        state.rotary =
-            Some(Rotary::vision_2d(&state.image_grid_thw, self.spatial_merge_size, self.head_dim(), self.rope_theta));
+        state.rotary = Some(rotary);
         Ok(state)
     }
 
@@ -69,12 +45,12 @@ impl Config {
     ) -> Result<()> {
         let h = super::layer_norm(w, "norm1", &state.hidden, NORM_EPS)?;
         let attn =
-            super::fused_qkv_attention(device, w, &h, self.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
+            super::fused_qkv_attention(device, w, &h, self.tower.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
         super::residual(&mut state.hidden, attn);
 
         let h = super::layer_norm(w, "norm2", &state.hidden, NORM_EPS)?;
         let mut m = super::linear(device, w, "mlp.fc1", &h, hook)?;
-        self.hidden_act.apply_all(&mut m);
+        self.tower.hidden_act.apply_all(&mut m);
         let m = super::linear(device, w, "mlp.fc2", &m, hook)?;
         super::residual(&mut state.hidden, m);
         Ok(())
@@ -89,7 +65,7 @@ impl Config {
         hook: &mut dyn LinearHook,
     ) -> Result<VisionOutput> {
         let x = super::layer_norm(w, "merger.ln_q", &state.hidden, NORM_EPS)?;
-        let x = super::ops::group_rows(x, self.spatial_merge_size * self.spatial_merge_size)?;
+        let x = super::ops::group_rows(x, self.tower.merge_unit())?;
         let mut x = super::linear(device, w, "merger.mlp.0", &x, hook)?;
         Activation::Gelu.apply_all(&mut x);
         let embeds = super::linear(device, w, "merger.mlp.2", &x, hook)?;

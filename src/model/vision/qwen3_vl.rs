@@ -5,7 +5,8 @@
 //! mergers of their own (normalized over the merged width) and are added to the language model's
 //! hidden states after its first layers (see [`super::splice::add_deepstack`]).
 
-use super::ops::{merge_window_order, Activation, Rotary};
+use super::ops::{merge_window_order, Activation};
+use super::patch_tower::PatchTower;
 use super::{VisionInput, VisionOutput, VisionState};
 use crate::device::Device;
 use crate::model::config::vision_view;
@@ -19,16 +20,8 @@ const NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub depth: usize,
-    /// The blocks' width (`hidden_size`).
-    pub dim: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    pub temporal_patch_size: usize,
-    pub in_channels: usize,
-    pub spatial_merge_size: usize,
-    pub hidden_act: Activation,
-    pub rope_theta: f64,
+    /// What the 3D-patch towers share (`vision_config`'s depth, width, heads, patches, activation, rotary).
+    pub tower: PatchTower,
     /// Rows of `pos_embed`, a square grid.
     pub num_position_embeddings: usize,
     pub deepstack_visual_indexes: Vec<usize>,
@@ -38,43 +31,24 @@ impl Config {
     pub fn from_json(config: &Value) -> Result<Config> {
         let v = vision_view(config).ok_or_else(|| anyhow::anyhow!("config.json has no vision_config"))?;
         let c = Config {
-            depth: v.usize(&["depth", "num_hidden_layers"])?,
-            dim: v.usize(&["hidden_size", "embed_dim"])?,
-            num_heads: v.usize(&["num_heads"])?,
-            patch_size: v.usize(&["patch_size"])?,
-            temporal_patch_size: v.opt_usize(&["temporal_patch_size"])?.unwrap_or(2),
-            in_channels: v.opt_usize(&["in_channels", "in_chans"])?.unwrap_or(3),
-            spatial_merge_size: v.opt_usize(&["spatial_merge_size"])?.unwrap_or(2),
-            hidden_act: Activation::from_name(v.str(&["hidden_act"]).unwrap_or("gelu_pytorch_tanh"))?,
-            rope_theta: super::vision_rope_theta(&v)?,
+            tower: PatchTower::from_view(&v, &["hidden_size", "embed_dim"], "gelu_pytorch_tanh")?,
             num_position_embeddings: v.usize(&["num_position_embeddings"])?,
             deepstack_visual_indexes: v.usize_list(&["deepstack_visual_indexes"])?.unwrap_or_default(),
         };
-        if let Some(&i) = c.deepstack_visual_indexes.iter().find(|&&i| i >= c.depth) {
-            bail!("config.json: deepstack_visual_indexes names block {i}, the tower has {}", c.depth);
+        if let Some(&i) = c.deepstack_visual_indexes.iter().find(|&&i| i >= c.tower.depth) {
+            bail!("config.json: deepstack_visual_indexes names block {i}, the tower has {}", c.tower.depth);
         }
         Ok(c)
     }
 
-    fn head_dim(&self) -> usize {
-        self.dim / self.num_heads
-    }
-
-    fn merge_unit(&self) -> usize {
-        self.spatial_merge_size * self.spatial_merge_size
-    }
-
     pub fn embed(&self, device: &dyn Device, w: &Weights, input: &VisionInput) -> Result<VisionState> {
-        let features = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size;
-        let patches = super::qwen_patches(input, features)?;
+        let mut hidden = self.tower.embed_patches(device, w, input)?;
         let grids = input.image_grid_thw.clone();
-        super::check_grids(&grids, self.spatial_merge_size)?;
-        let mut hidden = super::conv_as_linear(w, "patch_embed.proj")?.forward(device, patches.view());
         let table = w.matrix("pos_embed.weight")?;
         super::ops::add_into(&mut hidden, &self.position_embeddings(&table, &grids)?);
+        let rotary = self.tower.rotary(&grids);
         let mut state = VisionState::new(hidden, super::frame_spans(&grids), grids);
-        state.rotary =
-            Some(Rotary::vision_2d(&state.image_grid_thw, self.spatial_merge_size, self.head_dim(), self.rope_theta));
+        state.rotary = Some(rotary);
         Ok(state)
     }
 
@@ -82,21 +56,21 @@ impl Config {
     /// `linspace(0, n-1, h) × linspace(0, n-1, w)`, in merge-window order, repeated per frame.
     pub fn position_embeddings(&self, table: &Array2<f32>, grid_thw: &[[usize; 3]]) -> Result<Array2<f32>> {
         let n = (self.num_position_embeddings as f64).sqrt().round() as usize;
-        if n * n != table.nrows() || table.ncols() != self.dim {
+        if n * n != table.nrows() || table.ncols() != self.tower.dim {
             bail!(
                 "pos_embed.weight has shape {:?}, expected [{}, {}] (a square grid)",
                 table.dim(),
                 self.num_position_embeddings,
-                self.dim
+                self.tower.dim
             );
         }
         let tokens: usize = grid_thw.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        let mut out = Array2::<f32>::zeros((tokens, self.dim));
+        let mut out = Array2::<f32>::zeros((tokens, self.tower.dim));
         let mut row = 0;
         for &[t, h, w] in grid_thw {
             let (hs, ws) = (sample_points(n, h), sample_points(n, w));
             for _ in 0..t {
-                for (r, c) in merge_window_order(h, w, self.spatial_merge_size) {
+                for (r, c) in merge_window_order(h, w, self.tower.spatial_merge_size) {
                     let ((h0, h1, dh), (w0, w1, dw)) = (hs[r], ws[c]);
                     let corners = [
                         (h0 * n + w0, (1.0 - dh) * (1.0 - dw)),
@@ -125,12 +99,12 @@ impl Config {
     ) -> Result<()> {
         let h = super::layer_norm(w, "norm1", &state.hidden, NORM_EPS)?;
         let attn =
-            super::fused_qkv_attention(device, w, &h, self.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
+            super::fused_qkv_attention(device, w, &h, self.tower.num_heads, state.rotary.as_ref(), &state.spans, hook)?;
         super::residual(&mut state.hidden, attn);
 
         let h = super::layer_norm(w, "norm2", &state.hidden, NORM_EPS)?;
         let mut m = super::linear(device, w, "mlp.linear_fc1", &h, hook)?;
-        self.hidden_act.apply_all(&mut m);
+        self.tower.hidden_act.apply_all(&mut m);
         let m = super::linear(device, w, "mlp.linear_fc2", &m, hook)?;
         super::residual(&mut state.hidden, m);
 
@@ -149,13 +123,13 @@ impl Config {
         hook: &mut dyn LinearHook,
     ) -> Result<VisionOutput> {
         let x = super::layer_norm(w, "merger.norm", &state.hidden, NORM_EPS)?;
-        let x = super::ops::group_rows(x, self.merge_unit())?;
+        let x = super::ops::group_rows(x, self.tower.merge_unit())?;
         let embeds = self.merger_mlp(device, w, "merger", x, hook)?;
 
         let mut deepstack = Vec::with_capacity(self.deepstack_visual_indexes.len());
         for (k, &block) in self.deepstack_visual_indexes.iter().enumerate() {
             let module = format!("deepstack_merger_list.{k}");
-            let x = super::ops::group_rows(state.kept(block + 1)?.clone(), self.merge_unit())?;
+            let x = super::ops::group_rows(state.kept(block + 1)?.clone(), self.tower.merge_unit())?;
             let x = super::layer_norm(w, &format!("{module}.norm"), &x, NORM_EPS)?;
             deepstack.push(self.merger_mlp(device, w, &module, x, hook)?);
         }
