@@ -11,7 +11,7 @@
 //! - norm-linear ([`smooth_norm_linears`]): a norm feeding linears that share its output
 //!   (input_layernorm → q, k, v; post_attention_layernorm → gate, up; for MoE also the router and
 //!   every expert). The only one that takes a shift.
-//! - linear-linear ([`smooth_linear_linear`]): up_proj → down_proj (SwiGLU multiplies up's output
+//! - up-down ([`smooth_linear_linear`]): up_proj → down_proj (SwiGLU multiplies up's output
 //!   by `act(gate)` channel-wise, so scaling commutes with it; a shift would not).
 //! - ov ([`smooth_ov`]): v_proj → o_proj under grouped-query attention.
 //!

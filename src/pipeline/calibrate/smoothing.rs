@@ -155,8 +155,11 @@ impl Smoothing {
             awq,
             norm_linear: has("norm-linear"),
             ov: has("ov"),
-            // msModelSlim's linear-linear on these models is the up → down pair.
-            up_down: has("up-down") || has("linear-linear"),
+            // msModelSlim's `linear-linear` is a linear feeding another with nothing between
+            // (`LinearLinearSubgraph`: `y = linear2(linear1(x))`); its model adapters declare one
+            // only for DeepSeek-V4's `attn.wo_a → attn.wo_b`, a family lamina does not open, so
+            // here it selects nothing. up → down through the gated product is `up-down`.
+            up_down: has("up-down"),
             step: step.clone(),
         })
     }
@@ -262,6 +265,32 @@ mod tests {
             assert_eq!(g.len(), 4);
             assert!(g.iter().filter(|x| matches!(x.kind, Kind::NormLinear { .. })).all(|x| x.shift == shift));
         }
+        // `linear-linear` is not up → down (msModelSlim's adapters use it for DeepSeek-V4's
+        // wo_a → wo_b only); the step's exclude keeps subgraphs out as msModelSlim's
+        // qwen3_vl_moe adapter does for its MoE layers (attention subgraphs only).
+        let kinds = |sub: &str, exclude: &str| {
+            let r = Recipe::parse(
+                &format!("apiversion: modelslim_v1\nspec:\n  process:\n    - type: iter_smooth\n      enable_subgraph_type: [{sub}]\n{exclude}    - type: linear_quant\n      qconfig:\n        act: {{scope: per_tensor, dtype: int8}}\n        weight: {{scope: per_channel, dtype: int8}}\n"),
+                "t",
+            )
+            .unwrap();
+            let s = Smoothing::from_recipe(&r).unwrap().unwrap();
+            let names = crate::model::layout::DecoderNames::STANDARD;
+            let g = layer_subgraphs(&s, &Layer::graph(&cfg, &names, 0), &r, &full, &|_| false);
+            g.into_iter()
+                .map(|x| match x.kind {
+                    Kind::NormLinear { norm } => norm,
+                    Kind::Ov { .. } => "ov".to_string(),
+                    Kind::UpDown { .. } => "up-down".to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert!(kinds("linear-linear", "").is_empty());
+        assert_eq!(kinds("linear-linear, up-down", ""), ["up-down"]);
+        assert_eq!(
+            kinds("norm-linear, linear-linear, ov, up-down", "      exclude: ['*mlp.*']\n"),
+            ["input_layernorm", "ov"]
+        );
         let recipe = |steps: &str| {
             Recipe::parse(
                 &format!("apiversion: modelslim_v1\nspec:\n  process:\n{steps}    - type: linear_quant\n      qconfig: {{weight: {{scope: per_channel, dtype: int8}}}}\n"),
