@@ -54,7 +54,7 @@ enum Command {
 
 #[derive(Args)]
 struct EvalCli {
-    /// The float checkpoint folder (its tokenizer.json tokenizes the text).
+    /// The float checkpoint folder (its tokenizer.json, or Qwen's qwen.tiktoken, tokenizes the text).
     #[arg(long = "model_path", alias = "model-path")]
     model_path: PathBuf,
     /// A lamina output folder of the same model to evaluate too; repeat it to evaluate several on the
@@ -65,7 +65,7 @@ struct EvalCli {
     #[arg(long, required_unless_present_any = ["image", "inputs"])]
     text: Option<PathBuf>,
     /// An image: compare the quantized model's logits with the float model's on it and --prompt
-    /// (rendered with the model's chat template; needs tokenizer.json). Needs --quantized.
+    /// (rendered with the model's chat template; needs tokenizer.json or qwen.tiktoken). Needs --quantized.
     #[arg(long, requires = "quantized", conflicts_with_all = ["text", "inputs"])]
     image: Option<PathBuf>,
     /// The question asked about --image.

@@ -395,7 +395,7 @@ fn glm4v_moe_calibrates_from_images_with_its_recipe() {
     }
 }
 
-/// Qwen-VL with its recipe: calibrated from each form of image set (prompts `Picture 1: <img>` +
+/// Qwen-VL with its recipe: calibrated from each form of image set (prompts `Picture 1:<img>` +
 /// 16 image pads + `</img>` + text), and from a JSONL of image + token-id records whose text covers
 /// the fixture's vocabulary; in the ViT attn.in_proj, attn.out_proj and mlp.c_fc static W8A8,
 /// mlp.c_proj float; the resampler (attn_pool) and proj float; the Qwen (1) decoder's c_attn,
@@ -480,4 +480,40 @@ fn qwen_vl_calibrates_from_images_with_its_recipe() {
             }
         }
     }
+}
+
+/// Qwen-VL and Qwen (1) folders that ship `qwen.tiktoken` and no tokenizer.json (as the releases
+/// do; here the small vocabulary of tests/fixtures/qwen_tiktoken, whose `<img>` is the qwen_vl
+/// fixture's image_start_id): `lamina quant` calibrates Qwen-VL from a folder of photographs with
+/// the default text and Qwen (1) from a text file, both tokenized by lamina's tiktoken port.
+#[test]
+fn qwen_tiktoken_folders_calibrate_from_text_prompts() {
+    let tmp = TempDir::new("qwen-tiktoken");
+    let vocab = fixture("qwen_tiktoken").join("qwen.tiktoken");
+    let model = copy_fixture("qwen_vl", &tmp.join("qwen_vl"));
+    std::fs::copy(&vocab, model.join("qwen.tiktoken")).unwrap();
+    let images = tmp.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for p in ["chelsea.png", "rocket.jpg"] {
+        std::fs::copy(photos().join(p), images.join(p)).unwrap();
+    }
+    let save = tmp.join("qwen_vl-out");
+    quant(&model, &save, "w8a8", &["--calib_data", images.to_str().unwrap()], &[]).assert_ok();
+    let (types, _) = read_output(&save);
+    assert_eq!(types["transformer.visual.transformer.resblocks.0.attn.in_proj.weight"], "W8A8");
+    assert_eq!(types["transformer.h.0.attn.c_attn.weight"], "W8A8");
+
+    let text = copy_fixture("qwen1", &tmp.join("qwen1"));
+    std::fs::copy(&vocab, text.join("qwen.tiktoken")).unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/text/corpus.txt");
+    let args = ["--calib_data", corpus.to_str().unwrap(), "--calib_samples", "2", "--calib_seq_len", "64"];
+    let save = tmp.join("qwen1-out");
+    quant(&text, &save, "w8a8", &args, &[]).assert_ok();
+    assert_eq!(read_output(&save).0["transformer.h.1.mlp.w1.weight"], "W8A8");
+
+    // Without either file the error names both.
+    std::fs::remove_file(text.join("qwen.tiktoken")).unwrap();
+    let run = quant(&text, &tmp.join("qwen1-none"), "w8a8", &args, &[]);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("tokenizer.json: missing") && run.stderr.contains("qwen.tiktoken"), "{}", run.stderr);
 }

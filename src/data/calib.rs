@@ -335,8 +335,8 @@ enum ImageTokens {
     Llava { image: i64, patch_size: usize, keeps_cls: bool },
     /// InternVL: `<img>` + `tokens_per_tile` IMG_CONTEXT tokens per tile + `</img>`.
     InternVl { image: i64, start: i64, end: i64, tokens_per_tile: usize },
-    /// Qwen-VL: `Picture 1: <img>` + `n_queries` image pads + `</img>\n` (what its tokenizer makes
-    /// of `<img></img>`, and vLLM's placeholder); the ids are `visual.image_start_id` and the next two.
+    /// Qwen-VL: `Picture 1:<img>` + `n_queries` positions + `</img>\n` (its tokenizer fills them with
+    /// the image path's bytes and image pads); the ids are `visual.image_start_id` and the next two.
     QwenVl { start: i64, end: i64, pad: i64, n_queries: usize },
 }
 
@@ -370,8 +370,7 @@ impl VisionModel {
             .with_context(|| config_path.display().to_string())?
             .vocab_size;
         let processor = ImageProcessor::load(model_dir)?;
-        let tokenizer =
-            if model_dir.join("tokenizer.json").is_file() { Some(TextTokenizer::load(model_dir)?) } else { None };
+        let tokenizer = if TextTokenizer::exists(model_dir) { Some(TextTokenizer::load(model_dir)?) } else { None };
         let tokens = match &processor {
             ImageProcessor::QwenVlResize(_) => {
                 let tower = crate::model::vision::qwen_vl::Config::from_json(&config)
@@ -458,7 +457,9 @@ impl VisionModel {
 
     /// The text that stands for one image in a prompt (`<|vision_start|><|image_pad|><|vision_end|>`
     /// for Qwen, `<image>\n` for LLaVA) and the image token's own text, named by the tokenizer.
-    pub fn image_placeholder(&self) -> Result<(String, String)> {
+    /// Qwen-VL's `qwen.tiktoken` spells the image's path between `<img>` and `</img>`, as its
+    /// `from_list_format` does (the file name when the path is longer than the image's span).
+    pub fn image_placeholder(&self, image: &Path) -> Result<(String, String)> {
         let tokenizer = self.tokenizer()?;
         let name = |id: i64| {
             tokenizer
@@ -474,9 +475,13 @@ impl VisionModel {
             ImageTokens::InternVl { image, start, end, .. } => {
                 (format!("{}{}{}\n", name(start)?, name(image)?, name(end)?), name(image)?)
             }
-            // Qwen-VL-Chat's query format (tokenizer.from_list_format): `Picture 1: <img>…</img>\n`.
+            // Qwen-VL's query format (tokenization_qwen.py `from_list_format`): `Picture 1:<img>…</img>\n`.
             ImageTokens::QwenVl { start, end, pad, .. } => {
-                (format!("Picture 1: {}{}{}\n", name(start)?, name(pad)?, name(end)?), name(pad)?)
+                let inner = match tokenizer.qwen_vl_image_tags() {
+                    Some(tags) => image_reference(image, tags.span),
+                    None => name(pad)?,
+                };
+                (format!("Picture 1:{}{inner}{}\n", name(start)?, name(end)?), name(start)?)
             }
         };
         Ok((placeholder, image))
@@ -484,8 +489,8 @@ impl VisionModel {
 
     /// The prompt for one image and a user text, rendered with the chat template (see
     /// [`image_prompt`]); the image placeholder is not expanded yet.
-    pub fn render_prompt(&self, text: &str) -> Result<String> {
-        let (placeholder, image) = self.image_placeholder()?;
+    pub fn render_prompt(&self, image: &Path, text: &str) -> Result<String> {
+        let (placeholder, image) = self.image_placeholder(image)?;
         image_prompt(self.template.as_ref(), &placeholder, &image, text)
     }
 
@@ -499,13 +504,18 @@ impl VisionModel {
         let rgb = load_rgb(image).with_context(|| origin.to_string())?;
         let processed = self.processor.process(&rgb).with_context(|| format!("{origin}: {}", image.display()))?;
         let ids = match prompt {
-            Prompt::Text(t) => {
-                self.render_prompt(t).and_then(|p| self.encode_rendered(&p)).with_context(|| origin.to_string())?
-            }
+            Prompt::Text(t) => self
+                .render_prompt(image, t)
+                .and_then(|p| self.encode_rendered(&p))
+                .with_context(|| origin.to_string())?,
             Prompt::Ids(ids) => ids.clone(),
         };
-        let input_ids = expand_image_tokens(&ids, self.image_token(), self.num_image_tokens(&processed))
-            .with_context(|| origin.to_string())?;
+        let count = self.num_image_tokens(&processed);
+        let input_ids = match self.tokens {
+            ImageTokens::QwenVl { start, end, pad, .. } => fit_qwen_vl_image(&ids, start, end, pad, count),
+            _ => expand_image_tokens(&ids, self.image_token(), count),
+        }
+        .with_context(|| origin.to_string())?;
         check_vocab(&input_ids, self.vocab_size, origin)?;
         Ok(VisionSample {
             origin: origin.to_string(),
@@ -515,6 +525,53 @@ impl VisionModel {
             image_grid_thw: processed.grid_thw.map(|g| g.map(|x| x as i64)),
         })
     }
+}
+
+/// How Qwen-VL's prompt names an image between `<img>` and `</img>`: its path, or when that is
+/// longer than the `span` bytes an image has there (or holds `<`, `>`), its file name cut to fit.
+fn image_reference(image: &Path, span: usize) -> String {
+    let path = image.to_string_lossy();
+    if path.len() <= span && !path.contains(['<', '>']) {
+        return path.into_owned();
+    }
+    let name = image.file_name().map(|f| f.to_string_lossy().replace(['<', '>'], "_")).unwrap_or_default();
+    let mut out = String::new();
+    for c in name.chars() {
+        if out.len() + c.len_utf8() > span {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Qwen-VL's one image of a prompt: `<img>`, `count` positions, `</img>`. Its tokenizer fills the
+/// positions with the image path's bytes and image pads, which are kept (the image's features
+/// replace all of them); a single `<imgpad>` between the tags (pre-tokenized ids, or a
+/// `tokenizer.json`) is expanded to `count` pads.
+fn fit_qwen_vl_image(ids: &[i64], start: i64, end: i64, pad: i64, count: usize) -> Result<Vec<i64>> {
+    let opens: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == start).map(|(i, _)| i).collect();
+    let [open] = opens[..] else {
+        bail!("the prompt has {} image start tokens <img> (id {start}); one image per prompt", opens.len());
+    };
+    let Some(len) = ids[open + 1..].iter().position(|&t| t == end) else {
+        bail!("the prompt's <img> (id {start}) is not closed by </img> (id {end})");
+    };
+    let inner = &ids[open + 1..open + 1 + len];
+    if let Some(stray) = ids[open + len + 2..].iter().chain(&ids[..open]).find(|&&t| t == end || t == pad) {
+        bail!("the prompt has image token {stray} outside its <img> ... </img>");
+    }
+    if inner == [pad] {
+        return expand_image_tokens(ids, pad, count);
+    }
+    if inner.len() != count {
+        bail!(
+            "the prompt's image spans {} positions between <img> and </img>; the model's resampler gives \
+             {count} (visual.n_queries)",
+            inner.len()
+        );
+    }
+    Ok(ids.to_vec())
 }
 
 /// InternVL releases leave the ids of `<IMG_CONTEXT>`, `<img>` and `</img>` to the tokenizer (the
@@ -528,9 +585,7 @@ pub fn complete_image_tokens(model_dir: &Path, config: &mut Value) -> Result<()>
     }
     let keys =
         [("img_context_token_id", "<IMG_CONTEXT>"), ("img_start_token_id", "<img>"), ("img_end_token_id", "</img>")];
-    if keys.iter().all(|(k, _)| config.get(*k).is_some_and(|v| v.is_i64()))
-        || !model_dir.join("tokenizer.json").is_file()
-    {
+    if keys.iter().all(|(k, _)| config.get(*k).is_some_and(|v| v.is_i64())) || !TextTokenizer::exists(model_dir) {
         return Ok(());
     }
     let tokenizer = TextTokenizer::load(model_dir)?;
@@ -646,7 +701,7 @@ mod tests {
     fn realvocab_reference_prompt_is_reproduced() {
         let dir = fixture("qwen3_vl_realvocab");
         let model = VisionModel::load(&dir).unwrap();
-        let (placeholder, image) = model.image_placeholder().unwrap();
+        let (placeholder, image) = model.image_placeholder(&dir.join("image.png")).unwrap();
         assert_eq!(
             (placeholder.as_str(), image.as_str()),
             ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>")
@@ -914,6 +969,79 @@ mod tests {
         let e = format!("{:#}", load_text(&qwen3, &dir, 1, 8, 1000).unwrap_err());
         assert!(e.contains("is a folder"), "{e}");
         assert!(load_text(&qwen3, &dir.join("words.txt"), 0, 8, 1000).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn qwen_tiktoken_expected() -> Value {
+        let path = fixture("qwen_tiktoken/small.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// A copy of a fixture's config.json (and image) beside the small qwen.tiktoken of
+    /// tests/fixtures/qwen_tiktoken: a Qwen (1) / Qwen-VL folder without tokenizer.json.
+    fn with_qwen_tiktoken(name: &str) -> PathBuf {
+        let dir = scratch(&format!("{name}-tiktoken"));
+        std::fs::copy(fixture(name).join("config.json"), dir.join("config.json")).unwrap();
+        std::fs::copy(fixture("qwen_tiktoken/qwen.tiktoken"), dir.join("qwen.tiktoken")).unwrap();
+        dir
+    }
+
+    /// Qwen-VL without tokenizer.json: an image and a text become tokenization_qwen.py's ids of
+    /// `from_list_format([{"image": "image.png"}, {"text": ...}])` with the qwen_vl fixture's 16
+    /// image positions (tests/fixtures/gen/qwen_tiktoken.py); the image's absolute path is longer
+    /// than 16 bytes, so the prompt names its file. The sample's span fits the resampler.
+    #[test]
+    fn qwen_vl_prompts_through_qwen_tiktoken() {
+        let dir = with_qwen_tiktoken("qwen_vl");
+        let want = qwen_tiktoken_expected();
+        let model = VisionModel::load(&dir).unwrap();
+        let image = fixture("qwen_vl").join("image.png");
+        assert_eq!(
+            model.render_prompt(&image, "Describe this image in detail.").unwrap(),
+            want["queries"][0].as_str().unwrap()
+        );
+        let s = model.sample(&image, &Prompt::Text("Describe this image in detail.".into()), "q").unwrap();
+        let expected: Vec<i64> = serde_json::from_value(want["qwen_vl_queries_16"][0].clone()).unwrap();
+        assert_eq!(s.input_ids, expected);
+        assert_eq!(
+            crate::model::vision::splice::ImageSlots::of(&read_json(&dir.join("config.json")).unwrap())
+                .unwrap()
+                .positions(&s.input_ids)
+                .unwrap()
+                .len(),
+            16
+        );
+        // Pre-tokenized ids with one <imgpad> still expand.
+        let s = model.sample(&image, &Prompt::Ids(vec![5, 990, 992, 991, 7]), "ids").unwrap();
+        assert_eq!(s.input_ids.len(), 20);
+        let e = format!("{:#}", model.sample(&image, &Prompt::Ids(vec![5, 990, 992, 992, 991]), "two").unwrap_err());
+        assert!(e.contains("2 positions") && e.contains("16"), "{e}");
+        // A vocabulary whose <img> is not the config's image_start_id.
+        let mut config = read_json(&dir.join("config.json")).unwrap();
+        config["visual"]["image_start_id"] = json!(995);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let e = format!("{:#}", VisionModel::load(&dir).err().unwrap());
+        assert!(e.contains("qwen.tiktoken") && e.contains("image_start_id 995") && e.contains("990"), "{e}");
+        // Neither tokenizer.json nor qwen.tiktoken.
+        std::fs::remove_file(dir.join("qwen.tiktoken")).unwrap();
+        let e = format!("{:#}", TextTokenizer::load(&dir).err().unwrap());
+        assert!(e.contains("tokenizer.json: missing") && e.contains("qwen.tiktoken"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Qwen (1) text calibration without tokenizer.json: the windows are tiktoken's ids of the text
+    /// (Qwen (1)'s special tokens from 151643), as tests/fixtures/gen/qwen_tiktoken.py computed them.
+    #[test]
+    fn qwen1_text_through_qwen_tiktoken() {
+        let dir = with_qwen_tiktoken("qwen1");
+        let want = qwen_tiktoken_expected();
+        for i in [2, 6, 8] {
+            let text = want["cases"][i].as_str().unwrap();
+            let ids: Vec<i64> = serde_json::from_value(want["qwen1"][i].clone()).unwrap();
+            std::fs::write(dir.join("corpus.txt"), text).unwrap();
+            let got = load_text(&dir, &dir.join("corpus.txt"), 1, ids.len(), 1000).unwrap();
+            assert_eq!(got, vec![ids], "{text:?}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

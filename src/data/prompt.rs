@@ -1,11 +1,13 @@
 //! Prompts: the model's chat template rendered with minijinja (the Jinja dialect Hugging Face
 //! templates are written in; minijinja-contrib's pycompat supplies Python string methods such
-//! as `startswith` and `split`), and the model's `tokenizer.json` through the `tokenizers` crate.
+//! as `startswith` and `split`), and the model's `tokenizer.json` through the `tokenizers` crate
+//! (or Qwen's `qwen.tiktoken`, see [`super::tiktoken`]).
 //!
 //! Rendering follows transformers' `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on,
 //! the tokenizer's special tokens (`bos_token`, `eos_token`, ...) and `raise_exception` in scope,
 //! and the `{% generation %}` tag (used only for assistant masks) rendered as its body.
 
+use super::tiktoken::{ImageTags, Tiktoken, QWEN_VL_IMAGE_SPAN};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -125,44 +127,106 @@ fn strip_generation_tags(source: &str) -> String {
     out
 }
 
-/// The error for a model folder without `tokenizer.json`.
+/// The error for a model folder with neither `tokenizer.json` nor `qwen.tiktoken`.
 pub fn missing_tokenizer(model_dir: &Path) -> anyhow::Error {
     anyhow!(
-        "{}: missing; text is tokenized with the model's own tokenizer.json (or give pre-tokenized \
-         \"input_ids\" in a JSONL file)",
-        model_dir.join("tokenizer.json").display()
+        "{}: missing (and no {} either); text is tokenized with the model's own tokenizer.json, or \
+         qwen.tiktoken for Qwen (1) and Qwen-VL (or give pre-tokenized \"input_ids\" in a JSONL file)",
+        model_dir.join("tokenizer.json").display(),
+        QWEN_TIKTOKEN
     )
 }
 
-/// A model's `tokenizer.json`, loaded with the `tokenizers` crate.
+/// The vocabulary file of Qwen (1) and Qwen-VL, which ship no `tokenizer.json`.
+pub const QWEN_TIKTOKEN: &str = "qwen.tiktoken";
+
+enum Backend {
+    /// `tokenizer.json` through the `tokenizers` crate.
+    Json(Box<tokenizers::Tokenizer>),
+    /// `qwen.tiktoken` as `tokenization_qwen.py` reads it.
+    Tiktoken(Box<Tiktoken>),
+}
+
+/// A model's tokenizer: its `tokenizer.json`, or for Qwen (1) and Qwen-VL its `qwen.tiktoken`.
 pub struct TextTokenizer {
-    tokenizer: tokenizers::Tokenizer,
+    backend: Backend,
     pub path: PathBuf,
     /// The BOS token string, when `tokenizer_config.json` names one.
     pub bos_token: Option<String>,
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` from a model folder; a missing file is an error that names it.
+    /// Whether `model_dir` has a tokenizer lamina reads.
+    pub fn exists(model_dir: &Path) -> bool {
+        model_dir.join("tokenizer.json").is_file() || model_dir.join(QWEN_TIKTOKEN).is_file()
+    }
+
+    /// Loads `tokenizer.json` from a model folder, else `qwen.tiktoken` (Qwen-VL's image tags when
+    /// config.json has a `visual` section); neither is an error that names them.
     pub fn load(model_dir: &Path) -> Result<TextTokenizer> {
         let path = model_dir.join("tokenizer.json");
+        let bos_token = special_tokens(model_dir)?.remove("bos_token");
+        if path.is_file() {
+            let tokenizer = tokenizers::Tokenizer::from_file(&path)
+                .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+            return Ok(TextTokenizer { backend: Backend::Json(Box::new(tokenizer)), path, bos_token });
+        }
+        let path = model_dir.join(QWEN_TIKTOKEN);
         if !path.is_file() {
             return Err(missing_tokenizer(model_dir));
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
-        let bos_token = special_tokens(model_dir)?.remove("bos_token");
-        Ok(TextTokenizer { tokenizer, path, bos_token })
+        let config_path = model_dir.join("config.json");
+        let config = super::processor::read_json(&config_path)?;
+        let visual = config.get("visual").filter(|v| v.is_object());
+        let span = match visual.map(|v| v.get("n_queries").filter(|n| !n.is_null())) {
+            None => None,
+            Some(None) => Some(QWEN_VL_IMAGE_SPAN),
+            Some(Some(n)) => Some(n.as_u64().filter(|&n| n > 0).with_context(|| {
+                format!("{}: visual.n_queries is {n}, not a positive integer", config_path.display())
+            })? as usize),
+        };
+        let tiktoken = Tiktoken::qwen(&path, span)?;
+        if let (Some(v), Some(tags)) = (visual, tiktoken.image_tags) {
+            let start = v.get("image_start_id").and_then(Value::as_i64);
+            if start != Some(i64::from(tags.start)) {
+                bail!(
+                    "{}: <img> is token {} (after its {} ranks and the special tokens), but {} has \
+                     visual.image_start_id {}; the vocabulary and the model do not match",
+                    path.display(),
+                    tags.start,
+                    tags.start - 214,
+                    config_path.display(),
+                    start.map_or("missing".to_string(), |s| s.to_string())
+                );
+            }
+        }
+        Ok(TextTokenizer { backend: Backend::Tiktoken(Box::new(tiktoken)), path, bos_token })
+    }
+
+    /// Qwen-VL's image tags when this is its `qwen.tiktoken`: `<img>PATH</img>` in a text becomes
+    /// `<img>`, PATH's bytes, `<imgpad>` up to the model's `visual.n_queries` positions
+    /// ([`QWEN_VL_IMAGE_SPAN`] in the releases and tokenization_qwen.py) and `</img>`.
+    pub fn qwen_vl_image_tags(&self) -> Option<ImageTags> {
+        match &self.backend {
+            Backend::Tiktoken(t) => t.image_tags,
+            Backend::Json(_) => None,
+        }
     }
 
     /// Token ids of a text. `add_special_tokens` applies the tokenizer's post-processor (BOS for
-    /// Llama, nothing for Qwen).
+    /// Llama, nothing for Qwen; `qwen.tiktoken` has none).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow!("{}: cannot tokenize: {e}", self.path.display()))?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        let ids = match &self.backend {
+            Backend::Json(t) => t
+                .encode(text, add_special_tokens)
+                .map_err(|e| anyhow!("{}: cannot tokenize: {e}", self.path.display()))?
+                .get_ids()
+                .to_vec(),
+            Backend::Tiktoken(t) => {
+                t.encode(text).with_context(|| format!("tokenizing with {}", self.path.display()))?
+            }
+        };
+        Ok(ids.into_iter().map(i64::from).collect())
     }
 
     /// Tokenizes a rendered chat prompt the way a transformers processor does: special tokens
@@ -180,16 +244,29 @@ impl TextTokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
-        self.tokenizer.token_to_id(token).map(i64::from)
+        match &self.backend {
+            Backend::Json(t) => t.token_to_id(token),
+            Backend::Tiktoken(t) => t.token_to_id(token),
+        }
+        .map(i64::from)
     }
 
     pub fn id_to_token(&self, id: i64) -> Option<String> {
-        u32::try_from(id).ok().and_then(|i| self.tokenizer.id_to_token(i))
+        let id = u32::try_from(id).ok()?;
+        match &self.backend {
+            Backend::Json(t) => t.id_to_token(id),
+            Backend::Tiktoken(t) => t.id_to_token(id),
+        }
     }
 
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| u32::try_from(i).unwrap_or(u32::MAX)).collect();
-        self.tokenizer.decode(&ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
+        match &self.backend {
+            Backend::Json(t) => {
+                t.decode(&ids, false).map_err(|e| anyhow!("{}: cannot decode: {e}", self.path.display()))
+            }
+            Backend::Tiktoken(t) => t.decode(&ids),
+        }
     }
 }
 

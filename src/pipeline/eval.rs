@@ -109,7 +109,7 @@ pub struct PromptArgs {
     pub quantized: PathBuf,
     /// An inputs file as `lamina forward` reads it (`input_ids`, `pixel_values`, `image_grid_thw`).
     pub inputs: Option<PathBuf>,
-    /// Or an image and a prompt, preprocessed as calibration images are (needs tokenizer.json).
+    /// Or an image and a prompt, preprocessed as calibration images are (needs tokenizer.json or qwen.tiktoken).
     pub image: Option<PathBuf>,
     pub prompt: String,
     pub device: String,
