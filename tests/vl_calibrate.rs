@@ -42,10 +42,11 @@ fn model_with_tokenizer(name: &str, dir: &Path) -> PathBuf {
             ("<|end_of_image|>".into(), id("image_end_token_id").unwrap()),
             ("<|image|>".into(), id("image_token_id").unwrap()),
         ],
-        None if id("img_context_token_id").is_some() => vec![
+        // InternVL: the remote code's img_context_token_id, the -hf layout's image_token_id.
+        None if id("img_start_token_id").is_some() => vec![
             ("<img>".into(), id("img_start_token_id").unwrap()),
             ("</img>".into(), id("img_end_token_id").unwrap()),
-            ("<IMG_CONTEXT>".into(), id("img_context_token_id").unwrap()),
+            ("<IMG_CONTEXT>".into(), id("img_context_token_id").or(id("image_token_id")).unwrap()),
         ],
         None => vec![
             ("<|vision_start|>".into(), id("vision_start_token_id").unwrap()),
@@ -273,6 +274,89 @@ fn glm4v_calibrates_from_images_with_its_recipe() {
     let text = format!("{}{}", r.stdout, r.stderr);
     assert!(text.contains("model.visual.blocks.0.attn.k_proj.weight"), "{text}");
     assert!(text.contains("model.language_model.layers.1.mlp.gate_up_proj.weight"), "{text}");
+}
+
+/// transformers' `-hf` InternVL layout with its recipe (internvl-w8a8), calibrated from a folder of
+/// images and from a JSONL of image + prompt pairs (prompts `<IMG_CONTEXT>\n` + text, expanded to
+/// `<img>` + 4 per tile + `</img>` as InternVLProcessor does): every text linear but down_proj static
+/// W8A8 with scales calibrated on the image prompts, down_proj W8A16, the vision tower, the projector
+/// and lm_head float (vLLM's InternS1ForConditionalGeneration loads them float only:
+/// rules::FLOAT_ONLY). The description is keyed by the checkpoint's names, which vLLM-Ascend maps with
+/// the model's hf_to_vllm_mapper before its lookups (modelslim_config.py `apply_vllm_mapper`); the
+/// output passes `lamina check` and its logits stay close to the float model's.
+#[test]
+fn internvl_hf_calibrates_from_images_with_its_recipe() {
+    let name = "internvl_hf";
+    let tmp = TempDir::new("vl-internvl_hf");
+    let model = model_with_tokenizer(name, tmp.path());
+    let [folder, listed, _] = calibration_sets(&model, &tmp.join("calib"));
+    for (form, set) in [folder, listed] {
+        let save = tmp.join(&format!("out-{}", form.replace(' ', "-")));
+        quant(&model, &save, "w8a8", &["--calib_data", set.to_str().unwrap()], &[]).assert_ok();
+        let (types, tensors) = read_output(&save);
+        for k in tensors.keys() {
+            assert!(types.contains_key(k), "{form}: {k} is not described");
+        }
+        for l in 0..2 {
+            let layer = format!("model.language_model.layers.{l}");
+            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+                .into_iter()
+                .chain(["mlp.gate_proj", "mlp.up_proj"])
+            {
+                assert_eq!(types[&format!("{layer}.{m}.weight")], "W8A8", "{form}: {layer}.{m}");
+                let scale = tensors[&format!("{layer}.{m}.input_scale")].f32s();
+                assert!(scale.iter().all(|s| s.is_finite() && *s > 0.0), "{form}: {scale:?}");
+            }
+            assert_eq!(types[&format!("{layer}.mlp.down_proj.weight")], "W8A16", "{form}: {layer}");
+        }
+        let vision: Vec<(&String, &String)> = types
+            .iter()
+            .filter(|(k, _)| k.starts_with("model.vision_tower.") || k.starts_with("model.multi_modal_projector."))
+            .collect();
+        assert!(vision.len() > 30, "{form}: {}", vision.len());
+        for (k, t) in vision {
+            assert_eq!(t, "FLOAT", "{form}: {k} should stay float");
+        }
+        assert_eq!(types["lm_head.weight"], "FLOAT");
+        // vLLM-Ascend's view: InternS1ForConditionalGeneration.hf_to_vllm_mapper (interns1.py) applied
+        // to the description's keys finds every text linear under the vLLM module's prefix.
+        let mapper = [
+            ("lm_head.", "language_model.lm_head."),
+            ("model.language_model.", "language_model.model."),
+            ("model.vision_tower.", "vision_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+        ];
+        let mapped: BTreeMap<String, &String> = types
+            .iter()
+            .map(|(k, t)| {
+                let m = mapper.iter().find_map(|(a, b)| k.strip_prefix(a).map(|r| format!("{b}{r}")));
+                (m.unwrap_or_else(|| k.clone()), t)
+            })
+            .collect();
+        for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"] {
+            let key = format!("language_model.model.layers.1.{m}.weight");
+            assert_eq!(mapped.get(&key).map(|t| t.as_str()), Some("W8A8"), "{form}: {key}");
+        }
+        assert_eq!(mapped["vision_tower.encoder.layer.0.mlp.fc1.weight"], "FLOAT");
+        check(&save, &[]).assert_ok();
+        check(&save, &["--target", "mindie"]).assert_ok();
+        let (agreement, relative) = logit_error(name, &model, &save);
+        eprintln!("{name} ({form}): top-1 agreement {agreement}, logit relative error {relative}");
+        assert!(relative < 0.8, "{name} ({form}): logit relative error {relative}");
+        assert!(agreement > 0.3, "{name} ({form}): top-1 agreement {agreement}");
+    }
+    // A recipe that quantizes the -hf tower is refused before anything is written.
+    let recipe = tmp.join("vision.yaml");
+    std::fs::write(
+        &recipe,
+        "apiversion: modelslim_v1\nspec:\n  process:\n    - type: linear_quant\n      qconfig: {act: {scope: per_token, dtype: int8, symmetric: true, method: minmax}, weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}}\n      include: [\"*vision_tower*fc1\"]\n",
+    )
+    .unwrap();
+    let save = tmp.join("out-vision");
+    let (m, o, r) = (model.to_str().unwrap(), save.to_str().unwrap(), recipe.to_str().unwrap());
+    run(&["quant", "--model_path", m, "--save_path", o, "--config_path", r], &[])
+        .assert_fails_with(&["model.vision_tower.encoder.layer.0.mlp.fc1", "float-only"]);
+    assert_no_complete_output(&save);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use super::image::{is_image_path, load_rgb};
 use super::processor::{read_json, ImageProcessor, ProcessedImage};
 use super::prompt::{expand_image_tokens, image_prompt, missing_tokenizer, ChatTemplate, TextTokenizer};
 use crate::tensor::Tensor;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -333,8 +333,11 @@ enum ImageTokens {
     /// LLaVA: one `<image>` per vision feature, `(H/patch)*(W/patch)` (+1 for the CLS feature
     /// when `vision_feature_select_strategy` is `full`).
     Llava { image: i64, patch_size: usize, keeps_cls: bool },
-    /// InternVL: `<img>` + `tokens_per_tile` IMG_CONTEXT tokens per tile + `</img>`.
-    InternVl { image: i64, start: i64, end: i64, tokens_per_tile: usize },
+    /// InternVL: `<img>` + `tokens_per_tile` IMG_CONTEXT tokens per tile + `</img>`. `wrap`: the
+    /// prompt names the image by one `<IMG_CONTEXT>` and the processor adds `<img>` / `</img>`
+    /// around its expansion (transformers' InternVLProcessor, the `-hf` layout); otherwise the
+    /// prompt already holds `<img><IMG_CONTEXT></img>` (the remote code's chat).
+    InternVl { image: i64, start: i64, end: i64, tokens_per_tile: usize, wrap: bool },
     /// Qwen-VL: `Picture 1:<img>` + `n_queries` positions + `</img>\n` (its tokenizer fills them with
     /// the image path's bytes and image pads); the ids are `visual.image_start_id` and the next two.
     QwenVl { start: i64, end: i64, pad: i64, n_queries: usize },
@@ -382,25 +385,45 @@ impl VisionModel {
                 ImageTokens::QwenVl { start, end: start + 1, pad: start + 2, n_queries: tower.n_queries }
             }
             ImageProcessor::InternVl(p) => {
-                // config.json's ids when it has them, else the tokenizer's (as the chat scripts do).
-                let id = |key: &str, token: &str| -> Result<i64> {
-                    match config.get(key).and_then(Value::as_i64) {
+                // config.json's ids when it has them, else the tokenizer's (as the chat scripts and
+                // transformers' InternVLProcessor do: the -hf tokenizer names them
+                // start_image_token / end_image_token / context_image_token).
+                let id = |keys: &[&str], token: &str| -> Result<i64> {
+                    match keys.iter().find_map(|k| config.get(*k).and_then(Value::as_i64)) {
                         Some(id) => Ok(id),
                         None => tokenizer.as_ref().and_then(|t| t.token_to_id(token)).with_context(|| {
-                            format!("{}: no {key} and no {token} in a tokenizer.json", config_path.display())
+                            format!("{}: no {} and no {token} in a tokenizer.json", config_path.display(), keys[0])
                         }),
                     }
                 };
                 let vision = crate::model::config::vision_view(&config)
                     .with_context(|| format!("{}: no vision_config", config_path.display()))?;
-                let patch = vision.usize(&["patch_size"])?;
+                let patch = vision.square(&["patch_size"])?;
                 let ratio = config.get("downsample_ratio").and_then(Value::as_f64).unwrap_or(0.5);
                 let side = (p.image_size / patch) as f64 * ratio;
+                let tokens_per_tile = (side * side).round() as usize;
+                let hf = config.get("model_type").and_then(Value::as_str) == Some("internvl");
+                if hf {
+                    // InternVLProcessor writes `image_seq_length` tokens per tile (processor_config.json);
+                    // the model needs one per pixel-shuffled patch, or transformers' forward fails.
+                    let processor_config = model_dir.join("processor_config.json");
+                    if processor_config.is_file() {
+                        if let Some(n) = read_json(&processor_config)?.get("image_seq_length").and_then(Value::as_u64) {
+                            ensure!(
+                                n as usize == tokens_per_tile,
+                                "{}: image_seq_length {n}, but a {}-pixel tile of {patch}-pixel patches shuffled by {ratio} gives {tokens_per_tile} image features",
+                                processor_config.display(),
+                                p.image_size
+                            );
+                        }
+                    }
+                }
                 ImageTokens::InternVl {
-                    image: id("img_context_token_id", "<IMG_CONTEXT>")?,
-                    start: id("img_start_token_id", "<img>")?,
-                    end: id("img_end_token_id", "</img>")?,
-                    tokens_per_tile: (side * side).round() as usize,
+                    image: id(&["img_context_token_id", "image_token_id"], "<IMG_CONTEXT>")?,
+                    start: id(&["img_start_token_id"], "<img>")?,
+                    end: id(&["img_end_token_id"], "</img>")?,
+                    tokens_per_tile,
+                    wrap: hf,
                 }
             }
             ImageProcessor::QwenVl(p) => ImageTokens::Qwen {
@@ -472,9 +495,11 @@ impl VisionModel {
             }
             ImageTokens::Llava { image, .. } => (format!("{}\n", name(image)?), name(image)?),
             // InternVL's chat puts `<image>\n` before the question and replaces `<image>` by this.
-            ImageTokens::InternVl { image, start, end, .. } => {
+            ImageTokens::InternVl { image, start, end, wrap: false, .. } => {
                 (format!("{}{}{}\n", name(start)?, name(image)?, name(end)?), name(image)?)
             }
+            // The -hf chat templates put `<IMG_CONTEXT>\n` for an image part; the processor wraps it.
+            ImageTokens::InternVl { image, wrap: true, .. } => (format!("{}\n", name(image)?), name(image)?),
             // Qwen-VL's query format (tokenization_qwen.py `from_list_format`): `Picture 1:<img>…</img>\n`.
             ImageTokens::QwenVl { start, end, pad, .. } => {
                 let inner = match tokenizer.qwen_vl_image_tags() {
@@ -499,6 +524,34 @@ impl VisionModel {
         self.tokenizer()?.encode_prompt(prompt)
     }
 
+    /// The prompt's image placeholder expanded to `count` image tokens. transformers' InternVLProcessor
+    /// (`-hf`) writes `<img>` + the tokens + `</img>` for each `<IMG_CONTEXT>` of the text
+    /// (`replace_image_token`); a pre-tokenized prompt that already has them around its placeholder
+    /// is taken as written. Qwen-VL: the span between `<img>` and `</img>` fitted to `count` positions
+    /// ([`fit_qwen_vl_image`]).
+    pub fn expand(&self, ids: &[i64], count: usize) -> Result<Vec<i64>> {
+        if let ImageTokens::QwenVl { start, end, pad, .. } = self.tokens {
+            return fit_qwen_vl_image(ids, start, end, pad, count);
+        }
+        let image = self.image_token();
+        let expanded = expand_image_tokens(ids, image, count)?;
+        let ImageTokens::InternVl { start, end, wrap: true, .. } = self.tokens else {
+            return Ok(expanded);
+        };
+        let first = expanded.iter().position(|&t| t == image).unwrap_or(0);
+        let last = first + count;
+        if first > 0 && expanded[first - 1] == start && expanded.get(last) == Some(&end) {
+            return Ok(expanded);
+        }
+        let mut out = Vec::with_capacity(expanded.len() + 2);
+        out.extend_from_slice(&expanded[..first]);
+        out.push(start);
+        out.extend_from_slice(&expanded[first..last]);
+        out.push(end);
+        out.extend_from_slice(&expanded[last..]);
+        Ok(out)
+    }
+
     /// Builds the sample for one image and prompt.
     pub fn sample(&self, image: &Path, prompt: &Prompt, origin: &str) -> Result<VisionSample> {
         let rgb = load_rgb(image).with_context(|| origin.to_string())?;
@@ -510,12 +563,7 @@ impl VisionModel {
                 .with_context(|| origin.to_string())?,
             Prompt::Ids(ids) => ids.clone(),
         };
-        let count = self.num_image_tokens(&processed);
-        let input_ids = match self.tokens {
-            ImageTokens::QwenVl { start, end, pad, .. } => fit_qwen_vl_image(&ids, start, end, pad, count),
-            _ => expand_image_tokens(&ids, self.image_token(), count),
-        }
-        .with_context(|| origin.to_string())?;
+        let input_ids = self.expand(&ids, self.num_image_tokens(&processed)).with_context(|| origin.to_string())?;
         check_vocab(&input_ids, self.vocab_size, origin)?;
         Ok(VisionSample {
             origin: origin.to_string(),
@@ -663,9 +711,17 @@ mod tests {
     /// fixture's input_ids, pixel_values and image_grid_thw.
     #[test]
     fn fixtures_from_pretokenized_listings() {
-        for name in
-            ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl_chat", "glm4v", "glm4v_moe"]
-        {
+        for name in [
+            "qwen2_vl",
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "qwen3_vl_moe",
+            "llava",
+            "internvl_chat",
+            "internvl_hf",
+            "glm4v",
+            "glm4v_moe",
+        ] {
             let model = VisionModel::load(&fixture(name)).unwrap();
             let ids = collapsed(&reference_ids(name), model.image_token());
             assert_eq!(ids.iter().filter(|&&t| t == model.image_token()).count(), 1);
@@ -869,6 +925,52 @@ mod tests {
         want.extend([3, 5, 6]);
         assert_eq!(s.input_ids, want);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// transformers' `-hf` InternVL processor on the real photographs: the chat template's image part
+    /// `<IMG_CONTEXT>\n` becomes `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`,
+    /// the ids of the three tokens coming from the tokenizer (config.json has only image_token_id),
+    /// with the real Qwen3 tokenizer: the ids equal InternVLProcessor's
+    /// (tests/fixtures/real_photos/internvl_hf_tokens.json, made by tests/fixtures/gen/internvl_hf.py).
+    #[test]
+    fn internvl_hf_prompts_are_transformers_processor_ids() {
+        let reference = read_json(&fixture("real_photos/internvl_hf_tokens.json")).unwrap();
+        let mut tokenizer = read_json(&fixture("qwen3_vl_realvocab/tokenizer.json")).unwrap();
+        let added = reference["added_tokens"].as_object().unwrap();
+        for (token, id) in added {
+            tokenizer["added_tokens"].as_array_mut().unwrap().push(json!({"id": id, "content": token,
+                "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        }
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("calib/images");
+        let hf = fixture("internvl_hf");
+        let cases = reference["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 4);
+        for case in cases {
+            let (size, photo) = (case["image_size"].as_u64().unwrap(), case["photo"].as_str().unwrap());
+            let dir = scratch(&format!("internvl-hf-tokens-{photo}-{size}"));
+            std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+            let template = json!({"chat_template": reference["chat_template"]});
+            std::fs::write(dir.join("tokenizer_config.json"), template.to_string()).unwrap();
+            let mut config = read_json(&hf.join("config.json")).unwrap();
+            config["vision_config"]["image_size"] = json!([size, size]);
+            config["image_token_id"] = added["<IMG_CONTEXT>"].clone();
+            config["text_config"]["vocab_size"] = json!(151936);
+            let map = config.as_object_mut().unwrap();
+            map.remove("img_start_token_id");
+            map.remove("img_end_token_id");
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            let mut pre = read_json(&hf.join("preprocessor_config.json")).unwrap();
+            pre["size"] = json!({"height": size, "width": size});
+            pre["max_patches"] = case["max_patches"].clone();
+            std::fs::write(dir.join("preprocessor_config.json"), pre.to_string()).unwrap();
+
+            let model = VisionModel::load(&dir).unwrap();
+            let prompt = Prompt::Text(case["prompt"].as_str().unwrap().to_string());
+            let sample = model.sample(&photos.join(photo), &prompt, photo).unwrap();
+            let want: Vec<i64> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+            assert_eq!(sample.pixel_shape[0] as u64, case["tiles"].as_u64().unwrap(), "{photo} {size}: tiles");
+            assert_eq!(sample.input_ids, want, "{photo} {size}: input_ids");
+        }
     }
 
     fn word_tokenizer(dir: &Path, words: &[&str]) {

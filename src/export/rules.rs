@@ -679,6 +679,41 @@ pub fn lookup_alias_entries<'a>(
     Ok(out.into_iter().map(|(k, (kind, _))| (k, kind)).collect())
 }
 
+/// Modules a family's vLLM model class builds without a quantization method, so vLLM-Ascend cannot
+/// load them quantized whatever the description says (their extra scale tensors have no parameter to
+/// load into): checkpoint-name prefixes per `model_type`, with the reason.
+pub struct FloatOnly {
+    pub model_type: &'static str,
+    pub prefixes: &'static [&'static str],
+    pub why: &'static str,
+}
+
+/// - `internvl` (transformers' `-hf` InternVL, `InternVLForConditionalGeneration`): vLLM's registry
+///   serves it with `interns1.py`'s `InternS1ForConditionalGeneration`, whose `InternS1VisionModel`
+///   (`interns1_vit.py`) builds `InternS1VisionEncoder` without `quant_config` (the layers' `mlp.fc1` /
+///   `fc2` get `quant_config=None`) and the attention's `q_proj` / `k_proj` / `v_proj` /
+///   `projection_layer` as `nn.Linear`; its `InternS1MultiModalProjector` is `nn.Linear` too.
+///
+/// The description keys of this layout are the checkpoint's own names (`model.language_model.…`,
+/// `lm_head`), as the weights: vLLM calls `quant_config.apply_vllm_mapper(hf_to_vllm_mapper)`
+/// (`model_loader/utils.py` `configure_quant_config`), and vLLM-Ascend's
+/// `AscendModelSlimConfig.apply_vllm_mapper` (`modelslim_config.py`) rewrites the description's keys
+/// with the model's mapper (`model.language_model.` → `language_model.model.`, `lm_head.` →
+/// `language_model.lm_head.`, `model.vision_tower.` → `vision_tower.`) before every lookup by the
+/// vLLM module's prefix — the same mapping `load_weights` applies to the tensor names.
+pub const FLOAT_ONLY: &[FloatOnly] = &[FloatOnly {
+    model_type: "internvl",
+    prefixes: &["model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."],
+    why: "vLLM serves transformers' InternVL layout with InternS1ForConditionalGeneration, whose vision tower \
+          (interns1_vit.py: nn.Linear attention, an encoder built without quant_config) and projector \
+          (nn.Linear) load float weights only",
+}];
+
+/// The modules of `model_type` that must stay FLOAT for vLLM-Ascend, if any ([`FLOAT_ONLY`]).
+pub fn float_only(model_type: &str, module: &str) -> Option<&'static FloatOnly> {
+    FLOAT_ONLY.iter().find(|f| f.model_type == model_type && f.prefixes.iter().any(|p| module.starts_with(p)))
+}
+
 mod checks;
 pub use checks::*;
 

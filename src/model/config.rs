@@ -83,6 +83,19 @@ impl ConfigView {
         }
     }
 
+    /// A size given as one number or as `[height, width]` (transformers' InternVL vision config
+    /// spells `patch_size` and `image_size` as lists), which must be square.
+    pub fn square(&self, keys: &[&str]) -> Result<usize> {
+        if let Some(Value::Array(_)) = self.get(keys) {
+            let v = self.usize_list(keys)?.unwrap_or_default();
+            return match v.as_slice() {
+                [h, w] if h == w => Ok(*h),
+                _ => bail!("{}: {} is {v:?}; lamina reads square sizes only ([n, n] or n)", self.what, keys[0]),
+            };
+        }
+        self.usize(keys)
+    }
+
     /// A sub-object (for example `rope_scaling`) as a view of its own.
     pub fn sub(&self, keys: &[&str]) -> Option<ConfigView> {
         self.get(keys)

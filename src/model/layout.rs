@@ -31,6 +31,12 @@ pub enum Family {
     /// InternViT (`vision_model.*`), the `mlp1` projector, and the language model its `llm_config`
     /// names (Qwen2, Qwen3, LLaMA or InternLM2), in that model's own names under `language_model.`.
     InternVlChat,
+    /// InternVL as transformers converts it (the `-hf` checkpoints, `model_type: internvl`,
+    /// `InternVLForConditionalGeneration`): the same InternViT and projector math under
+    /// transformers' names (`model.vision_tower.*` with separate q/k/v, `model.multi_modal_projector.*`,
+    /// see [`InternVitNames::HF`]) and the language model its `text_config` names under
+    /// `model.language_model.`.
+    InternVl,
     /// GLM-4.1V (`Glm4vForConditionalGeneration`): the GLM-4.1V vision tower (`model.visual.*`) and a
     /// GLM-4 language model (`model.language_model.*`, sandwich norms) with M-RoPE positions.
     Glm4v,
@@ -64,7 +70,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 22] = [
+    pub const ALL: [Family; 23] = [
         Family::Llama,
         Family::Qwen2,
         Family::Qwen3,
@@ -78,6 +84,7 @@ impl Family {
         Family::Qwen3VlMoe,
         Family::Llava,
         Family::InternVlChat,
+        Family::InternVl,
         Family::Glm4v,
         Family::Glm4vMoe,
         Family::Glm4,
@@ -105,6 +112,7 @@ impl Family {
             Family::Qwen3VlMoe => "qwen3_vl_moe",
             Family::Llava => "llava",
             Family::InternVlChat => "internvl_chat",
+            Family::InternVl => "internvl",
             Family::Glm4v => "glm4v",
             Family::Glm4vMoe => "glm4v_moe",
             Family::Glm4 => "glm4",
@@ -132,6 +140,7 @@ impl Family {
                 | Family::Qwen3VlMoe
                 | Family::Llava
                 | Family::InternVlChat
+                | Family::InternVl
                 | Family::Glm4v
                 | Family::Glm4vMoe
         )
@@ -165,6 +174,7 @@ impl Family {
             ("Qwen3VLMoeForConditionalGeneration", Family::Qwen3VlMoe),
             ("LlavaForConditionalGeneration", Family::Llava),
             ("InternVLChatModel", Family::InternVlChat),
+            ("InternVLForConditionalGeneration", Family::InternVl),
             ("Glm4vForConditionalGeneration", Family::Glm4v),
             ("Glm4vMoeForConditionalGeneration", Family::Glm4vMoe),
             ("Glm4ForCausalLM", Family::Glm4),
@@ -179,15 +189,19 @@ impl Family {
     }
 
     /// The family whose decoder (and naming inside the text model) the language model uses: the
-    /// family itself, or for InternVL the family of its `llm_config` (by `model_type`, else
-    /// `architectures`). A "qwen" config with a `visual` section is Qwen-VL, whose vision tower
-    /// lamina does not read: refused rather than quantized as text.
+    /// family itself, or for InternVL the family of its `llm_config` (remote code) or `text_config`
+    /// (`-hf`), by `model_type`, else `architectures`. A "qwen" config with a `visual` section is
+    /// Qwen-VL, whose vision tower lamina does not read: refused rather than quantized as text.
     pub fn text_family(self, config: &Value) -> Result<Family> {
-        if self == Family::InternVlChat {
+        if let Some(key) = match self {
+            Family::InternVlChat => Some("llm_config"),
+            Family::InternVl => Some("text_config"),
+            _ => None,
+        } {
             let llm = config
-                .get("llm_config")
+                .get(key)
                 .filter(|v| v.is_object())
-                .context("config.json of internvl_chat has no llm_config")?;
+                .with_context(|| format!("config.json of {} has no {key}", self.model_type()))?;
             let arch = llm.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
             let family = llm
                 .get("model_type")
@@ -251,6 +265,98 @@ impl VisionKind {
     /// (the Qwen VL towers); the others use 1D positions.
     pub fn uses_mrope(self) -> bool {
         matches!(self, VisionKind::Qwen2Vl | VisionKind::Qwen25Vl | VisionKind::Qwen3Vl | VisionKind::Glm4v)
+    }
+}
+
+/// InternViT and its projector under the two names InternVL is published in: the remote code's
+/// (`internvl_chat`: modeling_intern_vit.py, `mlp1`) and transformers' (`internvl`, the `-hf`
+/// conversions: modeling_internvl.py, `multi_modal_projector`). The math is one
+/// (`vision::internvit`); only the names and the config keys differ. Module names are relative to
+/// the vision root (embeddings), to a block, or to the projector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InternVitNames {
+    pub class: &'static str,
+    pub patch: &'static str,
+    pub position: &'static str,
+    pub norm1: &'static str,
+    pub norm2: &'static str,
+    /// The remote code's fused `attn.qkv` (query rows, then key rows, then value rows), or
+    /// transformers' three projections.
+    pub qkv: QkvNames,
+    pub q_norm: &'static str,
+    pub k_norm: &'static str,
+    pub proj: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    /// The layer scales of the attention and MLP branches.
+    pub ls1: &'static str,
+    pub ls2: &'static str,
+    /// The tower's final norm (`use_mean_pooling: false`, on the last hidden state only); the remote
+    /// code has none.
+    pub final_norm: Option<&'static str>,
+    /// The projector's LayerNorm, first linear and second linear.
+    pub projector: [&'static str; 3],
+    /// config.json keys: the hidden state the features come from, the q/k/v bias flag, the q/k norm flag.
+    pub feature_layer_key: &'static str,
+    pub qkv_bias_key: &'static str,
+    pub qk_norm_key: &'static str,
+    /// The q/k norms' epsilon when it is not the config's `layer_norm_eps`: transformers builds
+    /// `InternVLVisionRMSNorm(embed_dim)` with its default 1e-6.
+    pub qk_norm_eps: Option<f64>,
+}
+
+impl InternVitNames {
+    /// modeling_intern_vit.py (`InternVisionModel`) and `InternVLChatModel.mlp1`.
+    pub const REMOTE: InternVitNames = InternVitNames {
+        class: "embeddings.class_embedding",
+        patch: "embeddings.patch_embedding",
+        position: "embeddings.position_embedding",
+        norm1: "norm1",
+        norm2: "norm2",
+        qkv: QkvNames::Fused { module: "attn.qkv", rows: FusedQkv::Concatenated },
+        q_norm: "attn.q_norm",
+        k_norm: "attn.k_norm",
+        proj: "attn.proj",
+        fc1: "mlp.fc1",
+        fc2: "mlp.fc2",
+        ls1: "ls1",
+        ls2: "ls2",
+        final_norm: None,
+        projector: ["0", "1", "3"],
+        feature_layer_key: "select_layer",
+        qkv_bias_key: "qkv_bias",
+        qk_norm_key: "qk_normalization",
+        qk_norm_eps: None,
+    };
+    /// transformers' modeling_internvl.py (`InternVLVisionModel`, `InternVLMultiModalProjector`).
+    pub const HF: InternVitNames = InternVitNames {
+        class: "embeddings.cls_token",
+        patch: "embeddings.patch_embeddings.projection",
+        position: "embeddings.position_embeddings",
+        norm1: "layernorm_before",
+        norm2: "layernorm_after",
+        qkv: QkvNames::Separate { q: "attention.q_proj", k: "attention.k_proj", v: "attention.v_proj" },
+        q_norm: "attention.q_norm",
+        k_norm: "attention.k_norm",
+        proj: "attention.projection_layer",
+        fc1: "mlp.fc1",
+        fc2: "mlp.fc2",
+        ls1: "lambda_1",
+        ls2: "lambda_2",
+        final_norm: Some("layernorm"),
+        projector: ["layer_norm", "linear_1", "linear_2"],
+        feature_layer_key: "vision_feature_layer",
+        qkv_bias_key: "attention_bias",
+        qk_norm_key: "use_qk_norm",
+        qk_norm_eps: Some(1e-6),
+    };
+
+    pub fn of(family: Family) -> &'static InternVitNames {
+        if family == Family::InternVl {
+            &InternVitNames::HF
+        } else {
+            &InternVitNames::REMOTE
+        }
     }
 }
 
@@ -497,6 +603,17 @@ fn rules(family: Family) -> Rules {
             projector: &["mlp1"],
             head_prefix: &["language_model."],
         },
+        // transformers' InternVLForConditionalGeneration (the `-hf` conversions; `InternVitNames::HF`),
+        // and the layout transformers 4 saved LLaVA-like models in.
+        Family::InternVl => Rules {
+            text: &["model.language_model", "language_model.model"],
+            vision: &["model.vision_tower", "vision_tower"],
+            vision_blocks: "encoder.layer",
+            vision_pre: &["embeddings"],
+            vision_post: &["layernorm"],
+            projector: &["model.multi_modal_projector", "multi_modal_projector"],
+            head_prefix: &["", "language_model."],
+        },
     }
 }
 
@@ -598,7 +715,7 @@ impl Layout {
             Family::Qwen25Vl => Some(VisionKind::Qwen25Vl),
             Family::Qwen3Vl | Family::Qwen3VlMoe => Some(VisionKind::Qwen3Vl),
             Family::Llava => Some(VisionKind::Clip),
-            Family::InternVlChat => Some(VisionKind::InternVit),
+            Family::InternVlChat | Family::InternVl => Some(VisionKind::InternVit),
             Family::Glm4v | Family::Glm4vMoe => Some(VisionKind::Glm4v),
             Family::QwenVl => Some(VisionKind::QwenVl),
             _ => None,
@@ -716,7 +833,7 @@ impl Layout {
                             rest.split_once('.').is_some_and(|(k, m)| k.parse::<usize>().is_ok() && m == "linear_fc2")
                         })
             }
-            Family::Llava => under(&self.projector, "linear_2"),
+            Family::Llava | Family::InternVl => under(&self.projector, "linear_2"),
             Family::Glm4v | Family::Glm4vMoe => under(&self.vision, "merger.down_proj"),
             _ => false,
         }
@@ -1176,51 +1293,66 @@ fn synthesize_vision(
             norm(&mut push, m("ln_post"), e);
             push(m("proj"), &[e, e]);
         }
-        Family::InternVlChat => {
+        Family::InternVlChat | Family::InternVl => {
             // vision/internvit.rs: InternViT (LayerNorm or RMSNorm, optional qkv bias and q/k norms,
-            // layer scales), then `mlp1` on the pixel-shuffled features.
+            // layer scales), then the projector on the pixel-shuffled features; the names per layout.
+            let n = InternVitNames::of(family);
             let dim = v.usize(&["hidden_size"])?;
             let inter = v.usize(&["intermediate_size"])?;
-            let patch = v.usize(&["patch_size"])?;
-            let side = v.usize(&["image_size"])? / patch.max(1);
+            let patch = v.square(&["patch_size"])?;
+            let side = v.square(&["image_size"])? / patch.max(1);
             let cin = v.opt_usize(&["num_channels"])?.unwrap_or(3);
             let rms = v.str(&["norm_type"]) == Some("rms_norm");
-            // InternVisionConfig's defaults: qkv_bias false, qk_normalization false.
+            // InternVisionConfig's defaults: qkv_bias false, qk_normalization false;
+            // InternVLVisionConfig's: attention_bias false, use_qk_norm false, use_mean_pooling true.
             let (qkv_bias, qk_norm) =
-                (v.bool(&["qkv_bias"]).unwrap_or(false), v.bool(&["qk_normalization"]).unwrap_or(false));
-            push(m("embeddings.class_embedding"), &[1, 1, dim]);
-            push(m("embeddings.patch_embedding.weight"), &[dim, cin, patch, patch]);
-            push(m("embeddings.patch_embedding.bias"), &[dim]);
-            push(m("embeddings.position_embedding"), &[1, side * side + 1, dim]);
+                (v.bool(&[n.qkv_bias_key]).unwrap_or(false), v.bool(&[n.qk_norm_key]).unwrap_or(false));
+            let norm = |push: &mut dyn FnMut(String, &[usize]), name: String, width: usize, bias: bool| {
+                push(format!("{name}.weight"), &[width]);
+                if bias {
+                    push(format!("{name}.bias"), &[width]);
+                }
+            };
+            push(m(n.class), &[1, 1, dim]);
+            push(m(&format!("{}.weight", n.patch)), &[dim, cin, patch, patch]);
+            push(m(&format!("{}.bias", n.patch)), &[dim]);
+            if v.bool(&["use_absolute_position_embeddings"]).unwrap_or(true) {
+                push(m(n.position), &[1, side * side + 1, dim]);
+            }
             for b in 0..depth {
                 let blk = layout.vision_block(b).unwrap();
-                for n in ["norm1", "norm2"] {
-                    push(format!("{blk}.{n}.weight"), &[dim]);
-                    if !rms {
-                        push(format!("{blk}.{n}.bias"), &[dim]);
+                norm(&mut push, format!("{blk}.{}", n.norm1), dim, !rms);
+                norm(&mut push, format!("{blk}.{}", n.norm2), dim, !rms);
+                let projections: Vec<(&str, usize)> = match n.qkv {
+                    QkvNames::Fused { module, .. } => vec![(module, 3 * dim)],
+                    QkvNames::Separate { q, k, v } => vec![(q, dim), (k, dim), (v, dim)],
+                };
+                for (p, rows) in projections {
+                    push(format!("{blk}.{p}.weight"), &[rows, dim]);
+                    if qkv_bias {
+                        push(format!("{blk}.{p}.bias"), &[rows]);
                     }
                 }
-                push(format!("{blk}.attn.qkv.weight"), &[3 * dim, dim]);
-                if qkv_bias {
-                    push(format!("{blk}.attn.qkv.bias"), &[3 * dim]);
-                }
                 if qk_norm {
-                    push(format!("{blk}.attn.q_norm.weight"), &[dim]);
-                    push(format!("{blk}.attn.k_norm.weight"), &[dim]);
+                    push(format!("{blk}.{}.weight", n.q_norm), &[dim]);
+                    push(format!("{blk}.{}.weight", n.k_norm), &[dim]);
                 }
-                linear(&mut push, format!("{blk}.attn.proj"), dim, dim);
-                linear(&mut push, format!("{blk}.mlp.fc1"), inter, dim);
-                linear(&mut push, format!("{blk}.mlp.fc2"), dim, inter);
-                push(format!("{blk}.ls1"), &[dim]);
-                push(format!("{blk}.ls2"), &[dim]);
+                linear(&mut push, format!("{blk}.{}", n.proj), dim, dim);
+                linear(&mut push, format!("{blk}.{}", n.fc1), inter, dim);
+                linear(&mut push, format!("{blk}.{}", n.fc2), dim, inter);
+                push(format!("{blk}.{}", n.ls1), &[dim]);
+                push(format!("{blk}.{}", n.ls2), &[dim]);
             }
-            // mlp1: LayerNorm(f²·dim), Linear(f²·dim → text), GELU, Linear(text → text); f = 1 / downsample_ratio.
-            let p = layout.projector.clone().context("the InternVL layout has no mlp1 projector")?;
+            if let (Some(f), false) = (n.final_norm, v.bool(&["use_mean_pooling"]).unwrap_or(true)) {
+                norm(&mut push, m(f), dim, true);
+            }
+            // The projector: LayerNorm(f²·dim), Linear(f²·dim → text), GELU, Linear(text → text);
+            // f = 1 / downsample_ratio.
+            let p = layout.projector.clone().context("the InternVL layout has no projector")?;
             let shuffled = dim * shuffle * shuffle;
-            push(format!("{p}.0.weight"), &[shuffled]);
-            push(format!("{p}.0.bias"), &[shuffled]);
-            linear(&mut push, format!("{p}.1"), text_hidden, shuffled);
-            linear(&mut push, format!("{p}.3"), text_hidden, text_hidden);
+            norm(&mut push, format!("{p}.{}", n.projector[0]), shuffled, true);
+            linear(&mut push, format!("{p}.{}", n.projector[1]), text_hidden, shuffled);
+            linear(&mut push, format!("{p}.{}", n.projector[2]), text_hidden, text_hidden);
         }
         Family::Llava => {
             bail!("planning LLaVA from a config alone is not supported; point --model_path at the checkpoint")
@@ -1399,14 +1531,16 @@ mod tests {
     }
 
     /// InternVL: the vision tensors planned from the config are the fixtures' (InternViT-300M's
-    /// LayerNorms and qkv bias; InternViT-6B's RMSNorms and q/k norms), names and shapes.
+    /// LayerNorms and qkv bias; InternViT-6B's RMSNorms and q/k norms; transformers' `-hf` names
+    /// with separate q/k/v and list-valued sizes), names and shapes.
     #[test]
     fn internvl_vision_inventory_is_the_fixtures() {
-        for fixture in ["internvl_chat", "internvl_chat_6b"] {
+        for fixture in ["internvl_chat", "internvl_chat_6b", "internvl_hf"] {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
             let config: Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-            let l = Layout::for_config(Family::InternVlChat, &config, &[]).unwrap();
+            let family = Family::detect(&config).unwrap();
+            let l = Layout::for_config(family, &config, &[]).unwrap();
             let vision = |n: &str| {
                 matches!(l.classify(n), UnitKind::VisionPre | UnitKind::VisionBlock(_) | UnitKind::VisionPost)
             };
@@ -1416,16 +1550,34 @@ mod tests {
                 .filter(|n| vision(n))
                 .map(|n| (n.to_string(), ckpt.entry(n).unwrap().1.meta().shape))
                 .collect();
-            let mut planned: Vec<_> = synthesize_inventory(Family::InternVlChat, &config)
-                .unwrap()
-                .into_iter()
-                .filter(|(n, _)| vision(n))
-                .collect();
+            let mut planned: Vec<_> =
+                synthesize_inventory(family, &config).unwrap().into_iter().filter(|(n, _)| vision(n)).collect();
             stored.sort();
             planned.sort();
-            assert!(planned.iter().any(|(n, _)| n.ends_with("layers.1.ls2")), "{fixture}");
+            assert!(planned.iter().any(|(n, _)| n.ends_with(".1.ls2") || n.ends_with(".1.lambda_2")), "{fixture}");
             assert_eq!(planned, stored, "{fixture}");
         }
+    }
+
+    /// transformers' `-hf` InternVL: its own family (by model_type and by architecture), the text
+    /// family from `text_config`, the units by modeling_internvl.py's names.
+    #[test]
+    fn internvl_hf_names() {
+        let config = serde_json::json!({"model_type": "internvl", "text_config": {"model_type": "qwen2"}});
+        assert_eq!(Family::detect(&config), Some(Family::InternVl));
+        let by_arch = serde_json::json!({"architectures": ["InternVLForConditionalGeneration"]});
+        assert_eq!(Family::detect(&by_arch), Some(Family::InternVl));
+        let l = Layout::for_config(Family::InternVl, &config, &[]).unwrap();
+        assert_eq!((l.text_family, l.vision_kind), (Family::Qwen2, Some(VisionKind::InternVit)));
+        assert_eq!(l.classify("model.vision_tower.embeddings.cls_token"), UnitKind::VisionPre);
+        assert_eq!(l.classify("model.vision_tower.encoder.layer.3.attention.q_proj.weight"), UnitKind::VisionBlock(3));
+        assert_eq!(l.classify("model.vision_tower.layernorm.weight"), UnitKind::VisionPost);
+        assert_eq!(l.classify("model.multi_modal_projector.linear_1.weight"), UnitKind::VisionPost);
+        assert_eq!(l.classify("model.language_model.layers.1.mlp.up_proj.weight"), UnitKind::TextLayer(1));
+        assert_eq!(l.classify("lm_head.weight"), UnitKind::Head);
+        assert!(l.is_vision_output("model.multi_modal_projector.linear_2"));
+        let e = Family::InternVl.text_family(&serde_json::json!({"model_type": "internvl"})).unwrap_err();
+        assert!(e.to_string().contains("text_config"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,6 @@ impl Model {
     /// Recognises the family from config.json (or `model_type_override`) and resolves the
     /// naming layout against the checkpoint's tensor names (empty for a config alone).
     pub fn new(config: &Value, model_type_override: Option<&str>, names: &[&str]) -> Result<Model> {
-        refuse_unsupported(config)?;
         let family = match model_type_override.and_then(Family::from_model_type) {
             Some(f) => f,
             None => {
@@ -60,24 +59,6 @@ impl Model {
         let fp8 = fp8::Fp8Config::from_config(config)?;
         Ok(Model { family, layout, text, config: config.clone(), fp8 })
     }
-}
-
-/// Families lamina recognises but does not compute yet, refused by name rather than mis-read as a
-/// generic decoder.
-fn refuse_unsupported(config: &Value) -> Result<()> {
-    let model_type = config.get("model_type").and_then(Value::as_str);
-    let arch = config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
-    // transformers' `-hf` InternVL conversions: their text model would pass for a generic decoder,
-    // their InternViT (separate q/k/v, `lambda_1/2`) and projector would not be read as such.
-    if model_type == Some("internvl") || arch == Some("InternVLForConditionalGeneration") {
-        bail!(
-            "config.json describes a transformers `-hf` InternVL conversion (model_type internvl, \
-             InternVLForConditionalGeneration: model.vision_tower.*, model.multi_modal_projector.*), which lamina does \
-             not read yet; the InternVL releases in their remote-code layout (model_type internvl_chat, \
-             InternVLChatModel) are supported"
-        );
-    }
-    Ok(())
 }
 
 /// Where a logical tensor's bytes come from.
@@ -306,24 +287,21 @@ pub fn paper_inventory(model: &Model) -> Result<Vec<TensorMeta>> {
 mod tests {
     use super::*;
 
-    /// A `-hf` InternVL conversion has decoder-like names under `model.language_model.layers.N`; it is
-    /// refused by name rather than quantized as a generic decoder beside an unread vision tower.
+    /// A `-hf` InternVL conversion (transformers' names, tests/fixtures/gen/internvl_hf.py) is read
+    /// as the `internvl` family: its text model by `text_config`, its tower and projector as vision
+    /// units, nothing left over as "other tensors".
     #[test]
-    fn hf_internvl_is_refused_by_name() {
-        let config = serde_json::json!({"model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
-            "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "vocab_size": 8}});
-        let names =
-            ["model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.cls_token"];
-        let e = Model::new(&config, None, &names).unwrap_err().to_string();
-        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
-        // The same for a real -hf checkpoint as transformers saves it (tests/fixtures/gen/internvl_hf.py).
+    fn hf_internvl_is_read_as_internvl() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/internvl_hf");
         let ckpt = crate::io::checkpoint::Checkpoint::open(&dir).unwrap();
         let names: Vec<&str> = ckpt.names().collect();
-        assert!(names.contains(&"model.vision_tower.encoder.layer.1.attention.q_proj.weight"));
-        let e = Model::new(&ckpt.config, None, &names).unwrap_err().to_string();
-        assert!(e.contains("-hf") && e.contains("internvl_chat"), "{e}");
+        let model = Model::new(&ckpt.config, None, &names).unwrap();
+        assert_eq!((model.family, model.layout.text_family), (Family::InternVl, Family::Qwen3));
+        let inventory: Vec<TensorMeta> = ckpt.names().map(|n| ckpt.entry(n).unwrap().1.meta()).collect();
+        let units = build_units(&model, &inventory).unwrap();
+        assert!(units.iter().all(|u| u.kind != UnitKind::Other), "every tensor belongs to a unit");
+        let blocks = units.iter().filter(|u| matches!(u.kind, UnitKind::VisionBlock(_))).count();
+        assert_eq!(blocks, 2);
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub const BUNDLED: &[(&str, &str)] = &[
     ("qwen-w8a8.yaml", include_str!("../../pipelines/qwen-w8a8.yaml")),
     ("qwen_vl-w8a8.yaml", include_str!("../../pipelines/qwen_vl-w8a8.yaml")),
     ("internvl_chat-w8a8.yaml", include_str!("../../pipelines/internvl_chat-w8a8.yaml")),
+    ("internvl-w8a8.yaml", include_str!("../../pipelines/internvl-w8a8.yaml")),
     ("glm4v-w8a8.yaml", include_str!("../../pipelines/glm4v-w8a8.yaml")),
     ("glm4v_moe-w8a8.yaml", include_str!("../../pipelines/glm4v_moe-w8a8.yaml")),
     ("w8a8-fast.yaml", include_str!("../../pipelines/w8a8-fast.yaml")),

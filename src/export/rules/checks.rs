@@ -131,11 +131,32 @@ pub fn check(d: &Described, s: &Setting) -> Vec<Problem> {
     }
     check_groups(&modules, d, s, &mut out);
     check_fused(d, s, &mut out);
+    check_float_only(d, s, &mut out);
     check_c8(d, s, &mut out);
     check_globals(&modules, d, &mut out);
     out.sort();
     out.dedup();
     out
+}
+
+/// Linears the target's model class builds unquantized ([`FLOAT_ONLY`]) must be described FLOAT.
+fn check_float_only(d: &Described, s: &Setting, out: &mut Vec<Problem>) {
+    if s.target != Target::VllmAscend {
+        return;
+    }
+    for (name, kind) in &d.types {
+        let Some(module) = name.strip_suffix(".weight") else { continue };
+        if kind == FLOAT || !d.tensors.contains_key(name) {
+            continue;
+        }
+        if let Some(f) = float_only(&s.model_type, module) {
+            out.push(problem(
+                "float-only",
+                module,
+                format!("is {kind}, but must stay FLOAT for vLLM-Ascend (model_type {:?}): {}", s.model_type, f.why),
+            ));
+        }
+    }
 }
 
 /// The loader's lookups under other names than the stored linears' ([`lookup_aliases`]): each must

@@ -482,8 +482,13 @@ fn the_loader_table_covers_every_fused_group_of_every_family() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     for f in crate::model::layout::Family::ALL {
         let name = f.model_type();
-        // The fixtures are named by model_type, but Qwen (1)'s "qwen" is tests/fixtures/qwen1.
-        let dir = if f == crate::model::layout::Family::Qwen { "qwen1" } else { name };
+        // The fixtures are named by model_type, but Qwen (1)'s "qwen" is tests/fixtures/qwen1 and
+        // transformers' `-hf` InternVL's "internvl" is tests/fixtures/internvl_hf.
+        let dir = match f {
+            crate::model::layout::Family::Qwen => "qwen1",
+            crate::model::layout::Family::InternVl => "internvl_hf",
+            _ => name,
+        };
         let Ok(text) = std::fs::read_to_string(fixtures.join(dir).join("config.json")) else {
             panic!("no fixture config for family {name}");
         };
@@ -609,4 +614,30 @@ fn glm4v_lookups_under_vllm_names() {
     assert!(moe.types.contains_key(&format!("{v}.attn.q_proj.weight")));
     assert!(!moe.types.contains_key(&format!("{t}.mlp.gate_up_proj.weight")));
     assert!(lookup_aliases("qwen2_5_vl", "visual.blocks.0.attn.qkv").is_empty());
+}
+
+/// transformers' `-hf` InternVL (`internvl`): vLLM serves it with InternS1ForConditionalGeneration,
+/// whose vision tower and projector load float weights only (interns1_vit.py: `q_proj` / `k_proj` /
+/// `v_proj` / `projection_layer` are `nn.Linear`, `InternS1VisionEncoder` is built without
+/// `quant_config`; interns1.py: `InternS1MultiModalProjector` is `nn.Linear`): a quantized vision
+/// linear is refused for vLLM-Ascend, the text model's are not, and the remote-code layout
+/// (`internvl_chat`, served by vLLM's internvl.py with a quantizable InternViT) is not concerned.
+#[test]
+fn the_hf_internvl_vision_tower_stays_float_for_vllm_ascend() {
+    let d = output(
+        &[
+            ("model.vision_tower.encoder.layer.0.mlp.fc1", "W8A8", 4096, 1024),
+            ("model.multi_modal_projector.linear_1", "W8A8", 2048, 4096),
+            ("model.language_model.layers.0.mlp.gate_proj", "W8A8", 4096, 2048),
+            ("model.language_model.layers.0.mlp.up_proj", "W8A8", 4096, 2048),
+        ],
+        0,
+    );
+    let p = check(&d, &setting(Target::VllmAscend, "internvl"));
+    let float_only: Vec<&str> = p.iter().filter(|x| x.rule == "float-only").map(|x| x.subject.as_str()).collect();
+    assert_eq!(float_only, ["model.multi_modal_projector.linear_1", "model.vision_tower.encoder.layer.0.mlp.fc1"]);
+    assert!(find(&p, "float-only", "model.vision_tower.encoder.layer.0.mlp.fc1").detail.contains("interns1_vit.py"));
+    for (target, model_type) in [(Target::VllmAscend, "internvl_chat"), (Target::MindIe, "internvl")] {
+        assert!(!rules_broken(&check(&d, &setting(target, model_type))).contains(&"float-only"), "{model_type}");
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! | architecture | file | families |
 //! |---|---|---|
-//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava and internvl_chat (by its `llm_config`) |
+//! | [`Arch::Standard`] | [`standard`] | llama, qwen2, qwen3, qwen3_moe, glm4_moe (GLM-4.5/4.6), internlm2, qwen (1), the language models of qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, internvl_chat (by its `llm_config`) and internvl (`-hf`, by its `text_config`) |
 //! | [`Arch::Glm4`] | [`glm4`] | glm4 (sandwich norms, adjacent-pair partial rotary) |
 //! | [`Arch::Mla`] | [`mla`] | deepseek_v2, deepseek_v3 (V2, V2-Lite, Coder-V2, V3, R1, V3.1, Kimi-K2) |
 //! | [`Arch::Qwen3Next`] | [`qwen3_next`] (+ [`gated_delta`]) | qwen3_next (Gated DeltaNet and gated attention layers, zero-centred norms) |
@@ -121,6 +121,7 @@ impl Arch {
             | Family::Qwen3VlMoe
             | Family::Llava
             | Family::InternVlChat
+            | Family::InternVl
             | Family::Glm4Moe
             | Family::Glm4vMoe
             | Family::Generic => Arch::Standard,
@@ -529,6 +530,7 @@ pub(crate) mod tests {
     fn parity_internvl() {
         parity("internvl_chat");
         parity("internvl_chat_6b");
+        parity("internvl_hf");
     }
     /// Qwen-VL's Qwen (1) decoder on the prompt with the resampler's outputs spliced in (the
     /// reference: tests/fixtures/gen/qwen_vl.py's port of the remote code).
