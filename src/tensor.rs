@@ -202,6 +202,11 @@ static F8E4M3_VALUES: std::sync::LazyLock<[f32; 256]> = std::sync::LazyLock::new
     t
 });
 
+/// The value of every `float8_e4m3fn` byte, indexed by the byte.
+pub fn f8e4m3_table() -> &'static [f32; 256] {
+    &F8E4M3_VALUES
+}
+
 /// Decodes one `float8_e4m3fn` byte: `(-1)^s · 2^(e-7) · (1 + m/8)`, subnormals `(-1)^s · 2^-6 · m/8`;
 /// exponent and mantissa all ones is NaN (the format has no infinities, its largest value is 448).
 pub fn f8e4m3_value(b: u8) -> f32 {

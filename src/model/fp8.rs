@@ -203,6 +203,19 @@ impl BlockScale<'_> {
         v[0]
     }
 
+    /// Decodes row `row` of the FP8 weight from its bytes (all its columns) into `out`, each value times
+    /// its block's scale: the same values as widening the bytes and then [`Self::apply_row`], in one pass.
+    pub fn decode_row(&self, row: usize, bytes: &[u8], out: &mut [f32]) {
+        let table = crate::tensor::f8e4m3_table();
+        let (br, bc) = (row / self.block[0], self.block[1]);
+        for (k, (o, b)) in out.chunks_mut(bc).zip(bytes.chunks(bc)).enumerate() {
+            let s = self.at(br, k);
+            for (o, &b) in o.iter_mut().zip(b) {
+                *o = table[b as usize] * s;
+            }
+        }
+    }
+
     /// Multiplies `values`, the raw FP8 values of row `row` at columns `col0..`, by their blocks' scales.
     pub fn apply_row(&self, row: usize, col0: usize, values: &mut [f32]) {
         let (br, bc) = (row / self.block[0], self.block[1]);
@@ -298,5 +311,24 @@ mod tests {
         let mut col = [1f32; 3];
         b.apply_column(4, 0, &mut col);
         assert_eq!(col, [3.0, 3.0, 6.0]);
+    }
+
+    /// The one-pass row decode gives, for every byte value, the textbook E4M3 value times its block's scale
+    /// (NaN where the byte is NaN), on a row whose last block is partial.
+    #[test]
+    fn rows_decode_with_their_block_scales() {
+        let (rows, cols) = (3, 300); // blocks of 2 × 128: grid 2 × 3, the last column block 44 wide
+        let scales: Vec<f32> = vec![0.5, 3.0, -0.25, 1e-3, 7.0, 2.0];
+        let sb: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let b = BlockScale { dtype: DType::F32, bytes: &sb, block: [2, 128], grid_cols: 3 };
+        let bytes: Vec<u8> = (0..rows * cols).map(|i| (i * 7 % 256) as u8).collect();
+        for r in 0..rows {
+            let mut out = vec![0f32; cols];
+            b.decode_row(r, &bytes[r * cols..(r + 1) * cols], &mut out);
+            for (c, &v) in out.iter().enumerate() {
+                let want = crate::tensor::f8e4m3_value(bytes[r * cols + c]) * scales[(r / 2) * 3 + c / 128];
+                assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()), "({r}, {c}): {v} vs {want}");
+            }
+        }
     }
 }

@@ -43,6 +43,14 @@ impl<'a> MatrixView<'a> {
     pub fn read_rows(&self, r0: usize, n: usize, out: &mut [f32]) {
         let (es, cols) = (self.dtype.size(), self.cols);
         let at = |elem: usize| elem * es;
+        if let (Some(scale), 1) = (&self.scale, self.col_stride) {
+            // FP8 rows: each byte's value times its block's scale in one pass.
+            for k in 0..n {
+                let s = at(self.offset + (r0 + k) * self.row_stride);
+                scale.decode_row(r0 + k, &self.bytes[s..s + at(cols)], &mut out[k * cols..(k + 1) * cols]);
+            }
+            return;
+        }
         if self.col_stride == 1 {
             let start = at(self.offset + r0 * self.row_stride);
             if self.row_stride == cols {

@@ -302,12 +302,13 @@ pub fn quantize_view(m: &MatrixView, spec: &QuantSpec) -> Result<QuantizedWeight
     q.par_chunks_mut(BLOCK_ROWS * cols).zip(scale.par_chunks_mut(BLOCK_ROWS * groups)).enumerate().try_for_each_init(
         Vec::<f32>::new,
         |buf, (b, (qb, sb))| {
-            let (r0, n) = (b * BLOCK_ROWS, qb.len() / cols);
-            buf.resize(n * cols, 0.0);
-            m.read_rows(r0, n, buf);
-            for (k, ((w, q), s)) in buf.chunks(cols).zip(qb.chunks_mut(cols)).zip(sb.chunks_mut(groups)).enumerate() {
-                if let Some(c) = quantize_row(w, q, s, group, qmax) {
-                    return Err(NonFinite { row: r0 + k, col: c, value: w[c] });
+            // One row at a time: widened into a buffer that stays in L1, its absmax found, its values rounded.
+            let r0 = b * BLOCK_ROWS;
+            buf.resize(cols, 0.0);
+            for (k, (q, s)) in qb.chunks_mut(cols).zip(sb.chunks_mut(groups)).enumerate() {
+                m.read_rows(r0 + k, 1, buf);
+                if let Some(c) = quantize_row(buf, q, s, group, qmax) {
+                    return Err(NonFinite { row: r0 + k, col: c, value: buf[c] });
                 }
             }
             Ok(())
@@ -547,6 +548,33 @@ mod tests {
         let view = MatrixView { bytes: &zeros, ..view };
         let qw = quantize_view(&view, &QuantSpec::preset("w4a16").unwrap()).unwrap();
         assert!(qw.scale.iter().all(|&s| s == 1.0) && qw.q.iter().all(|&x| x == 0));
+    }
+
+    /// An FP8 weight with block scales quantizes as the matrix of its textbook values (E4M3 value times the
+    /// block's scale) does, on a grid with partial blocks at both edges.
+    #[test]
+    fn fp8_views_quantize_as_their_dequantized_values_do() {
+        use crate::model::fp8::BlockScale;
+        let (rows, cols) = (70, 300);
+        let scales: Vec<f32> = (0..3 * 3).map(|i| 1e-3 * (1 + i * 5 % 7) as f32).collect();
+        let sb: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bs = BlockScale { dtype: DType::F32, bytes: &sb, block: [32, 128], grid_cols: 3 };
+        // Every byte value but the two NaNs.
+        let bytes: Vec<u8> =
+            (0..rows * cols).map(|i| (i * 13 % 256) as u8).map(|b| if b & 0x7F == 0x7F { 0 } else { b }).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| crate::tensor::f8e4m3_value(bytes[i]) * scales[(i / cols / 32) * 3 + (i % cols) / 128])
+            .collect();
+        let view = MatrixView::block_fp8(&bytes, rows, cols, bs);
+        for spec in ["w8a8_dynamic", "w8a16", "w4a16", "w4a8_dynamic"] {
+            let spec = QuantSpec::preset(spec).unwrap();
+            assert_eq!(quantize_view(&view, &spec).unwrap(), quantize(&w, rows, cols, &spec), "{spec:?}");
+        }
+        let mut nan = bytes.clone();
+        nan[45 * cols + 299] = 0x7F;
+        let e =
+            quantize_view(&MatrixView::block_fp8(&nan, rows, cols, bs), &QuantSpec::preset("w8a8_dynamic").unwrap());
+        assert_eq!(e.map_err(|e| (e.row, e.col)).unwrap_err(), (45, 299));
     }
 
     fn spec_of(y: &str) -> QuantSpec {
