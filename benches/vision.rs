@@ -288,11 +288,11 @@ fn setup(tower: &VisionTower, model: &Model, args: &Args) -> Setup {
     match tower {
         VisionTower::Qwen3Vl(c) => {
             let (ih, iw) = args.image.unwrap_or((672, 672));
-            let factor = c.patch_size * c.spatial_merge_size;
+            let factor = c.tower.patch_size * c.tower.spatial_merge_size;
             let (h, w) = smart_resize(ih, iw, factor, MIN_PIXELS, MAX_PIXELS);
-            let grid = [1, h / c.patch_size, w / c.patch_size];
+            let grid = [1, h / c.tower.patch_size, w / c.tower.patch_size];
             let patches = grid[1] * grid[2];
-            let features = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size;
+            let features = c.tower.patch_features();
             let pixels = random_pixels(args.images * patches * features);
             Setup {
                 input: VisionInput {
@@ -300,12 +300,12 @@ fn setup(tower: &VisionTower, model: &Model, args: &Args) -> Setup {
                     image_grid_thw: vec![grid; args.images],
                 },
                 span: patches,
-                dim: c.dim,
-                heads: c.num_heads,
+                dim: c.tower.dim,
+                heads: c.tower.num_heads,
                 describe: format!(
                     "{} image(s) of {ih}x{iw} -> smart_resize {h}x{w} -> grid {grid:?}: {patches} patches, {} merged tokens each",
                     args.images,
-                    patches / (c.spatial_merge_size * c.spatial_merge_size)
+                    patches / c.tower.merge_unit()
                 ),
             }
         }
@@ -494,7 +494,7 @@ impl Pieces {
                 proj: "attn.proj",
                 fc1: "mlp.linear_fc1",
                 fc2: "mlp.linear_fc2",
-                act: c.hidden_act,
+                act: c.tower.hidden_act,
                 qk_norm: false,
                 layer_scale: false,
             },
