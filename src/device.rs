@@ -123,6 +123,38 @@ fn faer_gram_lower(acc: &mut Array2<f32>, x: ArrayView2<f32>, par: faer::Par) {
             par,
         );
     }
+    after_simd_kernels(par);
+}
+
+/// Clears the vector state faer's kernels leave ([`clear_upper_simd_state`]) on every thread
+/// that may have run them: the calling thread, and with `par` every thread of the pool.
+pub fn after_simd_kernels(par: faer::Par) {
+    match par {
+        faer::Par::Seq => clear_upper_simd_state(),
+        _ => drop(rayon::broadcast(|_| clear_upper_simd_state())),
+    }
+    clear_upper_simd_state();
+}
+
+/// Ends faer's AVX kernels the way compiled AVX code ends: `vzeroupper`. faer leaves the upper
+/// halves of the vector registers dirty, and on these machines every legacy-SSE instruction the
+/// same thread runs afterwards (the baseline x86-64 build's norms, SiLU, softmax, `expf`) then
+/// pays a transition penalty: measured here 20x slower (132 against 6.7 ns per SiLU element),
+/// which made the work between a sample's products cost as much as the products. Results are
+/// unchanged (no value lives in the upper halves between calls).
+#[inline]
+fn clear_upper_simd_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX (checked just above).
+        unsafe { zero_upper() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn zero_upper() {
+    std::arch::x86_64::_mm256_zeroupper();
 }
 
 /// `a · b` (plus `bias` on every row) with faer, on `par` threads. The output is not zeroed
@@ -166,6 +198,7 @@ fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: Option<ArrayView1<f
             let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, m, n, n as isize, 1isize);
             faer::linalg::matmul::matmul(fc, accum, fa, fb, 1.0f32, par);
         }
+        after_simd_kernels(par);
     }
     // SAFETY: every element was written: by the product (`Replace`, m, n, k > 0), by the bias
     // rows, or by the zero fill of an empty product.
