@@ -34,10 +34,19 @@ pub trait Device: Send + Sync {
     fn matmul_serial(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
         self.matmul(a, b)
     }
+    /// This device with every product computed by the calling thread alone ([`Device::matmul`] as
+    /// [`Device::matmul_serial`]), for callers that run independent work in parallel themselves:
+    /// calibration runs its samples side by side, one per thread, where a small product split
+    /// across threads spends much of its time handing work over. The results are the same. A
+    /// device without that distinction returns itself.
+    fn serial(&self) -> &dyn Device;
 }
 
 /// The CPU, with faer's multithreaded GEMM (measured here at about twice ndarray's own).
 pub struct Cpu;
+
+/// The CPU computing each product on the calling thread ([`Device::serial`]).
+pub struct CpuSerial;
 
 impl Device for Cpu {
     fn name(&self) -> &'static str {
@@ -55,34 +64,97 @@ impl Device for Cpu {
     }
 
     fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
-        let (t, n) = x.dim();
-        assert_eq!(acc.dim(), (n, n), "add_gram_lower: accumulator is not {n}x{n}");
-        assert!(acc.is_standard_layout(), "add_gram_lower: accumulator must be row-major");
-        if t == 0 || n == 0 {
-            return;
-        }
-        let sx = x.strides();
-        // SAFETY: as in `matmul`; `acc` is uniquely borrowed, row-major and n × n.
-        unsafe {
-            let fx = faer::MatRef::from_raw_parts(x.as_ptr(), t, n, sx[0], sx[1]);
-            let fc = faer::MatMut::from_raw_parts_mut(acc.as_mut_ptr(), n, n, n as isize, 1isize);
-            faer::linalg::matmul::triangular::matmul(
-                fc,
-                faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
-                faer::Accum::Add,
-                fx.transpose(),
-                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-                fx,
-                faer::linalg::matmul::triangular::BlockStructure::Rectangular,
-                1.0f32,
-                faer::Par::rayon(0),
-            );
-        }
+        faer_gram_lower(acc, x, faer::Par::rayon(0))
     }
 
     fn matmul_serial(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
         faer_matmul(a, b, None, faer::Par::Seq)
     }
+
+    fn serial(&self) -> &dyn Device {
+        &CpuSerial
+    }
+}
+
+impl Device for CpuSerial {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matmul(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+        faer_matmul(a, b, None, faer::Par::Seq)
+    }
+
+    fn linear_bias(&self, x: ArrayView2<f32>, w: ArrayView2<f32>, bias: Option<ArrayView1<f32>>) -> Array2<f32> {
+        faer_matmul(x, w.t(), bias, faer::Par::Seq)
+    }
+
+    fn add_gram_lower(&self, acc: &mut Array2<f32>, x: ArrayView2<f32>) {
+        faer_gram_lower(acc, x, faer::Par::Seq)
+    }
+
+    fn serial(&self) -> &dyn Device {
+        self
+    }
+}
+
+/// Adds the lower triangle of `xᵀ·x` into the row-major `acc`, on `par` threads.
+fn faer_gram_lower(acc: &mut Array2<f32>, x: ArrayView2<f32>, par: faer::Par) {
+    let (t, n) = x.dim();
+    assert_eq!(acc.dim(), (n, n), "add_gram_lower: accumulator is not {n}x{n}");
+    assert!(acc.is_standard_layout(), "add_gram_lower: accumulator must be row-major");
+    if t == 0 || n == 0 {
+        return;
+    }
+    let sx = x.strides();
+    // SAFETY: as in `matmul`; `acc` is uniquely borrowed, row-major and n × n.
+    unsafe {
+        let fx = faer::MatRef::from_raw_parts(x.as_ptr(), t, n, sx[0], sx[1]);
+        let fc = faer::MatMut::from_raw_parts_mut(acc.as_mut_ptr(), n, n, n as isize, 1isize);
+        faer::linalg::matmul::triangular::matmul(
+            fc,
+            faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+            faer::Accum::Add,
+            fx.transpose(),
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            fx,
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            1.0f32,
+            par,
+        );
+    }
+    after_simd_kernels(par);
+}
+
+/// Clears the vector state faer's kernels leave ([`clear_upper_simd_state`]) on every thread
+/// that may have run them: the calling thread, and with `par` every thread of the pool.
+pub fn after_simd_kernels(par: faer::Par) {
+    match par {
+        faer::Par::Seq => clear_upper_simd_state(),
+        _ => drop(rayon::broadcast(|_| clear_upper_simd_state())),
+    }
+    clear_upper_simd_state();
+}
+
+/// Ends faer's AVX kernels the way compiled AVX code ends: `vzeroupper`. faer leaves the upper
+/// halves of the vector registers dirty, and on these machines every legacy-SSE instruction the
+/// same thread runs afterwards (the baseline x86-64 build's norms, SiLU, softmax, `expf`) then
+/// pays a transition penalty: measured here 20x slower (132 against 6.7 ns per SiLU element),
+/// which made the work between a sample's products cost as much as the products. Results are
+/// unchanged (no value lives in the upper halves between calls).
+#[inline]
+fn clear_upper_simd_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX (checked just above).
+        unsafe { zero_upper() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn zero_upper() {
+    std::arch::x86_64::_mm256_zeroupper();
 }
 
 /// `a · b` (plus `bias` on every row) with faer, on `par` threads. The output is not zeroed
@@ -126,6 +198,7 @@ fn faer_matmul(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: Option<ArrayView1<f
             let fc = faer::MatMut::from_raw_parts_mut(c.as_mut_ptr() as *mut f32, m, n, n as isize, 1isize);
             faer::linalg::matmul::matmul(fc, accum, fa, fb, 1.0f32, par);
         }
+        after_simd_kernels(par);
     }
     // SAFETY: every element was written: by the product (`Replace`, m, n, k > 0), by the bias
     // rows, or by the zero fill of an empty product.
@@ -193,6 +266,9 @@ mod tests {
             fn matmul(&self, a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
                 a.dot(&b)
             }
+            fn serial(&self) -> &dyn Device {
+                self
+            }
         }
         assert_eq!(Plain.linear_bias(x.view(), w.view(), Some(b.view())), want);
         // Empty inner dimension: the bias alone; no rows: nothing.
@@ -215,6 +291,40 @@ mod tests {
         for i in 0..3 {
             for j in 0..=i {
                 assert_eq!(acc[(i, j)], want[(i, j)]);
+            }
+        }
+    }
+
+    /// Calibration runs a sample's products serially or in parallel depending on how many samples
+    /// share a wave ([`Device::serial`]); a run must not depend on that, so the two give the same
+    /// bits (faer splits the output among threads, never a dot product).
+    #[test]
+    fn serial_products_are_the_parallel_ones_bit_for_bit() {
+        let mut state = 7u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        // Big enough that faer splits them (and a calibration sample's size: 512 tokens).
+        let (t, n, o) = (512, 384, 640);
+        let x = Array2::from_shape_fn((t, n), |_| next());
+        let w = Array2::from_shape_fn((o, n), |_| next());
+        let b = Array1::from_shape_fn(o, |_| next());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let (y, p, g) = pool.install(|| {
+            let mut g = Array2::<f32>::zeros((n, n));
+            Cpu.add_gram_lower(&mut g, x.view());
+            (Cpu.linear_bias(x.view(), w.view(), Some(b.view())), Cpu.matmul(x.view(), w.t()), g)
+        });
+        let serial = Cpu.serial();
+        assert_eq!(serial.linear_bias(x.view(), w.view(), Some(b.view())), y);
+        assert_eq!(serial.matmul(x.view(), w.t()), p);
+        assert_eq!(Cpu.matmul_serial(x.view(), w.t()), p);
+        let mut gs = Array2::<f32>::zeros((n, n));
+        serial.add_gram_lower(&mut gs, x.view());
+        for i in 0..n {
+            for j in 0..=i {
+                assert_eq!(gs[(i, j)].to_bits(), g[(i, j)].to_bits(), "({i}, {j})");
             }
         }
     }

@@ -41,6 +41,21 @@ pub fn dequantize(q: i8, r: ActRange) -> f32 {
     (q as f32 - r.offset) * r.scale
 }
 
+/// `dequantize(quantize(x, r))`, the value the quantized kernel computes with, bit for bit, in a
+/// form the compiler vectorises (the error-propagating forward rounds every activation). Rounding
+/// half to even of `|y| ≤ 2²²` is adding and subtracting `1.5 · 2²³` (the sum's last bit is the
+/// unit, and round-to-nearest-even is the only mode Rust runs in); clamping `y` first keeps it
+/// that small and changes nothing the final clamp to the int8 range would not. A NaN becomes the
+/// integer 0, as `as i8` makes it.
+#[inline]
+pub fn fake_quantize(x: f32, r: ActRange) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let y = (x / r.scale + r.offset).clamp(QMIN - 1.0, QMAX + 1.0);
+    let q = ((y + MAGIC) - MAGIC).clamp(QMIN, QMAX);
+    let q = if q.is_nan() { 0.0 } else { q };
+    (q - r.offset) * r.scale
+}
+
 /// The quantizer whose clip window minimises the squared quantization error over the histogram
 /// (mass taken as uniform within each bin), with msModelSlim's quantizer for that window.
 ///
@@ -190,6 +205,27 @@ mod tests {
     use crate::quant::observer::{ChannelStats, HISTOGRAM_BINS};
     use crate::quant::testutil::Rng;
     use ndarray::Array2;
+
+    /// The vectorised rounding is the scalar quantizer's, bit for bit: ties to even, both clamps,
+    /// the signed zeros, NaN, the infinities and values far outside the range.
+    #[test]
+    fn fake_quantize_is_quantize_then_dequantize() {
+        let ranges = [minmax_range(-3.0, 5.0, false), minmax_range(-2.0, 2.0, true), minmax_range(0.0, 1e-3, false)];
+        let mut values = vec![0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, f32::MIN_POSITIVE];
+        let mut state = 12345u32;
+        for _ in 0..20000 {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            values.push(((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 16.0);
+        }
+        for r in ranges {
+            // Exact ties: (k + 0.5) steps from the offset, and the clamp edges.
+            values.extend((-140..140).map(|k| (k as f32 + 0.5 - r.offset) * r.scale));
+            for &v in &values {
+                let want = dequantize(quantize(v, r), r);
+                assert_eq!(fake_quantize(v, r).to_bits(), want.to_bits(), "{v} with {r:?}");
+            }
+        }
+    }
 
     fn fake_quant(x: f32, r: ActRange) -> f32 {
         dequantize(quantize(x, r), r)

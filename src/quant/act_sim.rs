@@ -21,7 +21,7 @@ impl ActSim {
     pub fn apply(&self, x: ArrayView2<f32>) -> Array2<f32> {
         match *self {
             ActSim::None => x.to_owned(),
-            ActSim::Static(r) => x.mapv(|v| act_range::dequantize(act_range::quantize(v, r), r)),
+            ActSim::Static(r) => x.mapv(|v| act_range::fake_quantize(v, r)),
             ActSim::PerToken { bits } => {
                 let qmax = ((1i32 << (bits - 1)) - 1) as f32;
                 let mut out = x.to_owned();

@@ -285,6 +285,7 @@ fn inverse_upper_cholesky(h: &[f32], n: usize, damp: f32) -> Option<Vec<f32>> {
         cholesky_in_place(a.as_mut(), Default::default(), par, MemStack::new(&mut buf), Default::default()).ok()?;
         let mut l_inv = Mat::<f32>::zeros(n, n);
         faer::linalg::triangular_inverse::invert_lower_triangular(l_inv.as_mut(), a.as_ref(), par);
+        crate::device::after_simd_kernels(par);
         l_inv
     };
     let mut u = vec![0f32; n * n];

@@ -180,6 +180,12 @@ impl Histogram {
         h
     }
 
+    /// A histogram on this one's grid with nothing counted yet: a part of the same calibration
+    /// data filled in another thread, which then [`Histogram::merge`]s exactly.
+    pub fn emptied(&self) -> Histogram {
+        Histogram { counts: vec![0; self.bins()], nonfinite: 0, ..*self }
+    }
+
     fn set_range(&mut self, lo: f64, hi: f64) {
         let bins = self.counts.len() as f64;
         // A constant input still needs a positive width; any tiny one will do.

@@ -34,7 +34,7 @@ pub struct Observe<'a> {
     seen: BTreeSet<String>,
 }
 
-impl Observe<'_> {
+impl<'a> Observe<'a> {
     /// An observer of the linears' inputs, grouped as `groups` says.
     pub fn new(groups: InputGroups) -> Observe<'static> {
         Observe { groups, ..Observe::default() }
@@ -43,6 +43,55 @@ impl Observe<'_> {
     /// Call between sequences: each input is observed once per sequence.
     pub fn next_sequence(&mut self) {
         self.seen.clear();
+    }
+
+    /// A fresh observer set up as this one (the same groups, Hessians, histogram grids, quantized
+    /// linears and stopping point) with nothing observed yet: one per calibration sample, so that
+    /// samples run side by side, each merged back with [`Observe::merge`] in sample order.
+    pub fn fork(&self) -> Observe<'a> {
+        Observe {
+            groups: self.groups.clone(),
+            stats: BTreeMap::new(),
+            hessian_groups: self.hessian_groups.clone(),
+            hessians: BTreeMap::new(),
+            histograms: self.histograms.as_ref().map(|hs| hs.iter().map(|(g, h)| (g.clone(), h.emptied())).collect()),
+            through: self.through,
+            order: Vec::new(),
+            stop_after: self.stop_after.clone(),
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// Adds what `other` (a [`Observe::fork`] of this one) observed, as if this observer had seen
+    /// its sequences after its own: statistics and Hessians merge exactly (up to the order of float
+    /// additions), histograms on the same grid add their counts, and the groups `other` reached
+    /// first are appended to the order.
+    pub fn merge(&mut self, other: Observe<'a>) {
+        for (g, st) in other.stats {
+            match self.stats.get_mut(&g) {
+                Some(mine) => mine.merge(&st),
+                None => drop(self.stats.insert(g, st)),
+            }
+        }
+        for (g, h) in other.hessians {
+            match self.hessians.get_mut(&g) {
+                Some(mine) => mine.merge(&h),
+                None => drop(self.hessians.insert(g, h)),
+            }
+        }
+        if let (Some(mine), Some(theirs)) = (&mut self.histograms, other.histograms) {
+            for (g, h) in theirs {
+                match mine.get_mut(&g) {
+                    Some(m) => m.merge(&h),
+                    None => drop(mine.insert(g, h)),
+                }
+            }
+        }
+        for g in other.order {
+            if !self.order.contains(&g) {
+                self.order.push(g);
+            }
+        }
     }
 }
 
@@ -122,6 +171,18 @@ impl LinearHook for Simulate {
         if let Some(stats) = &mut self.kv_stats {
             stats.entry(module.to_string()).or_insert_with(|| KvCacheStats::new(k.ncols(), v.ncols())).update(k, v);
         }
+        (&*self).kv_cache(module, k, v);
+    }
+
+    fn linear(&mut self, device: &dyn Device, name: &str, layer: &Linear, x: ArrayView2<f32>) -> Array2<f32> {
+        (&*self).linear(device, name, layer, x)
+    }
+}
+
+/// The quantized model's computation shared by samples running side by side: as [`Simulate`],
+/// without gathering KV-cache ranges (which needs the one hook of its own).
+impl LinearHook for &Simulate {
+    fn kv_cache(&mut self, module: &str, k: &mut Array2<f32>, v: &mut Array2<f32>) {
         if let Some(q) = self.kv.get(module) {
             q.apply(k, v);
         }
@@ -186,6 +247,65 @@ mod tests {
         assert_eq!(s.tensor_range(), Some((-2.0, 3.0)));
         assert_eq!(o.hessians["self_attn.q_proj"].tokens(), 4);
         assert_eq!(o.stats.len(), 1);
+    }
+
+    /// Samples observed side by side, each by a fork merged back in sample order, give what one
+    /// observer of all of them gives: the same ranges, histogram counts and order, and the Hessian
+    /// of every token (its sums regrouped, so equal to rounding).
+    #[test]
+    fn forked_observers_merge_to_the_observer_of_every_sample() {
+        let l = Linear { weight: array![[1.0f32, 0.5, -1.0], [0.25, 2.0, 1.0], [-0.5, 1.0, 0.0]], bias: None };
+        let mut state = 5u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let samples: Vec<Array2<f32>> =
+            (0..4).map(|k| Array2::from_shape_fn((7 + k, 3), |_| next() * (1.0 + k as f32))).collect();
+        let setup = || {
+            let mut o = Observe::new(InputGroups::default());
+            o.hessian_groups.insert("a".into());
+            o
+        };
+        let run = |o: &mut Observe, x: &Array2<f32>| {
+            let y = o.linear(&Cpu, "a", &l, x.view());
+            o.linear(&Cpu, "b", &l, y.view());
+        };
+        let mut one = setup();
+        for x in &samples {
+            one.next_sequence();
+            run(&mut one, x);
+        }
+        let mut merged = setup();
+        let template = merged.fork();
+        for x in &samples {
+            let mut f = template.fork();
+            run(&mut f, x);
+            merged.merge(f);
+        }
+        assert_eq!(merged.order, one.order);
+        assert_eq!(merged.stats, one.stats);
+        let (h1, h2) = (one.hessians["a"].matrix(), merged.hessians["a"].matrix());
+        assert_eq!(merged.hessians["a"].tokens(), one.hessians["a"].tokens());
+        for (a, b) in h1.iter().zip(&h2) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
+        // Histograms on the grid the first pass fixed: counts add exactly.
+        let (lo, hi) = one.stats["b"].tensor_range().unwrap();
+        let hist = || BTreeMap::from([("b".to_string(), Histogram::with_range(lo, hi, 64))]);
+        let (mut one, mut merged) = (setup(), setup());
+        one.histograms = Some(hist());
+        merged.histograms = Some(hist());
+        let template = merged.fork();
+        for x in &samples {
+            one.next_sequence();
+            run(&mut one, x);
+            let mut f = template.fork();
+            run(&mut f, x);
+            merged.merge(f);
+        }
+        assert_eq!(merged.histograms, one.histograms);
+        assert_eq!(one.histograms.unwrap()["b"].total(), samples.iter().map(|x| x.len() as u64).sum::<u64>());
     }
 
     #[test]

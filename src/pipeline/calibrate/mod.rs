@@ -217,9 +217,46 @@ impl<'a> Calibrator<'a> {
         Ok(())
     }
 
+    /// Runs `work` on every calibration sample and hands the results to `sink` in sample order.
+    /// The samples run side by side, one per compute thread, each computing its products on its
+    /// own thread ([`Device::serial`]): calibration's products (a sample's few hundred tokens
+    /// through a layer) are too small to split across threads efficiently, and everything
+    /// between them (norms, softmax, observers, the simulated rounding) runs in parallel too. A
+    /// wave of one sample (one thread, or the last of an odd count) uses the device's parallel
+    /// products instead. What a sample computes does not depend on the thread count, and the
+    /// results arrive in sample order, so a run is reproducible (and resumes to the same bytes)
+    /// whatever `--threads` is.
+    fn each_sample<T: Send>(
+        &self,
+        work: impl Fn(usize, &dyn Device) -> Result<T> + Sync,
+        mut sink: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let n = self.samples.len();
+        let wave = crate::device::threads().max(1);
+        for first in (0..n).step_by(wave) {
+            let last = (first + wave).min(n);
+            let results: Vec<Result<T>> = if last - first == 1 {
+                vec![work(first, self.device)]
+            } else {
+                let device = self.device.serial();
+                (first..last).into_par_iter().map(|s| work(s, device)).collect()
+            };
+            for (s, r) in (first..last).zip(results) {
+                sink(s, r?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes sample outputs `f(0..n)` as unit `index`'s snapshot, makes it the state, and drops
-    /// snapshots no resume can need any more.
-    fn commit_state(&mut self, index: usize, f: impl FnMut(&Self, usize) -> Result<DecoderInput>) -> Result<()> {
+    /// snapshots no resume can need any more. The samples are computed side by side
+    /// ([`Calibrator::each_sample`]).
+    fn commit_state(
+        &mut self,
+        index: usize,
+        f: impl Fn(&Self, &dyn Device, usize) -> Result<DecoderInput> + Sync,
+    ) -> Result<()> {
         let snap = self.write_snapshot(index, f)?;
         self.state = Some(snap);
         let committed = self.committed.load(Ordering::SeqCst);
@@ -242,12 +279,10 @@ impl<'a> Calibrator<'a> {
     fn write_snapshot(
         &self,
         index: usize,
-        mut f: impl FnMut(&Self, usize) -> Result<DecoderInput>,
+        f: impl Fn(&Self, &dyn Device, usize) -> Result<DecoderInput> + Sync,
     ) -> Result<Snapshot> {
         let mut w = SnapshotWriter::create(&snapshot_path(&self.save, index), self.activation_budget)?;
-        for s in 0..self.samples.len() {
-            Calibrator::push_sample(&mut w, s, &f(self, s)?)?;
-        }
+        self.each_sample(|s, device| f(self, device, s), |s, d| Calibrator::push_sample(&mut w, s, &d))?;
         w.finish()
     }
 
@@ -278,7 +313,7 @@ impl<'a> Calibrator<'a> {
             }
         }
         let rope_index = forward::rope_index(self.model, self.features.iter().any(Option::is_some))?;
-        self.commit_state(index, |this, s| {
+        self.commit_state(index, |this, _, s| {
             let sample = &this.samples[s];
             let context = || format!("calibration sample {s}");
             let embeds = embed(table.view(), &sample.ids).with_context(context)?;
@@ -473,13 +508,18 @@ impl<'a> Calibrator<'a> {
         };
         let pass = |this: &Self, w: &Weights, obs: &mut Observe| -> Result<()> {
             let layer = decoder::layer(model, i, w.clone())?;
-            for s in 0..this.samples.len() {
+            let template = obs.fork();
+            let observe = |s: usize, device: &dyn Device| -> Result<Observe> {
                 let mut d = this.sample(s)?;
-                obs.next_sequence();
+                let mut o = template.fork();
                 let opts = ForwardOptions { moe_all_experts: true };
-                layer.forward(this.device, d.embeds.view(), &d.positions, &mut d.carry, obs, opts)?;
-            }
-            Ok(())
+                layer.forward(device, d.embeds.view(), &d.positions, &mut d.carry, &mut o, opts)?;
+                Ok(o)
+            };
+            this.each_sample(observe, |_, o| {
+                obs.merge(o);
+                Ok(())
+            })
         };
         let groups = graph.input_groups();
         let mut sim = self.calibrate_linears(
@@ -506,10 +546,11 @@ impl<'a> Calibrator<'a> {
             d
         };
         let Some(streamed) = streamed else {
-            self.commit_state(index, |this, s| {
+            let sim = &sim;
+            self.commit_state(index, |this, device, s| {
                 let mut d = this.sample(s)?;
                 let opts = ForwardOptions::default();
-                d.embeds = layer.forward(this.device, d.embeds.view(), &d.positions, &mut d.carry, &mut sim, opts)?;
+                d.embeds = layer.forward(device, d.embeds.view(), &d.positions, &mut d.carry, &mut &*sim, opts)?;
                 Ok(finish(d))
             })?;
             timer.lap("quantized pass");
@@ -530,8 +571,10 @@ impl<'a> Calibrator<'a> {
         let mut sums: Vec<Array2<f32>> = pending.iter().map(|(x, _)| Array2::zeros(x.raw_dim())).collect();
         streamed.run(self.ckpt, self.exporter, self.device, &pending, &mut sums, &mut |ts| emit(ts.into()))?;
         drop(pending);
-        self.commit_state(index, |_, s| {
-            let mut d = partial[s].take().context("a sample was finished twice")?;
+        let partial: Vec<std::sync::Mutex<Option<DecoderInput>>> = partial.into_iter().map(Into::into).collect();
+        self.commit_state(index, |_, _, s| {
+            let taken = partial[s].lock().map_err(|_| anyhow::anyhow!("a sample's state was poisoned"))?.take();
+            let mut d = taken.context("a sample was finished twice")?;
             d.embeds += &sums[s];
             Ok(finish(d))
         })?;
@@ -634,6 +677,11 @@ impl<'a> Calibrator<'a> {
         if awq.is_some() {
             obs.hessian_groups.extend(subgraphs.iter().map(|sg| groups.of(&sg.consumers[0])));
         }
+        // Nothing is read of this pass but what its linears see: once a sample has reached every
+        // input the quantization and the smoothing need, the rest of its forward (a decoder
+        // layer's down_proj) is not computed.
+        let needed = quantized.iter().map(|(m, _)| groups.of(m));
+        obs.stop_after = Some(needed.chain(subgraphs.iter().map(|sg| groups.of(&sg.consumers[0]))).collect());
         pass(self, w, &mut obs)?;
         timer.lap("float pass");
         for (g, st) in &obs.stats {
@@ -701,6 +749,7 @@ impl<'a> Calibrator<'a> {
             }
             let mut obs2 = Observe::new(groups.clone());
             obs2.histograms = Some(hs);
+            obs2.stop_after = Some(hist_groups.clone());
             pass(self, w, &mut obs2)?;
             histograms = obs2.histograms.unwrap();
         }
