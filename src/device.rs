@@ -129,9 +129,8 @@ fn faer_gram_lower(acc: &mut Array2<f32>, x: ArrayView2<f32>, par: faer::Par) {
 /// Clears the vector state faer's kernels leave ([`clear_upper_simd_state`]) on every thread
 /// that may have run them: the calling thread, and with `par` every thread of the pool.
 pub fn after_simd_kernels(par: faer::Par) {
-    match par {
-        faer::Par::Seq => clear_upper_simd_state(),
-        _ => drop(rayon::broadcast(|_| clear_upper_simd_state())),
+    if !matches!(par, faer::Par::Seq) {
+        drop(rayon::broadcast(|_| clear_upper_simd_state()));
     }
     clear_upper_simd_state();
 }
