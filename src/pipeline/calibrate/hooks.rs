@@ -62,6 +62,12 @@ impl<'a> Observe<'a> {
         }
     }
 
+    /// Bytes of the Hessians this observer holds: what each fork of it allocates again as it
+    /// observes the same linears.
+    pub fn hessian_bytes(&self) -> u64 {
+        self.hessians.values().map(|h| (h.channels() as u64).pow(2) * 4).sum()
+    }
+
     /// Adds what `other` (a [`Observe::fork`] of this one) observed, as if this observer had seen
     /// its sequences after its own: statistics and Hessians merge exactly (up to the order of float
     /// additions), histograms on the same grid add their counts, and the groups `other` reached

@@ -98,6 +98,10 @@ pub struct Calibrator<'a> {
     features: Vec<Option<VisionOutput>>,
 }
 
+/// What the Hessians of the samples observed side by side may hold at once beside the plan's
+/// memory (each sample's observer gathers its own until it is merged).
+const FORKED_HESSIAN_BYTES: u64 = 512 << 20;
+
 impl<'a> Calibrator<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -229,13 +233,23 @@ impl<'a> Calibrator<'a> {
     fn each_sample<T: Send>(
         &self,
         work: impl Fn(usize, &dyn Device) -> Result<T> + Sync,
+        sink: impl FnMut(usize, T) -> Result<()>,
+    ) -> Result<()> {
+        self.samples_in_waves(0..self.samples.len(), crate::device::threads(), &work, sink)
+    }
+
+    /// [`Calibrator::each_sample`] for the samples `range`, at most `wave` side by side.
+    fn samples_in_waves<T: Send>(
+        &self,
+        range: std::ops::Range<usize>,
+        wave: usize,
+        work: &(impl Fn(usize, &dyn Device) -> Result<T> + Sync),
         mut sink: impl FnMut(usize, T) -> Result<()>,
     ) -> Result<()> {
         use rayon::prelude::*;
-        let n = self.samples.len();
-        let wave = crate::device::threads().max(1);
-        for first in (0..n).step_by(wave) {
-            let last = (first + wave).min(n);
+        let wave = wave.max(1);
+        for first in range.clone().step_by(wave) {
+            let last = (first + wave).min(range.end);
             let results: Vec<Result<T>> = if last - first == 1 {
                 vec![work(first, self.device)]
             } else {
@@ -516,7 +530,18 @@ impl<'a> Calibrator<'a> {
                 layer.forward(device, d.embeds.view(), &d.positions, &mut d.carry, &mut o, opts)?;
                 Ok(o)
             };
-            this.each_sample(observe, |_, o| {
+            // Every sample side by side holds its own Hessians (a dense model's down_proj alone is
+            // intermediate² floats): the first sample shows their size, and the rest run only as
+            // many side by side as FORKED_HESSIAN_BYTES holds (one at a time, parallel products,
+            // for the widest layers). The results are the same either way.
+            let n = this.samples.len();
+            this.samples_in_waves(0..n.min(1), 1, &observe, |_, o| {
+                obs.merge(o);
+                Ok(())
+            })?;
+            let bytes = obs.hessian_bytes().max(1);
+            let wave = crate::device::threads().min((FORKED_HESSIAN_BYTES / bytes).max(1) as usize);
+            this.samples_in_waves(n.min(1)..n, wave, &observe, |_, o| {
                 obs.merge(o);
                 Ok(())
             })
